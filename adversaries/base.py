@@ -1,0 +1,167 @@
+"""The attack interface: what the server observes, what an attack returns.
+
+An :class:`Observation` holds only what an honest-but-curious (or malicious) server
+legitimately sees: the global model it sent, the update it received, and the metadata
+the protocol declares. It has no field for ground truth; the scorer, outside the
+attacks, looks that up on its own. This module imports neither Flower nor Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from fl_privsim.errors import ThreatModelError
+from fl_privsim.registry import Registry
+
+Protocol = Literal["fedsgd", "fedavg"]
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One update as the server sees it (a single client's, or a round's aggregate).
+
+    Attributes
+    ----------
+    round:
+        Server round (1-based) in which the update was sent.
+    client_id:
+        The client's declared id (its partition id); ``None`` for an aggregate.
+    protocol:
+        ``"fedsgd"`` (update = one batch's mean gradient) or ``"fedavg"``
+        (update = weights after ``local_steps`` SGD steps minus weights before).
+    model:
+        The architecture with the global parameters of this round loaded. Attacks must
+        not modify it; use :meth:`fresh_model`.
+    global_params:
+        Parameters and buffers the server sent, by ``state_dict`` name.
+    update:
+        What came back, by name: gradient (FedSGD) or delta (FedAvg) for every trainable
+        parameter, and the change of every floating-point buffer.
+    batch_size, local_steps, lr, num_examples:
+        Declared by the protocol (for an aggregate: per-client batch size and steps, and
+        the total number of examples).
+    input_shape, num_classes:
+        Shape (C, H, W) of one model input, and the number of classes.
+    data_mean, data_std:
+        Per-channel normalisation the clients apply: inputs live in
+        ``[(0 - mean) / std, (1 - mean) / std]``.
+    num_clients:
+        How many client updates were averaged into this one (1 for a single client).
+    members:
+        Ids of the clients whose updates were averaged (for an aggregate); the server
+        knows who took part, not what they trained on.
+    """
+
+    round: int
+    client_id: int | None
+    protocol: Protocol
+    model: nn.Module
+    global_params: dict[str, torch.Tensor]
+    update: dict[str, torch.Tensor]
+    batch_size: int
+    local_steps: int
+    lr: float
+    num_examples: int
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    data_mean: tuple[float, ...]
+    data_std: tuple[float, ...]
+    num_clients: int = 1
+    members: tuple[int, ...] = ()
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def is_aggregate(self) -> bool:
+        """True when the update averages several clients."""
+        return self.client_id is None
+
+    def param_names(self) -> list[str]:
+        """Names of the trainable parameters, in ``model.named_parameters()`` order."""
+        return [name for name, p in self.model.named_parameters() if p.requires_grad]
+
+    def gradient(self) -> list[torch.Tensor]:
+        """The update as gradient-like tensors, one per trainable parameter.
+
+        FedSGD: the update itself. FedAvg: ``-delta / (lr * local_steps)``, the average
+        gradient along the local trajectory (exact for one local step).
+        """
+        names = self.param_names()
+        missing = [n for n in names if n not in self.update]
+        if missing:
+            raise ThreatModelError(f"update lacks parameter(s) {missing[:3]}")
+        if self.protocol == "fedsgd":
+            return [self.update[n] for n in names]
+        scale = -1.0 / (self.lr * max(self.local_steps, 1))
+        return [self.update[n] * scale for n in names]
+
+    def fresh_model(self, device: torch.device | str = "cpu") -> nn.Module:
+        """A private copy of the model with the global parameters, on ``device``."""
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(self.global_params, strict=False)
+        return model.to(device)
+
+    def input_bounds(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel box ``[(0 - mean)/std, (1 - mean)/std]`` shaped (1, C, 1, 1)."""
+        mean = torch.tensor(self.data_mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(self.data_std, device=device).view(1, -1, 1, 1)
+        return (0 - mean) / std, (1 - mean) / std
+
+
+@dataclass
+class AttackResult:
+    """What an attack returns.
+
+    Attributes
+    ----------
+    inputs:
+        Reconstructed inputs, shape (N, C, H, W), in the model's normalised input space;
+        ``None`` for an attack that recovers labels only.
+    labels:
+        Recovered labels, shape (N,), int64; ``None`` when the attack does not infer them.
+    metrics:
+        The attack's own diagnostics (final loss, iterations, seconds); never scores.
+    """
+
+    inputs: torch.Tensor | None
+    labels: torch.Tensor | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Attack(ABC):
+    """Base class of every attack.
+
+    Subclasses take their parameters as keyword-only constructor arguments (validated
+    there), declare their threat model in :attr:`requires`, refuse an observation that
+    does not meet it in :meth:`check` with a :class:`ThreatModelError` that names the
+    failed assumption, and implement :meth:`run`.
+    """
+
+    #: Human-readable assumptions of the threat model, e.g. "first layer is Linear with bias".
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def check(self, obs: Observation) -> None:
+        """Raise :class:`ThreatModelError` if ``obs`` does not meet the threat model."""
+
+    @abstractmethod
+    def run(
+        self, obs: Observation, *, device: torch.device, generator: torch.Generator
+    ) -> AttackResult:
+        """Attack ``obs`` on ``device``; all randomness comes from ``generator`` (CPU)."""
+
+    def __call__(
+        self, obs: Observation, *, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> AttackResult:
+        """Check the threat model, then run."""
+        self.check(obs)
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        return self.run(obs, device=torch.device(device), generator=generator)
+
+
+ATTACKS: Registry[Attack] = Registry(kind="attack", group="fl_privsim.attacks")

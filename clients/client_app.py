@@ -1,0 +1,129 @@
+"""The Flower ClientApp (Message API): train, evaluate and query handlers.
+
+Each handler rebuilds the model from the ArrayRecord it receives, finds its data
+partition from ``context.node_config["partition-id"]``, and calls the pure-torch
+:func:`clients.local_update.local_update`. The run's resolved config travels as TOML text
+in the message's ConfigRecord (key ``fl-privsim-config``); when it is absent (a foreign
+strategy sent the message) the handler falls back to ``run_config["config-path"]``.
+
+Reply of a train message: ``arrays`` (the update), ``metrics`` (``num-examples``, ``loss``)
+and ``meta`` (``client-id``, ``protocol``, ``batch-size``, ``local-steps``, ``lr``): the
+metadata a real client declares to its server.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.local_update import local_update
+from fl_privsim import config as config_mod
+from fl_privsim.config import Config
+from fl_privsim.devices import resolve_device
+from fl_privsim.federated_data import client_batch_indices, federated_data
+from fl_privsim.models import build_model
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "fl-privsim-config"
+CONFIG_RECORD = "config"
+
+
+@functools.lru_cache(maxsize=8)
+def _config_from_text(text: str) -> Config:
+    return config_mod.loads(text)
+
+
+def config_from_message(msg: Message, context: Context) -> Config:
+    """The run config carried by ``msg`` (or named by the run config of ``context``)."""
+    record = msg.content.config_records.get(CONFIG_RECORD)
+    text = record.get(CONFIG_KEY) if record is not None else None
+    if isinstance(text, str) and text:
+        return _config_from_text(text)
+    path = str(context.run_config.get("config-path", ""))
+    return config_mod.load(path or None)
+
+
+def partition_id(context: Context) -> int:
+    """This node's data partition (the client id the server knows it by)."""
+    return int(context.node_config.get("partition-id", 0))
+
+
+def _global_model(msg: Message, cfg: Config, device: torch.device) -> torch.nn.Module:
+    fed = federated_data(cfg)
+    model = build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes)
+    arrays = next(iter(msg.content.array_records.values()))
+    model.load_state_dict(arrays.to_torch_state_dict())
+    return model.to(device)
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """Compute this client's update for the round in ``msg`` and reply with it."""
+    cfg = config_from_message(msg, context)
+    pid = partition_id(context)
+    device = resolve_device(cfg.federation.device)
+    fed = federated_data(cfg)
+    model = _global_model(msg, cfg, device)
+    server_round = int(msg.content[CONFIG_RECORD].get("server-round", 0))
+    batches = [fed.tensors("train", idx, device) for idx in client_batch_indices(cfg, fed, server_round, pid)]
+    result = local_update(model, batches, protocol=cfg.federation.protocol, lr=cfg.client.lr)
+    update = ArrayRecord({k: v.detach().cpu() for k, v in result.update.items()})
+    metrics = MetricRecord({"num-examples": result.num_examples, "loss": result.loss})
+    meta = ConfigRecord(
+        {
+            "client-id": pid,
+            "protocol": cfg.federation.protocol,
+            "batch-size": int(batches[0][1].shape[0]),
+            "local-steps": len(batches),
+            "lr": float(cfg.client.lr),
+        }
+    )
+    content = RecordDict({"arrays": update, "metrics": metrics, "meta": meta})
+    return Message(content=content, reply_to=msg)
+
+
+@torch.no_grad()
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this client's local test shard."""
+    cfg = config_from_message(msg, context)
+    pid = partition_id(context)
+    device = resolve_device(cfg.federation.device)
+    fed = federated_data(cfg)
+    model = _global_model(msg, cfg, device).eval()
+    x, y = fed.tensors("test", fed.test_parts[pid], device)
+    logits = model(x)
+    loss = float(torch.nn.functional.cross_entropy(logits, y))
+    acc = float((logits.argmax(1) == y).float().mean())
+    metrics = MetricRecord({"num-examples": int(y.shape[0]), "accuracy": acc, "loss": loss})
+    meta = ConfigRecord({"client-id": pid})
+    return Message(content=RecordDict({"metrics": metrics, "meta": meta}), reply_to=msg)
+
+
+def handle_query(msg: Message, context: Context) -> Message:
+    """Tell the server which client (partition) this node is."""
+    return Message(content=RecordDict({"meta": ConfigRecord({"client-id": partition_id(context)})}), reply_to=msg)
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Flower train entry point."""
+    return handle_train(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Flower evaluate entry point."""
+    return handle_evaluate(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Flower query entry point."""
+    return handle_query(msg, context)

@@ -1,0 +1,328 @@
+"""One typed, validated config for a run, loaded from TOML and overridable with ``--set``.
+
+The tree is a set of frozen dataclasses. Every field carries its help text and its allowed
+values in ``metadata``; :func:`from_dict` walks a TOML table against that tree and reports
+the first unknown key, wrong type or out-of-range value with its dotted path and what is
+allowed, as a :class:`~fl_privsim.errors.ConfigError`. :func:`to_toml` writes the fully
+resolved config that every run folder keeps.
+
+TOML has no null: "not set" is spelled ``""`` for paths and ``0`` for optional counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fl_privsim.errors import ConfigError
+
+
+def _f(default: Any, help: str, **rules: Any) -> Any:
+    """A dataclass field with help text and validation rules (min, max, choices)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **rules})
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``[data]``: which dataset, where it lives and how it is split across clients."""
+
+    name: str = _f("digits", "dataset", choices=("digits", "mnist", "fashion_mnist", "cifar10",
+                                                   "folder", "cifar10_npz", "mnist_idx"))
+    root: str = _f("", "folder holding the dataset files (\"\" = none; needed for all but digits)")
+    download: bool = _f(False, "let torchvision download mnist/fashion_mnist/cifar10 (needs internet)")
+    image_size: int = _f(0, "resize images to this square size (0 = native; folder default 32)", min=0)
+    test_fraction: float = _f(0.2, "held-out share when a dataset has no test split", min=0.05, max=0.9)
+    max_examples: int = _f(0, "cap on training examples, deterministic subset (0 = all)", min=0)
+    partition: str = _f("iid", "how examples are split over clients", choices=("iid", "dirichlet"))
+    alpha: float = _f(0.5, "Dirichlet concentration for label skew (smaller = more skew)", min=1e-3)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: the architecture trained by the federation and seen by the attacks."""
+
+    name: str = _f("mlp", "architecture", choices=("mlp", "lenet", "convnet", "resnet18"))
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """``[federation]``: the simulated federation and its protocol."""
+
+    num_clients: int = _f(10, "simulated clients (Flower SuperNodes), one data partition each", min=1, max=10000)
+    clients_per_round: int = _f(10, "clients sampled each round (deterministic from the seed)", min=1)
+    rounds: int = _f(5, "server rounds", min=1, max=100000)
+    protocol: str = _f("fedsgd", "fedsgd: one batch's gradient; fedavg: weight delta after local_steps",
+                       choices=("fedsgd", "fedavg"))
+    server_lr: float = _f(0.5, "server learning rate applied to the averaged update", min=0.0)
+    num_cpus_per_client: float = _f(1.0, "Ray CPUs reserved per client actor", min=0.0)
+    num_gpus_per_client: float = _f(0.0, "Ray GPUs per client actor (set > 0 to train clients on CUDA)",
+                                    min=0.0, max=1.0)
+    device: str = _f("auto", "where clients train and attacks run", choices=("auto", "cpu", "cuda"))
+    ray_address: str = _f("", "address of an existing Ray cluster to join (\"\" = start a local one)")
+    fraction_evaluate: float = _f(1.0, "share of clients in federated evaluation (0 = off)", min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """``[client]``: local training of each client."""
+
+    batch_size: int = _f(4, "examples per local batch", min=1)
+    local_steps: int = _f(1, "local SGD steps (fedavg; fedsgd always sends one batch's gradient)", min=1)
+    lr: float = _f(0.1, "client learning rate (fedavg local SGD)", min=0.0)
+
+
+@dataclass(frozen=True)
+class TargetsConfig:
+    """``[attacks.targets]``: which updates an attack is run on."""
+
+    rounds: list[int] = _f([1], "rounds to attack", min=1)
+    clients: list[int] = _f([0, 1], "client (partition) ids to attack", min=0)
+    aggregate: bool = _f(False, "also attack the round's aggregate of all sampled clients")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """``[[attacks]]``: one attack, its parameters and its targets."""
+
+    name: str = _f("", "registered attack name (fl-privsim attacks lists them)")
+    params: dict[str, Any] = _f({}, "keyword parameters of the attack")
+    targets: TargetsConfig = field(default_factory=TargetsConfig, metadata={"help": "targets"})
+
+
+def _default_attacks() -> list[AttackConfig]:
+    return [AttackConfig(name=n) for n in ("analytic", "idlg", "inverting_gradients")]
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """``[output]``: where the run folder goes."""
+
+    dir: str = _f("runs", "parent folder of run folders (runs/<UTC time>_<name>/)")
+    save_images: bool = _f(True, "write attacks/round_XXX/client_YYY.png grids")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run."""
+
+    name: str = _f("default", "run name (used in the run folder name)")
+    seed: int = _f(0, "root seed: same config and seed give the same metrics", min=0)
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "[data]"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "[model]"})
+    federation: FederationConfig = field(default_factory=FederationConfig, metadata={"help": "[federation]"})
+    client: ClientConfig = field(default_factory=ClientConfig, metadata={"help": "[client]"})
+    attacks: list[AttackConfig] = field(default_factory=_default_attacks, metadata={"help": "[[attacks]]"})
+    output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "[output]"})
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _check_scalar(value: Any, tp: Any, path: str, meta: dict[str, Any]) -> Any:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    ok = isinstance(value, tp) and not (tp in (int, float) and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{path}: {value!r} is not allowed; allowed: {', '.join(map(str, meta['choices']))}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{path}: {value!r} is below the minimum {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{path}: {value!r} is above the maximum {meta['max']}")
+    return value
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"[{path}]" if path else "the top level"
+        raise ConfigError(f"unknown key {unknown[0]!r} in {where}; allowed: {', '.join(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        sub = f"{path}.{name}" if path else name
+        kwargs[name] = _convert(hints[name], value, sub, dict(fields[name].metadata))
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, path: str, meta: dict[str, Any]) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        item_meta = {} if dataclasses.is_dataclass(item_tp) else meta
+        return [_convert(item_tp, v, f"{path}[{i}]", item_meta) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a table, got {value!r}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{path}: unsupported union type")  # not used by the tree
+    return _check_scalar(value, tp, path, meta)
+
+
+def _cross_check(cfg: Config) -> None:
+    fed = cfg.federation
+    if fed.clients_per_round > fed.num_clients:
+        raise ConfigError(
+            f"federation.clients_per_round: {fed.clients_per_round} exceeds federation.num_clients "
+            f"({fed.num_clients})"
+        )
+    if cfg.data.name not in ("digits",) and not cfg.data.root and not (
+        cfg.data.download and cfg.data.name in ("mnist", "fashion_mnist", "cifar10")
+    ):
+        raise ConfigError(f"data.root: dataset {cfg.data.name!r} needs data.root (the folder holding its files)")
+    for i, atk in enumerate(cfg.attacks):
+        where = f"attacks[{i}]"
+        if not atk.name:
+            raise ConfigError(f"{where}.name: every [[attacks]] entry needs a name")
+        for r in atk.targets.rounds:
+            if r > fed.rounds:
+                raise ConfigError(f"{where}.targets.rounds: round {r} is after the last round ({fed.rounds})")
+        for c in atk.targets.clients:
+            if c >= fed.num_clients:
+                raise ConfigError(
+                    f"{where}.targets.clients: client {c} does not exist (clients are 0..{fed.num_clients - 1})"
+                )
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a TOML-shaped dict."""
+    cfg = _build(Config, data, "")
+    _cross_check(cfg)
+    return cfg
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``--set`` value as a TOML value (``3``, ``0.1``, ``true``, ``[1, 2]``, ``"x"``);
+    anything that is not valid TOML is taken as a plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``KEY=VALUE`` (``federation.rounds=3``, ``attacks.0.params.iterations=50``)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. federation.rounds=3")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)}")
+            node = node[int(part)]
+        else:
+            if part not in node:
+                node[part] = [] if nxt.isdigit() else {}
+            node = node[part]
+    last = parts[-1]
+    value = parse_value(raw.strip())
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {key}: {last!r} is not an index of a list of {len(node)}")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])} is not a table")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The fully resolved config as a plain dict."""
+    return dataclasses.asdict(cfg)
+
+
+def default_dict() -> dict[str, Any]:
+    """The defaults as a dict (the base that a TOML file and ``--set`` modify)."""
+    return to_dict(Config())
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load ``path`` (or the defaults), apply ``--set`` overrides, validate.
+
+    A TOML file only needs the keys it changes; ``[[attacks]]`` in the file replaces the
+    default list of attacks.
+    """
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
+    if overrides and "attacks" not in data and any(o.strip().startswith("attacks") for o in overrides):
+        data["attacks"] = default_dict()["attacks"]
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return from_dict(data)
+
+
+def loads(text: str) -> Config:
+    """Parse and validate a TOML string (as written by :func:`to_toml`)."""
+    try:
+        return from_dict(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config text is not valid TOML: {exc}") from None
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML text (what ``config.toml`` in a run folder holds)."""
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def describe() -> str:
+    """Every config key with its default, allowed values and help, for ``--help``."""
+    lines: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{key}.")
+                continue
+            if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+                walk(typing.get_args(tp)[0], f"{key}[i].")
+                continue
+            meta = f.metadata
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            allowed = ""
+            if "choices" in meta:
+                allowed = " {" + "|".join(meta["choices"]) + "}"
+            elif "min" in meta or "max" in meta:
+                allowed = f" [{meta.get('min', '')}..{meta.get('max', '')}]"
+            lines.append(f"  {key:<34} {meta.get('help', '')}{allowed} (default {default!r})")
+
+    walk(Config, "")
+    return "\n".join(lines)

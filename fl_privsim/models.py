@@ -1,0 +1,117 @@
+"""The model zoo: every model is shaped by the dataset's channels, image size and classes.
+
+- ``mlp``: Flatten → Linear(d, width) → ReLU → Linear(width, width) → ReLU → Linear(width, K).
+  Its first layer is a fully-connected layer with bias, the setting of the analytic attack.
+- ``lenet``: the sigmoid LeNet of DLG (Zhu et al., NeurIPS 2019): three 5×5 convolutions
+  (stride 2, 2, 1; 12 channels; padding 2) with sigmoid activations, then one linear layer.
+  The linear layer's input size follows from the image size (768 for 32×32).
+- ``convnet``: a small conv net (conv-ReLU ×3 with max-pooling, then two linear layers).
+- ``resnet18``: torchvision's ResNet-18, random init, stem adapted to small images
+  (3×3 stride-1 first convolution, no max-pool) as is usual for CIFAR-sized inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fl_privsim.errors import ConfigError
+
+InputShape = tuple[int, int, int]
+
+
+def _flat_features(body: nn.Module, input_shape: InputShape) -> int:
+    with torch.no_grad():
+        out = body(torch.zeros(1, *input_shape))
+    return int(out.flatten(1).shape[1])
+
+
+def mlp(input_shape: InputShape, num_classes: int, *, width: int = 256) -> nn.Module:
+    """Two-hidden-layer ReLU MLP whose first layer is linear with bias."""
+    d = input_shape[0] * input_shape[1] * input_shape[2]
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(d, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, num_classes),
+    )
+
+
+class LeNet(nn.Module):
+    """Sigmoid LeNet used by DLG/iDLG (Zhu et al. 2019; Zhao et al. 2020)."""
+
+    def __init__(self, input_shape: InputShape, num_classes: int) -> None:
+        super().__init__()
+        c = input_shape[0]
+        self.body = nn.Sequential(
+            nn.Conv2d(c, 12, kernel_size=5, padding=2, stride=2),
+            nn.Sigmoid(),
+            nn.Conv2d(12, 12, kernel_size=5, padding=2, stride=2),
+            nn.Sigmoid(),
+            nn.Conv2d(12, 12, kernel_size=5, padding=2, stride=1),
+            nn.Sigmoid(),
+        )
+        self.fc = nn.Linear(_flat_features(self.body, input_shape), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+class ConvNet(nn.Module):
+    """A small ReLU conv net: 3 conv blocks (32/64/64 channels) and a 2-layer head."""
+
+    def __init__(self, input_shape: InputShape, num_classes: int) -> None:
+        super().__init__()
+        c, h, _ = input_shape
+        pool = 2 if h >= 16 else 1
+        self.body = nn.Sequential(
+            nn.Conv2d(c, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(pool),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(pool),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.head = nn.Sequential(
+            nn.Linear(_flat_features(self.body, input_shape), 128),
+            nn.ReLU(),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).flatten(1))
+
+
+def resnet18(input_shape: InputShape, num_classes: int) -> nn.Module:
+    """torchvision ResNet-18 (random init, no downloaded weights) for small images."""
+    from torchvision.models import resnet18 as tv_resnet18
+
+    model = tv_resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+MODELS: dict[str, Callable[[InputShape, int], nn.Module]] = {
+    "mlp": mlp,
+    "lenet": LeNet,
+    "convnet": ConvNet,
+    "resnet18": resnet18,
+}
+
+
+def build_model(name: str, input_shape: InputShape, num_classes: int) -> nn.Module:
+    """Build model ``name`` for inputs of ``input_shape`` (C, H, W) and ``num_classes``."""
+    if name not in MODELS:
+        raise ConfigError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODELS)}")
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise ConfigError(f"model: input shape must be (C, H, W) with positive sizes, got {input_shape}")
+    if num_classes < 2:
+        raise ConfigError(f"model: need at least 2 classes, got {num_classes}")
+    return MODELS[name](tuple(int(v) for v in input_shape), int(num_classes))

@@ -1,0 +1,93 @@
+"""The scorer: it, not the attack, looks up the ground truth and measures leakage.
+
+For an attacked update it reproduces the client's batch(es) with the same seeded sampler
+the client used (:func:`fl_privsim.federated_data.client_batch_indices`), maps the
+reconstructions back to [0, 1] pixels, matches them to the originals by optimal assignment
+(Hungarian algorithm on MSE) when there is more than one, and computes MSE, PSNR, SSIM and
+label accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from fl_privsim import metrics
+from fl_privsim.config import Config
+from fl_privsim.federated_data import FederatedData, client_batch_indices
+
+
+@dataclass
+class ReconstructionLike(Protocol):
+    """What the scorer reads of an attack's result (``adversaries.AttackResult`` fits)."""
+
+    inputs: torch.Tensor | None
+    labels: torch.Tensor | None
+
+
+@dataclass
+class Score:
+    """Scores of one attack on one observation, with the images to plot."""
+
+    values: dict[str, float]
+    originals: torch.Tensor
+    matched: torch.Tensor | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Scorer:
+    """Ground-truth lookup and metrics for attack results.
+
+    Parameters
+    ----------
+    cfg:
+        The run's config (seed, protocol, batch size, local steps).
+    fed:
+        The federation's data and partitions.
+    """
+
+    def __init__(self, cfg: Config, fed: FederatedData) -> None:
+        self.cfg = cfg
+        self.fed = fed
+
+    def ground_truth_indices(self, server_round: int, clients: Sequence[int]) -> np.ndarray:
+        """Train-split indices of every example the ``clients`` used in ``server_round``."""
+        parts = []
+        for c in clients:
+            batches = client_batch_indices(self.cfg, self.fed, server_round, int(c))
+            parts.append(np.unique(np.concatenate(batches)))
+        return np.concatenate(parts)
+
+    def ground_truth(self, server_round: int, clients: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [0, 1] and labels of what ``clients`` trained on in ``server_round``."""
+        idx = self.ground_truth_indices(server_round, clients)
+        return self.fed.data.images("train", idx), self.fed.data.labels("train", idx)
+
+    def score(self, result: ReconstructionLike, server_round: int, clients: Sequence[int]) -> Score:
+        """Score ``result`` against the true batch of ``clients`` in ``server_round``."""
+        originals, labels = self.ground_truth(server_round, clients)
+        values: dict[str, float] = {"num_originals": float(originals.shape[0])}
+        matched: torch.Tensor | None = None
+        if result.inputs is not None:
+            recon = self.fed.data.denormalize(result.inputs.detach().float().cpu()).clamp(0, 1)
+            if recon.shape[1:] != originals.shape[1:]:
+                raise ValueError(
+                    f"reconstruction shape {tuple(recon.shape[1:])} != input shape {tuple(originals.shape[1:])}"
+                )
+            perm = metrics.match_reconstructions(originals, recon)
+            ok = perm >= 0
+            matched = torch.zeros_like(originals)
+            matched[torch.from_numpy(ok)] = recon[torch.from_numpy(perm[ok])]
+            o, m = originals[torch.from_numpy(ok)], matched[torch.from_numpy(ok)]
+            values["mse"] = float(metrics.mse(o, m).mean())
+            values["psnr"] = float(metrics.psnr(o, m).mean())
+            values["ssim"] = float(metrics.ssim(o, m).mean())
+            values["recovered_fraction"] = float(ok.mean())
+            values["num_reconstructed"] = float(recon.shape[0])
+        if result.labels is not None:
+            values["label_accuracy"] = metrics.label_accuracy(labels, result.labels)
+        return Score(values=values, originals=originals, matched=matched)

@@ -1,0 +1,116 @@
+"""The in-process launcher: one function that starts a Flower simulation on Ray.
+
+``flwr.simulation.run_simulation`` is deprecated upstream in favour of ``flwr run``, but it
+is Flower's in-process launcher; it is called in exactly one place, :func:`launch`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fl_privsim import config as config_mod
+from fl_privsim.config import Config
+from fl_privsim.devices import resolve_device
+from fl_privsim.errors import UserError
+from fl_privsim.progress import Progress
+from fl_privsim.results import RunFolder, make_run_dir
+
+log = logging.getLogger(__name__)
+
+
+def prepare_environment() -> None:
+    """Telemetry off; Ray's and Flower's temp/home folders out of the user's home."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    base = Path(tempfile.gettempdir())
+    os.environ.setdefault("FLWR_HOME", str(base / "fl-privsim-flwr"))
+    os.environ.setdefault("RAY_TMPDIR", str(base / "fl-privsim-ray"))
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+
+
+def backend_config(cfg: Config) -> dict[str, Any]:
+    """Ray backend config: client resources from the config; join ``ray_address`` if set."""
+    fed = cfg.federation
+    num_gpus = fed.num_gpus_per_client
+    if num_gpus == 0 and resolve_device(fed.device).type == "cuda":
+        num_gpus = 0.25  # Ray hides GPUs from actors that reserve none
+    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}
+    if fed.ray_address:
+        init_args["address"] = fed.ray_address
+    else:
+        init_args["_temp_dir"] = os.environ.get("RAY_TMPDIR")
+        init_args["object_store_memory"] = 256 * 1024**2
+    return {
+        "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": num_gpus},
+        "init_args": init_args,
+    }
+
+
+def launch(server_app: Any, client_app: Any, *, num_supernodes: int, backend: dict[str, Any], verbose: bool = False) -> None:
+    """Run ``server_app`` against ``num_supernodes`` copies of ``client_app`` on Ray."""
+    import warnings
+
+    from flwr.simulation import run_simulation
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_supernodes,
+            backend_name="ray",
+            backend_config=backend,
+            verbose_logging=verbose,
+        )
+
+
+def start_run_folder(cfg: Config, path: Path) -> RunFolder:
+    """Create the run folder's writer and save ``config.toml`` and ``env.json``."""
+    folder = RunFolder(path)
+    folder.write_config(config_mod.to_toml(cfg))
+    folder.write_env(seed=cfg.seed, device=str(resolve_device(cfg.federation.device)))
+    return folder
+
+
+def validate_before_launch(cfg: Config) -> None:
+    """Fail fast, before Ray starts: device, dataset, model and attack parameters."""
+    import adversaries  # noqa: F401  (registers attacks)
+    from adversaries.base import ATTACKS
+    from fl_privsim.federated_data import federated_data
+    from fl_privsim.models import build_model
+
+    resolve_device(cfg.federation.device)
+    fed = federated_data(cfg)
+    build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes)
+    for i, attack in enumerate(cfg.attacks):
+        try:
+            ATTACKS.check_params(attack.name, attack.params)
+        except UserError as exc:
+            raise type(exc)(f"attacks[{i}]: {exc}") from None
+
+
+def run(cfg: Config, *, out: str | Path | None = None, show_progress: bool = True, verbose: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Run one federation described by ``cfg``; returns the run folder and the summary."""
+    prepare_environment()
+    validate_before_launch(cfg)
+    from clients.client_app import app as client_app
+    from strategies.server_app import make_server_app
+
+    folder = start_run_folder(cfg, make_run_dir(cfg.output.dir, cfg.name, out))
+    progress = Progress(rounds=cfg.federation.rounds, attacks=0, enabled=show_progress)
+    sink: dict[str, Any] = {}
+    server_app = make_server_app(cfg, folder, progress, sink)
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    try:
+        launch(server_app, client_app, num_supernodes=cfg.federation.num_clients, backend=backend_config(cfg), verbose=verbose)
+    finally:
+        progress.close()
+    if "summary" not in sink:
+        raise RuntimeError(f"the simulation ended without a summary; see {folder.path / 'metrics.jsonl'}")
+    return folder.path, sink["summary"]

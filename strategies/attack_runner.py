@@ -1,0 +1,147 @@
+"""Runs the configured attacks on the observations of an honest-but-curious server.
+
+For every observation it runs each attack whose targets include it, hands the result to
+the :class:`~fl_privsim.scoring.Scorer` (the only place that sees ground truth), appends
+the scores to ``metrics.jsonl`` and saves one image grid per observation. An attack that
+refuses (its threat model is not met) or fails is recorded as such and never stops
+training.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from adversaries.base import Attack, Observation
+from fl_privsim.errors import ThreatModelError
+from fl_privsim.results import RunFolder
+from fl_privsim.scoring import Scorer
+from fl_privsim.seeding import torch_generator
+
+log = logging.getLogger(__name__)
+
+AGGREGATE = "agg"
+
+
+@dataclass
+class AttackPlan:
+    """One configured attack and what it targets."""
+
+    name: str
+    attack: Attack
+    rounds: set[int]
+    clients: set[int]
+    aggregate: bool = False
+
+    def wants(self, obs: Observation) -> bool:
+        """Whether this plan attacks ``obs``."""
+        if obs.round not in self.rounds:
+            return False
+        return self.aggregate if obs.is_aggregate else obs.client_id in self.clients
+
+
+@dataclass
+class AttackRunner:
+    """The :class:`strategies.honest_but_curious.Observer` that attacks and scores."""
+
+    plans: Sequence[AttackPlan]
+    scorer: Scorer
+    folder: RunFolder
+    device: torch.device
+    seed: int
+    save_images: bool = True
+    on_attack_done: Callable[[], None] | None = None
+    scores: dict[str, list[dict[str, float]]] = field(default_factory=lambda: defaultdict(list))
+    outcomes: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+
+    def targets(self, server_round: int) -> tuple[set[int], bool]:
+        """Union of the plans' targets in ``server_round``."""
+        clients: set[int] = set()
+        aggregate = False
+        for plan in self.plans:
+            if server_round in plan.rounds:
+                clients |= plan.clients
+                aggregate |= plan.aggregate
+        return clients, aggregate
+
+    def planned_runs(self, rounds: int, clients_per_round: Callable[[int], set[int]]) -> int:
+        """How many (attack, observation) runs the plans will make (for a progress bar)."""
+        total = 0
+        for plan in self.plans:
+            for r in plan.rounds:
+                if r <= rounds:
+                    total += len(plan.clients & clients_per_round(r)) + int(plan.aggregate)
+        return total
+
+    def observe(self, server_round: int, observations: list[Observation]) -> None:
+        """Attack, score and record every observation."""
+        for obs in observations:
+            key = AGGREGATE if obs.is_aggregate else obs.client_id
+            rows: list[tuple[str, torch.Tensor | None]] = []
+            originals = None
+            for plan in self.plans:
+                if not plan.wants(obs):
+                    continue
+                label = f"{plan.name}@aggregate" if obs.is_aggregate else plan.name
+                matched, originals = self._run_one(plan, obs, label, key, originals)
+                rows.append((plan.name, matched))
+                if self.on_attack_done is not None:
+                    self.on_attack_done()
+            if self.save_images and rows and originals is not None:
+                try:
+                    self.folder.save_grid(round=server_round, client=key, originals=originals, rows=rows)
+                except Exception:
+                    log.exception("could not save the image grid of round %d, client %s", server_round, key)
+
+    def _run_one(
+        self, plan: AttackPlan, obs: Observation, label: str, key: int | str, originals: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        members = list(obs.members)
+        client_num = -1 if obs.is_aggregate else int(obs.client_id or 0)
+        gen = torch_generator(self.seed, obs.round, client_num, "attack")
+        source = f"attack/{label}"
+        t0 = time.perf_counter()
+        try:
+            result = plan.attack(obs, device=self.device, generator=gen)
+        except ThreatModelError as exc:
+            log.warning("%s refused round %d client %s: %s", plan.name, obs.round, key, exc)
+            self.outcomes[label]["refused"] += 1
+            self.folder.log_metric(round=obs.round, client=key, source=source, key="refused", value=str(exc))
+            return None, originals
+        except Exception as exc:  # recorded, never fatal
+            log.exception("%s failed on round %d client %s", plan.name, obs.round, key)
+            self.outcomes[label]["failed"] += 1
+            self.folder.log_metric(round=obs.round, client=key, source=source, key="error", value=repr(exc))
+            return None, originals
+        seconds = time.perf_counter() - t0
+        score = self.scorer.score(result, obs.round, members)
+        values = {**score.values, "seconds": seconds}
+        for k, v in result.metrics.items():
+            values[f"attack_{k}"] = float(v)
+        for k, v in values.items():
+            self.folder.log_metric(round=obs.round, client=key, source=source, key=k, value=v)
+        self.scores[label].append(values)
+        self.outcomes[label]["ok"] += 1
+        return score.matched, score.originals
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per attack: the mean of each score over the attacked updates, and outcome counts."""
+        out: dict[str, dict[str, float]] = {}
+        for label in sorted(set(self.scores) | set(self.outcomes)):
+            rows = self.scores.get(label, [])
+            entry: dict[str, float] = {}
+            for k in ("psnr", "ssim", "mse", "label_accuracy", "recovered_fraction", "seconds"):
+                vals = [r[k] for r in rows if k in r]
+                if vals:
+                    entry[k] = float(np.mean(vals))
+            entry["attacked"] = float(len(rows))
+            for outcome in ("refused", "failed"):
+                entry[outcome] = float(self.outcomes.get(label, {}).get(outcome, 0))
+            out[label] = entry
+        return out

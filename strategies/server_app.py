@@ -1,0 +1,199 @@
+"""The Flower ServerApp (Message API): FedSGD/FedAvg with an honest-but-curious server.
+
+:func:`run_server` is the whole server side of a run; two entry points call it:
+
+- ``app`` (``strategies.server_app:app``), used by ``flwr run .``: it reads the config
+  from ``run_config["config-path"]`` and creates its own run folder under
+  ``run_config["out-dir"]``;
+- :func:`make_server_app`, used by the in-process launcher (``fl_privsim.simulation``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+import adversaries  # noqa: F401  (registers the built-in attacks)
+from adversaries.base import ATTACKS
+from clients.client_app import CONFIG_KEY
+from fl_privsim import config as config_mod
+from fl_privsim.config import Config
+from fl_privsim.devices import resolve_device
+from fl_privsim.federated_data import federated_data
+from fl_privsim.models import build_model
+from fl_privsim.progress import Progress
+from fl_privsim.results import RunFolder, make_run_dir
+from fl_privsim.scoring import Scorer
+from fl_privsim.seeding import seed_int
+from strategies.attack_runner import AttackPlan, AttackRunner
+from strategies.fedupdates import FedUpdates, discover_clients
+from strategies.honest_but_curious import HonestButCurious, ModelInfo
+
+log = logging.getLogger(__name__)
+
+
+def initial_model(cfg: Config) -> torch.nn.Module:
+    """The global model at round 0, initialised from the run seed."""
+    fed = federated_data(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed_int(cfg.seed, "model_init"))
+        return build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes)
+
+
+def build_plans(cfg: Config) -> list[AttackPlan]:
+    """Instantiate the configured attacks (bad names/params raise ``ConfigError``)."""
+    return [
+        AttackPlan(
+            name=a.name,
+            attack=ATTACKS.create(a.name, **a.params),
+            rounds=set(a.targets.rounds),
+            clients=set(a.targets.clients),
+            aggregate=a.targets.aggregate,
+        )
+        for a in cfg.attacks
+    ]
+
+
+def central_evaluator(cfg: Config, device: torch.device) -> Callable[[ArrayRecord], dict[str, float]]:
+    """Accuracy and loss of a global model on the whole test split."""
+    fed = federated_data(cfg)
+    x, y = fed.data.normalize(fed.data.images("test", range(len(fed.data.test_y)))), fed.data.test_y
+    model = build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes).to(device)
+
+    @torch.no_grad()
+    def evaluate(arrays: ArrayRecord) -> dict[str, float]:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        model.eval()
+        correct, loss_sum = 0, 0.0
+        for i in range(0, len(y), 1024):
+            xb, yb = x[i : i + 1024].to(device), y[i : i + 1024].to(device)
+            logits = model(xb)
+            loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(1) == yb).sum())
+        return {"accuracy": correct / len(y), "loss": loss_sum / len(y)}
+
+    return evaluate
+
+
+def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the whole federation from the server side; returns the summary it writes."""
+    device = resolve_device(cfg.federation.device)
+    fed = federated_data(cfg)
+    model = initial_model(cfg)
+    node_to_client = discover_clients(grid, expected=cfg.federation.num_clients)
+
+    def sink(server_round: int, client: int | None, source: str, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            folder.log_metric(round=server_round, client=client, source=source, key=k, value=v)
+
+    inner = FedUpdates(
+        protocol=cfg.federation.protocol,
+        server_lr=cfg.federation.server_lr,
+        param_names=[n for n, p in model.named_parameters() if p.requires_grad],
+        clients_per_round=cfg.federation.clients_per_round,
+        seed=cfg.seed,
+        node_to_client=node_to_client,
+        extra_config={CONFIG_KEY: config_mod.to_toml(cfg)},
+        metric_sink=sink,
+        fraction_evaluate=cfg.federation.fraction_evaluate,
+    )
+    plans = build_plans(cfg)
+    runner = AttackRunner(
+        plans=plans,
+        scorer=Scorer(cfg, fed),
+        folder=folder,
+        device=device,
+        seed=cfg.seed,
+        save_images=cfg.output.save_images,
+        on_attack_done=progress.attack_done if progress else None,
+    )
+    if progress is not None:
+        progress.attacks_total = runner.planned_runs(
+            cfg.federation.rounds, lambda r: set(inner.sample_clients(r, cfg.federation.clients_per_round))
+        )
+    info = ModelInfo(
+        model=build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes),
+        input_shape=fed.data.input_shape,
+        num_classes=fed.data.num_classes,
+        data_mean=fed.data.mean,
+        data_std=fed.data.std,
+        protocol=cfg.federation.protocol,
+        batch_size=cfg.client.batch_size,
+        local_steps=cfg.client.local_steps if cfg.federation.protocol == "fedavg" else 1,
+        lr=cfg.client.lr,
+    )
+    strategy = HonestButCurious(inner, info=info, observer=runner) if plans else inner
+    evaluate = central_evaluator(cfg, device)
+    accuracy: dict[int, float] = {}
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        res = evaluate(arrays)
+        accuracy[server_round] = res["accuracy"]
+        sink(server_round, None, "server_eval", res)
+        if progress is not None and server_round > 0:
+            progress.round_done(server_round, res["accuracy"])
+        return MetricRecord(res)
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=cfg.federation.rounds,
+        train_config=ConfigRecord({}),
+        evaluate_config=ConfigRecord({}),
+        evaluate_fn=evaluate_fn,
+    )
+    federated: dict[int, float] = {}
+    for rnd, rec in sorted(result.evaluate_metrics_clientapp.items()):
+        if "accuracy" in rec:
+            federated[rnd] = float(rec["accuracy"])
+            sink(rnd, None, "federated_eval", dict(rec))
+    summary = {
+        "name": cfg.name,
+        "seed": cfg.seed,
+        "dataset": cfg.data.name,
+        "model": cfg.model.name,
+        "protocol": cfg.federation.protocol,
+        "rounds": cfg.federation.rounds,
+        "attacks": runner.summary(),
+        "final_accuracy": accuracy.get(cfg.federation.rounds),
+        "initial_accuracy": accuracy.get(0),
+        "accuracy_by_round": {str(k): v for k, v in sorted(accuracy.items())},
+        "federated_accuracy_by_round": {str(k): v for k, v in federated.items()},
+        "observer_failures": getattr(strategy, "failures", 0),
+        "run_dir": str(folder.path),
+    }
+    folder.write_summary(summary)
+    return summary
+
+
+def make_server_app(cfg: Config, folder: RunFolder, progress: Progress | None, sink: dict[str, Any]) -> ServerApp:
+    """A ServerApp bound to ``cfg`` and ``folder``; the summary lands in ``sink["summary"]``."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        sink["summary"] = run_server(grid, cfg, folder, progress)
+
+    return server
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run .``: config from ``config-path``, run folder under ``out-dir``."""
+    from fl_privsim.simulation import start_run_folder
+
+    cfg = config_mod.load(str(context.run_config.get("config-path", "")) or None)
+    out_dir = Path(str(context.run_config.get("out-dir", "runs")))
+    folder = start_run_folder(cfg, make_run_dir(out_dir, cfg.name))
+    summary = run_server(grid, cfg, folder)
+    log.info("run folder: %s; final accuracy %.3f", folder.path, summary["final_accuracy"] or 0.0)
