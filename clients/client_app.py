@@ -54,6 +54,8 @@ def partition_id(context: Context) -> int:
 
 
 def _global_model(msg: Message, cfg: Config, device: torch.device) -> torch.nn.Module:
+    # One torch thread per CPU Ray reserved for this client: more oversubscribes the cores.
+    torch.set_num_threads(max(1, int(cfg.federation.num_cpus_per_client)))
     fed = federated_data(cfg)
     model = build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes)
     arrays = next(iter(msg.content.array_records.values()))

@@ -66,6 +66,8 @@ class FederationConfig:
     num_cpus_per_client: float = _f(1.0, "Ray CPUs reserved per client actor", min=0.0)
     num_gpus_per_client: float = _f(0.0, "Ray GPUs per client actor (set > 0 to train clients on CUDA)",
                                     min=0.0, max=1.0)
+    server_threads: int = _f(1, "torch CPU threads of the server (attacks, central evaluation); "
+                             "more threads than free cores slow small models down", min=1, max=256)
     device: str = _f("auto", "where clients train and attacks run", choices=("auto", "cpu", "cuda"))
     ray_address: str = _f("", "address of an existing Ray cluster to join (\"\" = start a local one)")
     fraction_evaluate: float = _f(1.0, "share of clients in federated evaluation (0 = off)", min=0.0, max=1.0)

@@ -30,7 +30,7 @@ def seed_int(seed: int, *keys: int | str) -> int:
                 raise KeyError(f"unknown seed purpose {key!r}; known: {sorted(PURPOSES)}")
             entropy.append(PURPOSES[key])
         else:
-            entropy.append(int(key))
+            entropy.append(int(key) % (1 << 32))  # negative keys (aggregate = -1) wrap
     state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 

@@ -85,6 +85,7 @@ def central_evaluator(cfg: Config, device: torch.device) -> Callable[[ArrayRecor
 def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | None = None) -> dict[str, Any]:
     """Run the whole federation from the server side; returns the summary it writes."""
     device = resolve_device(cfg.federation.device)
+    torch.set_num_threads(cfg.federation.server_threads)
     fed = federated_data(cfg)
     model = initial_model(cfg)
     node_to_client = discover_clients(grid, expected=cfg.federation.num_clients)

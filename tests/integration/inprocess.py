@@ -1,0 +1,44 @@
+"""An in-process stand-in for Flower's Grid: it hands each message straight to the
+ClientApp's handlers (no Ray, no network), as Flower's own tests build Messages by hand."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import Context, Message, MessageType, RecordDict
+
+from clients.client_app import handle_evaluate, handle_query, handle_train
+
+HANDLERS = {
+    MessageType.TRAIN: handle_train,
+    MessageType.EVALUATE: handle_evaluate,
+    MessageType.QUERY: handle_query,
+}
+
+
+class InProcessGrid:
+    """``num_clients`` fake SuperNodes with node ids 1000, 1001, ... (partition ids 0, 1, ...)."""
+
+    def __init__(self, num_clients: int, run_config: dict | None = None) -> None:
+        self.contexts = {
+            1000 + i: Context(
+                run_id=1,
+                node_id=1000 + i,
+                node_config={"partition-id": i, "num-partitions": num_clients},
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+            )
+            for i in range(num_clients)
+        }
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            handler = HANDLERS[msg.metadata.message_type]
+            replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
+        return replies
