@@ -26,10 +26,7 @@ as read-only.
 from __future__ import annotations
 
 import functools
-import gzip
 import logging
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fl_privsim.data_files import Raw, load_idx, load_npz, split
 from fl_privsim.errors import ConfigError, DataError
-from fl_privsim.partition import SCHEMES, partition, sample_batch, train_test_indices
+from fl_privsim.partition import SCHEMES, partition, sample_batch
 from fl_privsim.seeding import numpy_rng
 
 __all__ = ["DATASETS", "SCHEMES", "ImageData", "load_dataset", "partition", "sample_batch"]
@@ -50,7 +48,6 @@ DATASETS: tuple[str, ...] = (
     "digits", "mnist", "fashion_mnist", "cifar10", "folder", "cifar10_npz", "mnist_idx",
 )
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
-NPZ_NAME = "cifar10_exact_subset.npz"
 _FOLDER_LAYOUT = "<root>/<class_name>/*.png|jpg|jpeg|bmp"
 # name -> (torchvision class, folder under root holding its files, the files expected there)
 _TORCHVISION = {
@@ -58,7 +55,6 @@ _TORCHVISION = {
     "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw", "train-images-idx3-ubyte, ..."),
     "cifar10": ("CIFAR10", "cifar-10-batches-py", "data_batch_1..5, test_batch, batches.meta"),
 }
-_Raw = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[str, ...]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -203,9 +199,9 @@ def _load_cached(name: str, root: str | None, image_size: int | None, download: 
     elif name == "folder":
         raw = _load_folder(path, image_size or 32, test_fraction, seed)
     elif name == "cifar10_npz":
-        raw = _load_npz(path)
+        raw = load_npz(path)
     else:
-        raw = _load_idx(path, test_fraction, seed)
+        raw = load_idx(path, test_fraction, seed)
     train_x, train_y, test_x, test_y, class_names = raw
     if max_examples is not None and max_examples < len(train_y):
         rng = numpy_rng(seed, "split", 1)
@@ -220,12 +216,6 @@ def _load_cached(name: str, root: str | None, image_size: int | None, download: 
                 tuple(train_x.shape[1:]))
     return ImageData(name, train_x, train_y, test_x, test_y, num_classes, mean, std,
                      tuple(class_names))
-
-
-def _split(x: torch.Tensor, y: np.ndarray, test_fraction: float, seed: int) -> tuple:
-    tr, te = train_test_indices(y, test_fraction=test_fraction, seed=seed)
-    yt = torch.from_numpy(y.astype(np.int64))
-    return x[tr], yt[tr], x[te], yt[te]
 
 
 def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -256,16 +246,16 @@ def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-def _load_digits(test_fraction: float, seed: int) -> _Raw:
+def _load_digits(test_fraction: float, seed: int) -> Raw:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     x = torch.from_numpy((digits.images / 16.0).astype(np.float32)).unsqueeze(1)
     names = tuple(str(n) for n in digits.target_names)
-    return (*_split(x, digits.target, test_fraction, seed), names)
+    return (*split(x, digits.target, test_fraction, seed), names)
 
 
-def _load_torchvision(name: str, root: Path, download: bool) -> _Raw:
+def _load_torchvision(name: str, root: Path, download: bool) -> Raw:
     import torchvision.datasets
 
     cls_name, sub, files = _TORCHVISION[name]
@@ -288,7 +278,7 @@ def _load_torchvision(name: str, root: Path, download: bool) -> _Raw:
     return (*tensors(train), *tensors(test), tuple(str(c) for c in train.classes))
 
 
-def _load_folder(root: Path | None, size: int, test_fraction: float, seed: int) -> _Raw:
+def _load_folder(root: Path | None, size: int, test_fraction: float, seed: int) -> Raw:
     from PIL import Image
 
     if root is None or not root.is_dir():
@@ -326,83 +316,4 @@ def _load_folder(root: Path | None, size: int, test_fraction: float, seed: int) 
         raise DataError(f"folder dataset: class folder(s) {', '.join(empty)} in {root} hold no "
                         f"readable images; expected {_FOLDER_LAYOUT}")
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return (*_split(x, np.asarray(labels), test_fraction, seed), tuple(c.name for c in classes))
-
-
-def _load_npz(root: Path | None) -> _Raw:
-    if root is None:
-        raise DataError(f"cifar10_npz: data.root must name {NPZ_NAME} or the folder holding it")
-    path = root if root.suffix == ".npz" else root / NPZ_NAME
-    if not path.is_file():
-        raise DataError(f"cifar10_npz: {path} not found; set data.root to {NPZ_NAME} or its "
-                        "folder (e.g. ../shared/data/cifar10)")
-    keys = ("x_train", "y_train", "x_test", "y_test")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in keys if k not in npz.files]
-            if missing:
-                raise DataError(f"cifar10_npz: {path} lacks arrays {missing}; has {npz.files}")
-            arrays = {k: npz[k] for k in (*keys, "label_names") if k in npz.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise DataError(f"cifar10_npz: cannot read {path} as .npz ({err})") from err
-    out = []
-    for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"].reshape(-1)
-        if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.dtype != np.uint8 or len(x) != len(y):
-            raise DataError(f"cifar10_npz: {path}: x_{split} must be (N, H, W, 1|3) uint8 with "
-                            f"N = len(y_{split}); got {x.shape} {x.dtype}, {len(y)} labels")
-        out += [torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(),
-                torch.from_numpy(y.astype(np.int64))]
-    num = int(torch.cat([out[1], out[3]]).max()) + 1
-    names = tuple(str(n) for n in arrays.get("label_names", range(num)))
-    return (*out, names)
-
-
-def _read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Parse one IDX file of uint8 (magic 0x00 0x00 0x08 ndim), gzipped or not."""
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as err:
-        raise DataError(f"mnist_idx: cannot read {path} ({err})") from err
-    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or raw[3] != ndim:
-        raise DataError(f"mnist_idx: {path} is not a {ndim}-d uint8 IDX file "
-                        f"(magic {raw[:4].hex() or 'missing'}, expected 000008{ndim:02x})")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"mnist_idx: {path} is truncated (header of {len(raw)} bytes)")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    if len(raw) != header + int(np.prod(dims)):
-        raise DataError(f"mnist_idx: {path} is truncated or corrupt: {len(raw) - header} data "
-                        f"bytes for shape {dims}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
-
-
-def _load_idx(root: Path | None, test_fraction: float, seed: int) -> _Raw:
-    if root is None or not root.is_dir():
-        where = "data.root is not set" if root is None else f"{root} is not a folder"
-        raise DataError(f"mnist_idx: {where}; expected t10k-images-idx3-ubyte(.gz) and "
-                        "t10k-labels-idx1-ubyte(.gz), optionally train-*, in one folder")
-    pairs = {}
-    for prefix in ("train", "t10k"):
-        found = [next((root / f"{prefix}-{kind}-ubyte{ext}" for ext in ("", ".gz")
-                       if (root / f"{prefix}-{kind}-ubyte{ext}").is_file()), None)
-                 for kind in ("images-idx3", "labels-idx1")]
-        if any(found) and not all(found):
-            raise DataError(f"mnist_idx: {root} has {prefix} images or labels but not both")
-        if all(found):
-            x, y = _read_idx(found[0], 3), _read_idx(found[1], 1)
-            if len(x) != len(y):
-                raise DataError(f"mnist_idx: {root}: {len(x)} {prefix} images, {len(y)} labels")
-            pairs[prefix] = (torch.from_numpy(x.copy()).unsqueeze(1), y.astype(np.int64))
-    if not pairs:
-        raise DataError(f"mnist_idx: no IDX files in {root}; expected t10k-images-idx3-ubyte(.gz)"
-                        " and t10k-labels-idx1-ubyte(.gz), optionally train-*")
-    if len(pairs) == 2:
-        (xtr, ytr), (xte, yte) = pairs["train"], pairs["t10k"]
-        ytr, yte = torch.from_numpy(ytr), torch.from_numpy(yte)
-    else:
-        xtr, ytr, xte, yte = _split(*next(iter(pairs.values())), test_fraction, seed)
-    num = int(torch.cat([ytr, yte]).max()) + 1
-    return xtr, ytr, xte, yte, tuple(str(i) for i in range(num))
+    return (*split(x, np.asarray(labels), test_fraction, seed), tuple(c.name for c in classes))
