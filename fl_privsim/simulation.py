@@ -78,7 +78,8 @@ def start_run_folder(cfg: Config, path: Path) -> RunFolder:
 
 
 def validate_before_launch(cfg: Config) -> None:
-    """Fail fast, before Ray starts: device, dataset, model and attack parameters."""
+    """Fail fast, before Ray starts: device, dataset, model and attack parameters
+    (each attack is built once, so its own validation runs here)."""
     import adversaries  # noqa: F401  (registers attacks)
     from adversaries.base import ATTACKS
     from fl_privsim.federated_data import federated_data
@@ -89,7 +90,7 @@ def validate_before_launch(cfg: Config) -> None:
     build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes)
     for i, attack in enumerate(cfg.attacks):
         try:
-            ATTACKS.check_params(attack.name, attack.params)
+            ATTACKS.create(attack.name, **attack.params)  # names, types and ranges
         except UserError as exc:
             raise type(exc)(f"attacks[{i}]: {exc}") from None
 

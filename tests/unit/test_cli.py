@@ -31,6 +31,7 @@ def test_help_lists_commands_and_keys():
         (["run", "--set", 'data.name="mnist_idx"', "--set", 'data.root="/nonexistent/mnist"'], ["/nonexistent/mnist"]),
         (["run", "--set", "attacks.0.params.bogus=1"], ["bogus", "analytic"]),
         (["run", "--set", 'attacks.0.name="nope"'], ["nope", "inverting_gradients"]),
+        (["run", "--set", "attacks.2.params.iterations=-5"], ["attacks[2]", "iterations"]),
         (["config", "--set", "client.batch_size=0"], ["client.batch_size"]),
     ],
 )
