@@ -3,7 +3,7 @@
 Importing this package registers the built-in attacks in :data:`ATTACKS`.
 """
 
-from adversaries import reconstruction  # noqa: F401  (registers the attacks)
+from adversaries import reconstruction  # imported to register the attacks
 from adversaries.base import ATTACKS, Attack, AttackResult, Observation
 
 __all__ = ["ATTACKS", "Attack", "AttackResult", "Observation", "reconstruction"]

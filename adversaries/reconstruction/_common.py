@@ -58,7 +58,9 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     """Name and module of the last ``nn.Linear`` (registration order): the classifier."""
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not found:
-        raise ThreatModelError("label inference requires a final nn.Linear classifier layer; none found")
+        raise ThreatModelError(
+            "label inference requires a final nn.Linear classifier layer; none found"
+        )
     return found[-1]
 
 
@@ -72,7 +74,9 @@ def check_classifier(obs: Observation, attack: str) -> None:
         )
 
 
-def layer_grads(obs: Observation, grads: list[torch.Tensor], layer_name: str) -> dict[str, torch.Tensor]:
+def layer_grads(
+    obs: Observation, grads: list[torch.Tensor], layer_name: str
+) -> dict[str, torch.Tensor]:
     """The gradient-like tensors of one layer's parameters, keyed ``"weight"``/``"bias"``."""
     names = obs.param_names()
     prefix = f"{layer_name}." if layer_name else ""
@@ -100,7 +104,7 @@ def label_scores(obs: Observation, grads: list[torch.Tensor]) -> torch.Tensor:
 
 
 def infer_labels(obs: Observation, grads: list[torch.Tensor], n: int) -> torch.Tensor:
-    """The ``n`` most negative classes by :func:`label_scores` (int64, CPU).
+    """The ``n`` most negative classes by :func:`label_scores` (int64, on CPU).
 
     For one sample this is the iDLG rule ``argmin_k``. For ``n > 1`` it is a heuristic: if
     fewer than ``n`` classes score negative, the negative ones (most negative first) are

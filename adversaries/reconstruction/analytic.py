@@ -49,8 +49,10 @@ class AnalyticAttack(Attack):
       ratio is an approximation (exact for one step).
 
     Labels follow the sign rule on the last linear layer's bias gradient (the classes
-    present score negative; the ``B`` most negative are returned). Outputs are in the
-    normalised input space and are not clamped.
+    present score negative; the ``B`` most negative are returned). ``B`` is
+    ``num_targets(obs)``, the batch size for one FedSGD client. Outputs are in the
+    normalised input space and are not clamped; ``metrics["out_of_bounds"]`` reports the
+    fraction of values outside :meth:`Observation.input_bounds` (beyond a 1e-4 slack).
 
     Parameters
     ----------
@@ -99,7 +101,9 @@ class AnalyticAttack(Attack):
         if "weight" not in g or "bias" not in g:
             raise ThreatModelError(f"analytic: the update lacks the weight or bias of {name!r}")
 
-    def run(self, obs: Observation, *, device: torch.device, generator: torch.Generator) -> AttackResult:
+    def run(
+        self, obs: Observation, *, device: torch.device, generator: torch.Generator
+    ) -> AttackResult:
         """Recover inputs and labels; ``generator`` is unused (the attack is deterministic)."""
         del generator
         start = time.perf_counter()
@@ -111,14 +115,16 @@ class AnalyticAttack(Attack):
 
         mag = g_b.abs()
         if float(mag.max()) == 0.0:
-            raise ThreatModelError("analytic: every bias gradient of the first layer is zero; nothing to invert")
+            raise ThreatModelError(
+                "analytic: every bias gradient of the first layer is zero; nothing to invert"
+            )
         rows = torch.nonzero(mag > self.tol * mag.max()).flatten()
         rows = rows[torch.argsort(mag[rows], descending=True)]
         cands = g_w[rows] / g_b[rows, None]
 
+        metrics = {"candidates": float(rows.numel()), "num_targets": float(n)}
         if n == 1:
             picked = cands[:1]
-            groups = [[0]]
         else:
             groups = self._group(cands)
             # Largest groups first; inside a size, the group whose best row has the largest |∂b|.
@@ -127,18 +133,20 @@ class AnalyticAttack(Attack):
             if len(chosen) < n:  # fewer candidates than samples: repeat the best ones
                 chosen = (chosen * (-(-n // len(chosen))))[:n]
             picked = cands[torch.tensor(chosen, device=cands.device)]
+            metrics["groups"] = float(len(groups))
+            metrics["largest_group"] = float(len(groups[0]))
+            # Returned groups backed by >= 2 identical rows: almost surely single-sample rows.
+            metrics["confirmed"] = float(sum(1 for grp in groups[:n] if len(grp) > 1))
 
-        inputs = picked.to(torch.float32).reshape(n if n > 1 else 1, *obs.input_shape)
-        labels = infer_labels(obs, grads, inputs.shape[0])
-        sizes = sorted((len(grp) for grp in groups), reverse=True)
-        metrics = {
-            "candidates": float(rows.numel()),
-            "groups": float(len(groups)),
-            "largest_group": float(sizes[0]),
-            "exact_groups": float(sum(1 for s in sizes[:n] if s > 1)),
-            "num_targets": float(n),
-            "seconds": time.perf_counter() - start,
-        }
+        inputs = picked.to(torch.float32).reshape(n, *obs.input_shape)
+        labels = infer_labels(obs, grads, n).to(device)
+        lower, upper = obs.input_bounds(inputs.device)
+        # Not clamped: an exact recovery lies in the box (up to rounding), so values clearly
+        # outside it are a sign of mixed rows.
+        slack = 1e-4 * (upper - lower)
+        outside = (inputs < lower - slack) | (inputs > upper + slack)
+        metrics["out_of_bounds"] = float(outside.float().mean())
+        metrics["seconds"] = time.perf_counter() - start
         log.debug("analytic: %s", metrics)
         return AttackResult(inputs=inputs, labels=labels, metrics=metrics)
 
@@ -146,7 +154,9 @@ class AnalyticAttack(Attack):
         """Greedy grouping of candidates (sorted by |∂b| descending) by relative distance."""
         norms = cands.norm(dim=1)
         dist = torch.cdist(cands, cands, compute_mode="donot_use_mm_for_euclid_dist")
-        scale = torch.maximum(norms[:, None], norms[None, :]).clamp_min(torch.finfo(cands.dtype).tiny)
+        scale = torch.maximum(norms[:, None], norms[None, :]).clamp_min(
+            torch.finfo(cands.dtype).tiny
+        )
         close = (dist / scale < self.group_tol).cpu()
         free = torch.ones(cands.shape[0], dtype=torch.bool)
         groups: list[list[int]] = []

@@ -71,18 +71,24 @@ class IDLGAttack(Attack):
         check_classifier(obs, "idlg")
         obs.gradient()
 
-    def run(self, obs: Observation, *, device: torch.device, generator: torch.Generator) -> AttackResult:
+    def run(
+        self, obs: Observation, *, device: torch.device, generator: torch.Generator
+    ) -> AttackResult:
         """Recover labels and (unless ``iterations == 0``) inputs in the normalised space."""
         start = time.perf_counter()
         target = target_gradient(obs, device)
         n = num_targets(obs)
-        labels = infer_labels(obs, target, n)
+        labels = infer_labels(obs, target, n).to(device)
         if self.iterations == 0:
-            return AttackResult(inputs=None, labels=labels, metrics={"seconds": time.perf_counter() - start})
+            return AttackResult(
+                inputs=None, labels=labels, metrics={"seconds": time.perf_counter() - start}
+            )
 
         model = obs.fresh_model(device).train()
-        y = labels.to(device)
-        x = random_init((n, *obs.input_shape), generator=generator, device=device).requires_grad_(True)
+        y = labels
+        x = random_init((n, *obs.input_shape), generator=generator, device=device).requires_grad_(
+            True
+        )
         opt = torch.optim.LBFGS([x], lr=self.lr)
         best = {"loss": math.inf, "x": x.detach().clone()}
         evals = 0

@@ -43,7 +43,12 @@ def make_model(name: str, seed: int = 0) -> nn.Module:
 
 
 def observe(
-    model: nn.Module, x_norm: torch.Tensor, y: torch.Tensor, *, protocol: str = "fedsgd", lr: float = 0.1
+    model: nn.Module,
+    x_norm: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    protocol: str = "fedsgd",
+    lr: float = 0.1,
 ) -> Observation:
     """What the server sees after one client step on ``(x_norm, y)`` (mean CE loss)."""
     _, _, mean, std = digits()
@@ -58,9 +63,20 @@ def observe(
         update = {n: (named[n].detach() - lr * g) - named[n].detach() for n, g in zip(names, grads)}
     b = x_norm.shape[0]
     return Observation(
-        round=1, client_id=0, protocol=protocol, model=model, global_params=params, update=update,
-        batch_size=b, local_steps=1, lr=lr, num_examples=b, input_shape=SHAPE, num_classes=CLASSES,
-        data_mean=(mean,), data_std=(std,),
+        round=1,
+        client_id=0,
+        protocol=protocol,
+        model=model,
+        global_params=params,
+        update=update,
+        batch_size=b,
+        local_steps=1,
+        lr=lr,
+        num_examples=b,
+        input_shape=SHAPE,
+        num_classes=CLASSES,
+        data_mean=(mean,),
+        data_std=(std,),
     )
 
 
