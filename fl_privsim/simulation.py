@@ -59,6 +59,9 @@ def launch(server_app: Any, client_app: Any, *, num_supernodes: int, backend: di
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        # Ray's notice about a future default; we rely on today's (GPUs hidden from
+        # actors that reserve none) and set num_gpus explicitly.
+        warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
         run_simulation(
             server_app=server_app,
             client_app=client_app,
@@ -107,7 +110,10 @@ def run(cfg: Config, *, out: str | Path | None = None, show_progress: bool = Tru
     sink: dict[str, Any] = {}
     server_app = make_server_app(cfg, folder, progress, sink)
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        # run_simulation's deprecation notice and Flower's round logs: shown with --verbose only
+        flwr_log = logging.getLogger("flwr")
+        flwr_log.setLevel(logging.ERROR)
+        flwr_log.propagate = False
     try:
         launch(server_app, client_app, num_supernodes=cfg.federation.num_clients, backend=backend_config(cfg), verbose=verbose)
     finally:
