@@ -43,6 +43,9 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     if fed.ray_address:
         init_args["address"] = fed.ray_address
     else:
+        # "local" always starts a fresh Ray: a bare ray.init() would join any cluster this
+        # machine already runs (or a stale one recorded in the temp folder).
+        init_args["address"] = "local"
         init_args["_temp_dir"] = os.environ.get("RAY_TMPDIR")
         init_args["object_store_memory"] = 256 * 1024**2
     return {

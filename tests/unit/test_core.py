@@ -127,3 +127,15 @@ def test_local_update_rejects_bad_input():
         local_update(model, [_batch()], protocol="fedprox", lr=0.1)
     with pytest.raises(ValueError, match="one batch"):
         local_update(model, [_batch(), _batch(1)], protocol="fedsgd", lr=0.1)
+
+
+def test_backend_config_local_vs_existing_cluster():
+    from fl_privsim import config as c
+    from fl_privsim.simulation import backend_config
+
+    local = backend_config(c.load(None, ["federation.num_cpus_per_client=0.5", 'federation.device="cpu"']))
+    assert local["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    assert local["init_args"]["address"] == "local"  # never joins a cluster by accident
+    joined = backend_config(c.load(None, ['federation.ray_address="10.0.0.5:6379"', 'federation.device="cpu"']))
+    assert joined["init_args"]["address"] == "10.0.0.5:6379"
+    assert "object_store_memory" not in joined["init_args"]  # Ray refuses it when joining
