@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from fl_privsim.config import Config, to_toml
+from fl_privsim.devices import resolve_device
 from fl_privsim.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -134,3 +136,11 @@ class RunFolder:
         out = self.path / "summary.json"
         atomic_write_text(out, json.dumps(summary, indent=2, default=_jsonable))
         return out
+
+
+def start_run_folder(cfg: Config, path: Path) -> RunFolder:
+    """Create the run folder's writer and save ``config.toml`` and ``env.json``."""
+    folder = RunFolder(path)
+    folder.write_config(to_toml(cfg))
+    folder.write_env(seed=cfg.seed, device=str(resolve_device(cfg.federation.device)))
+    return folder

@@ -12,12 +12,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fl_privsim import config as config_mod
 from fl_privsim.config import Config
 from fl_privsim.devices import resolve_device
 from fl_privsim.errors import UserError
 from fl_privsim.progress import Progress
-from fl_privsim.results import RunFolder, make_run_dir
+from fl_privsim.results import make_run_dir, start_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +72,6 @@ def launch(server_app: Any, client_app: Any, *, num_supernodes: int, backend: di
             backend_config=backend,
             verbose_logging=verbose,
         )
-
-
-def start_run_folder(cfg: Config, path: Path) -> RunFolder:
-    """Create the run folder's writer and save ``config.toml`` and ``env.json``."""
-    folder = RunFolder(path)
-    folder.write_config(config_mod.to_toml(cfg))
-    folder.write_env(seed=cfg.seed, device=str(resolve_device(cfg.federation.device)))
-    return folder
 
 
 def validate_before_launch(cfg: Config) -> None:

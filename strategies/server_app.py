@@ -29,7 +29,7 @@ from fl_privsim.devices import resolve_device
 from fl_privsim.federated_data import federated_data
 from fl_privsim.models import build_model
 from fl_privsim.progress import Progress
-from fl_privsim.results import RunFolder, make_run_dir
+from fl_privsim.results import RunFolder, make_run_dir, start_run_folder
 from fl_privsim.scoring import Scorer
 from fl_privsim.seeding import seed_int
 from strategies.attack_runner import AttackPlan, AttackRunner
@@ -191,8 +191,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: config from ``config-path``, run folder under ``out-dir``."""
-    from fl_privsim.simulation import start_run_folder
-
     cfg = config_mod.load(str(context.run_config.get("config-path", "")) or None)
     out_dir = Path(str(context.run_config.get("out-dir", "runs")))
     folder = start_run_folder(cfg, make_run_dir(out_dir, cfg.name))
