@@ -32,13 +32,16 @@ def prepare_environment() -> None:
     Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
 
 
-def backend_config(cfg: Config) -> dict[str, Any]:
-    """Ray backend config: client resources from the config; join ``ray_address`` if set."""
+def backend_config(cfg: Config, *, verbose: bool = False) -> dict[str, Any]:
+    """Ray backend config: client resources from the config; join ``ray_address`` if set.
+
+    Actor logs reach the driver only when ``verbose`` (client errors still come back in
+    the reply messages and are counted by the strategy)."""
     fed = cfg.federation
     num_gpus = fed.num_gpus_per_client
     if num_gpus == 0 and resolve_device(fed.device).type == "cuda":
         num_gpus = 0.25  # Ray hides GPUs from actors that reserve none
-    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}
+    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": verbose}
     if fed.ray_address:
         init_args["address"] = fed.ray_address
     else:
@@ -109,7 +112,7 @@ def run(cfg: Config, *, out: str | Path | None = None, show_progress: bool = Tru
         flwr_log.setLevel(logging.ERROR)
         flwr_log.propagate = False
     try:
-        launch(server_app, client_app, num_supernodes=cfg.federation.num_clients, backend=backend_config(cfg), verbose=verbose)
+        launch(server_app, client_app, num_supernodes=cfg.federation.num_clients, backend=backend_config(cfg, verbose=verbose), verbose=verbose)
     finally:
         progress.close()
     if "summary" not in sink:
