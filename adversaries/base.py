@@ -74,7 +74,6 @@ class Observation:
     data_std: tuple[float, ...]
     num_clients: int = 1
     members: tuple[int, ...] = ()
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def is_aggregate(self) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,8 +179,6 @@ def _convert(tp: Any, value: Any, path: str, meta: dict[str, Any]) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a table, got {value!r}")
         return dict(value)
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{path}: unsupported union type")  # not used by the tree
     return _check_scalar(value, tp, path, meta)
 
 

@@ -67,12 +67,11 @@ def match_reconstructions(originals: torch.Tensor, recons: torch.Tensor) -> np.n
     first ``min(N, M)`` originals; with fewer reconstructions than originals the unmatched
     originals get ``-1``.
     """
-    n, m = originals.shape[0], recons.shape[0]
+    n = originals.shape[0]
     cost = ((originals.double().flatten(1)[:, None, :] - recons.double().flatten(1)[None, :, :]) ** 2).mean(-1)
     rows, cols = linear_sum_assignment(cost.cpu().numpy())
     perm = np.full(n, -1, dtype=np.int64)
     perm[rows] = cols
-    del m
     return perm
 
 

@@ -74,6 +74,7 @@ class HonestButCurious(Strategy):
     ) -> Iterable[Message]:
         """Delegate; remember the global parameters sent in this round."""
         self._sent = {server_round: arrays.to_torch_state_dict()}
+        self.info.model.load_state_dict(self._sent[server_round])  # once per round
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -107,13 +108,11 @@ class HonestButCurious(Strategy):
     ) -> Observation:
         info = self.info
         global_params = self._sent[server_round]
-        model = info.model
-        model.load_state_dict(global_params)
         return Observation(
             round=server_round,
             client_id=client,
             protocol=str(meta.get("protocol", info.protocol)),  # type: ignore[arg-type]
-            model=model,
+            model=info.model,
             global_params=global_params,
             update=update,
             batch_size=int(meta.get("batch-size", info.batch_size)),
