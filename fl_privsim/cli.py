@@ -48,20 +48,36 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("config", nargs="?", help="TOML config file")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sub.add_parser("attacks", help="list the registered attacks and their threat models")
+    rep = sub.add_parser(
+        "reproduce",
+        help="rerun a paper's experiment and write its table beside the paper's numbers",
+        description="Run one reproduction; results (summary.json, table.md) go to a run folder. "
+        "Settings come from experiments/reproduce/NAME.toml, then --config, then --set.",
+    )
+    rep.add_argument("name", nargs="?", help="reproduction name (see --list)")
+    rep.add_argument("--list", action="store_true", help="list the reproductions and their settings")
+    rep.add_argument("--config", help="TOML file of settings (default: experiments/reproduce/NAME.toml)")
+    rep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one setting (repeatable)")
+    rep.add_argument("--out", help="run folder to create (default: runs/<UTC time>_reproduce_NAME)")
+    rep.add_argument("--quick", action="store_true", help="a small smoke-test version of the settings")
+    rep.add_argument("--verbose", action="store_true", help="log progress")
     return parser
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """The end-of-run table: per attack the mean PSNR, SSIM and label accuracy."""
+    """The end-of-run table: per attack the mean PSNR, SSIM, AVD, ASR and label accuracy."""
 
     def fmt(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
-    lines = [f"{'attack':<30} {'attacked':>8} {'PSNR dB':>8} {'SSIM':>6} {'label acc':>9} {'refused':>7} {'failed':>6}"]
+    lines = [f"{'attack':<30} {'attacked':>8} {'PSNR dB':>8} {'SSIM':>6} {'AVD':>6} {'ASR':>5} "
+             f"{'label acc':>9} {'refused':>7} {'failed':>6}"]
     for name, row in summary.get("attacks", {}).items():
         lines.append(
             f"{name:<30} {int(row.get('attacked', 0)):>8} {fmt(row.get('psnr'), '.2f'):>8} "
-            f"{fmt(row.get('ssim'), '.3f'):>6} {fmt(row.get('label_accuracy'), '.3f'):>9} "
+            f"{fmt(row.get('ssim'), '.3f'):>6} {fmt(row.get('avd'), '.3f'):>6} {fmt(row.get('asr'), '.2f'):>5} "
+            f"{fmt(row.get('label_accuracy'), '.3f'):>9} "
             f"{int(row.get('refused', 0)):>7} {int(row.get('failed', 0)):>6}"
         )
     acc = summary.get("final_accuracy")
@@ -96,12 +112,36 @@ def _cmd_attacks() -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from fl_privsim import reproduce
+
+    if args.list or not args.name:
+        for name in sorted(reproduce.REPRODUCTIONS):
+            repro = reproduce.REPRODUCTIONS[name]
+            print(f"{name}: {repro.title}")
+            print("    settings: " + ", ".join(f"{k}={v!r}" for k, v in repro.defaults.items()))
+        if not args.list:
+            print("error: name a reproduction to run (fl-privsim reproduce NAME)", file=sys.stderr)
+            return 2
+        return 0
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    path, result = reproduce.run_reproduction(
+        args.name, config=args.config, overrides=args.overrides, out=args.out, quick=args.quick
+    )
+    print(result.table)
+    print(f"run folder: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; user errors print one line and exit with code 2."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "reproduce":
+            return _cmd_reproduce(args)
         if args.command == "config":
             print(config_mod.to_toml(config_mod.load(args.config, args.overrides)), end="")
             return 0

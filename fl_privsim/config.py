@@ -49,7 +49,9 @@ class DataConfig:
 class ModelConfig:
     """``[model]``: the architecture trained by the federation and seen by the attacks."""
 
-    name: str = _f("mlp", "architecture", choices=("mlp", "lenet", "convnet", "resnet18"))
+    name: str = _f("mlp", "architecture", choices=("mlp", "linear", "lenet", "convnet", "cnn6", "resnet18"))
+    init: str = _f("default", "weight init: default (PyTorch), uniform (DLG's U(-0.5, 0.5)), normal, "
+                   "kaiming, xavier", choices=("default", "uniform", "normal", "kaiming", "xavier"))
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,15 @@ def _default_attacks() -> list[AttackConfig]:
 
 
 @dataclass(frozen=True)
+class ScoringConfig:
+    """``[scoring]``: how the scorer judges reconstructions."""
+
+    asr_mse_threshold: float = _f(
+        0.01, "a sample counts as reconstructed (attack success rate, Wei & Liu) when the MSE of "
+        "its matched reconstruction in [0, 1] pixels is at most this (0.01 = PSNR 20 dB)", min=0.0)
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """``[output]``: where the run folder goes."""
 
@@ -122,6 +133,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig, metadata={"help": "[federation]"})
     client: ClientConfig = field(default_factory=ClientConfig, metadata={"help": "[client]"})
     attacks: list[AttackConfig] = field(default_factory=_default_attacks, metadata={"help": "[[attacks]]"})
+    scoring: ScoringConfig = field(default_factory=ScoringConfig, metadata={"help": "[scoring]"})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "[output]"})
 
 

@@ -8,6 +8,11 @@
 - ``convnet``: a small conv net (conv-ReLU ×3 with max-pooling, then two linear layers).
 - ``resnet18``: torchvision's ResNet-18, random init, stem adapted to small images
   (3×3 stride-1 first convolution, no max-pool) as is usual for CIFAR-sized inputs.
+- ``linear``: Flatten → Linear(d, K), softmax regression: the dense layer of Eloul et al.
+  (arXiv:2204.12495) that sees the raw input, for analytic batch de-mixing.
+
+:func:`init_weights` re-initialises a model by a named scheme (``default`` keeps PyTorch's
+own initialisation; ``uniform`` is DLG's U(−0.5, 0.5)).
 """
 
 from __future__ import annotations
@@ -98,20 +103,74 @@ def resnet18(input_shape: InputShape, num_classes: int) -> nn.Module:
     return model
 
 
+def linear(input_shape: InputShape, num_classes: int) -> nn.Module:
+    """Softmax regression: one dense layer with bias on the flattened input."""
+    d = input_shape[0] * input_shape[1] * input_shape[2]
+    return nn.Sequential(nn.Flatten(), nn.Linear(d, num_classes))
+
+
 MODELS: dict[str, Callable[[InputShape, int], nn.Module]] = {
     "mlp": mlp,
+    "linear": linear,
     "lenet": LeNet,
     "convnet": ConvNet,
     "resnet18": resnet18,
 }
 
 
-def build_model(name: str, input_shape: InputShape, num_classes: int) -> nn.Module:
-    """Build model ``name`` for inputs of ``input_shape`` (C, H, W) and ``num_classes``."""
+#: Weight initialisation schemes accepted by :func:`init_weights` (``model.init``).
+INITS = ("default", "uniform", "normal", "kaiming", "xavier")
+
+
+def init_weights(model: nn.Module, scheme: str, generator: torch.Generator | None = None) -> nn.Module:
+    """Re-initialise the weights of every conv and linear layer of ``model`` in place.
+
+    ``default`` leaves PyTorch's initialisation. ``uniform``: weights and biases
+    U(−0.5, 0.5), as in DLG's experiments (Zhu et al., NeurIPS 2019), which makes the
+    sigmoid LeNet's gradients depend strongly on the input. ``normal``: N(0, 1) weights,
+    zero biases. ``kaiming``/``xavier``: He / Glorot normal weights, zero biases (the
+    initialisations compared by Zhang et al., I2F, NeurIPS 2023). Normalisation layers are
+    left alone. Draws come from ``generator`` (CPU) when given.
+    """
+    if scheme not in INITS:
+        raise ConfigError(f"model.init: unknown scheme {scheme!r}; allowed: {', '.join(INITS)}")
+    if scheme == "default":
+        return model
+    with torch.no_grad():
+        for mod in model.modules():
+            if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+                continue
+            w = torch.empty(mod.weight.shape, dtype=mod.weight.dtype)
+            if scheme == "uniform":
+                w.uniform_(-0.5, 0.5, generator=generator)
+            elif scheme == "normal":
+                w.normal_(0.0, 1.0, generator=generator)
+            elif scheme == "kaiming":
+                nn.init.kaiming_normal_(w, nonlinearity="relu", generator=generator)
+            else:
+                nn.init.xavier_normal_(w, generator=generator)
+            mod.weight.copy_(w)
+            if mod.bias is not None:
+                b = torch.zeros(mod.bias.shape, dtype=mod.bias.dtype)
+                if scheme == "uniform":
+                    b.uniform_(-0.5, 0.5, generator=generator)
+                mod.bias.copy_(b)
+    return model
+
+
+def build_model(
+    name: str, input_shape: InputShape, num_classes: int, *, init: str = "default",
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """Build model ``name`` for inputs of ``input_shape`` (C, H, W) and ``num_classes``.
+
+    ``init`` names a scheme of :func:`init_weights`; ``generator`` supplies its draws.
+    """
     if name not in MODELS:
         raise ConfigError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODELS)}")
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise ConfigError(f"model: input shape must be (C, H, W) with positive sizes, got {input_shape}")
     if num_classes < 2:
         raise ConfigError(f"model: need at least 2 classes, got {num_classes}")
-    return MODELS[name](tuple(int(v) for v in input_shape), int(num_classes))
+    model = MODELS[name](tuple(int(v) for v in input_shape), int(num_classes))
+    return init_weights(model, init, generator)

@@ -44,7 +44,9 @@ def initial_model(cfg: Config) -> torch.nn.Module:
     fed = federated_data(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_int(cfg.seed, "model_init"))
-        return build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes)
+        gen = torch.Generator().manual_seed(seed_int(cfg.seed, "model_init"))
+        return build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes,
+                           init=cfg.model.init, generator=gen)
 
 
 def build_plans(cfg: Config) -> list[AttackPlan]:

@@ -1,12 +1,15 @@
 """Input-reconstruction (gradient inversion) attacks; importing registers them.
 
-- ``analytic``: closed-form recovery from a fully-connected first layer with bias.
-- ``idlg``: iDLG label rule plus L-BFGS gradient matching (Zhao et al. 2020).
-- ``inverting_gradients``: cosine matching with a TV prior (Geiping et al. 2020).
+Every public module of this package defines attacks and registers them in
+:data:`adversaries.base.ATTACKS` when imported; this package imports them all
+(``fl-privsim attacks`` lists the names and threat models).
 """
 
-from adversaries.reconstruction.analytic import AnalyticAttack
-from adversaries.reconstruction.idlg import IDLGAttack
-from adversaries.reconstruction.inverting_gradients import InvertingGradientsAttack
+import importlib
+import pkgutil
 
-__all__ = ["AnalyticAttack", "IDLGAttack", "InvertingGradientsAttack"]
+#: The attack modules found in this package (those not starting with ``_``).
+MODULES = tuple(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+for _module in MODULES:
+    importlib.import_module(f"{__name__}.{_module}")

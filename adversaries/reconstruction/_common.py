@@ -141,11 +141,25 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
+#: Dummy-input initialisations accepted by :func:`random_init`.
+INITS = ("normal", "uniform")
+
+
 def random_init(
-    shape: tuple[int, ...], *, generator: torch.Generator, device: torch.device
+    shape: tuple[int, ...], *, generator: torch.Generator, device: torch.device, kind: str = "normal"
 ) -> torch.Tensor:
-    """An N(0, 1) tensor drawn on CPU from ``generator`` and moved to ``device``."""
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    """A dummy input drawn on CPU from ``generator`` and moved to ``device``.
+
+    ``normal``: N(0, 1) (DLG's and Inverting Gradients' reference code); ``uniform``:
+    U(0, 1) (the uniform seed of Wei et al.'s CPL attack).
+    """
+    if kind == "normal":
+        x = torch.randn(shape, generator=generator, dtype=torch.float32)
+    elif kind == "uniform":
+        x = torch.rand(shape, generator=generator, dtype=torch.float32)
+    else:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {kind!r}")
+    return x.to(device)
 
 
 def target_gradient(obs: Observation, device: torch.device) -> list[torch.Tensor]:

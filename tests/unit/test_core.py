@@ -73,8 +73,22 @@ def test_lenet_matches_dlg_on_32px():
 
 
 def test_unknown_model():
-    with pytest.raises(ConfigError, match="model.name.*allowed: mlp, lenet, convnet, resnet18"):
+    with pytest.raises(ConfigError, match="model.name.*allowed: mlp, linear, lenet, convnet"):
         build_model("vgg", (1, 8, 8), 10)
+
+
+def test_init_schemes_are_seeded_and_distinct():
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    a = build_model("lenet", (1, 8, 8), 10, init="uniform", generator=g())
+    b = build_model("lenet", (1, 8, 8), 10, init="uniform", generator=g())
+    w = a.body[0].weight
+    assert torch.equal(w, b.body[0].weight)
+    assert float(w.min()) >= -0.5 and float(w.max()) <= 0.5 and float(w.abs().max()) > 0.4
+    k = build_model("mlp", (1, 8, 8), 10, init="kaiming", generator=g())
+    assert float(k[1].bias.abs().sum()) == 0.0
+    assert abs(float(k[1].weight.std()) - (2 / 64) ** 0.5) < 0.03
+    with pytest.raises(ConfigError, match="model.init.*allowed: default, uniform"):
+        build_model("mlp", (1, 8, 8), 10, init="zeros")
 
 
 def _batch(seed=0, n=4):
