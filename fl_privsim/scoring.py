@@ -4,7 +4,10 @@ For an attacked update it reproduces the client's batch(es) with the same seeded
 the client used (:func:`fl_privsim.federated_data.client_batch_indices`), maps the
 reconstructions back to [0, 1] pixels, matches them to the originals by optimal assignment
 (Hungarian algorithm on MSE) when there is more than one, and computes MSE, PSNR, SSIM and
-label accuracy.
+label accuracy. It adds AVD (each reconstruction against the original that minimises it)
+and the attack success rate: the fraction of originals reconstructed with an MSE at most
+``scoring.asr_mse_threshold``. For batches ``label_accuracy`` is the label-count accuracy
+(multiset overlap of recovered and true labels).
 """
 
 from __future__ import annotations
@@ -83,9 +86,15 @@ class Scorer:
             matched = torch.zeros_like(originals)
             matched[torch.from_numpy(ok)] = recon[torch.from_numpy(perm[ok])]
             o, m = originals[torch.from_numpy(ok)], matched[torch.from_numpy(ok)]
-            values["mse"] = float(metrics.mse(o, m).mean())
+            per_mse = metrics.mse(o, m)
+            values["mse"] = float(per_mse.mean())
             values["psnr"] = float(metrics.psnr(o, m).mean())
             values["ssim"] = float(metrics.ssim(o, m).mean())
+            if min(originals.shape[2:]) >= 3:
+                values["avd"] = float(metrics.avd_matched(originals, recon).mean())
+            values["asr"] = metrics.attack_success_rate(
+                per_mse, self.cfg.scoring.asr_mse_threshold, originals.shape[0]
+            )
             values["recovered_fraction"] = float(ok.mean())
             values["num_reconstructed"] = float(recon.shape[0])
         if result.labels is not None:
