@@ -1,31 +1,244 @@
-"""Analytic input recovery from a fully-connected first layer with bias.
+"""Analytic input recovery from a fully-connected first layer with bias, with batch de-mixing.
 
 For a first layer ``h = W x + b`` every sample contributes ``∂L/∂W_i = a_i x`` and
 ``∂L/∂b_i = a_i`` to row ``i``, so ``x = ∂L/∂W_i / ∂L/∂b_i`` for any row with
 ``∂L/∂b_i ≠ 0`` (Phong et al. 2017; Geiping et al., NeurIPS 2020, §"Inverting a fully
 connected layer"; Fowl et al., ICLR 2022, "Robbing the Fed").
+
+For a batch, ``∇W = Aᵀ X`` and ``∇b = Aᵀ 1`` with ``A[n, i] = ∂L/∂h_{n,i}``. When the first
+layer is also the classifier (softmax regression, the dense layer of Eloul et al.,
+"Enhancing Privacy against Inversion Attacks in Federated Learning by using Mixing
+Gradients Strategies", arXiv:2204.12495), ``A[n, k] = (p[n, k] - y[n, k]) / N`` is known up
+to the softmax ``p``, so the batch is *de-mixed* by least squares ``X = (Aᵀ)⁺ ∇W`` and a
+fixed-point refinement of ``p`` (:func:`demix_dense`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adversaries.base import ATTACKS, Attack, AttackResult, Observation
 from adversaries.reconstruction._common import (
+    _PASS_THROUGH,
+    _leaf_modules,
     first_layer,
     infer_labels,
+    last_linear,
     layer_grads,
+    model_gradients,
     num_targets,
     target_gradient,
 )
+from adversaries.reconstruction.label_counts import bias_counts, counts_to_labels
 from fl_privsim.errors import ThreatModelError
 
 log = logging.getLogger(__name__)
+
+#: Values of the ``demix`` parameter.
+DEMIX_MODES = ("auto", "on", "off")
+#: Relative singular-value cutoff of the least-squares solves (below it a direction is
+#: treated as null, i.e. the minimum-norm solution is taken along it).
+RCOND = 1e-10
+_EPS = torch.finfo(torch.float64).eps
+
+
+def condition_number(a: torch.Tensor) -> float:
+    """2-norm condition number ``σ_1 / σ_N`` of an (N, R) coefficient matrix (N samples).
+
+    ``σ_N`` is the N-th singular value, taken as 0 when ``R < N`` (then the N rows cannot
+    be independent). A singular matrix reports ``1 / eps`` (about 4.5e15) instead of inf.
+    """
+    s = torch.linalg.svdvals(a.detach().double())
+    n = a.shape[0]
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 1.0 / _EPS
+    smallest = float(s[n - 1]) if s.numel() >= n else 0.0
+    return float(min(float(s[0]) / max(smallest, float(s[0]) * _EPS), 1.0 / _EPS))
+
+
+def solve_rows(coef_t: torch.Tensor, target: torch.Tensor, rcond: float = RCOND) -> torch.Tensor:
+    """Minimum-norm least squares ``argmin_X ‖coef_t X - target‖`` via the SVD.
+
+    ``coef_t`` is (R, N), ``target`` (R, d); returns (N, d). Singular values below
+    ``rcond · σ_1`` are dropped (as ``numpy.linalg.lstsq``), which works on any device
+    (``torch.linalg.lstsq`` on CUDA assumes full rank).
+    """
+    u, s, vh = torch.linalg.svd(coef_t, full_matrices=False)
+    keep = s > rcond * s[0] if s.numel() else s.bool()
+    return vh[keep].T @ ((u[:, keep].T @ target) / s[keep, None])
+
+
+def _realign(old: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per-row labels with the multiset ``counts``, keeping as many rows' labels as possible."""
+    need = counts.clone()
+    new = torch.full_like(old, -1)
+    for i, c in enumerate(old.tolist()):
+        if need[c] > 0:
+            new[i], need[c] = c, need[c] - 1
+    free = torch.nonzero(new < 0).flatten()
+    new[free] = counts_to_labels(need)
+    return new
+
+
+@dataclass
+class DemixResult:
+    """Outcome of :func:`demix_dense` (everything float64 on the input's device)."""
+
+    #: De-mixed inputs, one row per sample, (N, d).
+    x: torch.Tensor
+    #: Labels of the rows, int64 (N,) on CPU.
+    labels: torch.Tensor
+    #: Condition number of the coefficient matrix A (N, K) of the last solve.
+    cond: float
+    #: Fixed-point iterations run.
+    iterations: int
+    #: Relative change of X in the last iteration.
+    change: float
+    #: ``‖A(X)ᵀ X - ∇W‖ / ‖∇W‖`` with A recomputed at the returned X and its labels.
+    residual: float
+    #: ``‖A(X)ᵀ 1 - ∇b‖ / ‖∇b‖`` likewise.
+    bias_residual: float
+    #: Whether the last change fell below the tolerance with stable label counts.
+    converged: bool
+
+
+def demix_dense(
+    grad_w: torch.Tensor,
+    grad_b: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    n: int,
+    *,
+    iterations: int = 100,
+    tol: float = 1e-10,
+    memory: int = 5,
+) -> DemixResult:
+    """De-mix a dense softmax-CE layer's batch gradient (Eloul et al., arXiv:2204.12495).
+
+    Model: logits ``z_n = W x_n + b``, loss the mean cross-entropy over ``n`` samples, so
+    ``∇W = Aᵀ X``, ``∇b = Aᵀ 1`` with ``A[n, k] = (p[n, k] - y[n, k]) / n``.
+
+    1. Label counts ``c_k = n (p̄_k - ∇b_k)`` (:func:`bias_counts`, largest-remainder
+       rounding; classes with ``∇b_k < 0`` are present), with ``p̄ = 1/K`` at first.
+    2. ``p = 1/K``; ``A = (p - y) / n``; ``X = (Aᵀ)⁺ ∇W`` (float64 SVD least squares).
+    3. Fixed point: ``p = softmax(X Wᵀ + b)``; counts re-estimated with ``p̄ = mean p``
+       (rows keep their labels where possible); ``A = (p - y) / n``; re-solve; stop when
+       ``‖ΔX‖/‖X‖ < tol`` with unchanged counts, or after ``iterations``.
+    4. Return the iterate with the smallest self-consistency residual
+       ``‖A(X)ᵀ X - ∇W‖/‖∇W‖ + ‖A(X)ᵀ 1 - ∇b‖/‖∇b‖`` (the last one when it converges;
+       this guards against the oscillations seen when the system is underdetermined).
+
+    Distinct labels give a well-conditioned A and an exact recovery; samples sharing a
+    label enter with nearly equal coefficients (equal at ``p = 1/K``) and stay mixed. The
+    rows of A sum to zero, so rank(A) ≤ K - 1: at most ``K - 1`` samples can be de-mixed.
+
+    Parameters
+    ----------
+    grad_w, grad_b:
+        ``∇W`` (K, d) and ``∇b`` (K,) of the mean loss.
+    weight, bias:
+        The layer's current ``W`` (K, d) and ``b`` (K,).
+    n:
+        Number of samples (equal weights ``1/n``).
+    iterations, tol:
+        Fixed-point budget and relative-change tolerance.
+    memory:
+        Anderson-acceleration memory of the fixed point on ``p`` (:func:`_anderson`);
+        0 is the plain iteration of the paper (same fixed point, often slower).
+    """
+    g_w, g_b = grad_w.double(), grad_b.double().flatten()
+    w, b = weight.detach().double(), bias.detach().double().flatten()
+    k = g_w.shape[0]
+    norm_w, norm_b = g_w.norm().clamp_min(_EPS), g_b.norm().clamp_min(_EPS)
+    p = torch.full((n, k), 1.0 / k, dtype=torch.float64, device=g_w.device)
+    counts, _ = bias_counts(g_b, p.mean(0), n)
+    labels = counts_to_labels(counts)
+    x = torch.zeros(n, g_w.shape[1], dtype=torch.float64, device=g_w.device)
+    change, it, converged = math.inf, 0, False
+    best: DemixResult | None = None
+    outs: list[torch.Tensor] = []  # Anderson history: softmax outputs Φ(p) ...
+    diffs: list[torch.Tensor] = []  # ... and residuals Φ(p) - p
+    for it in range(1, iterations + 1):
+        a = (p - F.one_hot(labels.to(g_w.device), k).double()) / n
+        x_new = solve_rows(a.T, g_w)
+        cond = condition_number(a)
+        change = float((x_new - x).norm() / x_new.norm().clamp_min(_EPS))
+        x, solved_labels = x_new, labels
+        p_out = F.softmax(x @ w.T + b, dim=1)
+        # Self-consistency of (x, labels): A recomputed at x must reproduce the gradient.
+        a_x = (p_out - F.one_hot(solved_labels.to(g_w.device), k).double()) / n
+        residual = float((a_x.T @ x - g_w).norm() / norm_w)
+        bias_residual = float((a_x.sum(0) - g_b).norm() / norm_b)
+        new_counts, _ = bias_counts(g_b, p_out.mean(0), n)
+        stable = bool(torch.equal(new_counts, counts))
+        converged = change < tol and stable
+        if best is None or residual + bias_residual <= best.residual + best.bias_residual:
+            best = DemixResult(
+                x, solved_labels, cond, it, change, residual, bias_residual, converged
+            )
+        if converged:
+            break
+        if not stable:
+            counts, labels = new_counts, _realign(labels, new_counts)
+            outs, diffs = [], []
+        p = _anderson(p, p_out, outs, diffs, memory)
+    assert best is not None
+    best.iterations, best.change, best.converged = it, change, converged
+    return best
+
+
+def _anderson(
+    p: torch.Tensor,
+    p_out: torch.Tensor,
+    outs: list[torch.Tensor],
+    diffs: list[torch.Tensor],
+    memory: int,
+) -> torch.Tensor:
+    """Next softmax estimate: plain ``Φ(p)``, or Anderson mixing of the last ``memory`` steps.
+
+    Anderson acceleration (type II; Walker & Ni, SIAM J. Numer. Anal. 2011) of the fixed
+    point ``p = Φ(p)``: with ``f_i = Φ(p_i) - p_i``, ``γ = argmin ‖f_k - ΔF γ‖`` and
+    ``p_{k+1} = Φ(p_k) - ΔG γ``. It changes the speed, not the fixed point; rows keep
+    summing to 1 (an affine combination). ``memory = 0`` is the plain iteration.
+    """
+    if memory <= 0:
+        return p_out
+    outs.append(p_out.flatten())
+    diffs.append((p_out - p).flatten())
+    del outs[: -(memory + 1)], diffs[: -(memory + 1)]
+    if len(diffs) < 2:
+        return p_out
+    d_f = torch.stack([diffs[i + 1] - diffs[i] for i in range(len(diffs) - 1)], dim=1)
+    d_g = torch.stack([outs[i + 1] - outs[i] for i in range(len(outs) - 1)], dim=1)
+    gamma = solve_rows(d_f, diffs[-1].unsqueeze(1))
+    mixed = (outs[-1].unsqueeze(1) - d_g @ gamma).reshape(p_out.shape)
+    return mixed if bool(torch.isfinite(mixed).all()) else p_out
+
+
+def dense_classifier(obs: Observation) -> bool:
+    """True when the first trainable layer is the whole classifier (softmax regression).
+
+    That is: it is an ``nn.Linear`` with ``num_classes`` outputs, no other parameter is
+    trainable, and only pass-through modules (``Flatten``/``Identity``) follow it, so its
+    output is the logits of the loss.
+    """
+    name, layer, _ = first_layer(obs.model)
+    if not isinstance(layer, nn.Linear) or layer.out_features != obs.num_classes:
+        return False
+    prefix = f"{name}." if name else ""
+    if any(not p.startswith(prefix) for p in obs.param_names()):
+        return False
+    leaves = _leaf_modules(obs.model)
+    where = [leaf for leaf, _ in leaves].index(name)
+    return all(isinstance(m, _PASS_THROUGH) for _, m in leaves[where + 1 :])
 
 
 @ATTACKS.register("analytic")
@@ -33,24 +246,48 @@ class AnalyticAttack(Attack):
     """Closed-form recovery from the first layer's weight and bias gradients.
 
     Threat model: honest-but-curious server that sees one update (FedSGD gradient, or a
-    FedAvg delta converted by :meth:`Observation.gradient`); the model's first trainable
-    layer is ``nn.Linear`` with bias, fed the (flattened) input directly.
+    FedAvg delta converted by :meth:`Observation.gradient`) and knows the architecture,
+    the global parameters and the loss (mean softmax cross-entropy); the model's first
+    trainable layer is ``nn.Linear`` with bias, fed the (flattened) input directly. The
+    number of samples is ``N = num_targets(obs)`` (the batch size for one FedSGD client).
 
-    * One sample: every row gives the same input; the row with the largest ``|∂L/∂b_i|``
-      (the best-conditioned ratio) is returned. This is exact up to float rounding.
-    * A batch of ``B > 1``: a row is exact only when a single sample reaches it (e.g. a
-      ReLU neuron activated by one sample); rows reached by several samples give weighted
-      averages. Several rows private to the same sample give identical candidates, so
-      candidates are grouped by relative L2 distance below ``group_tol`` and the ``B``
-      largest groups (ties by ``|∂L/∂b|``) are returned; if there are fewer groups than
-      ``B`` the best remaining candidates are added. De-mixing averaged rows (Eloul et al.
-      2022) is not attempted here.
-    * FedAvg with several local steps: the converted delta is a trajectory average, so the
-      ratio is an approximation (exact for one step).
+    * **One sample**: every row gives the same input; the row with the largest
+      ``|∂L/∂b_i|`` (the best-conditioned ratio) is returned. Exact up to float rounding.
+    * **Batch, dense classifier** (the first layer outputs the ``K`` logits and is the only
+      trainable layer, e.g. the ``linear`` model), with ``demix`` ``"auto"``/``"on"``:
+      Eloul et al.'s de-mixing (:func:`demix_dense`): labels from the sign and size of
+      ``∇b`` (counts, :func:`~adversaries.reconstruction.label_counts.bias_counts`), least
+      squares for ``X`` with ``A`` from ``p = 1/K``, then a fixed point on
+      ``p = softmax(X Wᵀ + b)``. Distinct labels (N ≤ K - 1) are recovered exactly;
+      samples sharing a label are not separated (their coefficients are nearly equal), so
+      identical-label batches return weighted averages: this is the paper's defense.
+      ``metrics`` reports ``cond_A`` (condition number of the N×K coefficient matrix),
+      ``iterations``, ``residual`` (``‖Aᵀ X - ∇W‖ / ‖∇W‖``) and ``bias_residual``.
+    * **Batch, deeper model** (e.g. ``mlp``), or ``demix="off"``: a row is exact only when
+      a single sample reaches it (e.g. a ReLU neuron activated by one sample); rows reached
+      by several samples give weighted averages. Several rows private to the same sample
+      give identical candidates, so candidates are grouped by relative L2 distance below
+      ``group_tol`` and the ``N`` largest groups (ties by ``|∂L/∂b|``) are returned; if
+      there are fewer groups than ``N`` the best remaining candidates are added. Unless
+      ``demix="off"``, the rows not *confirmed* by two or more identical candidates are
+      then refined by the general fixed point ``A = ∂L/∂h`` (autograd through the rest of
+      the network at the current estimate and labels), ``X_free = (A_freeᵀ)⁺ (∇W -
+      A_fixedᵀ X_fixed)`` (:meth:`_refine_deep`). Measured on 8×8 digits with ``mlp``
+      (10 batches each): exactly recovered samples 80% → 94% at N = 8, median PSNR
+      14 → 29 dB at N = 16, no change at N = 2 or 32. Letting the confirmed rows move too
+      (the plain general fixed point) lowered the gradient residual but destroyed the
+      exact rows (N = 8: mean PSNR 80 → 36 dB), so they stay fixed.
+    * **Aggregates** (``client_id=None``, ``num_clients`` clients): a FedSGD aggregate of
+      clients with *equal batch sizes* is the mean gradient of all ``N`` samples, so it is
+      attacked as one batch of ``N``; unequal batch sizes weight the samples unequally
+      and break the ``1/N`` in ``A``.
+    * **FedAvg** with several local steps: the converted delta is a trajectory average, so
+      the ratio and the de-mixing are approximations (exact for one step).
 
-    Labels follow the sign rule on the last linear layer's bias gradient (the classes
-    present score negative; the ``B`` most negative are returned). ``B`` is
-    ``num_targets(obs)``, the batch size for one FedSGD client. Outputs are in the
+    Labels: for the dense classifier, the de-mixed labels (one per returned row). Otherwise
+    counts ``c_k = N (p̄_k - ∂L/∂b_k)`` on the last linear layer's bias with ``p̄`` the
+    model's mean softmax on the reconstructions (largest-remainder rounding), or, without
+    a bias there, the ``N`` most negative rows (:func:`infer_labels`). Outputs are in the
     normalised input space and are not clamped; ``metrics["out_of_bounds"]`` reports the
     fraction of values outside :meth:`Observation.input_bounds` (beyond a 1e-4 slack).
 
@@ -61,21 +298,61 @@ class AnalyticAttack(Attack):
     group_tol:
         Relative L2 distance ``‖c_i - c_j‖ / max(‖c_i‖, ‖c_j‖)`` under which two candidates
         count as the same sample.
+    demix:
+        ``"auto"`` (default): de-mix batches (dense classifier: :func:`demix_dense`; deeper
+        models: grouping, then the refinement, kept only if its full-gradient residual
+        ``‖∇θL(X, y) - g‖ / ‖g‖`` is smaller than the grouping's). ``"on"``: the same, but
+        the refinement is always kept. ``"off"``: ratio candidates and grouping only (the
+        behaviour before de-mixing; on the dense classifier every row is then a mixture).
+    demix_iterations:
+        Maximum fixed-point iterations of the de-mixing (>= 1; default 100).
+    demix_tol:
+        Stop when the relative change of X is below this (> 0).
+    demix_memory:
+        Anderson-acceleration memory of the dense de-mixing's fixed point (>= 0; 0 = the
+        plain iteration of the paper). Same fixed point, fewer iterations: on 8×8 digits
+        with distinct labels (N = 8) at most 22 instead of up to 125.
     """
 
     requires: ClassVar[tuple[str, ...]] = (
         "first trainable layer is nn.Linear with bias, fed the flattened input",
         "update covers that layer's weight and bias",
+        "loss is mean softmax cross-entropy over N = num_targets(obs) equally weighted samples",
         "last nn.Linear outputs the class logits (for labels)",
     )
 
-    def __init__(self, *, tol: float = 1e-6, group_tol: float = 1e-4) -> None:
+    def __init__(
+        self,
+        *,
+        tol: float = 1e-6,
+        group_tol: float = 1e-4,
+        demix: str = "auto",
+        demix_iterations: int = 100,
+        demix_tol: float = 1e-10,
+        demix_memory: int = 5,
+    ) -> None:
         if not 0.0 <= tol < 1.0:
             raise ValueError(f"tol must be in [0, 1), got {tol!r}")
         if not group_tol > 0.0:
             raise ValueError(f"group_tol must be > 0, got {group_tol!r}")
+        if demix not in DEMIX_MODES:
+            raise ValueError(f"demix must be one of {', '.join(DEMIX_MODES)}, got {demix!r}")
+        if (
+            isinstance(demix_iterations, bool)
+            or not isinstance(demix_iterations, int)
+            or demix_iterations < 1
+        ):
+            raise ValueError(f"demix_iterations must be an integer >= 1, got {demix_iterations!r}")
+        if not (isinstance(demix_tol, (int, float)) and math.isfinite(demix_tol) and demix_tol > 0):
+            raise ValueError(f"demix_tol must be a finite number > 0, got {demix_tol!r}")
         self.tol = float(tol)
         self.group_tol = float(group_tol)
+        self.demix = demix
+        self.demix_iterations = demix_iterations
+        self.demix_tol = float(demix_tol)
+        if isinstance(demix_memory, bool) or not isinstance(demix_memory, int) or demix_memory < 0:
+            raise ValueError(f"demix_memory must be an integer >= 0, got {demix_memory!r}")
+        self.demix_memory = demix_memory
 
     def check(self, obs: Observation) -> None:
         """Refuse unless the first trainable layer is ``nn.Linear`` with bias on the raw input."""
@@ -112,34 +389,48 @@ class AnalyticAttack(Attack):
         g = layer_grads(obs, grads, name)
         g_w, g_b = g["weight"].double(), g["bias"].double()
         n = num_targets(obs)
-
-        mag = g_b.abs()
-        if float(mag.max()) == 0.0:
+        if float(g_b.abs().max()) == 0.0:
             raise ThreatModelError(
                 "analytic: every bias gradient of the first layer is zero; nothing to invert"
             )
-        rows = torch.nonzero(mag > self.tol * mag.max()).flatten()
-        rows = rows[torch.argsort(mag[rows], descending=True)]
-        cands = g_w[rows] / g_b[rows, None]
+        metrics: dict[str, float] = {"num_targets": float(n)}
+        labels: torch.Tensor | None = None
 
-        metrics = {"candidates": float(rows.numel()), "num_targets": float(n)}
-        if n == 1:
-            picked = cands[:1]
+        if n > 1 and self.demix != "off" and dense_classifier(obs):
+            dense = dict(obs.fresh_model(device).named_modules())[name]
+            res = demix_dense(
+                g_w,
+                g_b,
+                dense.weight,
+                dense.bias,
+                n,
+                iterations=self.demix_iterations,
+                tol=self.demix_tol,
+                memory=self.demix_memory,
+            )
+            picked, labels = res.x, res.labels
+            metrics.update(
+                demixed=1.0,
+                cond_A=res.cond,
+                iterations=float(res.iterations),
+                change=res.change,
+                residual=res.residual,
+                bias_residual=res.bias_residual,
+                converged=float(res.converged),
+            )
         else:
-            groups = self._group(cands)
-            # Largest groups first; inside a size, the group whose best row has the largest |∂b|.
-            groups.sort(key=lambda members: (-len(members), members[0]))
-            chosen = [grp[0] for grp in groups[:n]]
-            if len(chosen) < n:  # fewer candidates than samples: repeat the best ones
-                chosen = (chosen * (-(-n // len(chosen))))[:n]
-            picked = cands[torch.tensor(chosen, device=cands.device)]
-            metrics["groups"] = float(len(groups))
-            metrics["largest_group"] = float(len(groups[0]))
-            # Returned groups backed by >= 2 identical rows: almost surely single-sample rows.
-            metrics["confirmed"] = float(sum(1 for grp in groups[:n] if len(grp) > 1))
-
+            picked, confirmed = self._ratio(g_w, g_b, n, metrics)
+            metrics["demixed"] = 0.0
+            if n > 1 and self.demix != "off":
+                grouped = picked.to(torch.float32).reshape(n, *obs.input_shape)
+                labels = self._labels(obs, grads, grouped, n)
+                refined = self._refine_deep(obs, grads, name, grouped, labels, confirmed, metrics)
+                if refined is not None:
+                    picked, labels = refined
         inputs = picked.to(torch.float32).reshape(n, *obs.input_shape)
-        labels = infer_labels(obs, grads, n).to(device)
+        if labels is None:
+            labels = self._labels(obs, grads, inputs, n)
+        labels = labels.to(device=device, dtype=torch.int64)
         lower, upper = obs.input_bounds(inputs.device)
         # Not clamped: an exact recovery lies in the box (up to rounding), so values clearly
         # outside it are a sign of mixed rows.
@@ -149,6 +440,161 @@ class AnalyticAttack(Attack):
         metrics["seconds"] = time.perf_counter() - start
         log.debug("analytic: %s", metrics)
         return AttackResult(inputs=inputs, labels=labels, metrics=metrics)
+
+    def _ratio(
+        self, g_w: torch.Tensor, g_b: torch.Tensor, n: int, metrics: dict[str, float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ratio candidates ``∇W_i / ∇b_i``: the best one (n = 1) or grouped (batches).
+
+        Also returns, per returned row, whether it is *confirmed*: backed by at least two
+        rows giving the same candidate (almost surely a single sample's exact input).
+        """
+        mag = g_b.abs()
+        rows = torch.nonzero(mag > self.tol * mag.max()).flatten()
+        rows = rows[torch.argsort(mag[rows], descending=True)]
+        cands = g_w[rows] / g_b[rows, None]
+        metrics["candidates"] = float(rows.numel())
+        if n == 1:
+            return cands[:1], torch.zeros(1, dtype=torch.bool)
+        groups = self._group(cands)
+        # Largest groups first; inside a size, the group whose best row has the largest |∂b|.
+        groups.sort(key=lambda members: (-len(members), members[0]))
+        chosen = [grp[0] for grp in groups[:n]]
+        confirmed = [len(grp) > 1 for grp in groups[:n]]
+        if len(chosen) < n:  # fewer candidates than samples: repeat the best ones
+            reps = -(-n // len(chosen))
+            chosen = (chosen * reps)[:n]
+            confirmed = (confirmed + [False] * (len(confirmed) * (reps - 1)))[:n]
+        metrics["groups"] = float(len(groups))
+        metrics["largest_group"] = float(len(groups[0]))
+        metrics["confirmed"] = float(sum(confirmed))
+        picked = cands[torch.tensor(chosen, device=cands.device)]
+        return picked, torch.tensor(confirmed, dtype=torch.bool)
+
+    def _labels(
+        self, obs: Observation, grads: list[torch.Tensor], inputs: torch.Tensor, n: int
+    ) -> torch.Tensor:
+        """Label multiset: bias counts with ``p̄`` from the reconstructions, else the sign rule."""
+        if n == 1:
+            return infer_labels(obs, grads, 1)
+        last_name, last = last_linear(obs.model)
+        g_last = layer_grads(obs, grads, last_name)
+        if last.bias is None or "bias" not in g_last or last.out_features != obs.num_classes:
+            return infer_labels(obs, grads, n)
+        model = obs.fresh_model(inputs.device).train()
+        with torch.no_grad():
+            p_mean = F.softmax(model(inputs).double(), dim=1).mean(0)
+        counts, _ = bias_counts(g_last["bias"], p_mean, n)
+        return counts_to_labels(counts)
+
+    def _refine_deep(
+        self,
+        obs: Observation,
+        grads: list[torch.Tensor],
+        name: str,
+        grouped: torch.Tensor,
+        labels: torch.Tensor,
+        confirmed: torch.Tensor,
+        metrics: dict[str, float],
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """General fixed point for deeper models: ``A = ∂L/∂h``, ``X = (Aᵀ)⁺ ∇W``.
+
+        ``h`` is the first layer's output; ``A`` (N, H) is computed by autograd through the
+        rest of the network (float64 copy, train mode) at the current estimate and labels.
+        Confirmed rows stay fixed; the others are re-solved from
+        ``∇W - A_fixedᵀ X_fixed``; labels (the multiset ``labels``) are re-assigned to rows
+        after each solve (:meth:`_assign`). The iterate with the smallest full-gradient
+        residual ``‖∇θL(X, y) - g‖ / ‖g‖`` is kept (the loop stops after
+        ``demix_iterations``, when ``‖ΔX‖/‖X‖ < demix_tol``, or after 5 iterations without
+        a better residual); with ``demix="auto"`` it replaces the grouped estimate only if
+        its residual is smaller. ``metrics`` gets ``residual_grouped``,
+        ``residual_refined`` and ``refined`` (1 if used). Returns ``None`` (keep the
+        grouping) when nothing is free or the last linear layer is not the classifier.
+        """
+        free = ~confirmed.to(grouped.device)
+        last_name, last = last_linear(obs.model)
+        if not bool(free.any()) or last.out_features != obs.num_classes:
+            metrics["refined"] = 0.0
+            return None
+        model = obs.fresh_model(grouped.device).double().train()
+        layer = dict(model.named_modules())[name]
+        target = [t.double() for t in grads]
+        g_w = layer_grads(obs, target, name)["weight"]
+        g_last = layer_grads(obs, target, last_name)["weight"]
+        shape = (grouped.shape[0], *obs.input_shape)
+        counts = torch.bincount(labels.cpu(), minlength=obs.num_classes)
+
+        def residual(x: torch.Tensor, y: torch.Tensor) -> float:
+            g = model_gradients(model, x.reshape(shape), y.to(x.device), create_graph=False)
+            num = sum(((a - b) ** 2).sum() for a, b in zip(g, target, strict=True))
+            den = sum((b**2).sum() for b in target)
+            return float(torch.sqrt(num / den))
+
+        x = grouped.double().reshape(shape[0], -1)
+        y = self._assign(model, x.reshape(shape), counts, g_last)
+        start_res = residual(x, y)
+        best = (start_res, x.clone(), y)
+        store: dict[str, torch.Tensor] = {}
+        hook = layer.register_forward_hook(lambda _m, _i, out: store.__setitem__("h", out))
+        stale = 0
+        try:
+            for _ in range(self.demix_iterations):
+                loss = F.cross_entropy(model(x.reshape(shape)), y.to(x.device))
+                a = torch.autograd.grad(loss, store["h"])[0].detach()
+                rhs = g_w - a[~free].T @ x[~free]
+                prev, x = x, x.clone()
+                x[free] = solve_rows(a[free].T, rhs)
+                y = self._assign(model, x.reshape(shape), counts, g_last)
+                res = residual(x, y)
+                change = float((x - prev).norm() / x.norm().clamp_min(_EPS))
+                if res < best[0]:
+                    best, stale = (res, x.clone(), y), 0
+                else:
+                    stale += 1
+                log.debug("analytic refine: residual %.3g change %.3g", res, change)
+                if change < self.demix_tol or stale >= 5:
+                    break
+        finally:
+            hook.remove()
+        metrics["residual_grouped"] = start_res
+        metrics["residual_refined"] = best[0]
+        use = self.demix == "on" or best[0] < start_res
+        metrics["refined"] = float(use)
+        return (best[1], best[2]) if use else None
+
+    @staticmethod
+    @torch.no_grad()
+    def _assign(
+        model: nn.Module, x: torch.Tensor, counts: torch.Tensor, g_last: torch.Tensor
+    ) -> torch.Tensor:
+        """Give each row one label of the multiset ``counts`` (greedy on feature distance).
+
+        With ``G`` the last layer's weight gradient and ``H`` its input features at ``x``,
+        ``R = Pᵀ H - N G`` has row ``k`` equal to the sum of the features of the samples of
+        class ``k``; row ``n`` goes to the class whose mean ``R_k / c_k`` is nearest its
+        features, cheapest pairs first.
+        """
+        _, last = last_linear(model)
+        feats: dict[str, torch.Tensor] = {}
+        hook = last.register_forward_pre_hook(lambda _m, args: feats.__setitem__("h", args[0]))
+        try:
+            logits = model(x)
+        finally:
+            hook.remove()
+        h = feats["h"].double().flatten(1)
+        n = h.shape[0]
+        r = F.softmax(logits.double(), dim=1).T @ h - n * g_last.double()
+        counts = counts.clone().cpu()
+        present = torch.nonzero(counts > 0).flatten()
+        means = r[present.to(r.device)] / counts[present].to(r).unsqueeze(1)
+        cost = torch.cdist(h, means).cpu()
+        labels = torch.full((n,), -1, dtype=torch.int64)
+        for flat in torch.argsort(cost.flatten()).tolist():
+            row, col = divmod(flat, present.numel())
+            cls = int(present[col])
+            if labels[row] < 0 and counts[cls] > 0:
+                labels[row], counts[cls] = cls, counts[cls] - 1
+        return labels
 
     def _group(self, cands: torch.Tensor) -> list[list[int]]:
         """Greedy grouping of candidates (sorted by |∂b| descending) by relative distance."""
