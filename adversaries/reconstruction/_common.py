@@ -18,7 +18,7 @@ from fl_privsim.errors import ThreatModelError
 log = logging.getLogger(__name__)
 
 #: Parameter-free modules that pass the input through unchanged (up to a reshape).
-_PASS_THROUGH = (nn.Flatten, nn.Identity)
+PASS_THROUGH = (nn.Flatten, nn.Identity)
 
 
 def num_targets(obs: Observation) -> int:
@@ -33,7 +33,7 @@ def num_targets(obs: Observation) -> int:
     return max(1, min(obs.num_examples, touched))
 
 
-def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if not list(m.children())]
 
 
@@ -46,10 +46,10 @@ def first_layer(model: nn.Module) -> tuple[str, nn.Module, list[str]]:
     is taken as execution order, which holds for the project's model zoo.
     """
     before: list[str] = []
-    for name, mod in _leaf_modules(model):
+    for name, mod in leaf_modules(model):
         if any(p.requires_grad for p in mod.parameters(recurse=False)):
             return name, mod, before
-        if not isinstance(mod, _PASS_THROUGH):
+        if not isinstance(mod, PASS_THROUGH):
             before.append(type(mod).__name__)
     raise ThreatModelError("the model has no trainable layer")
 

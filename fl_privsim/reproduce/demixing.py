@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from adversaries import ATTACKS
-from adversaries.reconstruction.analytic import condition_number
+from adversaries.reconstruction._dense_demix import condition_number
 from fl_privsim.data import ImageData, load_dataset
 from fl_privsim.errors import ConfigError
 from fl_privsim.metrics import avd_matched, label_accuracy, match_reconstructions, psnr, ssim

@@ -15,7 +15,7 @@ from attack_helpers import CLASSES, SHAPE, digits, make_model, matched_psnr, obs
 from torch import nn
 
 from adversaries import ATTACKS, Observation
-from adversaries.reconstruction.analytic import condition_number, demix_dense, solve_rows
+from adversaries.reconstruction._dense_demix import condition_number, demix_dense, solve_rows
 from fl_privsim.errors import ConfigError, ThreatModelError
 from fl_privsim.metrics import label_accuracy, match_reconstructions, psnr
 from fl_privsim.offline import aggregate_observation
