@@ -6,6 +6,10 @@
   (stride 2, 2, 1; 12 channels; padding 2) with sigmoid activations, then one linear layer.
   The linear layer's input size follows from the image size (768 for 32×32).
 - ``convnet``: a small conv net (conv-ReLU ×3 with max-pooling, then two linear layers).
+- ``cnn6``: the CNN6 of R-GAP (Zhu & Blaschko, ICLR 2021): six bias-free convolutions
+  (3→12 k4 s2 p2, 12→36 k3 s2, 36→36 k3, 36→36 k3, 36→64 k3 s2, 64→128 k3; padding 1
+  unless stated) each followed by LeakyReLU(0.2), then a bias-free Linear to the K logits
+  (3200 inputs for 32×32; the paper's single logistic output becomes K classes here).
 - ``resnet18``: torchvision's ResNet-18, random init, stem adapted to small images
   (3×3 stride-1 first convolution, no max-pool) as is usual for CIFAR-sized inputs.
 - ``linear``: Flatten → Linear(d, K), softmax regression: the dense layer of Eloul et al.
@@ -93,6 +97,26 @@ class ConvNet(nn.Module):
         return self.head(self.body(x).flatten(1))
 
 
+class CNN6(nn.Module):
+    """R-GAP's CNN6 (Zhu & Blaschko, ICLR 2021): bias-free convs with LeakyReLU(0.2)."""
+
+    #: (out_channels, kernel, stride, padding) of the six convolutions.
+    LAYERS = ((12, 4, 2, 2), (36, 3, 2, 1), (36, 3, 1, 1), (36, 3, 1, 1), (64, 3, 2, 1), (128, 3, 1, 1))
+
+    def __init__(self, input_shape: InputShape, num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = input_shape[0]
+        for out, k, s, p in self.LAYERS:
+            layers += [nn.Conv2d(c, out, kernel_size=k, stride=s, padding=p, bias=False), nn.LeakyReLU(0.2)]
+            c = out
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(_flat_features(self.body, input_shape), num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
 def resnet18(input_shape: InputShape, num_classes: int) -> nn.Module:
     """torchvision ResNet-18 (random init, no downloaded weights) for small images."""
     from torchvision.models import resnet18 as tv_resnet18
@@ -114,6 +138,7 @@ MODELS: dict[str, Callable[[InputShape, int], nn.Module]] = {
     "linear": linear,
     "lenet": LeNet,
     "convnet": ConvNet,
+    "cnn6": CNN6,
     "resnet18": resnet18,
 }
 
