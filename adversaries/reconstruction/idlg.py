@@ -1,13 +1,14 @@
 """iDLG: analytic label recovery plus gradient matching with the label fixed.
 
 Zhao, Mopuri and Bilen, "iDLG: Improved Deep Leakage from Gradients" (arXiv:2001.02610,
-2020), building on Zhu et al., "Deep Leakage from Gradients" (NeurIPS 2019).
+2020), building on Zhu et al., "Deep Leakage from Gradients" (NeurIPS 2019). The L-BFGS
+matching loop is DLG's (:func:`adversaries.reconstruction.dlg.lbfgs_gradient_matching`),
+run with the labels fixed.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import ClassVar
 
@@ -17,11 +18,18 @@ from adversaries.base import ATTACKS, Attack, AttackResult, Observation
 from adversaries.reconstruction._common import (
     check_classifier,
     infer_labels,
-    model_gradients,
+    last_linear,
     num_targets,
     random_init,
     target_gradient,
 )
+from adversaries.reconstruction.dlg import (
+    check_init,
+    check_iterations,
+    check_lr,
+    lbfgs_gradient_matching,
+)
+from fl_privsim.errors import ThreatModelError
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +38,29 @@ log = logging.getLogger(__name__)
 class IDLGAttack(Attack):
     """Label from the last layer's gradient, then L-BFGS gradient matching on the input.
 
-    Threat model: honest-but-curious server seeing one client's update and knowing the
-    architecture, the global parameters and the loss (mean softmax cross-entropy). The
-    label rule is exact for one sample when the activations feeding the last linear layer
-    are non-negative (sigmoid, ReLU): the true class is then the only row whose gradient is
-    negative (``p_c - 1 < 0``). For a batch of ``B > 1`` the ``B`` most negative rows are
-    returned, a heuristic (duplicate labels are not resolved).
+    Threat model: honest-but-curious server seeing an update and knowing the architecture,
+    the global parameters, the loss (mean softmax cross-entropy) and the number of samples
+    ``N = num_targets(obs)``; the labels are inferred, not known.
 
-    The input is then reconstructed by minimising ``Σ_l ‖∇_θ L(x', y) - g_l‖²`` over ``x'``
-    only, with L-BFGS (``lr``, torch's default history) from an N(0, 1) start drawn from
-    ``generator``; the iterate with the lowest matching loss is returned. For FedAvg
-    observations the target ``g`` is ``-delta / (lr * local_steps)``, exact for one local
-    step and an approximation for several.
+    **Labels.** The score of class ``k`` is the last linear layer's bias gradient
+    ``∂L/∂b_k`` when it has a bias, else the row sum ``Σ_j ∂L/∂W_{k,j}`` (the paper's rule).
+    For **one sample** with **non-negative activations into the last layer** (sigmoid,
+    ReLU) the rule is exact: ``∂L/∂W_{k,j} = (p_k - y_k) a_j`` with ``a_j >= 0``, and
+    ``p_k - y_k`` is negative only for the true class (``p_c - 1 < 0``), so
+    ``argmin_k`` is the label. If the activations can be negative (e.g. tanh, or a last
+    layer fed by a linear layer without activation), the weight-row rule can fail; the
+    bias rule stays exact for one sample. **For batches (N > 1) the rule is a heuristic,
+    not exact**: the ``N`` most negative classes are returned (repeated cyclically when
+    fewer than ``N`` score negative), so duplicate labels in a batch are not resolved and
+    a class whose negative contribution is outweighed by other samples' ``p_k`` is missed.
+
+    **Inputs.** With the labels fixed, ``Σ_l ‖∇_θ_l L(x', y) - g_l‖²`` is minimised over
+    ``x'`` only, by the same L-BFGS loop as DLG (:func:`lbfgs_gradient_matching`: step size
+    ``lr``, torch's default 20 inner iterations per step, best iterate kept, stop on NaN)
+    from an N(0, 1) (or U(0, 1)) draw of ``generator``. For FedAvg observations the target
+    ``g`` is ``-delta / (lr * local_steps)``, exact for one local step and an approximation
+    for several. Aggregates are accepted (``N = num_targets(obs)`` dummies; labels by the
+    batch heuristic).
 
     Parameters
     ----------
@@ -50,6 +69,8 @@ class IDLGAttack(Attack):
         default of 20 inner iterations); ``0`` recovers labels only (``inputs`` is None).
     lr:
         L-BFGS learning rate (1.0 in the paper).
+    init:
+        Dummy-input start: ``"normal"`` (N(0, 1), the paper) or ``"uniform"`` (U(0, 1)).
     """
 
     requires: ClassVar[tuple[str, ...]] = (
@@ -58,16 +79,20 @@ class IDLGAttack(Attack):
         "update covers every trainable parameter",
     )
 
-    def __init__(self, *, iterations: int = 300, lr: float = 1.0) -> None:
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-            raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-        self.iterations = iterations
-        self.lr = float(lr)
+    def __init__(self, *, iterations: int = 300, lr: float = 1.0, init: str = "normal") -> None:
+        self.iterations = check_iterations(iterations, 0)
+        self.lr = check_lr(lr)
+        self.init = check_init(init)
 
     def check(self, obs: Observation) -> None:
         """Refuse without a class-logit linear layer or with an incomplete update."""
+        try:
+            last_linear(obs.model)
+        except ThreatModelError:
+            raise ThreatModelError(
+                "idlg: requires a final nn.Linear layer outputting the class logits, but the "
+                "model has no nn.Linear layer"
+            ) from None
         check_classifier(obs, "idlg")
         obs.gradient()
 
@@ -83,41 +108,16 @@ class IDLGAttack(Attack):
             return AttackResult(
                 inputs=None, labels=labels, metrics={"seconds": time.perf_counter() - start}
             )
-
         model = obs.fresh_model(device).train()
-        y = labels
-        x = random_init((n, *obs.input_shape), generator=generator, device=device).requires_grad_(
-            True
+        x0 = random_init((n, *obs.input_shape), generator=generator, device=device, kind=self.init)
+        outcome = lbfgs_gradient_matching(
+            model, target, x0, labels=labels, iterations=self.iterations, lr=self.lr, name="idlg"
         )
-        opt = torch.optim.LBFGS([x], lr=self.lr)
-        best = {"loss": math.inf, "x": x.detach().clone()}
-        evals = 0
-
-        def closure() -> torch.Tensor:
-            nonlocal evals
-            opt.zero_grad()
-            grads = model_gradients(model, x, y, create_graph=True)
-            loss = sum(((g - t) ** 2).sum() for g, t in zip(grads, target, strict=True))
-            value = float(loss.detach())
-            evals += 1
-            if math.isfinite(value) and value < best["loss"]:
-                best["loss"], best["x"] = value, x.detach().clone()
-            loss.backward(inputs=[x])
-            return loss
-
-        steps = 0
-        for steps in range(1, self.iterations + 1):
-            opt.step(closure)
-            if not bool(torch.isfinite(x).all()):
-                log.warning("idlg: L-BFGS diverged after %d steps; keeping the best iterate", steps)
-                break
-            if best["loss"] == 0.0:
-                break
         metrics = {
-            "final_loss": best["loss"],
-            "iterations": float(steps),
-            "evaluations": float(evals),
+            "final_loss": outcome.loss,
+            "iterations": float(outcome.steps),
+            "evaluations": float(outcome.evaluations),
             "seconds": time.perf_counter() - start,
         }
         log.debug("idlg: %s", metrics)
-        return AttackResult(inputs=best["x"], labels=labels, metrics=metrics)
+        return AttackResult(inputs=outcome.inputs, labels=labels, metrics=metrics)
