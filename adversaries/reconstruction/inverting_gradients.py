@@ -1,51 +1,292 @@
 """Inverting Gradients: cosine gradient matching with a total-variation prior.
 
 Geiping, Bauermeister, Dröge and Moeller, "Inverting Gradients — How easy is it to break
-privacy in federated learning?" (NeurIPS 2020, arXiv:2003.14053).
+privacy in federated learning?" (NeurIPS 2020, arXiv:2003.14053), including the paper's
+FedAvg variant that unrolls the client's local SGD steps on the dummy data (Sec. 5,
+``rec_mult.py`` / ``inversefed.reconstruction_algorithms.FedAvgReconstructor`` in the
+reference code).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
 
 from adversaries.base import ATTACKS, Attack, AttackResult, Observation
 from adversaries.reconstruction._common import (
     check_classifier,
     infer_labels,
-    model_gradients,
     num_targets,
     random_init,
     target_gradient,
     total_variation,
 )
+from fl_privsim.errors import ThreatModelError
 
 log = logging.getLogger(__name__)
+
+#: Values of the ``variant`` parameter.
+VARIANTS = ("auto", "fedsgd", "fedavg")
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """How the simulated clients train: what the server knows of the local update.
+
+    ``num_clients`` clients each take ``local_steps`` plain SGD steps of size ``lr`` from
+    the global parameters, step ``i`` on its own mini-batch of ``batch_size`` dummy
+    samples (one fresh batch per step, as :func:`clients.local_update.local_update`).
+    FedSGD is the special case ``local_steps = num_clients = 1`` with the whole batch.
+    """
+
+    batch_size: int
+    local_steps: int
+    lr: float
+    num_clients: int = 1
+
+    @property
+    def samples(self) -> int:
+        """Dummy-sample slots the plan consumes (``num_clients * local_steps * batch_size``)."""
+        return self.num_clients * self.local_steps * self.batch_size
+
+
+def _autograd_grads(
+    loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], params: list[torch.Tensor], create_graph: bool
+) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss_fn(params), params, create_graph=create_graph))
+
+
+def _func_grads(
+    loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], params: list[torch.Tensor], create_graph: bool
+) -> list[torch.Tensor]:
+    return list(torch.func.grad(loss_fn)(params))
+
+
+def trajectory_gradient(
+    model: nn.Module,
+    names: Sequence[str],
+    params: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    plan: LocalPlan,
+    *,
+    create_graph: bool = False,
+    functional: bool = False,
+) -> list[torch.Tensor]:
+    """The gradient-like update ``-delta / (lr * local_steps)`` the plan produces on ``x``.
+
+    Unrolls ``plan`` on the samples ``x`` (labels ``y``): client ``k``'s step ``i`` uses
+    samples ``j = (k * local_steps + i) * batch_size + 0 .. batch_size - 1`` taken modulo
+    ``len(x)`` (so fewer samples than slots are reused cyclically), with mean softmax
+    cross-entropy and parameters updated out of place
+    (``torch.func.functional_call``). Each client's delta is ``-lr * Σ_i g_i``
+    (accumulated, so no cancellation against the weights); the clients' deltas are
+    averaged with equal weights. The result, one tensor per name in ``names``, is the
+    mean gradient along the trajectories: exactly the FedSGD gradient for one step.
+
+    Parameters
+    ----------
+    model:
+        The architecture (its own values of ``names`` are ignored; ``params`` replace them).
+    names, params:
+        Trainable parameter names and the global values to start from.
+    x, y:
+        Samples (N, C, H, W) in the normalised input space and int64 labels (N,).
+    plan:
+        The local training to simulate.
+    create_graph:
+        Keep the graph so the result can be differentiated with respect to ``x``.
+    functional:
+        Take the inner gradients with ``torch.func.grad`` (composable with
+        ``torch.func.vmap``/``vjp``) instead of ``torch.autograd.grad``.
+    """
+    names = list(names)
+    n = x.shape[0]
+    grads_of = _func_grads if functional else _autograd_grads
+    start = list(params) if functional else [
+        p if p.requires_grad else p.detach().requires_grad_(True) for p in params
+    ]
+    total: list[torch.Tensor] | None = None
+    slot = 0
+    for _ in range(plan.num_clients):
+        delta: list[torch.Tensor] | None = None  # Σ of this client's gradients so far
+        for _ in range(plan.local_steps):
+            idx = torch.arange(slot, slot + plan.batch_size, device=x.device) % n
+            slot += plan.batch_size
+            xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+            if delta is None:
+                current = start
+            else:
+                current = [p - plan.lr * d for p, d in zip(start, delta, strict=True)]
+
+            def loss_fn(ps: list[torch.Tensor], xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
+                out = functional_call(model, dict(zip(names, ps, strict=True)), (xb,))
+                return F.cross_entropy(out, yb)
+
+            g = grads_of(loss_fn, current, create_graph)
+            delta = g if delta is None else [d + gi for d, gi in zip(delta, g, strict=True)]
+        assert delta is not None
+        total = delta if total is None else [t + d for t, d in zip(total, delta, strict=True)]
+    assert total is not None
+    scale = 1.0 / (plan.num_clients * plan.local_steps)
+    return [t * scale for t in total]
+
+
+def unrolled_delta(
+    model: nn.Module,
+    names: Sequence[str],
+    params: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    plan: LocalPlan,
+) -> dict[str, torch.Tensor]:
+    """The weight delta (after minus before) of ``plan`` on ``(x, y)``, by name.
+
+    ``-lr * local_steps * trajectory_gradient(...)``: what a FedAvg client (or the equal-weight
+    average of ``num_clients`` of them) would send for these samples.
+    """
+    g = trajectory_gradient(model, names, params, x, y, plan)
+    scale = -plan.lr * plan.local_steps
+    return {name: (gi * scale).detach() for name, gi in zip(names, g, strict=True)}
+
+
+def attack_model(obs: Observation, device: torch.device) -> nn.Module:
+    """A private copy of the model in train mode whose BatchNorm layers always use batch statistics.
+
+    The client trains in train mode, where BatchNorm normalises by the batch's statistics;
+    the running statistics only change buffers, not the output. They are dropped here
+    (``torch.func.replace_all_batch_norm_modules_``) so that the simulation neither
+    mutates state nor breaks under ``vmap``; the forward pass is the client's.
+    """
+    model = obs.fresh_model(device).train()
+    torch.func.replace_all_batch_norm_modules_(model)
+    return model
+
+
+def _arrangement_key(labels: Sequence[int], plan: LocalPlan) -> tuple:
+    """Labels per mini-batch, ignoring the order inside a batch and the order of clients."""
+    b, s = plan.batch_size, plan.local_steps
+    if len(labels) != plan.samples:
+        return tuple(labels)
+    clients = [
+        tuple(tuple(sorted(labels[(k * s + i) * b : (k * s + i + 1) * b])) for i in range(s))
+        for k in range(plan.num_clients)
+    ]
+    return tuple(sorted(clients))
+
+
+def label_arrangements(
+    labels: torch.Tensor, plan: LocalPlan, count: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """Up to ``count`` distinct ways to assign ``labels`` to the plan's mini-batches.
+
+    With several local steps the order of the steps matters (the step-``i`` batch is seen
+    by the parameters after steps ``0 .. i-1``) but the sign rule gives the label multiset
+    only. Arrangements that differ only inside a mini-batch or by a permutation of clients
+    are equivalent. The first arrangement is ``labels`` as given; the others are all the
+    remaining distinct ones when at most ``count - 1`` exist (enumerated for up to 8
+    labels), else distinct random permutations drawn from ``generator``.
+    """
+    first = [int(v) for v in labels.tolist()]
+    seen = {_arrangement_key(first, plan)}
+    out = [labels]
+    if count <= 1 or plan.local_steps * plan.num_clients == 1:
+        return out
+    n = len(first)
+    if n <= 8:
+        rest = []
+        for perm in itertools.permutations(range(n)):
+            cand = [first[i] for i in perm]
+            key = _arrangement_key(cand, plan)
+            if key not in seen:
+                seen.add(key)
+                rest.append(cand)
+        if len(rest) > count - 1:
+            pick = torch.randperm(len(rest), generator=generator)[: count - 1].tolist()
+            rest = [rest[i] for i in sorted(pick)]
+        out += [torch.tensor(c, dtype=labels.dtype, device=labels.device) for c in rest]
+        return out
+    for _ in range(50 * count):
+        if len(out) >= count:
+            break
+        cand = [first[i] for i in torch.randperm(n, generator=generator).tolist()]
+        key = _arrangement_key(cand, plan)
+        if key not in seen:
+            seen.add(key)
+            out.append(torch.tensor(cand, dtype=labels.dtype, device=labels.device))
+    return out
 
 
 @ATTACKS.register("inverting_gradients")
 class InvertingGradientsAttack(Attack):
-    """Minimise ``1 - cos(∇_θ L(x, y), g) + tv_weight · TV(x)`` over the inputs ``x``.
+    """Minimise ``1 - cos(u(x), u_obs) + tv_weight · TV(x)`` over the inputs ``x``.
 
-    Threat model: honest-but-curious server seeing one client's update and knowing the
-    architecture, the global parameters and the loss (mean softmax cross-entropy); the
-    model is run in train mode, as on the client.
+    ``u`` is the update the client would produce on ``x``: its gradient (FedSGD, or the
+    ``fedsgd`` approximation of a FedAvg update) or its unrolled local training (FedAvg).
+
+    Threat model: honest-but-curious server seeing one client's update (or an aggregate)
+    and knowing the architecture, the global parameters and the loss (mean softmax
+    cross-entropy); the model is run in train mode, as on the client (BatchNorm uses batch
+    statistics). The FedAvg variant also needs the client's declared local steps, learning
+    rate and batch size, and assumes plain SGD with one fresh mini-batch per step.
 
     As in the reference code, the cosine is taken once over the concatenation of all
     layers, ``TV(x) = mean|∂_x x| + mean|∂_y x|``, and Adam is fed the *sign* of the input
     gradient; the step size drops ×0.1 at 3/8, 5/8 and 7/8 of the iterations and after
     every step ``x`` is projected into :meth:`Observation.input_bounds`. Each of
-    ``restarts`` runs starts from an N(0, 1) draw of ``generator``; the run with the lowest
-    final objective is kept. Labels follow the iDLG rule (one sample) or the ``B`` most
-    negative rows of the last layer (batches, heuristic).
+    ``restarts`` runs starts from an N(0, 1) draw of ``generator`` (drawn one restart
+    after another); the run with the lowest final objective is kept.
 
-    FedAvg observations are matched through :meth:`Observation.gradient`
-    (``-delta / (lr * local_steps)``): exact for one local step, an approximation for
-    several (the paper's unrolled FedAvg variant is not implemented here).
+    **Variants** (``variant="auto"`` picks by ``obs.protocol``):
+
+    - ``fedsgd``: ``u(x)`` is the mean-loss gradient of all ``N = num_targets(obs)``
+      dummies at once. On a FedAvg observation it is matched to ``Observation.gradient()``
+      (``-delta / (lr * local_steps)``): exact for one local step, an approximation for
+      several.
+    - ``fedavg`` (FedAvg observations only): the paper's unrolled variant. ``u(x)`` is
+      the weight delta of ``local_steps`` SGD steps with the declared ``obs.lr``, step
+      ``i`` on dummies ``i*B .. (i+1)*B - 1`` (``B = obs.batch_size``), computed
+      differentiably (functional parameters, ``create_graph``) and matched to the observed
+      delta of the trainable parameters (buffers such as BatchNorm statistics are not
+      used). ``N = num_targets(obs) = B * local_steps`` (capped by ``num_examples``; if
+      capped, slots reuse dummies cyclically). For an aggregate of ``K = num_clients``
+      clients, ``K`` clients with their own ``B * local_steps`` dummies each are simulated
+      and their deltas averaged **with equal weights** (exact when the clients trained on
+      equally many examples, as the aggregate's example weighting then is uniform).
+      Labels: the sign rule (:func:`infer_labels`) on ``-delta``, which is gradient-like,
+      for all ``N`` dummies: a **heuristic** for several samples or steps (the last
+      layer's update mixes every step's gradient at different weights). The rule gives a
+      multiset; which label belongs to which step matters (on 8×8 digits, 2 steps of one
+      image: ~70 dB with the right assignment, ~20 dB with the wrong one) and is not
+      observable, so restart ``r`` uses the ``r``-th distinct assignment of the labels to
+      the mini-batches (:func:`label_arrangements`; restart 0 keeps the rule's order) and
+      the best final objective picks one. Use ``restarts >= local_steps!`` (distinct
+      labels, batch size 1) to try them all when that is affordable. (The reference code
+      is given the true labels for multi-image runs.)
+
+    **Speed.** Each iteration does one forward, one ``create_graph`` backward and one
+    vector–Jacobian product: the cosine's gradient with respect to the simulated update,
+    ``v = -t̂/‖u‖ + cos · u/‖u‖²`` (``t̂`` the unit target, flattened and normalised once),
+    is formed outside autograd and fed as ``grad_outputs`` of ``∂u/∂x`` (the same
+    gradient as differentiating the cosine graph, without building it). The objective
+    value comes from the same pass; the final objective of each restart costs one
+    first-order pass. With ``restarts > 1`` and ``batch_restarts=True`` the restarts run
+    as one batched problem (``torch.func.vmap`` over the restarts of a ``torch.func``
+    formulation: separate problems, unlike stacking restarts into the batch dimension),
+    which pays off where per-op overhead dominates. Models with BatchNorm run their
+    restarts in turn (``torch.func.vmap`` cannot batch BatchNorm's double backward).
+    ``experiments/benchmarks/bench_inverting.py`` compares against a straightforward
+    implementation.
 
     Parameters
     ----------
@@ -64,17 +305,33 @@ class InvertingGradientsAttack(Attack):
         ReLU models (``mlp``, ``convnet``) reach >50 dB even at 1e-4. Raise it for
         larger natural images and deep nets (the paper uses up to 1e-1 on ImageNet).
     restarts:
-        Independent random starts; the best by final objective is returned.
+        Independent random starts; the best by final objective is returned. With the
+        ``fedavg`` variant they also try different assignments of labels to steps.
+    variant:
+        ``"auto"`` (by ``obs.protocol``), ``"fedsgd"`` or ``"fedavg"`` (see above).
+    batch_restarts:
+        Run the restarts as one ``vmap``-batched problem (the same algorithm; results
+        differ from running them in turn by rounding, which the sign of the gradient can
+        amplify over many iterations). Ignored for models with BatchNorm.
     """
 
     requires: ClassVar[tuple[str, ...]] = (
         "last nn.Linear outputs the class logits (for labels)",
         "loss is mean softmax cross-entropy",
         "update covers every trainable parameter",
+        "fedavg variant: known local_steps >= 1, lr > 0 and batch_size >= 1; plain SGD, "
+        "one fresh mini-batch per step; aggregates average clients with equal weights",
     )
 
     def __init__(
-        self, *, iterations: int = 300, lr: float = 0.1, tv_weight: float = 1e-6, restarts: int = 1
+        self,
+        *,
+        iterations: int = 300,
+        lr: float = 0.1,
+        tv_weight: float = 1e-6,
+        restarts: int = 1,
+        variant: str = "auto",
+        batch_restarts: bool = True,
     ) -> None:
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
@@ -86,15 +343,71 @@ class InvertingGradientsAttack(Attack):
             raise ValueError(f"tv_weight must be a finite number >= 0, got {tv_weight!r}")
         if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
             raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        if not isinstance(batch_restarts, bool):
+            raise ValueError(f"batch_restarts must be true or false, got {batch_restarts!r}")
         self.iterations = iterations
         self.lr = float(lr)
         self.tv_weight = float(tv_weight)
         self.restarts = restarts
+        self.variant = variant
+        self.batch_restarts = batch_restarts
+
+    # ------------------------------------------------------------------ threat model
+
+    def resolved_variant(self, obs: Observation) -> str:
+        """``"fedsgd"`` or ``"fedavg"``: the variant used on ``obs``."""
+        return obs.protocol if self.variant == "auto" else self.variant
 
     def check(self, obs: Observation) -> None:
-        """Refuse without a class-logit linear layer or with an incomplete update."""
+        """Refuse without a class-logit linear layer, with an incomplete update, or (FedAvg
+        variant) without usable local-training metadata."""
         check_classifier(obs, "inverting_gradients")
-        obs.gradient()
+        missing = [name for name in obs.param_names() if name not in obs.update]
+        if missing:
+            raise ThreatModelError(
+                "inverting_gradients: requires the update of every trainable parameter, but "
+                f"it lacks {missing[:3]}"
+            )
+        if obs.protocol == "fedavg" and not (
+            isinstance(obs.lr, (int, float)) and math.isfinite(obs.lr) and obs.lr > 0
+        ):
+            raise ThreatModelError(
+                "inverting_gradients: requires the client's learning rate (lr > 0) of a FedAvg "
+                f"update, to unroll its local steps or rescale its delta, but lr is {obs.lr!r}"
+            )
+        if self.resolved_variant(obs) != "fedavg":
+            return
+        if obs.protocol != "fedavg":
+            raise ThreatModelError(
+                "inverting_gradients: requires a FedAvg observation (a weight delta) for "
+                f"variant 'fedavg', but the protocol is {obs.protocol!r}"
+            )
+        if obs.local_steps < 1:
+            raise ThreatModelError(
+                "inverting_gradients: requires the number of local steps (>= 1) to unroll a "
+                f"FedAvg update (variant 'fedavg'), but local_steps is {obs.local_steps!r}"
+            )
+        if obs.batch_size < 1:
+            raise ThreatModelError(
+                "inverting_gradients: requires the client's batch size (>= 1) to unroll a "
+                f"FedAvg update (variant 'fedavg'), but batch_size is {obs.batch_size!r}"
+            )
+
+    def plan(self, obs: Observation) -> LocalPlan:
+        """The local training simulated on the dummies for ``obs`` (after :meth:`check`)."""
+        n = num_targets(obs)
+        if self.resolved_variant(obs) == "fedavg":
+            return LocalPlan(
+                batch_size=obs.batch_size,
+                local_steps=obs.local_steps,
+                lr=float(obs.lr),
+                num_clients=max(obs.num_clients, 1),
+            )
+        return LocalPlan(batch_size=n, local_steps=1, lr=1.0, num_clients=1)
+
+    # ------------------------------------------------------------------ attack
 
     def run(
         self, obs: Observation, *, device: torch.device, generator: torch.Generator
@@ -103,61 +416,170 @@ class InvertingGradientsAttack(Attack):
         start = time.perf_counter()
         target = target_gradient(obs, device)
         n = num_targets(obs)
+        plan = self.plan(obs)
         labels = infer_labels(obs, target, n).to(device)
-        model = obs.fresh_model(device).train()
-        y = labels
+        problem = _Problem(obs, attack_model(obs, device), target, plan, self.tv_weight)
         lower, upper = obs.input_bounds(device)
-
-        best_x, best_obj, objectives = None, math.inf, []
-        for _ in range(self.restarts):
-            x0 = random_init((n, *obs.input_shape), generator=generator, device=device)
-            x, obj = self._optimise(model, x0, y, target, lower, upper)
-            objectives.append(obj)
-            if best_x is None or obj < best_obj:
-                best_x, best_obj = x, obj
+        x0 = [
+            random_init((n, *obs.input_shape), generator=generator, device=device)
+            for _ in range(self.restarts)
+        ]
+        arrangements = label_arrangements(labels, plan, self.restarts, generator)
+        ys = [arrangements[r % len(arrangements)] for r in range(self.restarts)]
+        if self.restarts > 1 and self.batch_restarts and not problem.has_batch_norm:
+            batched = self._optimise_batched(problem, torch.stack(x0), torch.stack(ys), lower, upper)
+            xs = list(batched.unbind(0))
+        else:
+            xs = [self._optimise(problem, x, y, lower, upper) for x, y in zip(x0, ys, strict=True)]
+        objectives = [problem.objective(x, y) for x, y in zip(xs, ys, strict=True)]
+        best = min(range(len(xs)), key=lambda i: objectives[i])
         metrics = {
-            "final_loss": best_obj,
+            "final_loss": objectives[best],
             "worst_restart_loss": max(objectives),
+            "mean_restart_loss": sum(objectives) / len(objectives),
             "iterations": float(self.iterations),
             "restarts": float(self.restarts),
+            "unrolled_steps": float(plan.local_steps),
+            "label_arrangements": float(len(arrangements)),
             "seconds": time.perf_counter() - start,
         }
-        log.debug("inverting_gradients: %s", metrics)
-        return AttackResult(inputs=best_x, labels=labels, metrics=metrics)
+        log.debug("inverting_gradients (%s): %s", self.resolved_variant(obs), metrics)
+        return AttackResult(inputs=xs[best].detach().clone(), labels=ys[best].clone(), metrics=metrics)
 
-    def _objective(
-        self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, target: list[torch.Tensor]
-    ) -> torch.Tensor:
-        grads = model_gradients(model, x, y, create_graph=True)
-        dot = sum((g * t).sum() for g, t in zip(grads, target, strict=True))
-        norm_g = torch.sqrt(sum((g * g).sum() for g in grads))
-        norm_t = torch.sqrt(sum((t * t).sum() for t in target))
-        cos = dot / (norm_g * norm_t).clamp_min(torch.finfo(x.dtype).tiny)
-        return 1.0 - cos + self.tv_weight * total_variation(x)
+    def _schedule(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.MultiStepLR:
+        milestones = sorted({int(self.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)})
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
 
     def _optimise(
         self,
-        model: torch.nn.Module,
+        problem: _Problem,
         x0: torch.Tensor,
         y: torch.Tensor,
-        target: list[torch.Tensor],
         lower: torch.Tensor,
         upper: torch.Tensor,
-    ) -> tuple[torch.Tensor, float]:
+    ) -> torch.Tensor:
         x = x0.clone().requires_grad_(True)
         opt = torch.optim.Adam([x], lr=self.lr)
-        milestones = sorted({int(self.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)})
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+        sched = self._schedule(opt)
         for _ in range(self.iterations):
-            opt.zero_grad(set_to_none=True)
-            obj = self._objective(model, x, y, target)
-            (grad,) = torch.autograd.grad(obj, x)
-            x.grad = grad.sign()
+            grad, _ = problem.step(x, y)
+            x.grad = grad.sign_()
             opt.step()
             sched.step()
             with torch.no_grad():
                 x.copy_(torch.maximum(torch.minimum(x, upper), lower))
-        final = float(self._objective(model, x, y, target).detach())
-        if not math.isfinite(final):
-            final = math.inf
-        return x.detach(), final
+        return x.detach()
+
+    def _optimise_batched(
+        self,
+        problem: _Problem,
+        x0: torch.Tensor,
+        y: torch.Tensor,
+        lower: torch.Tensor,
+        upper: torch.Tensor,
+    ) -> torch.Tensor:
+        x = x0.clone().requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=self.lr, foreach=True)
+        sched = self._schedule(opt)
+        step = torch.func.vmap(problem.functional_step)
+        for _ in range(self.iterations):
+            grad, _ = step(x.detach(), y)
+            x.grad = grad.sign_()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                x.copy_(torch.maximum(torch.minimum(x, upper), lower))
+        return x.detach()
+
+
+class _Problem:
+    """One observation's matching problem: objective value and input gradient."""
+
+    def __init__(
+        self,
+        obs: Observation,
+        model: nn.Module,
+        target: list[torch.Tensor],
+        plan: LocalPlan,
+        tv_weight: float,
+    ) -> None:
+        self.model = model
+        named = dict(model.named_parameters())
+        self.names = obs.param_names()
+        self.params = [named[name].detach() for name in self.names]
+        norm = torch.sqrt(sum((t.double() ** 2).sum() for t in target))
+        self.unit_target = [t / norm.to(t.dtype).clamp_min(torch.finfo(t.dtype).tiny) for t in target]
+        self.plan = plan
+        self.tv_weight = tv_weight
+        self.tiny = torch.finfo(torch.float32).tiny
+        # torch.func cannot vmap BatchNorm's double backward ("accessing `data` under vmap")
+        self.has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        self._v: list[torch.Tensor] | None = None  # reused buffers for the cosine's gradient
+
+    def _update(
+        self, x: torch.Tensor, y: torch.Tensor, *, create_graph: bool, functional: bool = False
+    ) -> list[torch.Tensor]:
+        return trajectory_gradient(
+            self.model, self.names, self.params, x, y, self.plan,
+            create_graph=create_graph, functional=functional,
+        )
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient of the objective with respect to the leaf ``x`` (labels ``y``), and its value."""
+        u = self._update(x, y, create_graph=True)
+        with torch.no_grad():
+            flat = [g.detach().reshape(-1) for g in u]
+            dot = sum(torch.dot(g, t.reshape(-1)) for g, t in zip(flat, self.unit_target, strict=True))
+            norm = torch.sqrt(sum(torch.dot(g, g) for g in flat)).clamp_min(self.tiny)
+            cos = dot / norm
+            if self._v is None:
+                self._v = [torch.empty_like(g) for g in u]
+            a, b = -1.0 / norm, cos / (norm * norm)
+            for v, g, t in zip(self._v, u, self.unit_target, strict=True):
+                torch.mul(g.detach(), b, out=v).addcmul_(t, a)
+        pairs = [(g, v) for g, v in zip(u, self._v, strict=True) if g.requires_grad]
+        if pairs:
+            (grad,) = torch.autograd.grad(
+                [g for g, _ in pairs], x, grad_outputs=[v for _, v in pairs], allow_unused=True
+            )
+            grad = torch.zeros_like(x) if grad is None else grad
+        else:
+            grad = torch.zeros_like(x)
+        value = 1.0 - cos
+        if self.tv_weight > 0:
+            xt = x.detach().requires_grad_(True)
+            tv = total_variation(xt)
+            (gtv,) = torch.autograd.grad(tv, xt)
+            grad = grad.add_(gtv, alpha=self.tv_weight)
+            value = value + self.tv_weight * tv.detach()
+        return grad, value
+
+    def functional_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`step` in ``torch.func`` form (``x`` a plain tensor), for ``vmap``."""
+        u, vjp_fn = torch.func.vjp(
+            lambda z: self._update(z, y, create_graph=True, functional=True), x
+        )
+        flat = [g.reshape(-1) for g in u]
+        dot = sum(g @ t.reshape(-1) for g, t in zip(flat, self.unit_target, strict=True))
+        norm = torch.sqrt(sum(g @ g for g in flat)).clamp_min(self.tiny)
+        cos = dot / norm
+        a, b = -1.0 / norm, cos / (norm * norm)
+        v = [torch.addcmul(g * b, t, a) for g, t in zip(u, self.unit_target, strict=True)]
+        (grad,) = vjp_fn(v)
+        value = 1.0 - cos
+        if self.tv_weight > 0:
+            gtv, tv = torch.func.grad_and_value(total_variation)(x)
+            grad = grad + self.tv_weight * gtv
+            value = value + self.tv_weight * tv
+        return grad, value
+
+    def objective(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """``1 - cos + tv_weight · TV`` at ``x`` (one first-order pass); ``inf`` if not finite."""
+        with torch.enable_grad():
+            u = self._update(x.detach(), y, create_graph=False)
+        with torch.no_grad():
+            flat = torch.cat([g.reshape(-1) for g in u])
+            t = torch.cat([t.reshape(-1) for t in self.unit_target])
+            cos = torch.dot(flat, t) / flat.norm().clamp_min(self.tiny)
+            value = float(1.0 - cos + self.tv_weight * total_variation(x.detach()))
+        return value if math.isfinite(value) else math.inf
