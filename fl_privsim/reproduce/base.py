@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import tomli_w
 import torch
 
 from fl_privsim.devices import resolve_device
-from fl_privsim.errors import ConfigError, DataError
+from fl_privsim.errors import ConfigError, DataError, UserError
 from fl_privsim.results import RunFolder, atomic_write_text, make_run_dir
 from fl_privsim.seeding import torch_generator
 
@@ -222,6 +223,11 @@ def run_reproduction(
     torch.set_num_threads(settings["threads"])
     try:
         result = repro.run(settings, ReproContext(folder=folder, device=device, seed=settings["seed"]))
+    except UserError:
+        # e.g. missing shared data: leave no half-made folder behind (it holds only our files)
+        if {f.name for f in path.iterdir()} <= {"settings.toml", "env.json"}:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     finally:
         torch.set_num_threads(threads)
     folder.write_summary({"reproduction": name, "quick": quick, **result.summary})

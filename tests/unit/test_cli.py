@@ -33,6 +33,11 @@ def test_help_lists_commands_and_keys():
         (["run", "--set", 'attacks.0.name="nope"'], ["nope", "inverting_gradients"]),
         (["run", "--set", "attacks.2.params.iterations=-5"], ["attacks[2]", "iterations"]),
         (["config", "--set", "client.batch_size=0"], ["client.batch_size"]),
+        (["reproduce", "nope"], ["nope", "idlg_labels", "rgap_cnn6"]),
+        (["reproduce", "demixing", "--set", "bogus=1"], ["bogus", "allowed"]),
+        (["reproduce", "demixing", "--set", "seed=[1]"], ["demixing.seed", "integer"]),
+        (["reproduce", "rgap_cnn6", "--config", "missing.toml"], ["missing.toml", "does not exist"]),
+        (["reproduce"], ["name a reproduction"]),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, words):
@@ -64,3 +69,21 @@ def test_attacks_lists_builtins():
     assert res.returncode == 0
     for name in ("analytic", "idlg", "inverting_gradients"):
         assert name in res.stdout
+
+
+def test_reproduce_lists_the_papers_experiments():
+    res = _cli("reproduce", "--list")
+    assert res.returncode == 0
+    for name in ("idlg_labels", "rgap_cnn6", "demixing", "inverting_batch_steps"):
+        assert name in res.stdout
+
+
+def test_reproduce_without_shared_data_leaves_no_folder(tmp_path):
+    import os
+
+    env = {**os.environ, "FL_PRIVSIM_SHARED_DATA": str(tmp_path / "nowhere")}
+    res = subprocess.run([sys.executable, "-m", "fl_privsim.cli", "reproduce", "rgap_cnn6", "--quick",
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path,
+                         env=env, timeout=120)
+    assert res.returncode == 2 and "nowhere" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()

@@ -78,3 +78,18 @@ def test_describe_lists_every_key():
     for key in ("seed", "data.partition", "federation.ray_address", "client.local_steps",
                 "attacks[i].targets.aggregate", "output.dir"):
         assert key in text
+
+
+def test_every_example_config_loads_and_names_registered_attacks():
+    from pathlib import Path
+
+    import adversaries  # noqa: F401
+    from adversaries.base import ATTACKS
+
+    root = Path(__file__).resolve().parents[2] / "experiments"
+    files = sorted(root.glob("*.toml"))
+    assert len(files) >= 5
+    for path in files:
+        cfg = c.load(path, [])
+        for atk in cfg.attacks:
+            ATTACKS.create(atk.name, **atk.params)
