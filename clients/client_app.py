@@ -6,7 +6,11 @@ partition from ``context.node_config["partition-id"]``, and calls the pure-torch
 in the message's ConfigRecord (key ``fl-privsim-config``); when it is absent (a foreign
 strategy sent the message) the handler falls back to ``run_config["config-path"]``.
 
-Reply of a train message: ``arrays`` (the update), ``metrics`` (``num-examples``, ``loss``)
+The configured ``[[defenses]]`` are built for each train message and applied inside
+``local_update`` with a generator seeded from (run seed, round, partition id, "defense").
+
+Reply of a train message: ``arrays`` (the update), ``metrics`` (``num-examples``, ``loss``,
+and each defense's metrics, e.g. ``defense0.pruning.kept_fraction``)
 and ``meta`` (``client-id``, ``protocol``, ``batch-size``, ``local-steps``, ``lr``): the
 metadata a real client declares to its server.
 """
@@ -20,12 +24,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.defenses import build_defenses
 from clients.local_update import local_update
 from fl_privsim import config as config_mod
 from fl_privsim.config import Config
 from fl_privsim.devices import resolve_device
 from fl_privsim.federated_data import client_batch_indices, federated_data
 from fl_privsim.models import build_model
+from fl_privsim.seeding import torch_generator
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +78,12 @@ def handle_train(msg: Message, context: Context) -> Message:
     model = _global_model(msg, cfg, device)
     server_round = int(msg.content[CONFIG_RECORD].get("server-round", 0))
     batches = [fed.tensors("train", idx, device) for idx in client_batch_indices(cfg, fed, server_round, pid)]
-    result = local_update(model, batches, protocol=cfg.federation.protocol, lr=cfg.client.lr)
+    defenses = build_defenses(cfg.defenses)
+    generator = torch_generator(cfg.seed, server_round, pid, "defense")
+    result = local_update(model, batches, protocol=cfg.federation.protocol, lr=cfg.client.lr,
+                          defenses=defenses, generator=generator, server_round=server_round)
     update = ArrayRecord({k: v.detach().cpu() for k, v in result.update.items()})
-    metrics = MetricRecord({"num-examples": result.num_examples, "loss": result.loss})
+    metrics = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, **result.metrics})
     meta = ConfigRecord(
         {
             "client-id": pid,

@@ -13,16 +13,23 @@ from Decentralized Data"):
   the update is weights after minus weights before.
 
 In both, floating-point buffers (BatchNorm running statistics) are sent as their change.
+
+Client defenses (:mod:`clients.defenses`) run inside: a per-sample defense (DP-SGD) replaces
+each batch gradient, step transforms change each local gradient before its step, update
+transforms change the final update of the trainable parameters before it is sent. With no
+defense the computation is exactly the undefended one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from clients.defenses.base import Defense, PerSampleDefense, TrainingInfo
 
 
 @dataclass
@@ -38,15 +45,28 @@ class LocalUpdate:
         Examples the update was computed on (FedAvg: summed over local steps).
     loss:
         Mean training loss over the local batches, before each step.
+    metrics:
+        Metrics of the defenses, keyed ``defense<i>.<name>.<metric>`` (e.g.
+        ``defense0.pruning.kept_fraction``); empty without defenses.
     """
 
     update: dict[str, torch.Tensor]
     num_examples: int
     loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def _float_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: b.detach().clone() for n, b in model.named_buffers() if b.is_floating_point()}
+
+
+def _checked(d: Defense, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``after`` when it has the names and shapes of ``before``; a clear error otherwise."""
+    bad = [n for n in before if n not in after or after[n].shape != before[n].shape]
+    if bad or len(after) != len(before):
+        raise ValueError(f"defense {d.name or type(d).__name__} changed the names or shapes of the update "
+                         f"(first: {(bad or sorted(set(after) - set(before)))[0]!r})")
+    return after
 
 
 def local_update(
@@ -55,6 +75,9 @@ def local_update(
     *,
     protocol: str,
     lr: float,
+    defenses: Sequence[Defense] = (),
+    generator: torch.Generator | None = None,
+    server_round: int = 0,
 ) -> LocalUpdate:
     """Compute one client's update on ``model`` (modified in place for FedAvg).
 
@@ -69,6 +92,14 @@ def local_update(
         ``"fedsgd"`` or ``"fedavg"``.
     lr:
         Local SGD learning rate (FedAvg).
+    defenses:
+        The client's defense stack, in order (see :func:`clients.defenses.build_defenses`);
+        sampler defenses are ignored here (they chose ``batches`` already).
+    generator:
+        The CPU generator every defense draws its randomness from, in stack order; needed
+        when ``defenses`` is not empty (seed it for reproducible runs).
+    server_round:
+        The round, passed to the defenses (0 = unknown).
     """
     if protocol not in ("fedsgd", "fedavg"):
         raise ValueError(f"protocol must be 'fedsgd' or 'fedavg', got {protocol!r}")
@@ -76,30 +107,57 @@ def local_update(
         raise ValueError("local_update needs at least one batch")
     if protocol == "fedsgd" and len(batches) != 1:
         raise ValueError(f"fedsgd sends one batch's gradient, got {len(batches)} batches")
+    defenses = tuple(defenses)
+    if defenses and generator is None:
+        raise ValueError("defenses need a generator (seed it from run seed, round and client)")
     model.train()
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = [n for n, _ in params]
     buffers_before = _float_buffers(model)
     losses: list[float] = []
+    info = TrainingInfo(protocol, float(lr), len(batches), int(batches[0][1].shape[0]), int(server_round))
+    for d in defenses:
+        d.begin(model, info)
+    per_sample = [d for d in defenses if isinstance(d, PerSampleDefense)]
+    step_defs = [d for d in defenses if d.stage == "step"]
+    update_defs = [d for d in defenses if d.stage == "update"]
+
+    def gradient(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if per_sample:
+            loss, ps = per_sample[0].per_sample_gradients(model, names, x, y)
+            g = _checked(per_sample[0], dict(params), per_sample[0].reduce_per_sample(ps, generator=generator))
+        else:
+            loss = F.cross_entropy(model(x), y)
+            grads = torch.autograd.grad(loss, [p for _, p in params])
+            if not step_defs:
+                return loss, list(grads)
+            g = dict(zip(names, grads, strict=True))
+        for d in step_defs:
+            g = _checked(d, g, d.transform_step(g, generator=generator))
+        return loss, [g[n] for n in names]
 
     if protocol == "fedsgd":
         x, y = batches[0]
-        loss = F.cross_entropy(model(x), y)
-        grads = torch.autograd.grad(loss, [p for _, p in params])
+        loss, grads = gradient(x, y)
         update = {n: g.detach().clone() for (n, _), g in zip(params, grads, strict=True)}
         losses.append(float(loss.detach()))
     else:
         before = {n: p.detach().clone() for n, p in params}
         for x, y in batches:
-            loss = F.cross_entropy(model(x), y)
-            grads = torch.autograd.grad(loss, [p for _, p in params])
+            loss, grads = gradient(x, y)
             with torch.no_grad():
                 for (_, p), g in zip(params, grads, strict=True):
                     p.sub_(lr * g)
             losses.append(float(loss.detach()))
         update = {n: (p.detach() - before[n]).clone() for n, p in params}
 
+    for d in update_defs:
+        out = _checked(d, update, d.transform_update(update, generator=generator))
+        update = {n: t.detach() for n, t in out.items()}
     for n, b in model.named_buffers():
         if n in buffers_before:
             update[n] = (b.detach() - buffers_before[n]).clone()
     num_examples = int(sum(int(y.shape[0]) for _, y in batches))
-    return LocalUpdate(update=update, num_examples=num_examples, loss=sum(losses) / len(losses))
+    metrics = {f"defense{i}.{d.name or type(d).__name__}.{k}": v
+               for i, d in enumerate(defenses) for k, v in d.metrics().items()}
+    return LocalUpdate(update=update, num_examples=num_examples, loss=sum(losses) / len(losses), metrics=metrics)

@@ -101,6 +101,15 @@ class AttackConfig:
     targets: TargetsConfig = field(default_factory=TargetsConfig, metadata={"help": "targets"})
 
 
+@dataclass(frozen=True)
+class DefenseConfig:
+    """``[[defenses]]``: one client defense and its parameters (applied in list order)."""
+
+    name: str = _f("", "registered defense name (pruning, signsgd, quantization, noise, identical_labels, "
+                   "or a plugin's)")
+    params: dict[str, Any] = _f({}, "keyword parameters of the defense")
+
+
 def _default_attacks() -> list[AttackConfig]:
     return [AttackConfig(name=n) for n in ("analytic", "idlg", "inverting_gradients")]
 
@@ -133,6 +142,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig, metadata={"help": "[federation]"})
     client: ClientConfig = field(default_factory=ClientConfig, metadata={"help": "[client]"})
     attacks: list[AttackConfig] = field(default_factory=_default_attacks, metadata={"help": "[[attacks]]"})
+    defenses: list[DefenseConfig] = field(default_factory=list, metadata={"help": "[[defenses]]"})
     scoring: ScoringConfig = field(default_factory=ScoringConfig, metadata={"help": "[scoring]"})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "[output]"})
 
@@ -219,10 +229,21 @@ def _cross_check(cfg: Config) -> None:
                 )
 
 
+def _check_defenses(cfg: Config) -> None:
+    if not cfg.defenses:
+        return
+    # The defenses validate their own parameters and the stack order; building them here
+    # makes a bad [[defenses]] entry fail at load time (clients.defenses is pure torch).
+    from clients.defenses import build_defenses
+
+    build_defenses(cfg.defenses)
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a TOML-shaped dict."""
     cfg = _build(Config, data, "")
     _cross_check(cfg)
+    _check_defenses(cfg)
     return cfg
 
 

@@ -69,8 +69,18 @@ def client_batch_indices(cfg: Config, fed: FederatedData, server_round: int, cli
 
     One generator, seeded from ``(seed, round, client, "batch")``, draws every batch of
     the round in order; each batch is drawn without replacement from the client's partition.
+    A sampler defense in ``cfg.defenses`` (e.g. ``identical_labels``) draws them instead,
+    from the same generator, so the scorer still reproduces the client's batches.
     """
     gen = torch_generator(cfg.seed, server_round, client, "batch")
     part = fed.train_parts[client]
     bs = min(cfg.client.batch_size, len(part))
+    if cfg.defenses:
+        from clients.defenses import batch_sampler, build_defenses, draw_batches  # pure torch
+
+        sampler = batch_sampler(build_defenses(cfg.defenses))
+        if sampler is not None:
+            labels = fed.data.train_y.numpy()[part]
+            return draw_batches(sampler, part, labels, batch_size=bs, num_batches=num_local_batches(cfg),
+                                generator=gen)
     return [sample_batch(part, bs, gen) for _ in range(num_local_batches(cfg))]

@@ -18,6 +18,7 @@ PURPOSES: dict[str, int] = {
     "attack": 4,
     "split": 5,
     "sampling": 6,
+    "defense": 7,
 }
 
 

@@ -1,0 +1,26 @@
+"""Client defenses as plugins (pure torch; no Flower or Ray).
+
+Importing this package registers the built-in defenses in :data:`DEFENSES`; third-party
+defenses come from the entry-point group ``fl_privsim.defenses``. See
+:mod:`clients.defenses.base` for the hook points and :mod:`clients.defenses.stack` for the
+stacking rules.
+"""
+
+from clients.defenses import mixing, transforms  # imported to register the built-ins
+from clients.defenses.base import (
+    DEFENSES,
+    STAGES,
+    BatchSamplerDefense,
+    Defense,
+    PerSampleDefense,
+    TensorTransform,
+    TrainingInfo,
+    register_defense,
+)
+from clients.defenses.stack import batch_sampler, build_defenses, draw_batches, validate_stack
+
+__all__ = [
+    "DEFENSES", "STAGES", "BatchSamplerDefense", "Defense", "PerSampleDefense", "TensorTransform",
+    "TrainingInfo", "batch_sampler", "build_defenses", "draw_batches", "mixing", "register_defense",
+    "transforms", "validate_stack",
+]

@@ -1,0 +1,117 @@
+"""Building a client's stack of defenses from config, and the rules a stack must follow.
+
+Stacking rules (each violation is one :class:`~fl_privsim.errors.ConfigError` naming the two
+entries and the rule):
+
+1. Declared order = execution order: ``sampler`` → ``per_sample`` → ``step`` → ``update``
+   (e.g. ``identical_labels`` first; a DP defense before a transform of the update).
+2. At most one sampler and one per-sample defense (each replaces the default draw or the
+   default batch gradient; two cannot both do it).
+3. Within one stage (``step`` or ``update``):
+
+   - at most one ``signsgd`` and one ``quantization``;
+   - after ``signsgd`` only ``quantization`` may follow: the sign already discards the
+     magnitudes, so pruning or noise after it is meaningless (prune or add noise first);
+   - ``quantization`` comes last: it models the wire format, so anything after it (e.g.
+     pruning or noise) undoes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from clients.defenses.base import DEFENSES, STAGES, BatchSamplerDefense, Defense
+from fl_privsim.errors import ConfigError, UserError
+
+
+def _label(i: int, d: Defense) -> str:
+    return f"defenses[{i}] ({d.name or type(d).__name__})"
+
+
+def validate_stack(defenses: Sequence[Defense]) -> None:
+    """Raise :class:`ConfigError` when ``defenses`` (in declared order) break a stacking rule."""
+    for i, d in enumerate(defenses):
+        if d.stage not in STAGES:
+            raise ConfigError(f"{_label(i, d)}: stage {d.stage!r} is not one of {', '.join(STAGES)}")
+    for j, d in enumerate(defenses):
+        for i in range(j):
+            e = defenses[i]
+            where = f"{_label(j, d)} after {_label(i, e)}"
+            if STAGES.index(d.stage) < STAGES.index(e.stage):
+                raise ConfigError(
+                    f"{where}: a {d.stage!r} defense runs before a {e.stage!r} one; declare defenses "
+                    f"in execution order ({' → '.join(STAGES)})"
+                )
+            if d.stage != e.stage:
+                continue
+            if d.exclusive and type(d) is type(e):
+                raise ConfigError(f"{where}: at most one {d.name or type(d).__name__} per {d.stage!r} stage")
+            if e.stage in ("sampler", "per_sample"):
+                raise ConfigError(f"{where}: at most one {e.stage!r} defense (both would replace the same step)")
+            if e.role == "sign" and d.role != "quantize":
+                raise ConfigError(
+                    f"{where}: after signsgd only quantization may follow (the sign already discards "
+                    f"the magnitudes; put {d.name or type(d).__name__} before signsgd)"
+                )
+            if e.role == "quantize":
+                raise ConfigError(
+                    f"{where}: quantization must be the last defense of its stage (it is the wire "
+                    f"format; put {d.name or type(d).__name__} before it)"
+                )
+
+
+def _fields(spec: Any) -> tuple[str, dict[str, Any]]:
+    if isinstance(spec, dict):
+        return str(spec.get("name", "")), dict(spec.get("params", {}))
+    return str(spec.name), dict(spec.params)
+
+
+def build_defenses(specs: Iterable[Any]) -> list[Defense]:
+    """Create the defenses of ``specs`` (``DefenseConfig`` or ``{"name", "params"}``) in
+    order and check the stack; any bad name, parameter or order is one :class:`ConfigError`
+    prefixed with ``defenses[i]``."""
+    out: list[Defense] = []
+    for i, spec in enumerate(specs):
+        name, params = _fields(spec)
+        if not name:
+            raise ConfigError(f"defenses[{i}].name: every [[defenses]] entry needs a name; known: "
+                              f"{', '.join(DEFENSES.names())}")
+        try:
+            defense = DEFENSES.create(name, **params)
+        except UserError as exc:
+            raise ConfigError(f"defenses[{i}]: {exc}") from None
+        if not isinstance(defense, Defense):
+            raise ConfigError(f"defenses[{i}]: {name!r} is not a clients.defenses.Defense")
+        if not defense.name:
+            defense.name = name  # type: ignore[misc]  # an entry-point class without one
+        out.append(defense)
+    validate_stack(out)
+    return out
+
+
+def batch_sampler(defenses: Sequence[Defense]) -> BatchSamplerDefense | None:
+    """The stack's sampler defense, or ``None`` (draw batches the default way)."""
+    for d in defenses:
+        if isinstance(d, BatchSamplerDefense):
+            return d
+    return None
+
+
+def draw_batches(
+    sampler: BatchSamplerDefense, partition: np.ndarray, labels: np.ndarray, *, batch_size: int,
+    num_batches: int, generator: torch.Generator,
+) -> list[np.ndarray]:
+    """Call ``sampler`` and check what it returns (sizes, membership in the partition)."""
+    batches = sampler.sample_batches(partition, labels, batch_size=batch_size, num_batches=num_batches,
+                                     generator=generator)
+    allowed = set(np.asarray(partition).tolist())
+    if len(batches) != num_batches:
+        raise ValueError(f"{sampler.name}: returned {len(batches)} batches, expected {num_batches}")
+    for b in batches:
+        if len(b) == 0 or not set(np.asarray(b).tolist()) <= allowed:
+            raise ValueError(f"{sampler.name}: a batch is empty or has indices outside the partition")
+    return [np.asarray(b, dtype=np.int64) for b in batches]
