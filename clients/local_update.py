@@ -78,6 +78,8 @@ def local_update(
     defenses: Sequence[Defense] = (),
     generator: torch.Generator | None = None,
     server_round: int = 0,
+    dataset_size: int = 0,
+    expected_batch_size: int = 0,
 ) -> LocalUpdate:
     """Compute one client's update on ``model`` (modified in place for FedAvg).
 
@@ -100,6 +102,9 @@ def local_update(
         when ``defenses`` is not empty (seed it for reproducible runs).
     server_round:
         The round, passed to the defenses (0 = unknown).
+    dataset_size, expected_batch_size:
+        The client's partition size and configured batch size, passed to the defenses (DP
+        accounting uses q = expected_batch_size / dataset_size); 0 = unknown.
     """
     if protocol not in ("fedsgd", "fedavg"):
         raise ValueError(f"protocol must be 'fedsgd' or 'fedavg', got {protocol!r}")
@@ -115,7 +120,8 @@ def local_update(
     names = [n for n, _ in params]
     buffers_before = _float_buffers(model)
     losses: list[float] = []
-    info = TrainingInfo(protocol, float(lr), len(batches), int(batches[0][1].shape[0]), int(server_round))
+    info = TrainingInfo(protocol, float(lr), len(batches), int(batches[0][1].shape[0]), int(server_round),
+                        int(dataset_size), int(expected_batch_size))
     for d in defenses:
         d.begin(model, info)
     per_sample = [d for d in defenses if isinstance(d, PerSampleDefense)]

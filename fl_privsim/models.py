@@ -127,6 +127,15 @@ def resnet18(input_shape: InputShape, num_classes: int) -> nn.Module:
     return model
 
 
+def resnet18_gn(input_shape: InputShape, num_classes: int) -> nn.Module:
+    """:func:`resnet18` with every BatchNorm replaced by GroupNorm through Opacus'
+    ``ModuleValidator.fix``: per-sample gradients exist, so DP-SGD (``dp_sgd``) can train it.
+    Server and clients build the same architecture, so the global model stays consistent."""
+    from opacus.validators import ModuleValidator
+
+    return ModuleValidator.fix(resnet18(input_shape, num_classes))
+
+
 def linear(input_shape: InputShape, num_classes: int) -> nn.Module:
     """Softmax regression: one dense layer with bias on the flattened input."""
     d = input_shape[0] * input_shape[1] * input_shape[2]
@@ -140,6 +149,7 @@ MODELS: dict[str, Callable[[InputShape, int], nn.Module]] = {
     "convnet": ConvNet,
     "cnn6": CNN6,
     "resnet18": resnet18,
+    "resnet18_gn": resnet18_gn,
 }
 
 

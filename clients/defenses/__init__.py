@@ -6,7 +6,8 @@ defenses come from the entry-point group ``fl_privsim.defenses``. See
 stacking rules.
 """
 
-from clients.defenses import mixing, transforms  # imported to register the built-ins
+# imported to register the built-ins
+from clients.defenses import dp_sgd, dynamic_dp, mixing, transforms
 from clients.defenses.base import (
     DEFENSES,
     STAGES,
@@ -21,6 +22,6 @@ from clients.defenses.stack import batch_sampler, build_defenses, draw_batches, 
 
 __all__ = [
     "DEFENSES", "STAGES", "BatchSamplerDefense", "Defense", "PerSampleDefense", "TensorTransform",
-    "TrainingInfo", "batch_sampler", "build_defenses", "draw_batches", "mixing", "register_defense",
-    "transforms", "validate_stack",
+    "TrainingInfo", "batch_sampler", "build_defenses", "dp_sgd", "draw_batches", "dynamic_dp", "mixing",
+    "register_defense", "transforms", "validate_stack",
 ]

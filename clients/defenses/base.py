@@ -60,6 +60,12 @@ class TrainingInfo:
         Examples in the first batch.
     server_round:
         The server round (1-based; 0 when unknown, e.g. outside a federation).
+    dataset_size:
+        Examples in the client's training partition (0 when unknown); with the batch size it
+        gives the sampling rate q = B / n of DP accounting.
+    expected_batch_size:
+        The configured batch size (0 = ``batch_size``); differs from the drawn batch size
+        under Poisson sampling, where batches vary in size.
     """
 
     protocol: str
@@ -67,6 +73,8 @@ class TrainingInfo:
     num_steps: int
     batch_size: int
     server_round: int = 0
+    dataset_size: int = 0
+    expected_batch_size: int = 0
 
 
 class Defense:

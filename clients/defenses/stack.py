@@ -6,7 +6,8 @@ entries and the rule):
 1. Declared order = execution order: ``sampler`` → ``per_sample`` → ``step`` → ``update``
    (e.g. ``identical_labels`` first; a DP defense before a transform of the update).
 2. At most one sampler and one per-sample defense (each replaces the default draw or the
-   default batch gradient; two cannot both do it).
+   default batch gradient; two cannot both do it). ``dp_sgd`` with ``poisson = true`` draws
+   its own (Poisson) batches, so it counts as the sampler too.
 3. Within one stage (``step`` or ``update``):
 
    - at most one ``signsgd`` and one ``quantization``;
@@ -46,6 +47,9 @@ def validate_stack(defenses: Sequence[Defense]) -> None:
                     f"{where}: a {d.stage!r} defense runs before a {e.stage!r} one; declare defenses "
                     f"in execution order ({' → '.join(STAGES)})"
                 )
+            if e.stage == "sampler" and _provided_sampler(d) is not None:
+                raise ConfigError(f"{where}: {d.name} samples its own batches (poisson = true); it cannot "
+                                  f"be combined with the sampler {e.name or type(e).__name__}")
             if d.stage != e.stage:
                 continue
             if d.exclusive and type(d) is type(e):
@@ -93,11 +97,21 @@ def build_defenses(specs: Iterable[Any]) -> list[Defense]:
     return out
 
 
+def _provided_sampler(d: Defense) -> BatchSamplerDefense | None:
+    """The sampler a non-sampler defense asks for (``dp_sgd(poisson = true)``), or ``None``."""
+    provide = getattr(d, "batch_sampler", None)
+    return provide() if callable(provide) and not isinstance(d, BatchSamplerDefense) else None
+
+
 def batch_sampler(defenses: Sequence[Defense]) -> BatchSamplerDefense | None:
-    """The stack's sampler defense, or ``None`` (draw batches the default way)."""
+    """The stack's sampler defense, or the sampler another defense provides (Poisson sampling
+    of ``dp_sgd``), or ``None`` (draw batches the default way)."""
     for d in defenses:
         if isinstance(d, BatchSamplerDefense):
             return d
+    for d in defenses:
+        if (sampler := _provided_sampler(d)) is not None:
+            return sampler
     return None
 
 
@@ -109,9 +123,10 @@ def draw_batches(
     batches = sampler.sample_batches(partition, labels, batch_size=batch_size, num_batches=num_batches,
                                      generator=generator)
     allowed = set(np.asarray(partition).tolist())
+    allows_empty = bool(getattr(sampler, "allows_empty", False))  # Poisson batches may be empty
     if len(batches) != num_batches:
         raise ValueError(f"{sampler.name}: returned {len(batches)} batches, expected {num_batches}")
     for b in batches:
-        if len(b) == 0 or not set(np.asarray(b).tolist()) <= allowed:
+        if (len(b) == 0 and not allows_empty) or not set(np.asarray(b).tolist()) <= allowed:
             raise ValueError(f"{sampler.name}: a batch is empty or has indices outside the partition")
     return [np.asarray(b, dtype=np.int64) for b in batches]

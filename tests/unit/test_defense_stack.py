@@ -22,7 +22,7 @@ from fl_privsim.errors import ConfigError
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
-BUILTINS = ["identical_labels", "noise", "pruning", "quantization", "signsgd"]
+BUILTINS = ["dp_sgd", "dynamic_dp", "identical_labels", "noise", "pruning", "quantization", "signsgd"]
 
 
 def _stack(*entries: tuple[str, dict]) -> list[dict]:
@@ -55,7 +55,8 @@ def test_meaningless_stacks_are_rejected(stack, message) -> None:
 @pytest.mark.parametrize(
     "stack",
     [[P, N, S, Q], [P, Q], [N, P], [("identical_labels", {}), P, N],
-     [("signsgd", {"apply_to": "step"}), ("pruning", {"ratio": 0.5})]],
+     [("signsgd", {"apply_to": "step"}), ("pruning", {"ratio": 0.5})],
+     [("identical_labels", {}), ("dynamic_dp", {"sigma": 1.0}), P], [("dp_sgd", {}), Q]],
 )
 def test_sensible_stacks_build(stack) -> None:
     assert [d.name for d in build_defenses(_stack(*stack))] == [n for n, _ in stack]
