@@ -8,6 +8,11 @@ strategy sent the message) the handler falls back to ``run_config["config-path"]
 
 The configured ``[[defenses]]`` are built for each train message and applied inside
 ``local_update`` with a generator seeded from (run seed, round, partition id, "defense").
+A defense's state across rounds (the DP defenses' accountant history, so ε accumulates) lives
+in the node's ``context.state``: one ConfigRecord ``defense<i>.<name>`` per stateful defense,
+holding its ``state_dict()`` as JSON under ``state``; it is restored before the update and
+saved after it. Flower's simulation engine keeps each node's Context between its messages
+(``flwr.server.superlink.fleet.vce.vce_api.worker`` stores the Context the Ray actor returns).
 
 Reply of a train message: ``arrays`` (the update), ``metrics`` (``num-examples``, ``loss``,
 and each defense's metrics, e.g. ``defense0.pruning.kept_fraction``)
@@ -18,13 +23,16 @@ metadata a real client declares to its server.
 from __future__ import annotations
 
 import functools
+import json
 import logging
+from collections.abc import Sequence
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.defenses import build_defenses
+from clients.central_dp_mod import make_central_dp_mod
+from clients.defenses import Defense, build_defenses
 from clients.local_update import local_update
 from fl_privsim import config as config_mod
 from fl_privsim.config import Config
@@ -69,6 +77,26 @@ def _global_model(msg: Message, cfg: Config, device: torch.device) -> torch.nn.M
     return model.to(device)
 
 
+def _state_key(i: int, d: Defense) -> str:
+    return f"defense{i}.{d.name or type(d).__name__}"
+
+
+def restore_defense_state(defenses: Sequence[Defense], state: RecordDict) -> None:
+    """Load each defense's state saved in ``state`` by an earlier round (if any)."""
+    for i, d in enumerate(defenses):
+        record = state.config_records.get(_state_key(i, d))
+        if record is not None and isinstance(record.get("state"), str):
+            d.load_state_dict(json.loads(record["state"]))
+
+
+def save_defense_state(defenses: Sequence[Defense], state: RecordDict) -> None:
+    """Store each stateful defense's ``state_dict()`` in ``state`` (the node's Context.state)."""
+    for i, d in enumerate(defenses):
+        sd = d.state_dict()
+        if sd:
+            state[_state_key(i, d)] = ConfigRecord({"state": json.dumps(sd)})
+
+
 def handle_train(msg: Message, context: Context) -> Message:
     """Compute this client's update for the round in ``msg`` and reply with it."""
     cfg = config_from_message(msg, context)
@@ -79,9 +107,13 @@ def handle_train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content[CONFIG_RECORD].get("server-round", 0))
     batches = [fed.tensors("train", idx, device) for idx in client_batch_indices(cfg, fed, server_round, pid)]
     defenses = build_defenses(cfg.defenses)
+    restore_defense_state(defenses, context.state)
     generator = torch_generator(cfg.seed, server_round, pid, "defense")
+    part_size = len(fed.train_parts[pid])
     result = local_update(model, batches, protocol=cfg.federation.protocol, lr=cfg.client.lr,
-                          defenses=defenses, generator=generator, server_round=server_round)
+                          defenses=defenses, generator=generator, server_round=server_round,
+                          dataset_size=part_size, expected_batch_size=min(cfg.client.batch_size, part_size))
+    save_defense_state(defenses, context.state)
     update = ArrayRecord({k: v.detach().cpu() for k, v in result.update.items()})
     metrics = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, **result.metrics})
     meta = ConfigRecord(
@@ -119,7 +151,8 @@ def handle_query(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"meta": ConfigRecord({"client-id": partition_id(context)})}), reply_to=msg)
 
 
-app = ClientApp()
+# Flower's client-side clipping mods, active only in client_* central DP runs.
+app = ClientApp(mods=[make_central_dp_mod(config_from_message)])
 
 
 @app.train()

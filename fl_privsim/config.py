@@ -49,9 +49,32 @@ class DataConfig:
 class ModelConfig:
     """``[model]``: the architecture trained by the federation and seen by the attacks."""
 
-    name: str = _f("mlp", "architecture", choices=("mlp", "linear", "lenet", "convnet", "cnn6", "resnet18"))
+    name: str = _f("mlp", "architecture (resnet18_gn: resnet18 with GroupNorm, for dp_sgd)",
+                   choices=("mlp", "linear", "lenet", "convnet", "cnn6", "resnet18", "resnet18_gn"))
     init: str = _f("default", "weight init: default (PyTorch), uniform (DLG's U(-0.5, 0.5)), normal, "
                    "kaiming, xavier", choices=("default", "uniform", "normal", "kaiming", "xavier"))
+
+
+@dataclass(frozen=True)
+class CentralDPConfig:
+    """``[federation.central_dp]``: Flower's central DP wrappers (clipping + server noise)."""
+
+    mode: str = _f("off", "Flower central DP: off, server_fixed, client_fixed, server_adaptive, client_adaptive "
+                   "(client_*: clients clip with Flower's mods)",
+                   choices=("off", "server_fixed", "client_fixed", "server_adaptive", "client_adaptive"))
+    noise_multiplier: float = _f(1.0, "sigma: noise std on the mean update = sigma * C / num_sampled_clients "
+                                 "(0 = clipping only, no DP guarantee)", min=0.0)
+    clipping_norm: float = _f(1.0, "C: L2 bound of each client's update (fixed modes)", min=0.0)
+    initial_clipping_norm: float = _f(0.1, "first C of the adaptive modes (Andrew et al.)", min=0.0)
+    target_clipped_quantile: float = _f(0.5, "share of updates the adaptive C aims to clip", min=0.0, max=1.0)
+    clip_norm_lr: float = _f(0.2, "learning rate of the adaptive C (geometric update)", min=0.0)
+    clipped_count_stddev: float = _f(0.0, "noise std of the clipped count (adaptive; 0 = Flower's default "
+                                     "num_sampled_clients / 20)", min=0.0)
+    num_sampled_clients: int = _f(0, "clients the noise is calibrated for (0 = federation.clients_per_round)",
+                                  min=0)
+    delta: float = _f(1e-5, "delta of the reported (epsilon, delta)", min=0.0, max=1.0)
+    amplification: bool = _f(True, "account privacy amplification by client sampling, "
+                             "q = clients_per_round / num_clients (false: every round a full Gaussian release)")
 
 
 @dataclass(frozen=True)
@@ -72,6 +95,8 @@ class FederationConfig:
     device: str = _f("auto", "where clients train and attacks run", choices=("auto", "cpu", "cuda"))
     ray_address: str = _f("", "address of an existing Ray cluster to join (\"\" = start a local one)")
     fraction_evaluate: float = _f(1.0, "share of clients in federated evaluation (0 = off)", min=0.0, max=1.0)
+    central_dp: CentralDPConfig = field(default_factory=CentralDPConfig,
+                                        metadata={"help": "[federation.central_dp]"})
 
 
 @dataclass(frozen=True)
@@ -105,8 +130,8 @@ class AttackConfig:
 class DefenseConfig:
     """``[[defenses]]``: one client defense and its parameters (applied in list order)."""
 
-    name: str = _f("", "registered defense name (pruning, signsgd, quantization, noise, identical_labels, "
-                   "or a plugin's)")
+    name: str = _f("", "registered defense name (dp_sgd, dynamic_dp, pruning, signsgd, quantization, noise, "
+                   "identical_labels, or a plugin's)")
     params: dict[str, Any] = _f({}, "keyword parameters of the defense")
 
 
@@ -229,6 +254,36 @@ def _cross_check(cfg: Config) -> None:
                 )
 
 
+def _check_central_dp(cfg: Config) -> None:
+    """Cross-field checks of ``[federation.central_dp]`` (one clear line per problem)."""
+    dp, where = cfg.federation.central_dp, "federation.central_dp"
+    if dp.mode == "off":
+        return
+    if not 0.0 < dp.delta < 1.0:
+        raise ConfigError(f"{where}.delta: {dp.delta!r} must be strictly between 0 and 1")
+    if dp.num_sampled_clients > cfg.federation.clients_per_round:
+        raise ConfigError(
+            f"{where}.num_sampled_clients: {dp.num_sampled_clients} exceeds federation.clients_per_round "
+            f"({cfg.federation.clients_per_round}); the noise would be too small for the real sample"
+        )
+    if dp.mode.endswith("_fixed"):
+        if dp.clipping_norm <= 0:
+            raise ConfigError(f"{where}.clipping_norm: {dp.clipping_norm!r} must be positive")
+        return
+    if dp.initial_clipping_norm <= 0:
+        raise ConfigError(f"{where}.initial_clipping_norm: {dp.initial_clipping_norm!r} must be positive")
+    if dp.clip_norm_lr <= 0:
+        raise ConfigError(f"{where}.clip_norm_lr: {dp.clip_norm_lr!r} must be positive")
+    m = dp.num_sampled_clients or cfg.federation.clients_per_round
+    stddev = dp.clipped_count_stddev or m / 20
+    if dp.noise_multiplier > 0 and dp.noise_multiplier >= 2 * stddev:
+        raise ConfigError(
+            f"{where}.noise_multiplier: {dp.noise_multiplier!r} must be below 2 * clipped_count_stddev "
+            f"(= {2 * stddev:g}{'' if dp.clipped_count_stddev else f', default {m}/20'}) with adaptive "
+            f"clipping; raise {where}.clipped_count_stddev"
+        )
+
+
 def _check_defenses(cfg: Config) -> None:
     if not cfg.defenses:
         return
@@ -243,6 +298,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a TOML-shaped dict."""
     cfg = _build(Config, data, "")
     _cross_check(cfg)
+    _check_central_dp(cfg)
     _check_defenses(cfg)
     return cfg
 

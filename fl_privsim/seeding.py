@@ -19,6 +19,7 @@ PURPOSES: dict[str, int] = {
     "split": 5,
     "sampling": 6,
     "defense": 7,
+    "central_dp": 8,
 }
 
 

@@ -160,20 +160,28 @@ class FedUpdates(FedAvg):
 
     # ------------------------------------------------------------------ aggregation
     @staticmethod
-    def _order(replies: Iterable[Message]) -> list[Message]:
+    def order_replies(replies: Iterable[Message]) -> list[Message]:
+        """``replies`` in client-id order (deterministic aggregation)."""
         replies = list(replies)
         return sorted(replies, key=lambda m: (reply_client_id(m) is None, reply_client_id(m) or 0))
+
+    _order = order_replies
+
+    def record_client_metrics(self, server_round: int, replies: Iterable[Message]) -> None:
+        """Hand each successful reply's train metrics to the metric sink."""
+        if self.metric_sink is None:
+            return
+        for msg in replies:
+            if not msg.has_error():
+                m = next(iter(msg.content.metric_records.values()))
+                self.metric_sink(server_round, reply_client_id(msg), "client_train", dict(m))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average the updates (in client order) and apply them to the global model."""
         replies = self._order(replies)
-        if self.metric_sink is not None:
-            for msg in replies:
-                if not msg.has_error():
-                    m = next(iter(msg.content.metric_records.values()))
-                    self.metric_sink(server_round, reply_client_id(msg), "client_train", dict(m))
+        self.record_client_metrics(server_round, replies)
         avg, metrics = super().aggregate_train(server_round, replies)
         current = self._current.get(server_round)
         if avg is None or current is None:

@@ -33,6 +33,7 @@ from fl_privsim.results import RunFolder, make_run_dir, start_run_folder
 from fl_privsim.scoring import Scorer
 from fl_privsim.seeding import seed_int
 from strategies.attack_runner import AttackPlan, AttackRunner
+from strategies.central_dp import CentralDP
 from strategies.fedupdates import FedUpdates, discover_clients
 from strategies.honest_but_curious import HonestButCurious, ModelInfo
 
@@ -92,9 +93,14 @@ def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | 
     model = initial_model(cfg)
     node_to_client = discover_clients(grid, expected=cfg.federation.num_clients)
 
+    dp: dict[str, float] = {}  # client DP defenses' ε (cumulative): the summary keeps the max
+
     def sink(server_round: int, client: int | None, source: str, values: dict[str, float]) -> None:
         for k, v in values.items():
             folder.log_metric(round=server_round, client=client, source=source, key=k, value=v)
+            if source == "client_train" and k.endswith((".epsilon", ".epsilon_formal")):
+                key = k.rsplit(".", 1)[1]
+                dp[key] = max(dp.get(key, 0.0), float(v)) if key == "epsilon" else min(dp.get(key, 1.0), float(v))
 
     inner = FedUpdates(
         protocol=cfg.federation.protocol,
@@ -107,6 +113,10 @@ def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | 
         metric_sink=sink,
         fraction_evaluate=cfg.federation.fraction_evaluate,
     )
+    # Flower's central DP wrapper, inside the curious server: it sees the updates as sent.
+    central = (CentralDP(inner, settings=cfg.federation.central_dp, num_clients=cfg.federation.num_clients,
+                         seed=cfg.seed) if cfg.federation.central_dp.mode != "off" else None)
+    trained = central if central is not None else inner
     plans = build_plans(cfg)
     runner = AttackRunner(
         plans=plans,
@@ -132,7 +142,7 @@ def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | 
         local_steps=cfg.client.local_steps if cfg.federation.protocol == "fedavg" else 1,
         lr=cfg.client.lr,
     )
-    strategy = HonestButCurious(inner, info=info, observer=runner) if plans else inner
+    strategy = HonestButCurious(trained, info=info, observer=runner) if plans else trained
     evaluate = central_evaluator(cfg, device)
     accuracy: dict[int, float] = {}
 
@@ -172,6 +182,11 @@ def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | 
         "observer_failures": getattr(strategy, "failures", 0),
         "run_dir": str(folder.path),
     }
+    if "epsilon" in dp:  # client-side DP on: ε(δ) = max over clients; formal only if every client's is
+        summary.update(epsilon=dp["epsilon"], epsilon_formal=bool(dp.get("epsilon_formal", 1.0)))
+    if central is not None:  # Flower's central DP: ε(δ) of the released models (None without noise)
+        report = central.report()
+        summary.update(central_epsilon=report["epsilon"], central_dp=report)
     folder.write_summary(summary)
     return summary
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from flwr.app import Context, Message, MessageType, RecordDict
 
+from clients.client_app import app as client_app
 from clients.client_app import handle_evaluate, handle_query, handle_train
 
 HANDLERS = {
@@ -19,7 +20,10 @@ HANDLERS = {
 class InProcessGrid:
     """``num_clients`` fake SuperNodes with node ids 1000, 1001, ... (partition ids 0, 1, ...)."""
 
-    def __init__(self, num_clients: int, run_config: dict | None = None) -> None:
+    def __init__(self, num_clients: int, run_config: dict | None = None, *, use_client_app: bool = False) -> None:
+        """``use_client_app``: route messages through the real ``ClientApp`` (with its mods)
+        instead of calling the handlers directly."""
+        self.use_client_app = use_client_app
         self.contexts = {
             1000 + i: Context(
                 run_id=1,
@@ -39,6 +43,6 @@ class InProcessGrid:
         replies = []
         for msg in messages:
             self.sent.append(msg)
-            handler = HANDLERS[msg.metadata.message_type]
+            handler = client_app if self.use_client_app else HANDLERS[msg.metadata.message_type]
             replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
         return replies
