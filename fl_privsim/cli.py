@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="run folder to create (default: runs/<UTC time>_reproduce_NAME)")
     rep.add_argument("--quick", action="store_true", help="a small smoke-test version of the settings")
     rep.add_argument("--verbose", action="store_true", help="log progress")
+    from fl_privsim.measure import add_parser as add_measure_parser
+
+    add_measure_parser(sub)
+    from fl_privsim.game import add_parser as add_game_parser
+
+    add_game_parser(sub)
     return parser
 
 
@@ -142,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "reproduce":
             return _cmd_reproduce(args)
+        if args.command == "measure":
+            from fl_privsim.measure import cmd_measure
+
+            return cmd_measure(args)
+        if args.command == "game":
+            from fl_privsim.game import cmd_game
+
+            return cmd_game(args)
         if args.command == "config":
             print(config_mod.to_toml(config_mod.load(args.config, args.overrides)), end="")
             return 0

@@ -1,0 +1,268 @@
+"""``fl-privsim game``: play one inference game offline and write a run folder.
+
+Config (TOML; every key optional, ``--set`` overrides any)::
+
+    seed = 0
+    name = "game"
+    [game]      kind, trials, shadow_trials, batch_size, shadow_batch_size, clients_per_aggregate,
+                adversary (static|adaptive), attack_model (mlp|random_forest), features, ...
+    [data]      name (adult|digits|cifar10_npz), root, sensitive (sex|race), property_class, ...
+    [model]     name, width (mlp), init, pretrain_steps
+    [[defenses]] name, params (as in ``fl-privsim run``)
+
+The run folder holds ``config.toml`` (resolved), ``summary.json`` (``auc``, ``auc_ci``,
+``accuracy``, ``advantage``, ``tpr_at_1pct_fpr`` and more, with bootstrap CIs), ``roc.png``
+and ``scores.csv`` (trial, secret, score). Static adversary: shadow updates without the
+defense; adaptive: with the same defense and parameters (Li et al., arXiv:2408.16913).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fl_privsim.config import DefenseConfig, _build, _f, apply_override
+from fl_privsim.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GameRunConfig", "add_parser", "cmd_game", "load_game_config", "run_game"]
+
+
+@dataclass(frozen=True)
+class GameSection:
+    """``[game]``: which game, how many trials, the aggregation and the adversary."""
+
+    kind: str = _f("property", "game", choices=("attribute", "property", "distributional", "user", "membership"))
+    trials: int = _f(1000, "challenge trials (secrets drawn by the challenger)", min=20)
+    shadow_trials: int = _f(1000, "shadow trials the adversary trains on (its auxiliary pool)", min=20)
+    batch_size: int = _f(8, "records per client batch", min=1)
+    shadow_batch_size: int = _f(0, "the adversary's batch size (0 = the same: no mismatch)", min=0)
+    clients_per_aggregate: int = _f(1, "clients averaged into the released aggregate", min=1)
+    adversary: str = _f("adaptive", "adaptive: shadow updates with the same defense; static: without",
+                        choices=("static", "adaptive"))
+    attack_model: str = _f("mlp", "meta-classifier", choices=("mlp", "random_forest"))
+    features: str = _f("last", "update features: last layer, all layers, or only the alignment with the "
+                       "target's gradients (attribute, membership, user)", choices=("last", "all", "alignment"))
+    alignment: bool = _f(True, "add the update's alignment with the target's gradients (when known)")
+    protocol: str = _f("fedsgd", "client update", choices=("fedsgd", "fedavg"))
+    lr: float = _f(0.1, "local learning rate (fedavg; loss baseline step)", min=0.0)
+    local_steps: int = _f(1, "fedavg local steps on the client's batch", min=1)
+    alpha0: float = _f(0.25, "distributional: share of P under s = 0", min=0.0, max=1.0)
+    alpha1: float = _f(0.5, "distributional: share of P under s = 1", min=0.0, max=1.0)
+    user_records: int = _f(8, "user: records of the target user", min=1)
+    aux_attribute_rate: float = _f(0.0, "auxiliary shift: share of a = 1 in the aux pool (0 = natural)",
+                                   min=0.0, max=0.99)
+    exact: bool = _f(False, "force one local_update call per client and trial (no vectorised path)")
+    bootstrap: int = _f(1000, "bootstrap resamples of the CIs", min=10)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """``[data]``: the dataset of the pools."""
+
+    name: str = _f("digits", "dataset", choices=("adult", "digits", "cifar10_npz"))
+    root: str = _f("", "folder of the files (adult: adult.data.gz/adult.test.gz; default "
+                   "../shared/data/adult when it exists)")
+    sensitive: str = _f("sex", "adult: sensitive attribute (attribute = the secret, property P = a = 1)",
+                        choices=("sex", "race"))
+    property_class: int = _f(0, "digits/cifar10_npz: property P = label is this class", min=0)
+    pool_size: int = _f(4000, "challenger pool size (at most half the training rows)", min=10)
+    aux_size: int = _f(4000, "adversary's auxiliary pool size (disjoint)", min=10)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """``[model]``: the global model θ at which the game is played."""
+
+    name: str = _f("mlp", "architecture", choices=("mlp", "linear", "lenet", "convnet", "cnn6"))
+    width: int = _f(32, "mlp hidden width", min=1)
+    init: str = _f("default", "weight init", choices=("default", "uniform", "normal", "kaiming", "xavier"))
+    pretrain_steps: int = _f(200, "SGD steps (batch 64, lr 0.1) on the held-out split before the game", min=0)
+
+
+@dataclass(frozen=True)
+class GameRunConfig:
+    """The whole ``fl-privsim game`` config."""
+
+    seed: int = _f(0, "root seed")
+    name: str = _f("game", "run name (folder suffix)")
+    output_dir: str = _f("runs", "parent of run folders")
+    game: GameSection = field(default_factory=GameSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    defenses: list[DefenseConfig] = field(default_factory=list)
+
+
+def load_game_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> GameRunConfig:
+    """Load a game config file (or the defaults), apply ``--set`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
+    for assignment in overrides:
+        apply_override(data, assignment)
+    cfg: GameRunConfig = _build(GameRunConfig, data, "")
+    if cfg.game.kind == "attribute" and cfg.data.name != "adult":
+        raise ConfigError("game.kind = 'attribute' needs data.name = 'adult' (a sensitive attribute); "
+                          "allowed with digits/cifar10_npz: property, distributional, user, membership")
+    from clients.defenses import batch_sampler, build_defenses
+
+    if batch_sampler(build_defenses(cfg.defenses)) is not None:
+        raise ConfigError("defenses: a game builds its own batches; sampler defenses (identical_labels, "
+                          "dp_sgd with poisson = true) are not supported in games")
+    return cfg
+
+
+def _adult_root(root: str) -> Path:
+    if root:
+        return Path(root).expanduser()
+    for cand in (Path("../shared/data/adult"), Path(__file__).resolve().parents[2] / "shared" / "data" / "adult"):
+        if (cand / "adult.data.gz").is_file():
+            return cand
+    raise DataError("adult: data.root is not set and ../shared/data/adult does not exist; set data.root to the "
+                    "folder holding adult.data.gz and adult.test.gz (UCI Adult)")
+
+
+def _build_model(cfg: GameRunConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    from fl_privsim.models import build_model, init_weights, mlp
+    from fl_privsim.seeding import seed_int, torch_generator
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed_int(cfg.seed, "model_init"))
+        if cfg.model.name == "mlp":
+            model = init_weights(mlp(input_shape, num_classes, width=cfg.model.width), cfg.model.init,
+                                 torch_generator(cfg.seed, "model_init"))
+        else:
+            model = build_model(cfg.model.name, input_shape, num_classes, init=cfg.model.init,
+                                generator=torch_generator(cfg.seed, "model_init"))
+    return model
+
+
+def _pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int) -> float:
+    """Plain SGD on the held-out split: the global model θ of the attacked round."""
+    from fl_privsim.seeding import torch_generator
+
+    gen = torch_generator(seed, "batch", 999)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, int(y.shape[0]), (64,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def run_game(cfg: GameRunConfig, *, out: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """Play the configured game; returns the run folder and the summary written there."""
+    import tomli_w
+
+    from adversaries.inference import Game, LossBaseline, MetaClassifier, Pool, Release
+    from adversaries.inference.datasets import load_game_data
+    from adversaries.inference.metrics import game_metrics, save_roc_plot
+    from clients.defenses import build_defenses
+    from fl_privsim.results import atomic_write_text, make_run_dir
+    from fl_privsim.seeding import numpy_rng
+
+    t0 = time.perf_counter()
+    g, d = cfg.game, cfg.data
+    root = _adult_root(d.root) if d.name == "adult" else (d.root or None)
+    data = load_game_data(d.name, root=root, sensitive=d.sensitive, property_class=d.property_class,
+                          pool_size=d.pool_size, aux_size=d.aux_size, aux_attribute_rate=g.aux_attribute_rate,
+                          seed=cfg.seed)
+    model = _build_model(cfg, data.input_shape, data.num_classes)
+    acc = _pretrain(model, data.x_pre, data.y_pre, cfg.model.pretrain_steps, cfg.seed)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    release = Release(model, protocol=g.protocol, lr=g.lr, local_steps=g.local_steps,
+                      defenses=build_defenses(cfg.defenses), seed=cfg.seed, force_exact=g.exact)
+    shadow_defs = build_defenses(cfg.defenses) if g.adversary == "adaptive" else []
+    shadow_release = Release(model, protocol=g.protocol, lr=g.lr, local_steps=g.local_steps,
+                             defenses=shadow_defs, seed=cfg.seed + 1, force_exact=g.exact)
+    run_dir = make_run_dir(cfg.output_dir, cfg.name, out)
+    atomic_write_text(run_dir / "config.toml", tomli_w.dumps(dataclasses.asdict(cfg)))
+    t_setup = time.perf_counter()
+
+    def game_for(batch: int) -> Game:
+        return Game(g.kind, batch_size=batch, clients_per_aggregate=g.clients_per_aggregate, alpha0=g.alpha0,
+                    alpha1=g.alpha1, user_records=g.user_records, attr_column=data.attr_column)
+
+    aux = Pool(data.x_aux, data.y_aux, data.a_aux)
+    pool = Pool(data.x_pool, data.y_pool, data.a_pool)
+    shadow_obs, shadow_secrets = game_for(g.shadow_batch_size or g.batch_size).play(
+        aux, shadow_release, g.shadow_trials, numpy_rng(cfg.seed, "attack", 1), stream=1)
+    t_shadow = time.perf_counter()
+    obs, secrets = game_for(g.batch_size).play(pool, release, g.trials, numpy_rng(cfg.seed, "attack", 2), stream=0)
+    t_challenge = time.perf_counter()
+    adversary = MetaClassifier(model, attack_model=g.attack_model, features=g.features,
+                               attr_column=data.attr_column if g.kind == "attribute" else None,
+                               alignment=g.alignment, seed=cfg.seed)
+    adversary.fit(shadow_obs, shadow_secrets)
+    scores = adversary.score(obs)
+    t_attack = time.perf_counter()
+    summary: dict[str, Any] = {
+        "game": g.kind, "dataset": d.name, "attribute": data.attribute, "adversary": g.adversary,
+        "attack_model": g.attack_model, "batch_size": g.batch_size, "clients_per_aggregate": g.clients_per_aggregate,
+        "aggregation_size": g.batch_size * g.clients_per_aggregate,
+        "defenses": [dc.name for dc in cfg.defenses], "release_path": "vectorised" if release.fast else "exact",
+        "model_accuracy": acc, "prior_positive_rate": float(data.a_pool.float().mean()),
+        **game_metrics(secrets, scores, n_boot=g.bootstrap, seed=cfg.seed),
+    }
+    if g.kind == "membership":
+        base = LossBaseline(model, lr=g.lr).score(obs)
+        summary["loss_baseline"] = game_metrics(secrets, base, n_boot=g.bootstrap, seed=cfg.seed)
+    summary["seconds"] = {"setup": t_setup - t0, "shadow_updates": t_shadow - t_setup,
+                          "challenge_updates": t_challenge - t_shadow, "attack": t_attack - t_challenge,
+                          "total": time.perf_counter() - t0}
+    save_roc_plot(run_dir / "roc.png", secrets, scores,
+                  title=f"{g.kind} inference ({d.name}, |B| = {g.batch_size}×{g.clients_per_aggregate})")
+    atomic_write_text(run_dir / "scores.csv", "trial,secret,score\n" + "".join(
+        f"{i},{int(s)},{float(x):.6g}\n" for i, (s, x) in enumerate(zip(secrets, scores, strict=True))))
+    from fl_privsim.results import RunFolder
+
+    RunFolder(run_dir).write_summary(summary)
+    return run_dir, summary
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``fl-privsim game`` on the CLI's subparsers."""
+    p = sub.add_parser("game", help="play one inference game (attribute, property, distributional, user, "
+                       "membership) offline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="TOML config file (default: the property game on digits)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (repeatable), e.g. game.batch_size=64")
+    p.add_argument("--out", help="run folder to create (default: <output_dir>/<UTC time>_<name>)")
+    p.add_argument("--verbose", action="store_true", help="log progress")
+
+
+def cmd_game(args: argparse.Namespace) -> int:
+    """The ``game`` subcommand: run it and print the headline numbers."""
+    cfg = load_game_config(args.config, args.overrides)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    run_dir, s = run_game(cfg, out=args.out)
+    print(f"{s['game']} inference on {s['dataset']} ({s['attribute']}), |B| = {s['batch_size']} x "
+          f"{s['clients_per_aggregate']}, {s['adversary']} {s['attack_model']} adversary:")
+    print(f"  AUC {s['auc']:.3f} [{s['auc_ci'][0]:.3f}, {s['auc_ci'][1]:.3f}]  accuracy {s['accuracy']:.3f}  "
+          f"advantage {s['advantage']:.3f}  TPR@1%FPR {s['tpr_at_1pct_fpr']:.3f}")
+    if "loss_baseline" in s:
+        print(f"  loss baseline AUC {s['loss_baseline']['auc']:.3f}")
+    print(f"run folder: {run_dir}")
+    return 0

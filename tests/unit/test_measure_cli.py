@@ -1,0 +1,124 @@
+"""``fl-privsim measure``: each kind on digits writes a complete run folder; bad input gives one
+line on stderr, exit code 2 and no traceback."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fl_privsim.errors import ConfigError
+from fl_privsim.measure import load_config, run_measure
+
+torch.set_num_threads(1)
+
+SMALL = {
+    "i2f": ["i2f.samples=3"],
+    "vinfo": ["vinfo.samples_per_class=6", "vinfo.mlp_epochs=20", 'vinfo.target="parity"'],
+    "sensitivity": ["sensitivity.samples=2", "sensitivity.probes=4"],
+    "subspace": ["subspace.samples_per_class=6", "subspace.k=2"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL))
+def test_each_kind_writes_run_folder(kind, tmp_path):
+    cfg = load_config(None, [f'measure.kind="{kind}"', *SMALL[kind]])
+    path, summary = run_measure(cfg, out=tmp_path / "run")
+    for name in ("config.toml", "env.json", "summary.json", "table.csv", "table.md", "plot.png"):
+        assert (path / name).is_file(), name
+    saved = json.loads((path / "summary.json").read_text())
+    assert saved["kind"] == kind and saved["data"] == "digits"
+    rows = list(csv.DictReader(open(path / "table.csv")))
+    if kind == "i2f":
+        assert len(rows) == 3 == summary["samples"]
+        for r in rows:
+            lam, jd, lb = float(r["lambda_max"]), float(r["jdelta_norm"]), float(r["lower_bound"])
+            assert lam > 0 and lb == pytest.approx(jd / lam, rel=1e-9)
+            # the regularised value is never below ||J delta|| / (lambda_max + eps)
+            assert float(r["exact"]) >= float(r["lower_bound_eps"]) * (1 - 1e-4)
+        assert summary["all_cg_converged"] is True
+    else:
+        assert [r["layer"] for r in rows] == ["body.0", "body.2", "body.4", "fc"]
+    if kind == "vinfo":
+        assert summary["h_y"] == pytest.approx(0.693, abs=0.05)  # balanced parity: log 2 nats
+        assert all(float(r["v_information"]) <= float(r["h_y"]) + 1e-9 for r in rows)
+    if kind == "sensitivity":
+        assert all(float(r["sensitivity"]) > 0 for r in rows)
+    if kind == "subspace":
+        assert all(0.0 <= float(r["normalized_distance"]) <= 1.0 + 1e-6 for r in rows)
+        assert summary["samples"] == 12
+
+
+def test_i2f_monte_carlo_and_pruning(tmp_path):
+    _, mc = run_measure(load_config(None, ["i2f.samples=2", "i2f.mc_samples=3", 'i2f.noise="laplace"']),
+                        out=tmp_path / "mc")
+    assert mc["mc_samples"] == 3 and mc["lower_bound_mean"] > 0
+    rows = list(csv.DictReader(open(tmp_path / "mc" / "table.csv")))
+    assert all(float(r["lower_bound_stderr"]) >= 0 for r in rows)
+    _, none = run_measure(load_config(None, ["i2f.samples=2", 'i2f.noise="pruning"', "i2f.scale=0.0"]),
+                          out=tmp_path / "p0")
+    assert none["lower_bound_max"] == 0.0  # pruning nothing perturbs nothing
+
+
+def test_example_configs_load():
+    assert load_config("experiments/measure_i2f.toml")["measure"]["kind"] == "i2f"
+    assert load_config("experiments/measure_vinfo.toml")["vinfo"]["target"] == "parity"
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (['measure.kind="nope"'], ["measure.kind", "i2f, vinfo, sensitivity, subspace"]),
+        (["i2f.bogus=1"], ["i2f.bogus", "samples"]),
+        (["bogus.key=1"], ["[bogus]", "measure"]),
+        (['i2f.noise="uniform"'], ["i2f.noise", "gaussian, laplace, pruning"]),
+        (["i2f.samples=0"], ["i2f.samples", ">= 1"]),
+        (['i2f.samples="3"'], ["i2f.samples", "integer"]),
+        (['i2f.noise="pruning"', "i2f.scale=2.0"], ["i2f.scale", "ratio"]),
+        (['i2f.noise="pruning"', "i2f.mc_samples=4"], ["mc_samples", "deterministic"]),
+        (['vinfo.target="age"'], ["vinfo.target", "label, parity"]),
+        (["subspace.classes=[3, 3]"], ["subspace.classes"]),
+        (["samples=3"], ["SECTION.KEY"]),
+    ],
+)
+def test_bad_config_names_what_is_allowed(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    for w in words:
+        assert w in str(err.value)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fl_privsim.cli", "measure", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--set", 'measure.kind="nope"'], ["nope", "allowed"]),
+        (["missing.toml"], ["missing.toml", "does not exist"]),
+        (["--set", 'data.name="mnist_idx"', "--set", 'data.root="/nonexistent/mnist"'], ["/nonexistent/mnist"]),
+        (["--set", "i2f.samples=100000"], ["i2f.samples", "split has"]),
+        (["--set", 'model.name="vgg"'], ["vgg", "lenet"]),
+    ],
+)
+def test_cli_bad_input_one_line_exit_2(args, words, tmp_path):
+    res = _cli(*args, "--out", str(tmp_path / "run"))
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.stderr
+    for w in words:
+        assert w in lines[0]
+    assert not (tmp_path / "run").exists()  # config and data errors come before the run folder
+
+
+def test_cli_help_lists_keys():
+    res = _cli("--help")
+    assert res.returncode == 0
+    for key in ("measure.kind", "i2f.mc_samples", "vinfo.target", "sensitivity.probes", "subspace.classes"):
+        assert key in res.stdout
