@@ -69,6 +69,22 @@ def _checked(d: Defense, before: dict[str, torch.Tensor], after: dict[str, torch
     return after
 
 
+def _per_sample_gradients(
+    d: PerSampleDefense, model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``d.per_sample_gradients``; a defense that draws from torch's global RNG there
+    (``uses_global_rng``, e.g. VIB's reparameterisation noise) gets it seeded from the
+    defense generator inside a forked RNG state, so runs repeat and global state is untouched."""
+    if not getattr(d, "uses_global_rng", False) or generator is None:
+        return d.per_sample_gradients(model, names, x, y)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return d.per_sample_gradients(model, names, x, y)
+
+
 def local_update(
     model: nn.Module,
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -130,7 +146,7 @@ def local_update(
 
     def gradient(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if per_sample:
-            loss, ps = per_sample[0].per_sample_gradients(model, names, x, y)
+            loss, ps = _per_sample_gradients(per_sample[0], model, names, x, y, generator)
             g = _checked(per_sample[0], dict(params), per_sample[0].reduce_per_sample(ps, generator=generator))
         else:
             loss = F.cross_entropy(model(x), y)

@@ -201,11 +201,18 @@ def build_model(
 
     ``init`` names a scheme of :func:`init_weights`; ``generator`` supplies its draws.
     """
-    if name not in MODELS:
-        raise ConfigError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODELS)}")
+    vib = name.endswith("_vib") and name[:-4] in MODELS  # VIB variant: clients/defenses/vib.py
+    if name not in MODELS and not vib:
+        raise ConfigError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODELS)} "
+                          f"(or any of them + '_vib', with a VIB head)")
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise ConfigError(f"model: input shape must be (C, H, W) with positive sizes, got {input_shape}")
     if num_classes < 2:
         raise ConfigError(f"model: need at least 2 classes, got {num_classes}")
-    model = MODELS[name](tuple(int(v) for v in input_shape), int(num_classes))
+    if vib:
+        from clients.defenses.vib import build_vib_model
+
+        model = build_vib_model(name[:-4], input_shape, num_classes)
+    else:
+        model = MODELS[name](tuple(int(v) for v in input_shape), int(num_classes))
     return init_weights(model, init, generator)

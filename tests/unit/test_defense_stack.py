@@ -22,7 +22,8 @@ from fl_privsim.errors import ConfigError
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
-BUILTINS = ["dp_sgd", "dynamic_dp", "identical_labels", "noise", "pruning", "quantization", "signsgd"]
+BUILTINS = ["adversarial_perturbation", "dp_sgd", "dynamic_dp", "identical_labels", "noise", "pruning",
+            "quantization", "signsgd", "vib"]
 
 
 def _stack(*entries: tuple[str, dict]) -> list[dict]:
