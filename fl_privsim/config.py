@@ -135,6 +135,16 @@ class DefenseConfig:
     params: dict[str, Any] = _f({}, "keyword parameters of the defense")
 
 
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """``[[analyses]]``: one analyst-side measure run on attacked updates (fl_privsim.analyses)."""
+
+    name: str = _f("", "analysis name (i2f: predicted reconstruction error of the client's defense noise)")
+    params: dict[str, Any] = _f({}, "keyword parameters (i2f: noise = auto|gaussian|laplace|none, scale, eps, "
+                                "mc_samples, exact, cg_max_iter)")
+    targets: TargetsConfig = field(default_factory=TargetsConfig, metadata={"help": "targets (clients only)"})
+
+
 def _default_attacks() -> list[AttackConfig]:
     return [AttackConfig(name=n) for n in ("analytic", "idlg", "inverting_gradients")]
 
@@ -168,6 +178,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig, metadata={"help": "[client]"})
     attacks: list[AttackConfig] = field(default_factory=_default_attacks, metadata={"help": "[[attacks]]"})
     defenses: list[DefenseConfig] = field(default_factory=list, metadata={"help": "[[defenses]]"})
+    analyses: list[AnalysisConfig] = field(default_factory=list, metadata={"help": "[[analyses]]"})
     scoring: ScoringConfig = field(default_factory=ScoringConfig, metadata={"help": "[scoring]"})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "[output]"})
 
@@ -294,12 +305,20 @@ def _check_defenses(cfg: Config) -> None:
     build_defenses(cfg.defenses)
 
 
+def _check_analyses(cfg: Config) -> None:
+    if cfg.analyses:
+        from fl_privsim.analyses import build_analyses
+
+        build_analyses(cfg)
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a TOML-shaped dict."""
     cfg = _build(Config, data, "")
     _cross_check(cfg)
     _check_central_dp(cfg)
     _check_defenses(cfg)
+    _check_analyses(cfg)
     return cfg
 
 

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from adversaries.base import Attack, Observation
+from fl_privsim.analyses import AnalysisPlan
+from fl_privsim.analyses import summarize as summarize_analyses
 from fl_privsim.errors import ThreatModelError
 from fl_privsim.results import RunFolder
 from fl_privsim.scoring import Scorer
@@ -59,6 +61,12 @@ class AttackRunner:
     on_attack_done: Callable[[], None] | None = None
     scores: dict[str, list[dict[str, float]]] = field(default_factory=lambda: defaultdict(list))
     outcomes: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    #: ``[[analyses]]`` (analyst-side, given the true batch): run after the attacks, same observations.
+    analyses: Sequence[AnalysisPlan] = ()
+    analysis_scores: dict[str, list[dict[str, float]]] = field(default_factory=lambda: defaultdict(list))
+    analysis_outcomes: dict[str, dict[str, int]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    analysis_noise: dict[str, str] = field(default_factory=dict)
 
     def targets(self, server_round: int) -> tuple[set[int], bool]:
         """Union of the plans' targets in ``server_round``."""
@@ -68,6 +76,9 @@ class AttackRunner:
             if server_round in plan.rounds:
                 clients |= plan.clients
                 aggregate |= plan.aggregate
+        for a in self.analyses:
+            if server_round in a.rounds:
+                clients |= a.clients
         return clients, aggregate
 
     def planned_runs(self, rounds: int, clients_per_round: Callable[[int], set[int]]) -> int:
@@ -93,6 +104,9 @@ class AttackRunner:
                 rows.append((plan.name, matched))
                 if self.on_attack_done is not None:
                     self.on_attack_done()
+            for a in self.analyses:
+                if a.wants(obs.round, obs.client_id):
+                    self._analyse(a, obs, key)
             if self.save_images and rows and originals is not None:
                 try:
                     self.folder.save_grid(round=server_round, client=key, originals=originals, rows=rows)
@@ -129,6 +143,39 @@ class AttackRunner:
         self.scores[label].append(values)
         self.outcomes[label]["ok"] += 1
         return score.matched, score.originals
+
+    def _analyse(self, plan: AnalysisPlan, obs: Observation, key: int | str) -> None:
+        """Run one analysis on the client's true batch (from the scorer) and the global model."""
+        source = f"analysis/{plan.name}"
+        try:
+            client = int(obs.client_id or 0)
+            size = len(self.scorer.fed.train_parts[client])
+            noise = plan.analysis.noise_model(obs.round, size)
+            if noise is None:
+                self.analysis_outcomes[plan.name]["skipped"] += 1
+                self.folder.log_metric(round=obs.round, client=key, source=source, key="skipped",
+                                       value="no noise (no noise defense configured, or noise = none)")
+                return
+            self.analysis_noise[plan.name] = f"{noise.kind} {noise.scale:.6g} ({noise.source})"
+            images, y = self.scorer.ground_truth(obs.round, [client])
+            x = self.scorer.fed.data.normalize(images).to(self.device)
+            model = obs.fresh_model(self.device).train()  # the client's mode (local_update trains)
+            # the attack stream's keys plus the analysis' position: its own stream, no new purpose id
+            gen = torch_generator(self.seed, obs.round, client, "attack", 1 + list(self.analyses).index(plan))
+            values = plan.analysis(model, x, y.to(self.device), noise, obs.data_std, gen)
+        except Exception as exc:  # recorded, never fatal
+            log.exception("analysis %s failed on round %d client %s", plan.name, obs.round, key)
+            self.analysis_outcomes[plan.name]["failed"] += 1
+            self.folder.log_metric(round=obs.round, client=key, source=source, key="error", value=repr(exc))
+            return
+        for k, v in values.items():
+            self.folder.log_metric(round=obs.round, client=key, source=source, key=k, value=v)
+        self.analysis_scores[plan.name].append(values)
+        self.analysis_outcomes[plan.name]["ok"] += 1
+
+    def analysis_summary(self) -> dict[str, dict[str, object]]:
+        """Per analysis: the mean of each value over the analysed updates, and outcome counts."""
+        return summarize_analyses(self.analysis_scores, self.analysis_outcomes, self.analysis_noise)
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per attack: the mean of each score over the attacked updates, and outcome counts."""

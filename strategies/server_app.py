@@ -24,6 +24,7 @@ import adversaries  # noqa: F401  (registers the built-in attacks)
 from adversaries.base import ATTACKS
 from clients.client_app import CONFIG_KEY
 from fl_privsim import config as config_mod
+from fl_privsim.analyses import build_analyses
 from fl_privsim.config import Config
 from fl_privsim.devices import resolve_device
 from fl_privsim.federated_data import federated_data
@@ -126,6 +127,7 @@ def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | 
         seed=cfg.seed,
         save_images=cfg.output.save_images,
         on_attack_done=progress.attack_done if progress else None,
+        analyses=build_analyses(cfg),
     )
     if progress is not None:
         progress.attacks_total = runner.planned_runs(
@@ -142,7 +144,7 @@ def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | 
         local_steps=cfg.client.local_steps if cfg.federation.protocol == "fedavg" else 1,
         lr=cfg.client.lr,
     )
-    strategy = HonestButCurious(trained, info=info, observer=runner) if plans else trained
+    strategy = HonestButCurious(trained, info=info, observer=runner) if plans or runner.analyses else trained
     evaluate = central_evaluator(cfg, device)
     accuracy: dict[int, float] = {}
 
@@ -175,6 +177,7 @@ def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | 
         "protocol": cfg.federation.protocol,
         "rounds": cfg.federation.rounds,
         "attacks": runner.summary(),
+        **({"analyses": runner.analysis_summary()} if runner.analyses else {}),
         "final_accuracy": accuracy.get(cfg.federation.rounds),
         "initial_accuracy": accuracy.get(0),
         "accuracy_by_round": {str(k): v for k, v in sorted(accuracy.items())},
