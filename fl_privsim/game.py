@@ -65,6 +65,10 @@ class GameSection:
                                    min=0.0, max=0.99)
     exact: bool = _f(False, "force one local_update call per client and trial (no vectorised path)")
     bootstrap: int = _f(1000, "bootstrap resamples of the CIs", min=10)
+    audit: bool = _f(False, "canary auditing of dp_sgd (attribute game, adult): empirical epsilon lower bound "
+                     "for natural records and a crafted canary beside the accountant's epsilon")
+    canary_steps: int = _f(100, "audit: gradient-ascent steps of the canary crafting", min=1)
+    audit_alpha: float = _f(0.05, "audit: 1 - confidence of the Clopper-Pearson intervals", min=1e-6, max=0.5)
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,10 @@ def load_game_config(path: str | Path | None = None, overrides: list[str] | tupl
     if cfg.game.kind == "attribute" and cfg.data.name != "adult":
         raise ConfigError("game.kind = 'attribute' needs data.name = 'adult' (a sensitive attribute); "
                           "allowed with digits/cifar10_npz: property, distributional, user, membership")
+    if cfg.game.audit and (cfg.game.kind != "attribute" or cfg.game.protocol != "fedsgd"
+                           or not any(dc.name == "dp_sgd" for dc in cfg.defenses)):
+        raise ConfigError("game.audit = true needs game.kind = 'attribute', game.protocol = 'fedsgd' and a "
+                          "dp_sgd defense ([[defenses]] name = \"dp_sgd\")")
     from clients.defenses import batch_sampler, build_defenses
 
     if batch_sampler(build_defenses(cfg.defenses)) is not None:
@@ -206,6 +214,10 @@ def run_game(cfg: GameRunConfig, *, out: str | Path | None = None) -> tuple[Path
 
     aux = Pool(data.x_aux, data.y_aux, data.a_aux)
     pool = Pool(data.x_pool, data.y_pool, data.a_pool)
+    if g.audit:
+        from adversaries.inference.audit import write_audit
+
+        return run_dir, write_audit(cfg, run_dir, model, release, pool, aux, data.attr_column, acc, t0)
     shadow_obs, shadow_secrets = game_for(g.shadow_batch_size or g.batch_size).play(
         aux, shadow_release, g.shadow_trials, numpy_rng(cfg.seed, "attack", 1), stream=1)
     t_shadow = time.perf_counter()
@@ -264,5 +276,8 @@ def cmd_game(args: argparse.Namespace) -> int:
           f"advantage {s['advantage']:.3f}  TPR@1%FPR {s['tpr_at_1pct_fpr']:.3f}")
     if "loss_baseline" in s:
         print(f"  loss baseline AUC {s['loss_baseline']['auc']:.3f}")
+    if "epsilon_lower_bound" in s:
+        print(f"  audit: epsilon lower bound {s['epsilon_lower_bound']:.3f} (canary), "
+              f"{s['natural']['epsilon_lower_bound']:.3f} (natural records); accountant epsilon {s['epsilon']:.3f}")
     print(f"run folder: {run_dir}")
     return 0
