@@ -372,21 +372,25 @@ def default_dict() -> dict[str, Any]:
     return to_dict(Config())
 
 
+def read_toml_file(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The TOML document at ``path``; a missing, unreadable or invalid file is one
+    :class:`ConfigError` naming ``what`` and the path (shared by every command's config)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(p)!r} does not exist")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {str(p)!r} is not valid TOML: {exc}") from None
+
+
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load ``path`` (or the defaults), apply ``--set`` overrides, validate.
 
     A TOML file only needs the keys it changes; ``[[attacks]]`` in the file replaces the
     default list of attacks.
     """
-    data: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
+    data: dict[str, Any] = read_toml_file(path) if path else {}
     if overrides and "attacks" not in data and any(o.strip().startswith("attacks") for o in overrides):
         data["attacks"] = default_dict()["attacks"]
     for assignment in overrides:

@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import logging
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fl_privsim.config import DefenseConfig, _build, _f, apply_override
+from fl_privsim.config import DefenseConfig, _build, _f, apply_override, read_toml_file
 from fl_privsim.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -110,15 +109,7 @@ class GameRunConfig:
 
 def load_game_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> GameRunConfig:
     """Load a game config file (or the defaults), apply ``--set`` overrides, validate."""
-    data: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
+    data: dict[str, Any] = read_toml_file(path) if path else {}
     for assignment in overrides:
         apply_override(data, assignment)
     cfg: GameRunConfig = _build(GameRunConfig, data, "")

@@ -31,7 +31,6 @@ import logging
 import math
 import shutil
 import time
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -162,17 +161,9 @@ def validate(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """The TOML file (if any), then the ``--set`` overrides, validated (:func:`validate`)."""
-    from fl_privsim.config import apply_override
+    from fl_privsim.config import apply_override, read_toml_file
 
-    data: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {str(p)!r} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    data: dict[str, Any] = read_toml_file(path) if path else {}
     for assignment in overrides:
         key = assignment.split("=", 1)[0].strip()
         if "=" in assignment and key.count(".") != 1:

@@ -23,6 +23,7 @@ from typing import Any
 import tomli_w
 import torch
 
+from fl_privsim.config import read_toml_file
 from fl_privsim.devices import resolve_device
 from fl_privsim.errors import ConfigError, DataError, UserError
 from fl_privsim.results import RunFolder, atomic_write_text, make_run_dir
@@ -178,12 +179,7 @@ def resolve_settings(
     path = Path(config) if config else experiments_dir() / "reproduce" / f"{repro.name}.toml"
     layers: list[tuple[str, dict[str, Any]]] = []
     if config or path.is_file():
-        try:
-            layers.append((str(path), tomllib.loads(path.read_text())))
-        except FileNotFoundError:
-            raise ConfigError(f"reproduction settings file {str(path)!r} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        layers.append((str(path), read_toml_file(path, "reproduction settings file")))
     if quick:
         layers.append(("quick", dict(repro.quick)))
     layers.append(("--set", dict(_parse_override(o) for o in overrides)))
