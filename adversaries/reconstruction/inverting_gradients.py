@@ -427,10 +427,11 @@ class InvertingGradientsAttack(Attack):
         arrangements = label_arrangements(labels, plan, self.restarts, generator)
         ys = [arrangements[r % len(arrangements)] for r in range(self.restarts)]
         if self.restarts > 1 and self.batch_restarts and not problem.has_batch_norm:
-            batched = self._optimise_batched(problem, torch.stack(x0), torch.stack(ys), lower, upper)
+            batched = self._optimise(torch.func.vmap(problem.functional_step), torch.stack(x0), torch.stack(ys),
+                                     lower, upper, leaf=False, foreach=True)
             xs = list(batched.unbind(0))
         else:
-            xs = [self._optimise(problem, x, y, lower, upper) for x, y in zip(x0, ys, strict=True)]
+            xs = [self._optimise(problem.step, x, y, lower, upper) for x, y in zip(x0, ys, strict=True)]
         objectives = [problem.objective(x, y) for x, y in zip(xs, ys, strict=True)]
         best = min(range(len(xs)), key=lambda i: objectives[i])
         metrics = {
@@ -452,38 +453,25 @@ class InvertingGradientsAttack(Attack):
 
     def _optimise(
         self,
-        problem: _Problem,
+        step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
         x0: torch.Tensor,
         y: torch.Tensor,
         lower: torch.Tensor,
         upper: torch.Tensor,
+        *,
+        leaf: bool = True,
+        foreach: bool | None = None,
     ) -> torch.Tensor:
-        x = x0.clone().requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=self.lr)
-        sched = self._schedule(opt)
-        for _ in range(self.iterations):
-            grad, _ = problem.step(x, y)
-            x.grad = grad.sign_()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                x.copy_(torch.maximum(torch.minimum(x, upper), lower))
-        return x.detach()
+        """Signed-gradient Adam with the step-decay schedule and the box projection.
 
-    def _optimise_batched(
-        self,
-        problem: _Problem,
-        x0: torch.Tensor,
-        y: torch.Tensor,
-        lower: torch.Tensor,
-        upper: torch.Tensor,
-    ) -> torch.Tensor:
+        ``step(x, y)`` returns the objective's gradient at ``x`` (and its value); it gets
+        the leaf ``x`` itself (``leaf=True``, :meth:`_Problem.step`) or a detached copy
+        (the ``vmap``-batched :meth:`_Problem.functional_step`)."""
         x = x0.clone().requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=self.lr, foreach=True)
+        opt = torch.optim.Adam([x], lr=self.lr, foreach=foreach)
         sched = self._schedule(opt)
-        step = torch.func.vmap(problem.functional_step)
         for _ in range(self.iterations):
-            grad, _ = step(x.detach(), y)
+            grad, _ = step(x if leaf else x.detach(), y)
             x.grad = grad.sign_()
             opt.step()
             sched.step()
