@@ -8,8 +8,12 @@ one of :data:`KINDS`:
   ``‖(JJᵀ+εI)⁻¹Jδ‖`` for one draw of the defense perturbation δ (``mc_samples = 0``) or their
   Monte Carlo mean over ``mc_samples`` draws. Table: one row per sample; plot: histogram.
 - ``vinfo``: layer-wise empirical V-information (Xu et al., ICLR 2020; Mo et al.,
-  arXiv:2105.13929) of the per-sample layer gradients about a target (the label, or its
-  parity as a binary latent attribute). Table: one row per layer; plot: bar plot.
+  arXiv:2105.13929) of the per-sample layer gradients about a target: the label, its
+  parity as a binary latent attribute (classifier families), or the input itself
+  (``vinfo.target = "input"``, Mo et al.'s original information: Gaussian-likelihood
+  decoders of the normalised input projected on its top ``vinfo.input_components``
+  principal components; nats total and per component). Table: one row per layer; plot:
+  bar plot.
 - ``sensitivity``: Jacobian sensitivity ``‖∂g_l/∂x‖_F`` per layer by Hutchinson probes (Mo et al.).
 - ``subspace``: principal-angle distance per layer between the per-sample gradient subspaces
   of two groups (two classes, or even vs odd labels) (Mo et al.).
@@ -43,6 +47,10 @@ KINDS = ("i2f", "vinfo", "sensitivity", "subspace")
 #: Perturbations of the ``i2f`` measure (and of the ``i2f_vs_dgl`` reproduction).
 I2F_NOISES = ("gaussian", "laplace", "pruning")
 TARGETS = ("label", "parity")
+#: Targets of the ``vinfo`` measure: the discrete ones, or the (continuous) input.
+VINFO_TARGETS = (*TARGETS, "input")
+#: ``vinfo.input_variance``: the Gaussian decoders' variance (one per dimension, or shared).
+INPUT_VARIANCES = ("per_dim", "shared")
 SPLITS = ("train", "test")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -54,7 +62,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"name": "lenet", "init": "uniform"},
     "i2f": {"samples": 16, "first_index": 0, "noise": "gaussian", "scale": 1e-3, "eps": 1.0,
             "mc_samples": 0, "cg_max_iter": 500},
-    "vinfo": {"target": "label", "samples_per_class": 30, "max_features": 256, "mlp_epochs": 300},
+    "vinfo": {"target": "label", "samples_per_class": 30, "max_features": 256, "mlp_epochs": 300,
+              "input_components": 16, "input_variance": "per_dim"},
     "sensitivity": {"samples": 8, "first_index": 0, "probes": 16},
     "subspace": {"target": "label", "classes": [0, 1], "samples_per_class": 20, "k": 5},
     "output": {"dir": "runs"},
@@ -66,7 +75,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "measure.device": DEVICES,
     "data.split": SPLITS,
     "i2f.noise": I2F_NOISES,
-    "vinfo.target": TARGETS,
+    "vinfo.target": VINFO_TARGETS,
+    "vinfo.input_variance": INPUT_VARIANCES,
     "subspace.target": TARGETS,
 }
 
@@ -74,6 +84,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 MINIMUM: dict[str, int] = {
     "measure.threads": 1, "i2f.samples": 1, "i2f.first_index": 0, "i2f.mc_samples": 0,
     "i2f.cg_max_iter": 1, "vinfo.samples_per_class": 4, "vinfo.max_features": 1, "vinfo.mlp_epochs": 1,
+    "vinfo.input_components": 1,
     "sensitivity.samples": 1, "sensitivity.first_index": 0, "sensitivity.probes": 2,
     "subspace.samples_per_class": 2, "subspace.k": 1,
 }
@@ -312,6 +323,7 @@ def _target(labels: Any, target: str) -> Any:
 def _measure_vinfo(cfg: dict[str, dict[str, Any]], data: Any, model: Any, device: Any,
                    out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from adversaries.measures import (
+        layer_gaussian_v_information,
         layer_v_information,
         per_sample_layer_gradients,
         plot_layer_table,
@@ -322,6 +334,21 @@ def _measure_vinfo(cfg: dict[str, dict[str, Any]], data: Any, model: Any, device
     idx = _per_class(data, split, range(data.num_classes), c["samples_per_class"], "vinfo.samples_per_class")
     x, y = _batch(data, split, idx, device)
     grads = {k: v.cpu() for k, v in per_sample_layer_gradients(model, x, y).items()}
+    if c["target"] == "input":
+        table = layer_gaussian_v_information(
+            grads, x.detach().cpu(), generator=torch_generator(cfg["measure"]["seed"], "split"),
+            max_features=c["max_features"], mlp_epochs=c["mlp_epochs"],
+            target_components=c["input_components"], variance=c["input_variance"])
+        plot_layer_table(table, out / "plot.png", key="v_information", err_key="stderr",
+                         title=f"V-information about the input ({table[0]['target_dim']} PCs) per layer",
+                         ylabel="I_V (nats)")
+        best = max(table, key=lambda r: float(r["v_information"]))  # type: ignore[arg-type]
+        summary = {"samples": len(idx), "target": "input", "input_components": table[0]["target_dim"],
+                   "input_variance": c["input_variance"], "explained_variance": table[0]["explained_variance"],
+                   "h_x": table[0]["h_x"], "layers": len(table), "most_informative_layer": best["layer"],
+                   "max_v_information": best["v_information"],
+                   "max_v_information_per_dim": best["v_information_per_dim"]}
+        return summary, [dict(r) for r in table]
     target = _target(y.cpu(), c["target"])
     table = layer_v_information(grads, target, generator=torch_generator(cfg["measure"]["seed"], "split"),
                                 max_features=c["max_features"], mlp_epochs=c["mlp_epochs"])

@@ -7,7 +7,9 @@
 - :mod:`~adversaries.measures.subspace`: principal angles between two groups' per-sample
   gradient subspaces, per layer (Mo et al.).
 - :mod:`~adversaries.measures.vinfo`: layer-wise empirical V-information (Xu et al., ICLR
-  2020; Mo et al.).
+  2020; Mo et al.) about a discrete target (label, private attribute).
+- :mod:`~adversaries.measures.vinfo_gaussian`: the same about a continuous target (the
+  input: Mo et al.'s "original information") with Gaussian-likelihood decoders.
 
 Measures are analyst-side: they see the private inputs and labels, unlike the attacks.
 """
@@ -33,17 +35,25 @@ from adversaries.measures.subspace import (
     principal_angles,
 )
 from adversaries.measures.vinfo import layer_v_information, plot_layer_table, v_information
+from adversaries.measures.vinfo_gaussian import (
+    GaussianVInfoResult,
+    gaussian_v_information,
+    layer_gaussian_v_information,
+)
 
 __all__ = [
+    "GaussianVInfoResult",
     "I2FExpectation",
     "I2FResult",
     "InversionJacobian",
     "exact_sensitivity",
+    "gaussian_v_information",
     "group_subspace_distance",
     "i2f",
     "i2f_expected",
     "jacobian_sensitivity",
     "layer_groups",
+    "layer_gaussian_v_information",
     "layer_subspace_distance",
     "layer_v_information",
     "max_eigenvalue",

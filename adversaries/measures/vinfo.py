@@ -65,6 +65,21 @@ class VInfoResult:
         return d
 
 
+def standardise_features(xtr: torch.Tensor, xte: torch.Tensor,
+                         max_features: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardise both splits with the train split's mean and std (constant columns kept
+    as is), then project on the train split's top ``max_features`` principal components
+    when wider. Shared by the discrete and the Gaussian-decoder V-information."""
+    mu, sd = xtr.mean(0), xtr.std(0)
+    sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+    if max_features is not None and xtr.shape[1] > max_features:
+        _, _, vh = torch.linalg.svd(xtr, full_matrices=False)
+        basis = vh[:max_features].T
+        xtr, xte = xtr @ basis, xte @ basis
+    return xtr, xte
+
+
 def _fit_logistic(xtr: torch.Tensor, ytr: torch.Tensor, k: int, weight_decay: float, max_iter: int) -> nn.Module:
     model = nn.Linear(xtr.shape[1], k).double()
     nn.init.zeros_(model.weight)
@@ -133,14 +148,7 @@ def v_information(
     # Constant predictor: the (add-one smoothed) train label distribution.
     prior = (torch.bincount(ytr, minlength=k).double() + 1.0) / (ytr.numel() + k)
     nll_const = -prior.log()[yte]
-    # Standardise with train statistics, then PCA when too wide.
-    mu, sd = xtr.mean(0), xtr.std(0)
-    sd = torch.where(sd > 0, sd, torch.ones_like(sd))
-    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
-    if max_features is not None and xtr.shape[1] > max_features:
-        _, _, vh = torch.linalg.svd(xtr, full_matrices=False)
-        basis = vh[:max_features].T
-        xtr, xte = xtr @ basis, xte @ basis
+    xtr, xte = standardise_features(xtr, xte, max_features)
     per_family: dict[str, torch.Tensor] = {}
     for fam in families:
         if k == 1:

@@ -64,6 +64,23 @@ def test_i2f_monte_carlo_and_pruning(tmp_path):
     assert none["lower_bound_max"] == 0.0  # pruning nothing perturbs nothing
 
 
+def test_vinfo_about_the_input(tmp_path):
+    """``vinfo.target = "input"``: Gaussian-decoder V-information about the digits' pixels."""
+    cfg = load_config(None, ['measure.kind="vinfo"', 'vinfo.target="input"', "vinfo.samples_per_class=8",
+                             "vinfo.mlp_epochs=20", "vinfo.input_components=4", "vinfo.max_features=16"])
+    path, summary = run_measure(cfg, out=tmp_path / "run")
+    assert summary["target"] == "input" and summary["input_components"] == 4
+    assert 0.0 < summary["explained_variance"] <= 1.0 and summary["most_informative_layer"] in {
+        "body.0", "body.2", "body.4", "fc"}
+    rows = list(csv.DictReader(open(path / "table.csv")))
+    assert [r["layer"] for r in rows] == ["body.0", "body.2", "body.4", "fc"]
+    for r in rows:  # one null model (shared split and projection), total = per-dimension x 4
+        assert float(r["h_x"]) == pytest.approx(summary["h_x"])
+        assert float(r["v_information"]) == pytest.approx(4 * float(r["v_information_per_dim"]))
+        assert float(r["v_information"]) == pytest.approx(float(r["h_x"]) - float(r["h_x_given_g"]))
+    assert (path / "plot.png").is_file()
+
+
 def test_example_configs_load():
     assert load_config("experiments/measure_i2f.toml")["measure"]["kind"] == "i2f"
     assert load_config("experiments/measure_vinfo.toml")["vinfo"]["target"] == "parity"
@@ -80,7 +97,9 @@ def test_example_configs_load():
         (['i2f.samples="3"'], ["i2f.samples", "integer"]),
         (['i2f.noise="pruning"', "i2f.scale=2.0"], ["i2f.scale", "ratio"]),
         (['i2f.noise="pruning"', "i2f.mc_samples=4"], ["mc_samples", "deterministic"]),
-        (['vinfo.target="age"'], ["vinfo.target", "label, parity"]),
+        (['vinfo.target="age"'], ["vinfo.target", "label, parity, input"]),
+        (['vinfo.input_variance="full"'], ["vinfo.input_variance", "per_dim, shared"]),
+        (["vinfo.input_components=0"], ["vinfo.input_components", ">= 1"]),
         (["subspace.classes=[3, 3]"], ["subspace.classes"]),
         (["samples=3"], ["SECTION.KEY"]),
     ],
