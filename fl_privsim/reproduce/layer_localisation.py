@@ -11,7 +11,12 @@ attribute inference), and that aggregation (larger batches) and DP reduce the le
 - original information: the Jacobian sensitivity ``S_l = E_x ‖∂g_l(x)/∂x‖_F``
   (:func:`adversaries.measures.jacobian_sensitivity`, Hutchinson probes), reported raw and
   normalised by dimension (the RMS entry ``‖·‖_F/√(d_l d_x)``; the argmax uses the normalised
-  value, as the paper normalises);
+  value, as the paper normalises), and the V-information ``I_V(g_l → X)`` about the input
+  itself with Gaussian-likelihood decoders (linear and one-hidden-layer MLP;
+  :func:`adversaries.measures.gaussian_v_information`), the target being the normalised
+  image projected on the top ``input_components`` principal components of the attack
+  models' train split (per-dimension variances ``input_variance``); for ``B = 1`` only
+  (with every DP σ), as a batch update has no single input to decode;
 - latent information: the empirical V-information ``I_V(g_l → A)`` of the layer's gradient
   about a binary attribute ``A`` (:func:`adversaries.measures.v_information`: logistic
   regression and a one-hidden-layer MLP, held-out NLL, nats) and the subspace distance
@@ -57,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adversaries.measures import (
+    gaussian_v_information,
     jacobian_sensitivity,
     layer_groups,
     layer_subspace_distance,
@@ -65,6 +71,7 @@ from adversaries.measures import (
     v_information,
 )
 from adversaries.measures._common import flatten, trainable_named_params
+from adversaries.measures.vinfo_gaussian import VARIANCES
 from fl_privsim.data import load_dataset
 from fl_privsim.errors import ConfigError
 from fl_privsim.models import build_model
@@ -192,6 +199,11 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
         raise ConfigError("layer_localisation: samples must be >= 20 and sensitivity_samples >= 2")
     if any(b < 1 for b in settings["batch_sizes"]) or any(s < 0 for s in settings["sigmas"]):
         raise ConfigError("layer_localisation: batch_sizes must be >= 1 and sigmas >= 0")
+    if settings["input_components"] < 1:
+        raise ConfigError(f"layer_localisation.input_components: must be >= 1, got {settings['input_components']}")
+    if settings["input_variance"] not in VARIANCES:
+        raise ConfigError(f"layer_localisation.input_variance: unknown {settings['input_variance']!r}; allowed: "
+                          f"{', '.join(VARIANCES)}")
     size = settings["image_size"] or None
     data = load_dataset("cifar10_npz", root=ctx.data("cifar10"), image_size=size)
     n = min(settings["samples"], int(data.test_y.shape[0]))
@@ -244,8 +256,12 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
         {k: v[attr == 0] for k, v in grads.items()}, {k: v[attr == 1] for k, v in grads.items()},
         k=settings["subspace_k"])}
     vkw = {"max_features": settings["max_features"], "test_fraction": settings["test_fraction"]}
+    ikw = {"max_features": settings["max_features"], "test_fraction": settings["test_fraction"],
+           "target_components": settings["input_components"], "variance": settings["input_variance"]}
+    x_flat = xte.detach().reshape(n, -1).double().cpu()
     configs: list[dict[str, Any]] = []
     vinfo: dict[tuple[int, float], dict[str, Any]] = {}
+    vinfo_input: dict[float, dict[str, Any]] = {}
     for b in settings["batch_sizes"]:
         batches = None
         if b > 1:
@@ -260,6 +276,12 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
                                        generator=ctx.generator(8, b, "attack"), **vkw).to_dict()
                    for name in layers}
             vinfo[(b, sigma)] = res
+            if b == 1:  # original information: decode the sample's own input from its update
+                vinfo_input[sigma] = {name: gaussian_v_information(
+                    upd[name], x_flat, layer=name, permutation=perm, generator=ctx.generator(9, "attack"),
+                    **ikw).to_dict() for name in layers}
+                ctx.log.info("layer_localisation: B=1 sigma=%g: input V-info %s", sigma, ", ".join(
+                    f"{k}={vinfo_input[sigma][k]['v_information']:.2f}" for k in layers))
             best = max(layers, key=lambda k, res=res: res[k]["v_information"])
             configs.append({"batch": b, "sigma": sigma, "best_layer": best,
                             "h_y": res[layers[0]]["h_y"], **{f"vi_{k}": res[k]["v_information"] for k in layers}})
@@ -268,6 +290,8 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
     t_vinfo = time.perf_counter() - t2
 
     base = vinfo[(settings["batch_sizes"][0], settings["sigmas"][0])]
+    sigma0 = settings["sigmas"][0]
+    base_in = vinfo_input.get(sigma0, {})
     rows = []
     for pos, name in enumerate(layers, start=1):
         rows.append({
@@ -277,16 +301,26 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
             "v_information": base[name]["v_information"], "stderr": base[name]["stderr"],
             "best_family": base[name]["best_family"],
             "distance": sub[name].distance, "normalized_distance": sub[name].normalized_distance,
+            "vinfo_input": base_in[name]["v_information"] if base_in else math.nan,
+            "vinfo_input_stderr": base_in[name]["stderr"] if base_in else math.nan,
+            "vinfo_input_per_dim": base_in[name]["v_information_per_dim"] if base_in else math.nan,
+            "vinfo_input_family": base_in[name]["best_family"] if base_in else "",
         })
     plot_layer_table(rows, ctx.path / "sensitivity.png", key="normalized", err_key="normalized_stderr",
                      title="Jacobian sensitivity (normalised)", ylabel="RMS entry of dg_l/dx")
     plot_layer_table(rows, ctx.path / "vinfo.png", title=f"V-information about {settings['attribute']} (nats)")
     plot_layer_table(rows, ctx.path / "subspace.png", key="normalized_distance", err_key=None,
                      title="Subspace distance / sqrt(k)")
+    if base_in:
+        plot_layer_table(rows, ctx.path / "vinfo_input.png", key="vinfo_input", err_key="vinfo_input_stderr",
+                         title=f"V-information about the input ({settings['input_components']} PCs, nats)",
+                         ylabel="I_V(g_l -> X) (nats)")
 
     s_best, v_best, d_best = _argmax(rows, "normalized"), _argmax(rows, "v_information"), _argmax(rows, "distance")
     raw_best = _argmax(rows, "sensitivity")
+    i_best = _argmax(rows, "vinfo_input") if base_in else None
     n_layers = len(rows)
+    first_in = next(iter(base_in.values()), {})
     summary: dict[str, Any] = {
         "model": settings["model"], "attribute": settings["attribute"], "samples": n, "sensitivity_samples": ns,
         "train_epochs": settings["train_epochs"], "test_accuracy": acc, "clip_norm": clip,
@@ -296,7 +330,15 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
         "vinfo_argmax_layer": v_best["layer"], "vinfo_argmax_position": v_best["position"],
         "vinfo_max": v_best["v_information"], "h_attribute": base[layers[0]]["h_y"],
         "subspace_argmax_layer": d_best["layer"],
+        "vinfo_input_argmax_layer": i_best["layer"] if i_best else None,
+        "vinfo_input_argmax_position": i_best["position"] if i_best else None,
+        "vinfo_input_max": i_best["vinfo_input"] if i_best else None,
+        "h_input": first_in.get("h_x"), "input_components": first_in.get("target_dim"),
+        "input_explained_variance": first_in.get("explained_variance"),
+        "vinfo_input_by_sigma": {f"B1_sigma{sg:g}": {k: v[k]["v_information"] for k in layers}
+                                 for sg, v in vinfo_input.items()},
         "original_first": bool(s_best["position"] <= n_layers / 2),
+        "original_first_vinfo": bool(i_best["position"] <= n_layers / 2) if i_best else None,
         "latent_in_fc": bool(v_best["kind"] == "fc"),
         "subspace_in_fc": bool(d_best["kind"] == "fc"),
         "vinfo_by_config": {f"B{c['batch']}_sigma{c['sigma']:g}": {k: c[f"vi_{k}"] for k in layers}
@@ -307,21 +349,31 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
 
     per_layer = markdown_table(
         ["pos", "layer", "kind", "params", "sensitivity ‖∂g/∂x‖_F", "normalised (RMS entry)",
+         f"V-info about the input ({settings['input_components']} PCs, nats)", "per PC (nats)",
          f"V-info about {settings['attribute']} (nats)", "subspace dist / √k"],
         [[r["position"], r["layer"], r["kind"], r["d_params"],
           f"{r['sensitivity']:.3g} ± {r['sensitivity_stderr']:.2g}",
           f"{r['normalized']:.3g} ± {r['normalized_stderr']:.2g}",
+          f"{r['vinfo_input']:.2f} ± {r['vinfo_input_stderr']:.2f} ({r['vinfo_input_family']})",
+          f"{r['vinfo_input_per_dim']:.3f}",
           f"{r['v_information']:.3f} ± {r['stderr']:.3f}", r["normalized_distance"]] for r in rows],
     )
     sweep = markdown_table(
         ["B", "σ (noise / clip)", "H(A) (nats)", *[f"V-info {k}" for k in layers], "argmax"],
         [[c["batch"], c["sigma"], c["h_y"], *[c[f"vi_{k}"] for k in layers], c["best_layer"]] for c in configs],
     )
+    input_sweep = markdown_table(
+        ["B", "σ (noise / clip)", *[f"input V-info {k}" for k in layers]],
+        [[1, sg, *[v[k]["v_information"] for k in layers]] for sg, v in vinfo_input.items()],
+    ) if vinfo_input else "(no B = 1 configuration: input V-information not measured)"
     claims = markdown_table(
         ["claim (Mo et al.)", "ours", "holds"],
         [["original information peaks in the first layers (normalised sensitivity)",
           f"argmax {s_best['layer']} (position {s_best['position']} of {n_layers}); raw ‖·‖_F argmax "
           f"{raw_best['layer']}", summary["original_first"]],
+         ["original information peaks in the first layers (V-info about the input)",
+          f"argmax {i_best['layer']} (position {i_best['position']} of {n_layers})" if i_best else "not measured",
+          summary["original_first_vinfo"]],
          ["latent information peaks in the FC layers after the feature extractor (V-info)",
           f"argmax {v_best['layer']} ({v_best['kind']}, position {v_best['position']})", summary["latent_in_fc"]],
          ["latent information peaks in the FC layers (subspace distance)",
@@ -332,13 +384,17 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
         f"trained {settings['train_epochs']} epochs on {n_train} train images (test accuracy {acc0:.3f} -> {acc:.3f}); "
         f"V-information and subspace distance on {n} test images ({settings['test_fraction']:.0%} held out for the "
         f"attack models; B > 1: {n} random batches, target = majority attribute), sensitivity on {ns} test images "
-        f"with {settings['n_probes']} Rademacher probes each. Attribute `{settings['attribute']}`; layers wider than "
+        f"with {settings['n_probes']} Rademacher probes each. Input V-information: Gaussian decoders (linear ridge, "
+        f"one-hidden-layer MLP; {settings['input_variance']} variance) of the normalised image projected on its top "
+        f"{settings['input_components']} principal components ({(first_in.get('explained_variance') or 0):.0%} of "
+        f"the pixel variance), H_V(X) = {(first_in.get('h_x') or math.nan):.1f} nats. Attribute `{settings['attribute']}`; layers wider than "
         f"{settings['sketch_dim']} are CountSketched; subspace k = {settings['subspace_k']}. DP: per-sample clip to "
         f"C = {clip:.3g} (median whole-model gradient norm unless set), noise N(0, σ²C²) per coordinate on the sum. "
         f"Seed {ctx.seed}, device {ctx.device}, {summary['seconds_total']:.0f} s. The paper reports the localisation "
         "qualitatively (no numbers in methods.md §2)."
     )
     table = (per_layer + "\n\nV-information per layer by batch size and DP noise:\n\n" + sweep
+             + "\n\nV-information about the input (nats) per layer by DP noise, B = 1:\n\n" + input_sweep
              + "\n\n" + claims + "\n\n" + notes)
     return ReproResult(summary=summary, table=table)
 
@@ -365,10 +421,12 @@ register(
             "batch_sizes": [1, 8],
             "sigmas": [0.0, 0.01, 0.1, 1.0],
             "clip_norm": 0.0,
+            "input_components": 16,
+            "input_variance": "per_dim",
         },
         quick={"image_size": 16, "train_images": 128, "train_epochs": 1, "samples": 60,
                "sensitivity_samples": 3, "n_probes": 2, "sketch_dim": 1024, "max_features": 32,
-               "sigmas": [0.0, 1.0]},
+               "sigmas": [0.0, 1.0], "input_components": 4},
         run=run,
     )
 )

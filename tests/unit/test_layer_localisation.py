@@ -50,6 +50,23 @@ def test_quick_reproduction(shared_data, tmp_path):
     assert set(s["vinfo_by_config"]) == {"B1_sigma0", "B1_sigma1", "B8_sigma0", "B8_sigma1"}
     assert 0.0 < s["h_attribute"] <= math.log(2) + 0.1
     assert "Mo et al." in result.table and (path / "vinfo.png").is_file() and (path / "sensitivity.png").is_file()
+    # original information as V-information about the input (Gaussian decoders), B = 1 only
+    assert s["input_components"] == 4 and 0.0 < s["input_explained_variance"] <= 1.0
+    assert set(s["vinfo_input_by_sigma"]) == {"B1_sigma0", "B1_sigma1"}
+    assert set(s["vinfo_input_by_sigma"]["B1_sigma0"]) == set(s["layers"])
+    assert s["vinfo_input_argmax_layer"] in s["layers"] and isinstance(s["original_first_vinfo"], bool)
+    assert s["vinfo_input_max"] == max(s["vinfo_input_by_sigma"]["B1_sigma0"].values())
+    assert (path / "vinfo_input.png").is_file() and "V-info about the input" in result.table
+
+
+def test_bad_input_settings_name_the_key(shared_data, tmp_path):
+    from fl_privsim.errors import ConfigError
+    from fl_privsim.reproduce import run_reproduction
+
+    with pytest.raises(ConfigError, match="input_variance.*per_dim, shared"):
+        run_reproduction("layer_localisation", quick=True, out=tmp_path / "a", overrides=['input_variance="full"'])
+    with pytest.raises(ConfigError, match="input_components"):
+        run_reproduction("layer_localisation", quick=True, out=tmp_path / "b", overrides=["input_components=0"])
 
 
 if __name__ == "__main__":  # pragma: no cover
