@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any
 
 from fl_privsim import config as config_mod
 from fl_privsim.errors import UserError
+from fl_privsim.progress import configure_logging
 
 RUN_EPILOG = """\
 A config is TOML; it only needs the keys it changes. --set overrides any key:
@@ -86,6 +86,12 @@ def format_table(summary: dict[str, Any]) -> str:
             f"{fmt(row.get('label_accuracy'), '.3f'):>9} "
             f"{int(row.get('refused', 0)):>7} {int(row.get('failed', 0)):>6}"
         )
+    for name, row in summary.get("attacks", {}).items():  # inference attacks: AUC over the scored updates
+        if "auc" in row:
+            ci = row.get("auc_ci") or [float("nan")] * 2
+            lines.append(f"{name}: AUC {row['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] over {row.get('trials', 0)} "
+                         f"updates ({row.get('positives', 0)} with secret 1), accuracy "
+                         f"{row.get('accuracy', float('nan')):.3f}, advantage {row.get('advantage', float('nan')):.3f}")
     acc = summary.get("final_accuracy")
     lines.append("")
     lines.append(f"model test accuracy after round {summary.get('rounds')}: {fmt(acc, '.4f')}"
@@ -97,8 +103,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fl_privsim.simulation import run
 
     cfg = config_mod.load(args.config, args.overrides)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     run_dir, summary = run(cfg, out=args.out, show_progress=not args.quiet, verbose=args.verbose)
     print(format_table(summary))
     print(f"run folder: {run_dir}")
@@ -130,8 +135,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             print("error: name a reproduction to run (fl-privsim reproduce NAME)", file=sys.stderr)
             return 2
         return 0
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     path, result = reproduce.run_reproduction(
         args.name, config=args.config, overrides=args.overrides, out=args.out, quick=args.quick
     )

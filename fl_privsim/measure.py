@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_privsim.errors import ConfigError, UserError
+from fl_privsim.progress import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -514,8 +515,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def cmd_measure(args: argparse.Namespace) -> int:
     """The ``measure`` subcommand: print the summary and the run folder."""
     cfg = load_config(args.config, args.overrides)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     path, summary = run_measure(cfg, out=args.out)
     print(json.dumps(summary, indent=2, default=str))
     print(f"run folder: {path}")

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
 from typing import TextIO
+
+
+def configure_logging(verbose: bool) -> None:
+    """Log INFO (``verbose``) or WARNING and above to stderr. ``force`` replaces the handler
+    that a library may have installed at import (Opacus calls ``basicConfig``), which would
+    otherwise make this call a no-op and hide ``--verbose`` progress."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
 
 
 class Progress:
