@@ -5,5 +5,6 @@ Importing this package registers the built-in attacks in :data:`ATTACKS`.
 
 from adversaries import reconstruction  # imported to register the attacks
 from adversaries.base import ATTACKS, Attack, AttackResult, Observation
+from adversaries.inference import federated  # registers the federated inference attacks
 
-__all__ = ["ATTACKS", "Attack", "AttackResult", "Observation", "reconstruction"]
+__all__ = ["ATTACKS", "Attack", "AttackResult", "Observation", "federated", "reconstruction"]

@@ -16,6 +16,9 @@ Datasets of :func:`load_dataset`:
 - ``mnist_idx``: raw IDX files, gzipped or not, in ``root``: ``t10k-images-idx3-ubyte`` and
   ``t10k-labels-idx1-ubyte``, plus ``train-*`` when present (official MNIST files, e.g. the
   test set in ``../shared/data/mnist``); one pair alone is split by ``test_fraction``.
+- ``adult``: UCI Adult, tabular (``adult.data.gz``/``adult.test.gz`` in ``root``, e.g.
+  ``../shared/data/adult``), encoded by :mod:`fl_privsim.tabular` as float32 inputs of shape
+  (1, 1, D) (``mlp``/``linear`` flatten them), already standardised: mean 0, std 1 here.
 
 Images are stored as uint8 (N, C, H, W), digits as float32 in [0, 1]; ``ImageData.images``
 always returns float32 in [0, 1]. Splits and ``max_examples`` subsets derive from ``seed``
@@ -45,7 +48,7 @@ __all__ = ["DATASETS", "SCHEMES", "ImageData", "load_dataset", "partition", "sam
 logger = logging.getLogger(__name__)
 
 DATASETS: tuple[str, ...] = (
-    "digits", "mnist", "fashion_mnist", "cifar10", "folder", "cifar10_npz", "mnist_idx",
+    "digits", "mnist", "fashion_mnist", "cifar10", "folder", "cifar10_npz", "mnist_idx", "adult",
 )
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
 _FOLDER_LAYOUT = "<root>/<class_name>/*.png|jpg|jpeg|bmp"
@@ -200,6 +203,10 @@ def _load_cached(name: str, root: str | None, image_size: int | None, download: 
         raw = _load_folder(path, image_size or 32, test_fraction, seed)
     elif name == "cifar10_npz":
         raw = load_npz(path)
+    elif name == "adult":
+        from fl_privsim.tabular import load_adult_raw
+
+        raw = load_adult_raw(path)
     else:
         raw = load_idx(path, test_fraction, seed)
     train_x, train_y, test_x, test_y, class_names = raw
@@ -210,7 +217,8 @@ def _load_cached(name: str, root: str | None, image_size: int | None, download: 
     train_x, test_x = _resize(train_x, image_size), _resize(test_x, image_size)
     if len(train_y) == 0:
         raise DataError(f"{name}: no training examples (root {root})")
-    mean, std = _channel_stats(train_x)
+    # tabular inputs are standardised by their reader: no second normalisation
+    mean, std = ((0.0,), (1.0,)) if name == "adult" else _channel_stats(train_x)
     num_classes = max(len(class_names), int(train_y.max()) + 1)
     logger.info("loaded %s: %d train, %d test, shape %s", name, len(train_y), len(test_y),
                 tuple(train_x.shape[1:]))

@@ -12,6 +12,7 @@ and the attack success rate: the fraction of originals reconstructed with an MSE
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -22,6 +23,7 @@ import torch
 from fl_privsim import metrics
 from fl_privsim.config import Config
 from fl_privsim.federated_data import FederatedData, client_batch_indices
+from fl_privsim.inference_scoring import InferenceScorer
 
 
 @dataclass
@@ -56,6 +58,12 @@ class Scorer:
     def __init__(self, cfg: Config, fed: FederatedData) -> None:
         self.cfg = cfg
         self.fed = fed
+
+    @functools.cached_property
+    def inference(self) -> InferenceScorer:
+        """Server knowledge and ground truth of the inference attacks
+        (:mod:`fl_privsim.inference_scoring`)."""
+        return InferenceScorer(self.cfg, self.fed)
 
     def ground_truth_indices(self, server_round: int, clients: Sequence[int]) -> np.ndarray:
         """Train-split indices of every example the ``clients`` used in ``server_round``."""

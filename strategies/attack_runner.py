@@ -2,7 +2,10 @@
 
 For every observation it runs each attack whose targets include it, hands the result to
 the :class:`~fl_privsim.scoring.Scorer` (the only place that sees ground truth), appends
-the scores to ``metrics.jsonl`` and saves one image grid per observation. An attack that
+the scores to ``metrics.jsonl`` and saves one image grid per observation. Inference attacks
+(:mod:`adversaries.inference.federated`) get the server's knowledge attached by the scorer
+side and are scored by :mod:`fl_privsim.inference_scoring` (secret, score; AUC in the
+summary). An attack that
 refuses (its threat model is not met) or fails is recorded as such and never stops
 training.
 """
@@ -19,9 +22,15 @@ import numpy as np
 import torch
 
 from adversaries.base import Attack, Observation
+from adversaries.inference.federated import (
+    FederatedInference,
+    InferenceObservation,
+    ServerKnowledge,
+)
 from fl_privsim.analyses import AnalysisPlan
 from fl_privsim.analyses import summarize as summarize_analyses
 from fl_privsim.errors import ThreatModelError
+from fl_privsim.inference_scoring import summarize as summarize_inference
 from fl_privsim.results import RunFolder
 from fl_privsim.scoring import Scorer
 from fl_privsim.seeding import torch_generator
@@ -101,7 +110,8 @@ class AttackRunner:
                     continue
                 label = f"{plan.name}@aggregate" if obs.is_aggregate else plan.name
                 matched, originals = self._run_one(plan, obs, label, key, originals)
-                rows.append((plan.name, matched))
+                if not isinstance(plan.attack, FederatedInference):  # inference attacks draw no images
+                    rows.append((plan.name, matched))
                 if self.on_attack_done is not None:
                     self.on_attack_done()
             for a in self.analyses:
@@ -121,7 +131,11 @@ class AttackRunner:
         gen = torch_generator(self.seed, obs.round, client_num, "attack")
         source = f"attack/{label}"
         t0 = time.perf_counter()
+        inference = isinstance(plan.attack, FederatedInference)
         try:
+            if inference:  # the server's own knowledge (aux pool, target's public part), never the secret
+                knowledge = self.scorer.inference.knowledge(plan.attack.spec, obs.round, members)
+                obs = InferenceObservation.of(obs, ServerKnowledge(**knowledge))
             result = plan.attack(obs, device=self.device, generator=gen)
         except ThreatModelError as exc:
             log.warning("%s refused round %d client %s: %s", plan.name, obs.round, key, exc)
@@ -134,15 +148,21 @@ class AttackRunner:
             self.folder.log_metric(round=obs.round, client=key, source=source, key="error", value=repr(exc))
             return None, originals
         seconds = time.perf_counter() - t0
-        score = self.scorer.score(result, obs.round, members)
-        values = {**score.values, "seconds": seconds}
+        if inference:
+            score_values = self.scorer.inference.score(plan.attack.spec, float(getattr(result, "score", 0.5)),
+                                                       obs.round, members)
+            matched, originals_out = None, originals
+        else:
+            score = self.scorer.score(result, obs.round, members)
+            score_values, matched, originals_out = score.values, score.matched, score.originals
+        values = {**score_values, "seconds": seconds}
         for k, v in result.metrics.items():
             values[f"attack_{k}"] = float(v)
         for k, v in values.items():
             self.folder.log_metric(round=obs.round, client=key, source=source, key=k, value=v)
         self.scores[label].append(values)
         self.outcomes[label]["ok"] += 1
-        return score.matched, score.originals
+        return matched, originals_out
 
     def _analyse(self, plan: AnalysisPlan, obs: Observation, key: int | str) -> None:
         """Run one analysis on the client's true batch (from the scorer) and the global model."""
@@ -190,5 +210,7 @@ class AttackRunner:
             entry["attacked"] = float(len(rows))
             for outcome in ("refused", "failed"):
                 entry[outcome] = float(self.outcomes.get(label, {}).get(outcome, 0))
+            if any("secret" in r for r in rows):  # inference attacks: AUC etc. over the observations
+                entry.update(summarize_inference(rows, seed=self.seed))  # type: ignore[arg-type]
             out[label] = entry
         return out

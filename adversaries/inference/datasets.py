@@ -1,6 +1,7 @@
 """Data of the inference games: a challenger pool, a disjoint auxiliary pool, a pretraining set.
 
-- ``adult``: UCI Adult (``adult.data.gz`` and ``adult.test.gz`` in ``root``; CC BY 4.0).
+- ``adult``: UCI Adult (``adult.data.gz`` and ``adult.test.gz`` in ``root``; CC BY 4.0),
+  read and encoded by :func:`fl_privsim.tabular.load_adult` (shared with the federation).
   Features: age, education-num, hours-per-week, log1p capital gain/loss (standardised with
   the training rows' statistics) and one-hot workclass, marital status, occupation,
   relationship, native country ("?" is its own category); the two sensitive attributes are
@@ -12,6 +13,8 @@
   normalised with the training statistics; the property is "label = ``property_class``"
   (presence of a class, as in Melis et al., S&P 2019). Train split → pools, test split →
   pretraining.
+- ``utkface``: faces of ``../shared/data/utkface`` (never shipped), sensitive ``gender`` or
+  ``race`` (1 = not White); see :mod:`adversaries.inference.utkface`.
 
 Auxiliary distribution shift (an uncertainty of the adversary in Li et al., arXiv:2408.16913):
 ``aux_attribute_rate`` > 0 subsamples the auxiliary pool so that this fraction has a = 1.
@@ -19,7 +22,6 @@ Auxiliary distribution shift (an uncertainty of the adversary in Li et al., arXi
 
 from __future__ import annotations
 
-import gzip
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,17 +31,14 @@ import torch
 
 from fl_privsim.errors import ConfigError, DataError
 from fl_privsim.seeding import numpy_rng
+from fl_privsim.tabular import ADULT_COLUMNS, ADULT_SENSITIVE, load_adult
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ADULT_COLUMNS", "GAME_DATASETS", "GameData", "load_adult", "load_game_data"]
 
-GAME_DATASETS: tuple[str, ...] = ("adult", "digits", "cifar10_npz")
-ADULT_COLUMNS = ("age", "workclass", "fnlwgt", "education", "education-num", "marital-status",
-                 "occupation", "relationship", "race", "sex", "capital-gain", "capital-loss",
-                 "hours-per-week", "native-country", "income")
-_ADULT_CATEGORICAL = ("workclass", "marital-status", "occupation", "relationship", "native-country")
-SENSITIVE = {"adult": ("sex", "race")}
+GAME_DATASETS: tuple[str, ...] = ("adult", "digits", "cifar10_npz", "utkface")
+SENSITIVE = {"adult": ADULT_SENSITIVE, "utkface": ("gender", "race")}  # utkface: see utkface.py
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,62 +71,6 @@ class GameData:
         return out
 
 
-def _read_adult(path: Path) -> list[list[str]]:
-    rows = []
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            parts = [p.strip() for p in line.strip().split(",")]
-            if len(parts) == len(ADULT_COLUMNS):
-                rows.append(parts)
-    if not rows:
-        raise DataError(f"adult: no rows of {len(ADULT_COLUMNS)} comma-separated fields in {path}")
-    return rows
-
-
-def load_adult(root: str | Path, sensitive: str = "sex") -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                    np.ndarray, np.ndarray, np.ndarray, int]:
-    """Adult as ``(x_train, y_train, a_train, x_test, y_test, a_test, attr_column)``."""
-    if sensitive not in SENSITIVE["adult"]:
-        raise ConfigError(f"data.sensitive: {sensitive!r} is not allowed for adult; allowed: "
-                          f"{', '.join(SENSITIVE['adult'])}")
-    root = Path(root)
-    files = [root / "adult.data.gz", root / "adult.test.gz"]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise DataError(f"adult: missing {', '.join(missing)}; set data.root to the folder holding "
-                        "adult.data.gz and adult.test.gz (UCI Adult)")
-    train, test = _read_adult(files[0]), _read_adult(files[1])
-    col = {c: i for i, c in enumerate(ADULT_COLUMNS)}
-    cats = {c: sorted({r[col[c]] for r in train}) for c in _ADULT_CATEGORICAL}
-
-    def encode(rows: list[list[str]]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        num = np.array([[float(r[col["age"]]), float(r[col["education-num"]]), float(r[col["hours-per-week"]]),
-                         np.log1p(float(r[col["capital-gain"]])), np.log1p(float(r[col["capital-loss"]]))]
-                        for r in rows], dtype=np.float64)
-        blocks = [num]
-        for c in _ADULT_CATEGORICAL:
-            index = {v: i for i, v in enumerate(cats[c])}
-            onehot = np.zeros((len(rows), len(cats[c])))
-            for i, r in enumerate(rows):
-                j = index.get(r[col[c]])
-                if j is not None:
-                    onehot[i, j] = 1.0
-            blocks.append(onehot)
-        sens = {"sex": np.array([r[col["sex"]] == "Female" for r in rows], dtype=np.float64),
-                "race": np.array([r[col["race"]] != "White" for r in rows], dtype=np.float64)}
-        y = np.array([r[col["income"]].rstrip(".") == ">50K" for r in rows], dtype=np.int64)
-        return np.concatenate(blocks + [sens["sex"][:, None], sens["race"][:, None]], axis=1), y, sens
-
-    xtr, ytr, str_ = encode(train)
-    xte, yte, ste = encode(test)
-    mean, std = xtr[:, :5].mean(0), xtr[:, :5].std(0) + 1e-8
-    xtr[:, :5] = (xtr[:, :5] - mean) / std
-    xte[:, :5] = (xte[:, :5] - mean) / std
-    attr_column = xtr.shape[1] - 2 + SENSITIVE["adult"].index(sensitive)
-    return (xtr.astype(np.float32), ytr, str_[sensitive].astype(np.int64), xte.astype(np.float32), yte,
-            ste[sensitive].astype(np.int64), attr_column)
-
-
 def _split_pools(n: int, pool_size: int, aux_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     perm = numpy_rng(seed, "split", 11).permutation(n)
     pool_size, aux_size = min(pool_size, n // 2), min(aux_size, n - min(pool_size, n // 2))
@@ -137,11 +80,18 @@ def _split_pools(n: int, pool_size: int, aux_size: int, seed: int) -> tuple[np.n
 def load_game_data(
     name: str, *, root: str | Path | None = None, sensitive: str = "sex", property_class: int = 0,
     pool_size: int = 4000, aux_size: int = 4000, pretrain_size: int = 4000, aux_attribute_rate: float = 0.0,
-    seed: int = 0,
+    seed: int = 0, image_size: int = 24,
 ) -> GameData:
-    """Load the pools of a game (see the module docstring)."""
+    """Load the pools of a game (see the module docstring; ``utkface``: :mod:`.utkface`,
+    whose ``image_size`` is the side of the resized faces)."""
     if name not in GAME_DATASETS:
         raise ConfigError(f"data.name: {name!r} is not allowed; allowed: {', '.join(GAME_DATASETS)}")
+    if name == "utkface":
+        from adversaries.inference.utkface import load_utkface_game
+
+        return GameData(**load_utkface_game(root, sensitive=sensitive, pool_size=pool_size, aux_size=aux_size,
+                                            pretrain_size=pretrain_size, aux_attribute_rate=aux_attribute_rate,
+                                            seed=seed, image_size=image_size, shift=_shift))
     attr_column: int | None = None
     if name == "adult":
         if root is None:

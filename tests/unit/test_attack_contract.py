@@ -108,8 +108,14 @@ def _check_result(result, obs: Observation, n: int) -> None:
     assert all(isinstance(v, float) for v in result.metrics.values())
 
 
+# The federated inference attacks return a score, not a reconstruction, and need the server
+# knowledge the attack runner attaches: their contract (determinism, refusal by name, aggregates,
+# hang guard) is tests/unit/test_inference_federated.py.
+INFERENCE = {"attribute_inference", "property_inference", "membership_inference"}
+
+
 def test_every_registered_attack_has_a_case():
-    assert set(ATTACKS.names()) <= set(CASES), "add a row to CASES for every registered attack"
+    assert set(ATTACKS.names()) - INFERENCE <= set(CASES), "add a row to CASES for every registered attack"
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

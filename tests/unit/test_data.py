@@ -86,7 +86,7 @@ def test_bad_arguments() -> None:
     with pytest.raises(ConfigError, match="max_examples"):
         load_dataset("digits", max_examples=0)
     assert set(DATASETS) == {"digits", "mnist", "fashion_mnist", "cifar10", "folder",
-                             "cifar10_npz", "mnist_idx"}
+                             "cifar10_npz", "mnist_idx", "adult"}
 
 
 # ---------------------------------------------------------------------------- folder
