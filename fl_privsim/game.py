@@ -6,7 +6,8 @@ Config (TOML; every key optional, ``--set`` overrides any)::
     name = "game"
     [game]      kind, trials, shadow_trials, batch_size, shadow_batch_size, clients_per_aggregate,
                 adversary (static|adaptive), attack_model (mlp|random_forest), features, ...
-    [data]      name (adult|digits|cifar10_npz), root, sensitive (sex|race), property_class, ...
+    [data]      name (adult|utkface|digits|cifar10_npz), root, sensitive (adult: sex|race; utkface:
+                gender|race), property_class, image_size (utkface), ...
     [model]     name, width (mlp), init, pretrain_steps
     [[defenses]] name, params (as in ``fl-privsim run``)
 
@@ -14,11 +15,19 @@ The run folder holds ``config.toml`` (resolved), ``summary.json`` (``auc``, ``au
 ``accuracy``, ``advantage``, ``tpr_at_1pct_fpr`` and more, with bootstrap CIs), ``roc.png``
 and ``scores.csv`` (trial, secret, score). Static adversary: shadow updates without the
 defense; adaptive: with the same defense and parameters (Li et al., arXiv:2408.16913).
+
+Adversary uncertainties beyond batch size and auxiliary shift: ``model_mismatch_steps`` = k
+(the adversary computes its shadow updates, and its target gradients, at the global model k
+SGD steps of the pretraining trajectory before the one the clients used: an attack trained at
+an earlier round) and ``rounds`` = R (the same client batches are released at R successive
+global models, ``round_steps`` SGD steps apart; the adversary holds one meta-classifier per
+round and combines them with ``round_combine``: ``mean_logit``, as Li et al., or ``concat``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import logging
 import time
@@ -32,6 +41,7 @@ from torch import nn
 
 from fl_privsim.config import DefenseConfig, _build, _f, apply_override, read_toml_file
 from fl_privsim.errors import ConfigError, DataError
+from fl_privsim.progress import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +74,13 @@ class GameSection:
                                    min=0.0, max=0.99)
     exact: bool = _f(False, "force one local_update call per client and trial (no vectorised path)")
     bootstrap: int = _f(1000, "bootstrap resamples of the CIs", min=10)
+    rounds: int = _f(1, "observed rounds R: the same batches released at R successive global models", min=1,
+                     max=20)
+    round_steps: int = _f(20, "SGD steps of the global model between two observed rounds", min=1)
+    round_combine: str = _f("mean_logit", "multi-round: average the per-round classifiers' logits, or one "
+                            "classifier on the concatenated features", choices=("mean_logit", "concat"))
+    model_mismatch_steps: int = _f(0, "the adversary's model is this many SGD steps older than the clients' "
+                                   "(0 = the same model)", min=0)
     audit: bool = _f(False, "canary auditing of dp_sgd (attribute game, adult): empirical epsilon lower bound "
                      "for natural records and a crafted canary beside the accountant's epsilon")
     canary_steps: int = _f(100, "audit: gradient-ascent steps of the canary crafting", min=1)
@@ -74,11 +91,12 @@ class GameSection:
 class DataSection:
     """``[data]``: the dataset of the pools."""
 
-    name: str = _f("digits", "dataset", choices=("adult", "digits", "cifar10_npz"))
+    name: str = _f("digits", "dataset", choices=("adult", "utkface", "digits", "cifar10_npz"))
     root: str = _f("", "folder of the files (adult: adult.data.gz/adult.test.gz; default "
-                   "../shared/data/adult when it exists)")
-    sensitive: str = _f("sex", "adult: sensitive attribute (attribute = the secret, property P = a = 1)",
-                        choices=("sex", "race"))
+                   "../shared/data/adult when it exists; utkface: default ../shared/data/utkface)")
+    sensitive: str = _f("sex", "sensitive attribute (attribute = the secret, property P = a = 1): adult sex|race, "
+                        "utkface gender|race", choices=("sex", "race", "gender"))
+    image_size: int = _f(24, "utkface: side of the resized faces", min=8, max=200)
     property_class: int = _f(0, "digits/cifar10_npz: property P = label is this class", min=0)
     pool_size: int = _f(4000, "challenger pool size (at most half the training rows)", min=10)
     aux_size: int = _f(4000, "adversary's auxiliary pool size (disjoint)", min=10)
@@ -88,7 +106,8 @@ class DataSection:
 class ModelSection:
     """``[model]``: the global model θ at which the game is played."""
 
-    name: str = _f("mlp", "architecture", choices=("mlp", "linear", "lenet", "convnet", "cnn6"))
+    name: str = _f("mlp", "architecture (mlp_vib: the mlp with a VIB head, for the vib defense)",
+                   choices=("mlp", "mlp_vib", "linear", "lenet", "convnet", "cnn6"))
     width: int = _f(32, "mlp hidden width", min=1)
     init: str = _f("default", "weight init", choices=("default", "uniform", "normal", "kaiming", "xavier"))
     pretrain_steps: int = _f(200, "SGD steps (batch 64, lr 0.1) on the held-out split before the game", min=0)
@@ -113,9 +132,25 @@ def load_game_config(path: str | Path | None = None, overrides: list[str] | tupl
     for assignment in overrides:
         apply_override(data, assignment)
     cfg: GameRunConfig = _build(GameRunConfig, data, "")
-    if cfg.game.kind == "attribute" and cfg.data.name != "adult":
-        raise ConfigError("game.kind = 'attribute' needs data.name = 'adult' (a sensitive attribute); "
+    if cfg.game.kind == "attribute" and cfg.data.name not in ("adult", "utkface"):
+        raise ConfigError("game.kind = 'attribute' needs data.name = 'adult' or 'utkface' (a sensitive attribute); "
                           "allowed with digits/cifar10_npz: property, distributional, user, membership")
+    allowed_sensitive = {"adult": ("sex", "race"), "utkface": ("gender", "race")}.get(cfg.data.name)
+    if allowed_sensitive and cfg.data.sensitive not in allowed_sensitive:
+        raise ConfigError(f"data.sensitive: {cfg.data.sensitive!r} is not allowed for {cfg.data.name}; allowed: "
+                          f"{', '.join(allowed_sensitive)}")
+    knows_target = cfg.game.kind in ("membership", "user") or (cfg.game.kind == "attribute"
+                                                                 and cfg.data.name == "adult")
+    if cfg.game.features == "alignment" and not knows_target:
+        raise ConfigError("game.features = 'alignment' needs a target the adversary knows (attribute on adult, "
+                          "membership, user); use 'last' or 'all' here")
+    if cfg.game.model_mismatch_steps > cfg.model.pretrain_steps:
+        raise ConfigError(f"game.model_mismatch_steps: {cfg.game.model_mismatch_steps} exceeds "
+                          f"model.pretrain_steps ({cfg.model.pretrain_steps}); the adversary's model cannot "
+                          "precede the initialisation")
+    if cfg.game.audit and (cfg.game.rounds > 1 or cfg.game.model_mismatch_steps > 0):
+        raise ConfigError("game.audit = true plays one round at the clients' model: set game.rounds = 1 and "
+                          "game.model_mismatch_steps = 0")
     if cfg.game.audit and (cfg.game.kind != "attribute" or cfg.game.protocol != "fedsgd"
                            or not any(dc.name == "dp_sgd" for dc in cfg.defenses)):
         raise ConfigError("game.audit = true needs game.kind = 'attribute', game.protocol = 'fedsgd' and a "
@@ -144,27 +179,46 @@ def _build_model(cfg: GameRunConfig, input_shape: tuple[int, int, int], num_clas
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_int(cfg.seed, "model_init"))
-        if cfg.model.name == "mlp":
+        if cfg.model.name in ("mlp", "mlp_vib"):
             model = init_weights(mlp(input_shape, num_classes, width=cfg.model.width), cfg.model.init,
                                  torch_generator(cfg.seed, "model_init"))
+            if cfg.model.name == "mlp_vib":  # last Linear (h -> logits) replaced by a VIB head
+                from clients.defenses.vib import VIBHead
+
+                model[-1] = VIBHead(model[-1].in_features, num_classes)
         else:
             model = build_model(cfg.model.name, input_shape, num_classes, init=cfg.model.init,
                                 generator=torch_generator(cfg.seed, "model_init"))
     return model
 
 
-def _pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int) -> float:
-    """Plain SGD on the held-out split: the global model θ of the attacked round."""
+def _trajectory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, checkpoints: list[int], seed: int
+                ) -> dict[int, nn.Module]:
+    """The global models θ of the game: copies of ``model`` after each of ``checkpoints``
+    steps of one seeded plain-SGD run (batch 64, lr 0.1) on the held-out split (gradients
+    enabled on every copy)."""
     from fl_privsim.seeding import torch_generator
 
     gen = torch_generator(seed, "batch", 999)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model.train()
-    for _ in range(steps):
+    out: dict[int, nn.Module] = {}
+    for step in range(max(checkpoints) + 1):
+        if step in checkpoints:
+            out[step] = copy.deepcopy(model)
+        if step == max(checkpoints):
+            break
         idx = torch.randint(0, int(y.shape[0]), (64,), generator=gen)
         opt.zero_grad()
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
+    for m in out.values():
+        for p in m.parameters():
+            p.requires_grad_(True)
+    return out
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean())
 
@@ -185,16 +239,23 @@ def run_game(cfg: GameRunConfig, *, out: str | Path | None = None) -> tuple[Path
     root = _adult_root(d.root) if d.name == "adult" else (d.root or None)
     data = load_game_data(d.name, root=root, sensitive=d.sensitive, property_class=d.property_class,
                           pool_size=d.pool_size, aux_size=d.aux_size, aux_attribute_rate=g.aux_attribute_rate,
-                          seed=cfg.seed)
-    model = _build_model(cfg, data.input_shape, data.num_classes)
-    acc = _pretrain(model, data.x_pre, data.y_pre, cfg.model.pretrain_steps, cfg.seed)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    release = Release(model, protocol=g.protocol, lr=g.lr, local_steps=g.local_steps,
-                      defenses=build_defenses(cfg.defenses), seed=cfg.seed, force_exact=g.exact)
-    shadow_defs = build_defenses(cfg.defenses) if g.adversary == "adaptive" else []
-    shadow_release = Release(model, protocol=g.protocol, lr=g.lr, local_steps=g.local_steps,
-                             defenses=shadow_defs, seed=cfg.seed + 1, force_exact=g.exact)
+                          seed=cfg.seed, image_size=d.image_size)
+    # global model of each observed round (clients) and the adversary's (possibly older) model
+    client_steps = [cfg.model.pretrain_steps + r * g.round_steps for r in range(g.rounds)]
+    adv_steps = [st - g.model_mismatch_steps for st in client_steps]
+    snaps = _trajectory(_build_model(cfg, data.input_shape, data.num_classes), data.x_pre, data.y_pre,
+                        sorted(set(client_steps + adv_steps)), cfg.seed)
+    model = snaps[client_steps[0]]
+    acc = _accuracy(model, data.x_pre, data.y_pre)
+
+    def releases(steps: list[int], adaptive: bool, seed: int) -> list[Release]:
+        return [Release(snaps[st], protocol=g.protocol, lr=g.lr, local_steps=g.local_steps,
+                        defenses=build_defenses(cfg.defenses) if adaptive else [], seed=seed, force_exact=g.exact)
+                for st in steps]
+
+    client_releases = releases(client_steps, True, cfg.seed)
+    shadow_releases = releases(adv_steps, g.adversary == "adaptive", cfg.seed + 1)
+    release = client_releases[0]
     run_dir = make_run_dir(cfg.output_dir, cfg.name, out)
     atomic_write_text(run_dir / "config.toml", tomli_w.dumps(dataclasses.asdict(cfg)))
     t_setup = time.perf_counter()
@@ -209,20 +270,27 @@ def run_game(cfg: GameRunConfig, *, out: str | Path | None = None) -> tuple[Path
         from adversaries.inference.audit import write_audit
 
         return run_dir, write_audit(cfg, run_dir, model, release, pool, aux, data.attr_column, acc, t0)
-    shadow_obs, shadow_secrets = game_for(g.shadow_batch_size or g.batch_size).play(
-        aux, shadow_release, g.shadow_trials, numpy_rng(cfg.seed, "attack", 1), stream=1)
+    shadow_obs, shadow_secrets = game_for(g.shadow_batch_size or g.batch_size).play_rounds(
+        aux, shadow_releases, g.shadow_trials, numpy_rng(cfg.seed, "attack", 1), stream=1)
     t_shadow = time.perf_counter()
-    obs, secrets = game_for(g.batch_size).play(pool, release, g.trials, numpy_rng(cfg.seed, "attack", 2), stream=0)
+    obs, secrets = game_for(g.batch_size).play_rounds(pool, client_releases, g.trials,
+                                                      numpy_rng(cfg.seed, "attack", 2), stream=0)
     t_challenge = time.perf_counter()
-    adversary = MetaClassifier(model, attack_model=g.attack_model, features=g.features,
-                               attr_column=data.attr_column if g.kind == "attribute" else None,
-                               alignment=g.alignment, seed=cfg.seed)
-    adversary.fit(shadow_obs, shadow_secrets)
-    scores = adversary.score(obs)
+    per_round = [MetaClassifier(snaps[st], attack_model=g.attack_model, features=g.features,
+                                attr_column=data.attr_column if g.kind == "attribute" else None,
+                                alignment=g.alignment, seed=cfg.seed) for st in adv_steps]
+    if g.rounds == 1:
+        scores = per_round[0].fit(shadow_obs[0], shadow_secrets).score(obs[0])
+    else:
+        from adversaries.inference.adversary import MultiRound
+
+        scores = MultiRound(per_round, combine=g.round_combine).fit(shadow_obs, shadow_secrets).score(obs)
+    obs = obs[0]  # the first round's observations (membership loss baseline)
     t_attack = time.perf_counter()
     summary: dict[str, Any] = {
         "game": g.kind, "dataset": d.name, "attribute": data.attribute, "adversary": g.adversary,
         "attack_model": g.attack_model, "batch_size": g.batch_size, "clients_per_aggregate": g.clients_per_aggregate,
+        "rounds": g.rounds, "model_mismatch_steps": g.model_mismatch_steps,
         "aggregation_size": g.batch_size * g.clients_per_aggregate,
         "defenses": [dc.name for dc in cfg.defenses], "release_path": "vectorised" if release.fast else "exact",
         "model_accuracy": acc, "prior_positive_rate": float(data.a_pool.float().mean()),
@@ -258,8 +326,7 @@ def add_parser(sub: Any) -> None:
 def cmd_game(args: argparse.Namespace) -> int:
     """The ``game`` subcommand: run it and print the headline numbers."""
     cfg = load_game_config(args.config, args.overrides)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     run_dir, s = run_game(cfg, out=args.out)
     print(f"{s['game']} inference on {s['dataset']} ({s['attribute']}), |B| = {s['batch_size']} x "
           f"{s['clients_per_aggregate']}, {s['adversary']} {s['attack_model']} adversary:")

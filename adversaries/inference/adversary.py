@@ -19,6 +19,13 @@ The adversary only ever receives :class:`~adversaries.inference.games.Observatio
 secret field) in :meth:`MetaClassifier.score`; secrets reach it in :meth:`MetaClassifier.fit`
 only for its own shadow trials.
 
+Multi-round observation (:class:`MultiRound`; Li et al.'s "one observation vs several
+rounds"): the adversary sees the same batch released at R global models and holds one
+meta-classifier per round (each trained on shadow updates at that round's model);
+``combine = "mean_logit"`` averages the R classifiers' logits (as Li et al. average the
+logits across rounds), ``"concat"`` trains one classifier on the R rounds' features side by
+side.
+
 Loss baseline for membership (in the spirit of Yeom et al. 2018's loss attack, adapted to
 one update): score = ℓ(θ, z) − ℓ(θ − η·u, z), how much the released update lowers the
 target's loss.
@@ -40,10 +47,11 @@ from fl_privsim.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ATTACK_MODELS", "FEATURES", "LossBaseline", "MetaClassifier"]
+__all__ = ["ATTACK_MODELS", "COMBINE", "FEATURES", "LossBaseline", "MetaClassifier", "MultiRound"]
 
 ATTACK_MODELS: tuple[str, ...] = ("mlp", "random_forest")
 FEATURES: tuple[str, ...] = ("last", "all", "alignment")
+COMBINE: tuple[str, ...] = ("mean_logit", "concat")
 
 
 def _cos_proj(u: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,19 +127,23 @@ class MetaClassifier:
             parts += [c.reshape(-1, 1) for c in self._alignment(obs)]
         return torch.cat(parts, dim=1).detach().to(torch.float64).numpy()
 
-    def fit(self, shadow: Observations, shadow_secrets: np.ndarray) -> MetaClassifier:
-        """Train on the adversary's own shadow trials (their secrets are the adversary's)."""
+    def make_classifier(self) -> object:
+        """A fresh, unfitted scikit-learn pipeline (standardisation + the attack model)."""
         from sklearn.ensemble import RandomForestClassifier
         from sklearn.neural_network import MLPClassifier
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        x = self.featurize(shadow)
         if self.attack_model == "mlp":
             clf = MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-3, max_iter=300, random_state=self.seed)
         else:
             clf = RandomForestClassifier(n_estimators=100, min_samples_leaf=5, random_state=self.seed, n_jobs=1)
-        self._clf = make_pipeline(StandardScaler(), clf).fit(x, np.asarray(shadow_secrets))
+        return make_pipeline(StandardScaler(), clf)
+
+    def fit(self, shadow: Observations, shadow_secrets: np.ndarray) -> MetaClassifier:
+        """Train on the adversary's own shadow trials (their secrets are the adversary's)."""
+        x = self.featurize(shadow)
+        self._clf = self.make_classifier().fit(x, np.asarray(shadow_secrets))  # type: ignore[attr-defined]
         logger.info("meta-classifier %s trained on %d shadow updates, %d features", self.attack_model,
                     x.shape[0], x.shape[1])
         return self
@@ -141,6 +153,50 @@ class MetaClassifier:
         if self._clf is None:
             raise RuntimeError("fit the meta-classifier on shadow updates first")
         return self._clf.predict_proba(self.featurize(obs))[:, 1]
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
+class MultiRound:
+    """Multi-round adversary: one :class:`MetaClassifier` per observed round, each built at
+    the model the adversary holds for that round (see the module docstring)."""
+
+    def __init__(self, rounds: list[MetaClassifier], *, combine: str = "mean_logit") -> None:
+        if combine not in COMBINE:
+            raise ConfigError(f"game.round_combine: {combine!r} is not allowed; allowed: {', '.join(COMBINE)}")
+        if not rounds:
+            raise ConfigError("game.rounds must be >= 1")
+        self.rounds, self.combine = rounds, combine
+        self._clf = None
+
+    def _check(self, obs: list[Observations]) -> None:
+        if len(obs) != len(self.rounds):
+            raise ValueError(f"expected {len(self.rounds)} rounds of observations, got {len(obs)}")
+
+    def fit(self, shadows: list[Observations], shadow_secrets: np.ndarray) -> MultiRound:
+        """Train on the shadow trials of every round (the same trials released R times)."""
+        self._check(shadows)
+        if self.combine == "mean_logit":
+            for adv, obs in zip(self.rounds, shadows, strict=True):
+                adv.fit(obs, shadow_secrets)
+        else:
+            x = np.concatenate([a.featurize(o) for a, o in zip(self.rounds, shadows, strict=True)], axis=1)
+            self._clf = self.rounds[0].make_classifier().fit(x, np.asarray(shadow_secrets))  # type: ignore[attr-defined]
+        return self
+
+    def score(self, obs: list[Observations]) -> np.ndarray:
+        """Pr[s = 1 | the R observations] for each trial."""
+        self._check(obs)
+        if self.combine == "mean_logit":
+            z = np.mean([_logit(a.score(o)) for a, o in zip(self.rounds, obs, strict=True)], axis=0)
+            return 1.0 / (1.0 + np.exp(-z))
+        if self._clf is None:
+            raise RuntimeError("fit the multi-round adversary on shadow updates first")
+        x = np.concatenate([a.featurize(o) for a, o in zip(self.rounds, obs, strict=True)], axis=1)
+        return self._clf.predict_proba(x)[:, 1]
 
 
 class LossBaseline:

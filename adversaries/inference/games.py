@@ -16,7 +16,9 @@ Games (``P`` = the pool's 0/1 column ``a``: a sensitive attribute or a property)
 
 - ``attribute``: a target record (x_ns, a = s, y) is placed in client 0's batch; the other
   records come from the pool. The adversary knows x_ns and y (``target_x`` with the
-  attribute column zeroed, ``target_y``).
+  attribute column zeroed, ``target_y``). Images (UTKFace: no attribute column, the
+  attribute is a property of the face itself): the target is a pool record with a = s and
+  the adversary knows only its label (``target_y``; ``target_x`` is ``None``).
 - ``property``: s = 1: one record with P is placed in the aggregate, the others come from
   the whole pool (so "at least one"); s = 0: every record comes from the non-P records.
 - ``distributional``: every record has P with probability α_s (D_0 vs D_1, α0 vs α1).
@@ -25,11 +27,17 @@ Games (``P`` = the pool's 0/1 column ``a``: a sensitive attribute or a property)
   s = 0: from the pool. The adversary knows the user's records (``user_x``/``user_y``).
 - ``membership``: s = 1: the target record is in client 0's batch; s = 0: it is not. The
   adversary knows the target record.
+
+In every game the other records of the aggregate (the co-batch) are unknown to the
+adversary: its shadow trials draw them from its own auxiliary pool. Multi-round observation
+(:meth:`Game.play_rounds`): the same client batches are released at R successive global
+models (one :class:`Release` per round), giving one :class:`Observations` per round.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -104,9 +112,6 @@ class Game:
     def __post_init__(self) -> None:
         if self.kind not in GAMES:
             raise ConfigError(f"game.kind: {self.kind!r} is not allowed; allowed: {', '.join(GAMES)}")
-        if self.kind == "attribute" and self.attr_column is None:
-            raise ConfigError("game.kind = 'attribute' needs tabular data with a sensitive attribute "
-                              "(data.name = 'adult'); use property, distributional, user or membership here")
         if self.batch_size < 1 or self.clients_per_aggregate < 1:
             raise ConfigError("game.batch_size and game.clients_per_aggregate must be >= 1")
 
@@ -124,7 +129,14 @@ class Game:
         pos, neg = np.flatnonzero(a == 1), np.flatnonzero(a == 0)
         if self.kind in ("property", "distributional") and (len(pos) == 0 or len(neg) == 0):
             raise ConfigError(f"game.kind = {self.kind!r}: the pool needs records with and without the property")
-        if self.kind == "attribute":
+        if self.kind == "attribute" and self.attr_column is None:  # images: the target is a record with a = s
+            if len(pos) == 0 or len(neg) == 0:
+                raise ConfigError("game.kind = 'attribute': the pool needs records with both attribute values")
+            target = torch.from_numpy(np.where(secrets == 1, pos[rng.integers(0, len(pos), t)],
+                                               neg[rng.integers(0, len(neg), t)]))
+            index[:, 0, 0] = target
+            public = {"target_y": pool.y[target]}
+        elif self.kind == "attribute":
             target = torch.from_numpy(rng.integers(0, n, t))
             tx = pool.x[target].clone()
             tx[:, self.attr_column] = s.to(tx.dtype)  # the target's attribute is the secret
@@ -162,13 +174,28 @@ class Game:
              pool_grads: torch.Tensor | None = None) -> tuple[Observations, np.ndarray]:
         """Run ``n_trials`` trials: the adversary's :class:`Observations` and, separately, the
         secrets (for scoring only; never put them where an adversary can read them)."""
+        obs, secrets = self.play_rounds(pool, [release], n_trials, rng, stream=stream, pool_grads=pool_grads)
+        return obs[0], secrets
+
+    def play_rounds(self, pool: Pool, releases: Sequence[Release], n_trials: int, rng: np.random.Generator, *,
+                    stream: int = 0, pool_grads: torch.Tensor | None = None
+                    ) -> tuple[list[Observations], np.ndarray]:
+        """Multi-round observation: the same trials (secrets and client batches) released by
+        each of ``releases`` (the global model of each round, in order). ``pool_grads`` is
+        reused for the first release only. Round r uses defense stream ``stream + 16·r``."""
+        if not releases:
+            raise ValueError("play_rounds needs at least one release")
         secrets = sample_secrets(n_trials, rng)
         x, y, index, public = self.build(pool, secrets, rng)
-        grads = None
-        if release.fast:
-            grads = pool_grads if pool_grads is not None else flat_per_sample_gradients(release.model, pool.x,
-                                                                                        pool.y)
-            if x.shape[0] > len(pool):
-                grads = torch.cat([grads, flat_per_sample_gradients(release.model, x[len(pool):], y[len(pool):])])
-        updates = release.updates(x, y, index, stream=stream, grads=grads)
-        return Observations(updates=updates.detach(), **public), secrets
+        out = []
+        for r, release in enumerate(releases):
+            grads = None
+            if release.fast:
+                grads = pool_grads if (pool_grads is not None and r == 0) else flat_per_sample_gradients(
+                    release.model, pool.x, pool.y)
+                if x.shape[0] > len(pool):
+                    grads = torch.cat([grads, flat_per_sample_gradients(release.model, x[len(pool):],
+                                                                        y[len(pool):])])
+            updates = release.updates(x, y, index, stream=stream + 16 * r, grads=grads)
+            out.append(Observations(updates=updates.detach(), **public))
+        return out, secrets
