@@ -112,7 +112,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     part_size = len(fed.train_parts[pid])
     result = local_update(model, batches, protocol=cfg.federation.protocol, lr=cfg.client.lr,
                           defenses=defenses, generator=generator, server_round=server_round,
-                          dataset_size=part_size, expected_batch_size=min(cfg.client.batch_size, part_size))
+                          dataset_size=part_size, expected_batch_size=min(cfg.client.batch_size, part_size),
+                          loss=cfg.client.loss)
     save_defense_state(defenses, context.state)
     update = ArrayRecord({k: v.detach().cpu() for k, v in result.update.items()})
     metrics = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, **result.metrics})

@@ -7,8 +7,8 @@ would send.
 Protocols (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks
 from Decentralized Data"):
 
-- **FedSGD**: the mean cross-entropy gradient of one batch, one tensor per trainable
-  parameter.
+- **FedSGD**: the mean loss gradient of one batch, one tensor per trainable parameter
+  (cross-entropy unless ``loss`` names another, :mod:`clients.defenses.losses`).
 - **FedAvg**: ``local_steps`` plain SGD steps (learning rate ``lr``), one batch each;
   the update is weights after minus weights before.
 
@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from clients.defenses.base import Defense, PerSampleDefense, TrainingInfo
+from clients.defenses.losses import loss_function
 
 
 @dataclass
@@ -96,6 +96,7 @@ def local_update(
     server_round: int = 0,
     dataset_size: int = 0,
     expected_batch_size: int = 0,
+    loss: str = "cross_entropy",
 ) -> LocalUpdate:
     """Compute one client's update on ``model`` (modified in place for FedAvg).
 
@@ -121,6 +122,10 @@ def local_update(
     dataset_size, expected_batch_size:
         The client's partition size and configured batch size, passed to the defenses (DP
         accounting uses q = expected_batch_size / dataset_size); 0 = unknown.
+    loss:
+        The training loss (:data:`clients.defenses.losses.LOSSES`): ``"cross_entropy"``
+        (default) or ``"mse"`` (Eloul et al.'s loss choice); per-sample defenses need
+        cross-entropy.
     """
     if protocol not in ("fedsgd", "fedavg"):
         raise ValueError(f"protocol must be 'fedsgd' or 'fedavg', got {protocol!r}")
@@ -129,6 +134,9 @@ def local_update(
     if protocol == "fedsgd" and len(batches) != 1:
         raise ValueError(f"fedsgd sends one batch's gradient, got {len(batches)} batches")
     defenses = tuple(defenses)
+    loss_fn = loss_function(loss)
+    if loss != "cross_entropy" and any(isinstance(d, PerSampleDefense) for d in defenses):
+        raise ValueError(f"per-sample defenses compute cross-entropy per sample; loss {loss!r} is not supported")
     if defenses and generator is None:
         raise ValueError("defenses need a generator (seed it from run seed, round and client)")
     model.train()
@@ -146,31 +154,31 @@ def local_update(
 
     def gradient(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if per_sample:
-            loss, ps = _per_sample_gradients(per_sample[0], model, names, x, y, generator)
+            value, ps = _per_sample_gradients(per_sample[0], model, names, x, y, generator)
             g = _checked(per_sample[0], dict(params), per_sample[0].reduce_per_sample(ps, generator=generator))
         else:
-            loss = F.cross_entropy(model(x), y)
-            grads = torch.autograd.grad(loss, [p for _, p in params])
+            value = loss_fn(model(x), y)
+            grads = torch.autograd.grad(value, [p for _, p in params])
             if not step_defs:
-                return loss, list(grads)
+                return value, list(grads)
             g = dict(zip(names, grads, strict=True))
         for d in step_defs:
             g = _checked(d, g, d.transform_step(g, generator=generator))
-        return loss, [g[n] for n in names]
+        return value, [g[n] for n in names]
 
     if protocol == "fedsgd":
         x, y = batches[0]
-        loss, grads = gradient(x, y)
+        value, grads = gradient(x, y)
         update = {n: g.detach().clone() for (n, _), g in zip(params, grads, strict=True)}
-        losses.append(float(loss.detach()))
+        losses.append(float(value.detach()))
     else:
         before = {n: p.detach().clone() for n, p in params}
         for x, y in batches:
-            loss, grads = gradient(x, y)
+            value, grads = gradient(x, y)
             with torch.no_grad():
                 for (_, p), g in zip(params, grads, strict=True):
                     p.sub_(lr * g)
-            losses.append(float(loss.detach()))
+            losses.append(float(value.detach()))
         update = {n: (p.detach() - before[n]).clone() for n, p in params}
 
     for d in update_defs:

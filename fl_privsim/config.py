@@ -35,7 +35,7 @@ class DataConfig:
     """``[data]``: which dataset, where it lives and how it is split across clients."""
 
     name: str = _f("digits", "dataset", choices=("digits", "mnist", "fashion_mnist", "cifar10",
-                                                   "folder", "cifar10_npz", "mnist_idx"))
+                                                   "folder", "cifar10_npz", "mnist_idx", "adult"))
     root: str = _f("", "folder holding the dataset files (\"\" = none; needed for all but digits)")
     download: bool = _f(False, "let torchvision download mnist/fashion_mnist/cifar10 (needs internet)")
     image_size: int = _f(0, "resize images to this square size (0 = native; folder default 32)", min=0)
@@ -50,7 +50,9 @@ class ModelConfig:
     """``[model]``: the architecture trained by the federation and seen by the attacks."""
 
     name: str = _f("mlp", "architecture (resnet18_gn: resnet18 with GroupNorm, for dp_sgd)",
-                   choices=("mlp", "linear", "lenet", "convnet", "cnn6", "resnet18", "resnet18_gn"))
+                   choices=("mlp", "linear", "lenet", "convnet", "cnn6", "resnet18", "resnet18_gn",
+                            # <base>_vib: the base with a VIB head, for the vib defense (clients/defenses/vib.py)
+                            "mlp_vib", "linear_vib", "lenet_vib", "convnet_vib", "cnn6_vib", "resnet18_gn_vib"))
     init: str = _f("default", "weight init: default (PyTorch), uniform (DLG's U(-0.5, 0.5)), normal, "
                    "kaiming, xavier", choices=("default", "uniform", "normal", "kaiming", "xavier"))
 
@@ -106,6 +108,9 @@ class ClientConfig:
     batch_size: int = _f(4, "examples per local batch", min=1)
     local_steps: int = _f(1, "local SGD steps (fedavg; fedsgd always sends one batch's gradient)", min=1)
     lr: float = _f(0.1, "client learning rate (fedavg local SGD)", min=0.0)
+    loss: str = _f("cross_entropy", "training loss: cross_entropy, or mse (squared error of the softmax against "
+                   "the one-hot label; Eloul et al.'s mixing loss choice, clients.defenses.losses)",
+                   choices=("cross_entropy", "mse"))
 
 
 @dataclass(frozen=True)
@@ -296,13 +301,18 @@ def _check_central_dp(cfg: Config) -> None:
 
 
 def _check_defenses(cfg: Config) -> None:
+    # client.loss against per-sample defenses and loss-aware attacks (clients.defenses.losses)
+    from clients.defenses.losses import check_loss_config
+
     if not cfg.defenses:
+        check_loss_config(cfg)
         return
     # The defenses validate their own parameters and the stack order; building them here
     # makes a bad [[defenses]] entry fail at load time (clients.defenses is pure torch).
     from clients.defenses import build_defenses
 
     build_defenses(cfg.defenses)
+    check_loss_config(cfg)
 
 
 def _check_analyses(cfg: Config) -> None:
@@ -312,6 +322,18 @@ def _check_analyses(cfg: Config) -> None:
         build_analyses(cfg)
 
 
+def _check_inference_attacks(cfg: Config) -> None:
+    """Tabular data needs a dense model; the inference attacks' params must fit the run's data
+    and model (checked by :func:`adversaries.inference.federated.check_run_config`)."""
+    if cfg.data.name == "adult" and (cfg.model.name not in ("mlp", "linear") or cfg.data.image_size):
+        raise ConfigError(f"model.name: {cfg.model.name!r} cannot take tabular adult rows; allowed with "
+                          "data.name = 'adult': mlp, linear (and data.image_size = 0)")
+    if any(a.name in ("attribute_inference", "property_inference", "membership_inference") for a in cfg.attacks):
+        from adversaries.inference.federated import check_run_config
+
+        check_run_config(cfg)
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a TOML-shaped dict."""
     cfg = _build(Config, data, "")
@@ -319,6 +341,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     _check_central_dp(cfg)
     _check_defenses(cfg)
     _check_analyses(cfg)
+    _check_inference_attacks(cfg)
     return cfg
 
 

@@ -35,6 +35,7 @@ from adversaries.reconstruction._common import (
     target_gradient,
 )
 from adversaries.reconstruction._dense_demix import (
+    DEMIX_LOSSES,
     DEMIX_MODES,
     EPS,
     demix_dense,
@@ -52,7 +53,8 @@ class AnalyticAttack(Attack):
 
     Threat model: honest-but-curious server that sees one update (FedSGD gradient, or a
     FedAvg delta converted by :meth:`Observation.gradient`) and knows the architecture,
-    the global parameters and the loss (mean softmax cross-entropy); the model's first
+    the global parameters and the clients' loss (``loss``: mean softmax cross-entropy by
+    default, or the squared error of the softmax); the model's first
     trainable layer is ``nn.Linear`` with bias, fed the (flattened) input directly. The
     number of samples is ``N = num_targets(obs)`` (the batch size for one FedSGD client).
 
@@ -117,12 +119,21 @@ class AnalyticAttack(Attack):
         Anderson-acceleration memory of the dense de-mixing's fixed point (>= 0; 0 = the
         plain iteration of the paper). Same fixed point, fewer iterations: on 8×8 digits
         with distinct labels (N = 8) at most 22 instead of up to 125.
+    loss:
+        The clients' training loss the attacker knows (``client.loss``; the config refuses
+        a mismatch): ``"cross_entropy"`` (default) or ``"mse"`` (squared error of the
+        softmax, Eloul et al.'s loss choice, :mod:`clients.defenses.losses`). The
+        single-sample ratio and the grouping hold for any loss; the dense de-mixing uses the
+        loss's coefficients (:func:`~adversaries.reconstruction._dense_demix.coefficients`);
+        for deeper models with ``"mse"`` the CE-based refinement and bias-count labels are
+        skipped (grouping only, labels by :func:`infer_labels`).
     """
 
     requires: ClassVar[tuple[str, ...]] = (
         "first trainable layer is nn.Linear with bias, fed the flattened input",
         "update covers that layer's weight and bias",
-        "loss is mean softmax cross-entropy over N = num_targets(obs) equally weighted samples",
+        "loss is the mean over N = num_targets(obs) equally weighted samples of the `loss` parameter "
+        "(softmax cross-entropy by default)",
         "last nn.Linear outputs the class logits (for labels)",
     )
 
@@ -135,6 +146,7 @@ class AnalyticAttack(Attack):
         demix_iterations: int = 100,
         demix_tol: float = 1e-10,
         demix_memory: int = 5,
+        loss: str = "cross_entropy",
     ) -> None:
         if not 0.0 <= tol < 1.0:
             raise ValueError(f"tol must be in [0, 1), got {tol!r}")
@@ -158,6 +170,9 @@ class AnalyticAttack(Attack):
         if isinstance(demix_memory, bool) or not isinstance(demix_memory, int) or demix_memory < 0:
             raise ValueError(f"demix_memory must be an integer >= 0, got {demix_memory!r}")
         self.demix_memory = demix_memory
+        if loss not in DEMIX_LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(DEMIX_LOSSES)}, got {loss!r}")
+        self.loss = loss
 
     def check(self, obs: Observation) -> None:
         """Refuse unless the first trainable layer is ``nn.Linear`` with bias on the raw input."""
@@ -212,6 +227,7 @@ class AnalyticAttack(Attack):
                 iterations=self.demix_iterations,
                 tol=self.demix_tol,
                 memory=self.demix_memory,
+                loss=self.loss,
             )
             picked, labels = res.x, res.labels
             metrics.update(
@@ -226,7 +242,7 @@ class AnalyticAttack(Attack):
         else:
             picked, confirmed = self._ratio(g_w, g_b, n, metrics)
             metrics["demixed"] = 0.0
-            if n > 1 and self.demix != "off":
+            if n > 1 and self.demix != "off" and self.loss == "cross_entropy":
                 grouped = picked.to(torch.float32).reshape(n, *obs.input_shape)
                 labels = self._labels(obs, grads, grouped, n)
                 refined = self._refine_deep(obs, grads, name, grouped, labels, confirmed, metrics)
@@ -280,8 +296,8 @@ class AnalyticAttack(Attack):
         self, obs: Observation, grads: list[torch.Tensor], inputs: torch.Tensor, n: int
     ) -> torch.Tensor:
         """Label multiset: bias counts with ``p̄`` from the reconstructions, else the sign rule."""
-        if n == 1:
-            return infer_labels(obs, grads, 1)
+        if n == 1 or self.loss != "cross_entropy":
+            return infer_labels(obs, grads, n)
         last_name, last = last_linear(obs.model)
         g_last = layer_grads(obs, grads, last_name)
         if last.bias is None or "bias" not in g_last or last.out_features != obs.num_classes:
