@@ -40,10 +40,17 @@ def test_quick_reproduction(shared_data, tmp_path):
     path, result = run_reproduction("defenses", quick=True, out=tmp_path / "run")
     s = result.summary
     # The DP rows end at the calibrated ε; the undefended update is reconstructed, DP ones are not.
-    assert s["epsilon_dp_fixed"] == pytest.approx(3.0, rel=1e-3)
-    assert s["epsilon_dynamic_linear"] == pytest.approx(3.0, rel=1e-3)
-    assert s["epsilon_none"] is None
-    assert s["analytic_asr_none"] == 1.0
-    assert s["analytic_asr_dp_fixed"] == 0.0 and s["idlg_asr_dp_fixed"] == 0.0
-    assert 0.0 <= s["accuracy_none"] <= 1.0
-    assert "dynamic_linear" in result.table and (path / "table.md").is_file()
+    assert s["mnist_epsilon_dp_fixed"] == pytest.approx(3.0, rel=1e-3)
+    assert s["mnist_epsilon_dynamic_linear"] == pytest.approx(3.0, rel=1e-3)
+    assert s["mnist_epsilon_none"] is None
+    assert s["mnist_analytic_asr_none"] == 1.0
+    assert s["mnist_analytic_asr_dp_fixed"] == 0.0 and s["mnist_idlg_asr_dp_fixed"] == 0.0
+    assert 0.0 <= s["mnist_accuracy_none"] <= 1.0
+    assert "dynamic_linear" in result.table and (path / "table.md").is_file() and (path / "accuracy.png").is_file()
+    # The mixing-loss table: distinct labels through a fresh dense layer are de-mixed with either
+    # loss (the attack is told the loss); identical labels are not.
+    for loss in ("cross_entropy", "mse"):
+        assert s[f"mixing_init_recovered_{loss}_random_b4"] == 1.0
+        assert s[f"mixing_init_recovered_{loss}_identical_b4"] < 1.0
+        assert 0.0 <= s[f"mixing_accuracy_{loss}_identical_b4"] <= 1.0
+    assert "mixing_loss" in result.table
