@@ -1,4 +1,4 @@
-"""Every client defense without its own e2e file, in a real Flower + Ray federation.
+"""Every client defense without its own e2e file (and the mixing sampler), in a real Flower + Ray federation.
 
 Each case runs a tiny federation (digits, ``mlp``, 2 clients, FedSGD batch 4, 1 round) with
 one defense from config and checks, on what the *server* received, that the defense was
@@ -164,4 +164,21 @@ def test_vib_model_variant_trains_in_the_federation(federate) -> None:
         assert metrics[(c, "defense0.vib.kl")] > 0 and math.isfinite(metrics[(c, "defense0.vib.ce")])
         head = [n for n in update if "encoder" in n]  # the VIBHead: h -> [mu, s]
         assert head and all(float(update[n].abs().sum()) > 0 for n in head)
+    assert summary["attacks"]["analytic"]["attacked"] == 2
+
+
+def _present_classes(update: dict) -> int:
+    """Classes present in a FedSGD cross-entropy batch, read from what the server received:
+    the output bias gradient mean(p_k - y_k) is negative exactly for the present classes
+    (Eloul et al.'s label-presence rule)."""
+    last_bias = [n for n in update if n.endswith("bias")][-1]
+    return int((update[last_bias] < 0).sum())
+
+
+def test_identical_labels_batches_hold_one_class(federate, baseline) -> None:
+    _, summary, updates = federate("identical", [{"name": "identical_labels"}])
+    assert {c: _present_classes(u) for c, u in updates.items()} == {0: 1, 1: 1}
+    # the same reading of the undefended run sees mixed batches (4 random digits hold one class
+    # with probability ~1e-3 per client), so the check above discriminates
+    assert max(_present_classes(u) for u in baseline[1].values()) > 1
     assert summary["attacks"]["analytic"]["attacked"] == 2
