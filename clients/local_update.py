@@ -163,6 +163,8 @@ def local_update(
                 return value, list(grads)
             g = dict(zip(names, grads, strict=True))
         for d in step_defs:
+            if getattr(d, "needs_batch", False):  # e.g. soteria: the batch itself, not only its gradient
+                d.observe_batch(model, x, y, generator=generator)
             g = _checked(d, g, d.transform_step(g, generator=generator))
         return value, [g[n] for n in names]
 

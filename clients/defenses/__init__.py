@@ -7,7 +7,7 @@ stacking rules.
 """
 
 # imported to register the built-ins
-from clients.defenses import adversarial, dp_sgd, dynamic_dp, mixing, transforms, vib
+from clients.defenses import adversarial, dp_sgd, dynamic_dp, mixing, soteria, transforms, vib
 from clients.defenses.base import (
     DEFENSES,
     STAGES,
@@ -23,5 +23,5 @@ from clients.defenses.stack import batch_sampler, build_defenses, draw_batches, 
 __all__ = [
     "DEFENSES", "STAGES", "BatchSamplerDefense", "Defense", "PerSampleDefense", "TensorTransform",
     "TrainingInfo", "adversarial", "batch_sampler", "build_defenses", "dp_sgd", "draw_batches", "dynamic_dp",
-    "mixing", "register_defense", "transforms", "validate_stack", "vib",
+    "mixing", "register_defense", "soteria", "transforms", "validate_stack", "vib",
 ]

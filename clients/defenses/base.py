@@ -120,6 +120,17 @@ class Defense:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned in an earlier round."""
 
+    #: Stage ``"step"`` defenses that set this get :meth:`observe_batch` before each
+    #: :meth:`transform_step` (e.g. Soteria, which differentiates the representation in x).
+    needs_batch: ClassVar[bool] = False
+
+    def observe_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                      generator: torch.Generator) -> None:
+        """Stage ``"step"`` with :attr:`needs_batch`: see the local batch ``(x, y)`` whose
+        gradient the next :meth:`transform_step` call receives (the model holds the weights
+        that gradient was computed at). Must leave the model's parameters and buffers as it
+        found them. Called for no other defense."""
+
     # ------------------------------------------------------------------ tensor hooks
     def transform_step(self, grads: Tensors, *, generator: torch.Generator) -> Tensors:
         """Stage ``"step"``: transform one local step's gradient (by parameter name)."""

@@ -15,6 +15,10 @@ entries and the rule):
      magnitudes, so pruning or noise after it is meaningless (prune or add noise first);
    - ``quantization`` comes last: it models the wire format, so anything after it (e.g.
      pruning or noise) undoes it.
+4. ``soteria`` is a ``step`` defense (it needs each local batch): at most one per stack; it
+   runs after any sampler or per-sample defense (e.g. DP-SGD's noisy gradient, whose columns
+   it zeroes as post-processing) and before every update transform; within the step stage
+   rule 3 puts it before ``signsgd`` and ``quantization``.
 """
 
 from __future__ import annotations

@@ -157,6 +157,23 @@ def test_adversarial_perturbation_stays_in_budget(federate, baseline) -> None:
     _lower_psnr(summary, baseline)
 
 
+def test_soteria_zeroes_first_layer_columns(federate, baseline) -> None:
+    path, summary, updates = federate("soteria", [{"name": "soteria", "params": {"pruning_ratio": 0.8}}])
+    metrics = _client_metrics(path)
+    for c, update in updates.items():
+        plain = baseline[1][c]
+        zero = (update["1.weight"] == 0).all(dim=0)  # mlp's first Linear: one column per pixel
+        assert not (plain["1.weight"] == 0).all(dim=0).any()
+        assert int(zero.sum()) == round(0.8 * 64)
+        assert metrics[(c, "defense0.soteria.pruned_fraction")] == pytest.approx(51 / 64)
+        # kept columns and every other parameter are exactly the undefended gradient
+        assert torch.equal(update["1.weight"][:, ~zero], plain["1.weight"][:, ~zero])
+        for name in _weights(update):
+            if name != "1.weight":
+                assert torch.equal(update[name], plain[name]), name
+    _lower_psnr(summary, baseline)
+
+
 def test_vib_model_variant_trains_in_the_federation(federate) -> None:
     path, summary, updates = federate("vib", [{"name": "vib", "params": {"beta": 1e-3}}], model="mlp_vib")
     metrics = _client_metrics(path)
