@@ -14,7 +14,7 @@ from typing import Any
 
 from fl_privsim.config import Config
 from fl_privsim.devices import resolve_device
-from fl_privsim.errors import UserError
+from fl_privsim.errors import ConfigError, UserError
 from fl_privsim.progress import Progress
 from fl_privsim.results import make_run_dir, start_run_folder
 
@@ -87,7 +87,15 @@ def validate_before_launch(cfg: Config) -> None:
 
     resolve_device(cfg.federation.device)
     fed = federated_data(cfg)
-    build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes)
+    model = build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes)
+    if cfg.defenses:  # defenses that depend on the architecture (e.g. soteria's layer)
+        from clients.defenses import build_defenses
+
+        for i, defense in enumerate(build_defenses(cfg.defenses)):
+            try:
+                defense.check_model(model)
+            except UserError as exc:
+                raise ConfigError(f"defenses[{i}]: {exc}") from None
     for i, attack in enumerate(cfg.attacks):
         try:
             ATTACKS.create(attack.name, **attack.params)  # names, types and ranges

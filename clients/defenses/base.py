@@ -104,6 +104,11 @@ class Defense:
         implementation clears the recorded metrics; overrides must call it."""
         self._recorded: dict[str, list[float]] = {}
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise :class:`~fl_privsim.errors.ConfigError` if this defense cannot run on
+        ``model`` (called once before a federation launches, so the error is not raised
+        inside a Ray worker). Nothing to check by default."""
+
     def record(self, key: str, value: float) -> None:
         """Record a metric value; :meth:`metrics` reports the mean over the update's calls."""
         self.__dict__.setdefault("_recorded", {}).setdefault(key, []).append(float(value))

@@ -197,6 +197,10 @@ class Soteria(Defense):
         self.max_exact_width = int(_number("max_exact_width", max_exact_width, 1, 1e9, integer=True))
         self._mask: torch.Tensor | None = None
 
+    def check_model(self, model: nn.Module) -> None:
+        """The ``layer`` must name an ``nn.Linear`` of ``model`` (the first one if empty)."""
+        _resolve_layer(model, self.layer)
+
     def begin(self, model: nn.Module, info: TrainingInfo) -> None:
         super().begin(model, info)
         name, self._module = _resolve_layer(model, self.layer)

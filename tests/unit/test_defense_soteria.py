@@ -146,3 +146,17 @@ def test_unknown_layer_and_stacking() -> None:
     with pytest.raises(ConfigError, match="execution order"):
         build_defenses([{"name": "pruning", "params": {"ratio": 0.5}}, {"name": "soteria"}])
     build_defenses([{"name": "soteria"}, {"name": "pruning", "params": {"ratio": 0.5}}])
+
+
+def test_unknown_layer_fails_before_launch() -> None:
+    """An architecture mismatch is one ConfigError before Ray starts, not a worker traceback."""
+    from fl_privsim import config as config_mod
+    from fl_privsim.simulation import validate_before_launch
+
+    def cfg(layer: str) -> config_mod.Config:
+        return config_mod.from_dict({"data": {"name": "digits"}, "model": {"name": "mlp"},
+                                     "defenses": [{"name": "soteria", "params": {"layer": layer}}]})
+
+    validate_before_launch(cfg("3"))  # mlp's second Linear
+    with pytest.raises(ConfigError, match=r"defenses\[0\].*'nope'.*nn.Linear"):
+        validate_before_launch(cfg("nope"))
