@@ -51,11 +51,8 @@ from fl_privsim.reproduce._defenses_rows import (
     ROWS,
     SCHEDULES,
     attack_row,
-    bisect_scale,
     calibrate,
-    epsilon,
     prepare,
-    specs,
     train_row,
 )
 from fl_privsim.reproduce.base import (
@@ -68,8 +65,6 @@ from fl_privsim.reproduce.base import (
 
 log = logging.getLogger(__name__)
 
-# Kept for callers of the single-file version.
-_bisect_scale, _epsilon, _specs = bisect_scale, epsilon, specs
 __all__ = ["ROWS", "SCHEDULES", "run"]
 
 PAPER = {

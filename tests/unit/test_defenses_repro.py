@@ -6,30 +6,30 @@ import pytest
 
 from clients.defenses.schedules import resolve_schedule
 from fl_privsim.errors import ConfigError
-from fl_privsim.reproduce.defenses import ROWS, _bisect_scale, _epsilon, _specs
+from fl_privsim.reproduce._defenses_rows import ROWS, bisect_scale, epsilon, specs
 
 
 @pytest.mark.parametrize("schedule", ["linear", "staircase", "exponential", "cyclic"])
 def test_calibration_hits_target_epsilon(schedule):
     fn = resolve_schedule(schedule)
     base = [fn(t, 9) for t in range(10)]
-    a = _bisect_scale(base, 0.064, 5, 1e-5, 3.0)
-    assert _epsilon([a * s for s in base], 0.064, 5, 1e-5) == pytest.approx(3.0, rel=1e-3)
+    a = bisect_scale(base, 0.064, 5, 1e-5, 3.0)
+    assert epsilon([a * s for s in base], 0.064, 5, 1e-5) == pytest.approx(3.0, rel=1e-3)
 
 
 def test_fixed_sigma_calibration_matches_constant_schedule():
-    sigma = _bisect_scale([1.0] * 10, 0.064, 5, 1e-5, 3.0)
-    assert _epsilon([sigma] * 10, 0.064, 5, 1e-5) == pytest.approx(3.0, rel=1e-3)
-    assert _epsilon([2 * sigma] * 10, 0.064, 5, 1e-5) < 3.0
+    sigma = bisect_scale([1.0] * 10, 0.064, 5, 1e-5, 3.0)
+    assert epsilon([sigma] * 10, 0.064, 5, 1e-5) == pytest.approx(3.0, rel=1e-3)
+    assert epsilon([2 * sigma] * 10, 0.064, 5, 1e-5) < 3.0
 
 
 def test_every_row_builds():
     settings = {"delta": 1e-5, "clip_norm": 1.0, "rounds": 5, "pruning_ratio": 0.9, "quantization_bits": 8,
                 "noise_scale": 0.01}
     for row in ROWS:
-        assert isinstance(_specs(row, settings, 1.0), list)
+        assert isinstance(specs(row, settings, 1.0), list)
     with pytest.raises(ConfigError, match="unknown row"):
-        _specs("bogus", settings, 1.0)
+        specs("bogus", settings, 1.0)
 
 
 def test_quick_reproduction(shared_data, tmp_path):
