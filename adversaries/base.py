@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -56,6 +57,10 @@ class Observation:
     members:
         Ids of the clients whose updates were averaged (for an aggregate); the server
         knows who took part, not what they trained on.
+    server_secrets:
+        What a malicious server kept when it crafted the model of this round, by modification
+        name (:mod:`adversaries.malicious`); empty for an honest-but-curious server. ``model``
+        and ``global_params`` are then the crafted model that was sent.
     """
 
     round: int
@@ -74,6 +79,7 @@ class Observation:
     data_std: tuple[float, ...]
     num_clients: int = 1
     members: tuple[int, ...] = ()
+    server_secrets: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def is_aggregate(self) -> bool:
@@ -143,6 +149,8 @@ class Attack(ABC):
 
     #: Human-readable assumptions of the threat model, e.g. "first layer is Linear with bias".
     requires: ClassVar[tuple[str, ...]] = ()
+    #: The server modification whose secrets the attack reads (``None``: a passive attack).
+    modification: ClassVar[str | None] = None
 
     def check(self, obs: Observation) -> None:
         """Raise :class:`ThreatModelError` if ``obs`` does not meet the threat model."""
@@ -153,10 +161,21 @@ class Attack(ABC):
     ) -> AttackResult:
         """Attack ``obs`` on ``device``; all randomness comes from ``generator`` (CPU)."""
 
+    def secrets(self, obs: Observation) -> Any:
+        """The secrets of :attr:`modification` in ``obs``; :class:`ThreatModelError` when the
+        server did not apply it to this update."""
+        name = self.modification
+        if name is None or name not in obs.server_secrets:
+            raise ThreatModelError(f"requires the server modification {name!r} in this round "
+                                   f"([server] role = \"malicious\", [[server.modifications]] name = {name!r})")
+        return obs.server_secrets[name]
+
     def __call__(
         self, obs: Observation, *, device: torch.device | str = "cpu", generator: torch.Generator | None = None
     ) -> AttackResult:
-        """Check the threat model, then run."""
+        """Check the threat model (and the modification's presence), then run."""
+        if self.modification is not None:
+            self.secrets(obs)
         self.check(obs)
         if generator is None:
             generator = torch.Generator().manual_seed(0)

@@ -28,13 +28,15 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.central_dp_mod import make_central_dp_mod
 from clients.defenses import Defense, build_defenses
+from clients.defenses.base import ModelRefused
 from clients.local_update import local_update
 from fl_privsim import config as config_mod
+from fl_privsim.architecture import ARCH_KEY, build_architecture
 from fl_privsim.config import Config
 from fl_privsim.devices import resolve_device
 from fl_privsim.federated_data import client_batch_indices, federated_data
@@ -45,6 +47,10 @@ log = logging.getLogger(__name__)
 
 CONFIG_KEY = "fl-privsim-config"
 CONFIG_RECORD = "config"
+#: Error reply of a client that refuses to train: code, and the reason's prefix (the server
+#: counts these as refusals, strategies.fedupdates).
+REFUSED_CODE = 4001
+REFUSED = "refused:"
 
 
 @functools.lru_cache(maxsize=8)
@@ -68,10 +74,16 @@ def partition_id(context: Context) -> int:
 
 
 def _global_model(msg: Message, cfg: Config, device: torch.device) -> torch.nn.Module:
+    """The model the server sent: the agreed architecture, or the one its spec describes
+    (``fl-privsim-arch``, e.g. a malicious server's imprint block); a client trusts it."""
     # One torch thread per CPU Ray reserved for this client: more oversubscribes the cores.
     torch.set_num_threads(max(1, int(cfg.federation.num_cpus_per_client)))
     fed = federated_data(cfg)
     model = build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes)
+    record = msg.content.config_records.get(CONFIG_RECORD)
+    spec = record.get(ARCH_KEY) if record is not None else None
+    if isinstance(spec, str) and spec:
+        model = build_architecture(model, spec, fed.data.input_shape)
     arrays = next(iter(msg.content.array_records.values()))
     model.load_state_dict(arrays.to_torch_state_dict())
     return model.to(device)
@@ -110,10 +122,14 @@ def handle_train(msg: Message, context: Context) -> Message:
     restore_defense_state(defenses, context.state)
     generator = torch_generator(cfg.seed, server_round, pid, "defense")
     part_size = len(fed.train_parts[pid])
-    result = local_update(model, batches, protocol=cfg.federation.protocol, lr=cfg.client.lr,
-                          defenses=defenses, generator=generator, server_round=server_round,
-                          dataset_size=part_size, expected_batch_size=min(cfg.client.batch_size, part_size),
-                          loss=cfg.client.loss)
+    try:
+        result = local_update(model, batches, protocol=cfg.federation.protocol, lr=cfg.client.lr,
+                              defenses=defenses, generator=generator, server_round=server_round,
+                              dataset_size=part_size, expected_batch_size=min(cfg.client.batch_size, part_size),
+                              loss=cfg.client.loss)
+    except ModelRefused as exc:  # a defense (model_inspection) refused the model it was sent
+        log.info("client %d refused the model of round %d: %s", pid, server_round, exc)
+        return Message(error=Error(code=REFUSED_CODE, reason=f"{REFUSED} {exc}"), reply_to=msg)
     save_defense_state(defenses, context.state)
     update = ArrayRecord({k: v.detach().cpu() for k, v in result.update.items()})
     metrics = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, **result.metrics})

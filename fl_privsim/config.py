@@ -150,6 +150,37 @@ class AnalysisConfig:
     targets: TargetsConfig = field(default_factory=TargetsConfig, metadata={"help": "targets (clients only)"})
 
 
+@dataclass(frozen=True)
+class ModificationTargetsConfig:
+    """``[server.modifications.targets]``: when, and for whom, the server crafts the model."""
+
+    rounds: list[int] = _f([1], "rounds in which the crafted model is sent", min=1)
+    clients: list[int] = _f([], "client ids that get the crafted model ([] = every sampled client)", min=0)
+
+
+@dataclass(frozen=True)
+class ModificationConfig:
+    """``[[server.modifications]]``: one model modification of a malicious server."""
+
+    name: str = _f("", "registered modification (imprint, trap_weights, fishing, or a plugin's)")
+    params: dict[str, Any] = _f({}, "keyword parameters of the modification")
+    targets: ModificationTargetsConfig = field(default_factory=ModificationTargetsConfig,
+                                               metadata={"help": "targets"})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """``[server]``: the server's role (honest-but-curious observes; malicious also crafts
+    the model it sends) and its modifications."""
+
+    role: str = _f("honest_but_curious", "honest_but_curious: trains as told and only looks at updates; "
+                   "malicious: may also change the model it sends ([[server.modifications]])",
+                   choices=("honest_but_curious", "malicious"))
+    modifications: list[ModificationConfig] = _f([], "[[server.modifications]], applied in order")
+    public_examples: int = _f(1000, "records of the server's own data (a seeded subset of the test split, "
+                              "which no client trains on) that a modification may use to calibrate", min=1)
+
+
 def _default_attacks() -> list[AttackConfig]:
     return [AttackConfig(name=n) for n in ("analytic", "idlg", "inverting_gradients")]
 
@@ -181,6 +212,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "[model]"})
     federation: FederationConfig = field(default_factory=FederationConfig, metadata={"help": "[federation]"})
     client: ClientConfig = field(default_factory=ClientConfig, metadata={"help": "[client]"})
+    server: ServerConfig = field(default_factory=ServerConfig, metadata={"help": "[server]"})
     attacks: list[AttackConfig] = field(default_factory=_default_attacks, metadata={"help": "[[attacks]]"})
     defenses: list[DefenseConfig] = field(default_factory=list, metadata={"help": "[[defenses]]"})
     analyses: list[AnalysisConfig] = field(default_factory=list, metadata={"help": "[[analyses]]"})
@@ -270,6 +302,35 @@ def _cross_check(cfg: Config) -> None:
                 )
 
 
+def _check_server(cfg: Config) -> None:
+    """``[server]``: modifications only under the malicious role, known names and valid params,
+    rounds and clients that exist."""
+    srv, fed = cfg.server, cfg.federation
+    if srv.modifications and srv.role != "malicious":
+        raise ConfigError(f"server.modifications: {srv.modifications[0].name or 'a modification'!r} needs "
+                          f"server.role = \"malicious\" (an honest-but-curious server never changes the model)")
+    if not srv.modifications:
+        return
+    from adversaries.malicious import MODIFICATIONS  # pure torch; registers the built-ins
+
+    for i, mod in enumerate(srv.modifications):
+        where = f"server.modifications[{i}]"
+        if not mod.name:
+            raise ConfigError(f"{where}.name: every [[server.modifications]] entry needs a name; known: "
+                              f"{', '.join(MODIFICATIONS.names())}")
+        try:
+            MODIFICATIONS.create(mod.name, **mod.params)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        for r in mod.targets.rounds:
+            if r > fed.rounds:
+                raise ConfigError(f"{where}.targets.rounds: round {r} is after the last round ({fed.rounds})")
+        for c in mod.targets.clients:
+            if c >= fed.num_clients:
+                raise ConfigError(f"{where}.targets.clients: client {c} does not exist "
+                                  f"(clients are 0..{fed.num_clients - 1})")
+
+
 def _check_central_dp(cfg: Config) -> None:
     """Cross-field checks of ``[federation.central_dp]`` (one clear line per problem)."""
     dp, where = cfg.federation.central_dp, "federation.central_dp"
@@ -338,6 +399,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a TOML-shaped dict."""
     cfg = _build(Config, data, "")
     _cross_check(cfg)
+    _check_server(cfg)
     _check_central_dp(cfg)
     _check_defenses(cfg)
     _check_analyses(cfg)

@@ -20,6 +20,8 @@ PURPOSES: dict[str, int] = {
     "sampling": 6,
     "defense": 7,
     "central_dp": 8,
+    "modification": 9,
+    "public_data": 10,
 }
 
 

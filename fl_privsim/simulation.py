@@ -101,6 +101,39 @@ def validate_before_launch(cfg: Config) -> None:
             ATTACKS.create(attack.name, **attack.params)  # names, types and ranges
         except UserError as exc:
             raise type(exc)(f"attacks[{i}]: {exc}") from None
+    check_server_role(cfg, model, fed.data.input_shape, fed.data.num_classes)
+
+
+def check_server_role(cfg: Config, model: Any, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    """Before launch: every modification fits the model, and every attack that reads a
+    modification's secrets has that modification in each round it attacks (and, per client,
+    for each client it attacks)."""
+    from adversaries.base import ATTACKS
+    from adversaries.malicious import MODIFICATIONS
+
+    mods = cfg.server.modifications
+    for i, spec in enumerate(mods):
+        try:
+            MODIFICATIONS.create(spec.name, **spec.params).check_model(model, input_shape, num_classes)
+        except UserError as exc:
+            raise ConfigError(f"server.modifications[{i}] ({spec.name}): {exc}") from None
+    for i, attack in enumerate(cfg.attacks):
+        need = getattr(ATTACKS.get(attack.name), "modification", None)
+        if need is None:
+            continue
+        mine = [m for m in mods if m.name == need]
+        how = (f"add [[server.modifications]] name = {need!r} covering them (with [server] role = \"malicious\")")
+        covered = set().union(*(set(m.targets.rounds) for m in mine)) if mine else set()
+        missing = sorted(set(attack.targets.rounds) - covered)
+        if missing:
+            raise ConfigError(f"attacks[{i}] ({attack.name}): needs the server modification {need!r} in "
+                              f"round(s) {missing}; {how}")
+        if attack.targets.clients and all(m.targets.clients for m in mine):
+            crafted = set().union(*(set(m.targets.clients) for m in mine))
+            outside = sorted(set(attack.targets.clients) - crafted)
+            if outside:
+                raise ConfigError(f"attacks[{i}] ({attack.name}): client(s) {outside} do not get the {need!r} "
+                                  f"model (server.modifications targets.clients = {sorted(crafted)})")
 
 
 def run(cfg: Config, *, out: str | Path | None = None, show_progress: bool = True, verbose: bool = False) -> tuple[Path, dict[str, Any]]:

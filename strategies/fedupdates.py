@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from clients.client_app import REFUSED
 from fl_privsim.seeding import numpy_rng
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class FedUpdates(FedAvg):
         self.extra_config = dict(extra_config or {})
         self.metric_sink = metric_sink
         self._current: dict[int, ArrayRecord] = {}
+        self.client_errors: list[dict[str, object]] = []
 
     # ------------------------------------------------------------------ sampling
     def sample_clients(self, server_round: int, k: int) -> list[int]:
@@ -168,13 +170,32 @@ class FedUpdates(FedAvg):
     _order = order_replies
 
     def record_client_metrics(self, server_round: int, replies: Iterable[Message]) -> None:
-        """Hand each successful reply's train metrics to the metric sink."""
-        if self.metric_sink is None:
-            return
+        """Hand each successful reply's train metrics to the metric sink; count the clients
+        that refused to train (an error reply whose reason starts with ``refused:``, e.g. the
+        ``model_inspection`` defense) and the other failed replies, with their reasons."""
         for msg in replies:
-            if not msg.has_error():
+            if msg.has_error():
+                cid = self.node_to_client.get(msg.metadata.src_node_id)
+                reason = str(msg.error.reason or f"error code {msg.error.code}")
+                kind = "refused" if reason.startswith(REFUSED) else "failed"
+                self.client_errors.append({"round": server_round, "client": cid, "kind": kind, "reason": reason})
+                if self.metric_sink is not None:
+                    self.metric_sink(server_round, cid, "client_train", {kind: reason})
+            elif self.metric_sink is not None:
                 m = next(iter(msg.content.metric_records.values()))
                 self.metric_sink(server_round, reply_client_id(msg), "client_train", dict(m))
+
+    def client_error_report(self) -> dict[str, object]:
+        """Refusals and failures of train replies: totals, per round, and the distinct reasons."""
+        out: dict[str, object] = {}
+        for kind in ("refused", "failed"):
+            rows = [e for e in self.client_errors if e["kind"] == kind]
+            by_round: dict[str, int] = {}
+            for e in rows:
+                by_round[str(e["round"])] = by_round.get(str(e["round"]), 0) + 1
+            out[kind] = {"total": len(rows), "by_round": by_round,
+                         "reasons": sorted({str(e["reason"]) for e in rows})[:10]}
+        return out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

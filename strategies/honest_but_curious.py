@@ -135,7 +135,7 @@ class HonestButCurious(Strategy):
         if not clients and not want_aggregate:
             return []
         out: list[Observation] = []
-        updates, weights, metas, members = [], [], [], []
+        entries: list[tuple[int | None, dict[str, torch.Tensor], int, dict]] = []
         for msg in sorted(replies, key=lambda m: reply_client_id(m) or 0):
             if msg.has_error():
                 continue
@@ -147,18 +147,19 @@ class HonestButCurious(Strategy):
             n = int(metrics.get("num-examples", 0))
             update = arrays.to_torch_state_dict()
             if want_aggregate:
-                updates.append(update)
-                weights.append(float(n))
-                metas.append(meta)
-                if cid is not None:
-                    members.append(cid)
+                entries.append((cid, update, n, meta))
             if cid is not None and cid in clients:
                 out.append(self._observation(server_round, cid, update, meta, n, 1))
-        if want_aggregate and updates:
-            agg = weighted_mean_update(updates, weights)
-            out.append(
-                self._observation(
-                    server_round, None, agg, metas[0], int(sum(weights)), len(updates), tuple(members)
-                )
-            )
+        if want_aggregate and entries:
+            out.append(self.aggregate_observation(server_round, entries))
         return out
+
+    def aggregate_observation(
+        self, server_round: int, entries: list[tuple[int | None, dict[str, torch.Tensor], int, dict]]
+    ) -> Observation:
+        """The weighted mean of ``entries`` (client id, update, examples, metadata) as one
+        observation: all that a server behind secure aggregation would see."""
+        agg = weighted_mean_update([e[1] for e in entries], [float(e[2]) for e in entries])
+        members = tuple(e[0] for e in entries if e[0] is not None)
+        return self._observation(server_round, None, agg, entries[0][3], sum(e[2] for e in entries),
+                                 len(entries), members)

@@ -15,13 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 import adversaries  # noqa: F401  (registers the built-in attacks)
 from adversaries.base import ATTACKS
+from adversaries.malicious import MODIFICATIONS
 from clients.client_app import CONFIG_KEY
 from fl_privsim import config as config_mod
 from fl_privsim.analyses import build_analyses
@@ -32,11 +35,12 @@ from fl_privsim.models import build_model
 from fl_privsim.progress import Progress
 from fl_privsim.results import RunFolder, make_run_dir, start_run_folder
 from fl_privsim.scoring import Scorer
-from fl_privsim.seeding import seed_int
+from fl_privsim.seeding import numpy_rng, seed_int
 from strategies.attack_runner import AttackPlan, AttackRunner
 from strategies.central_dp import CentralDP
 from strategies.fedupdates import FedUpdates, discover_clients
 from strategies.honest_but_curious import HonestButCurious, ModelInfo
+from strategies.malicious import MaliciousServer, ModificationPlan
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,25 @@ def build_plans(cfg: Config) -> list[AttackPlan]:
         )
         for a in cfg.attacks
     ]
+
+
+def build_modification_plans(cfg: Config) -> list[ModificationPlan]:
+    """Instantiate the malicious server's modifications (bad names/params raise ``ConfigError``)."""
+    return [
+        ModificationPlan(name=m.name, modification=MODIFICATIONS.create(m.name, **m.params),
+                         rounds=set(m.targets.rounds), clients=set(m.targets.clients))
+        for m in cfg.server.modifications
+    ]
+
+
+def public_data(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The server's own data: a seeded subset of the test split (normalised inputs, labels),
+    ``server.public_examples`` records at most. No client trains on the test split."""
+    fed = federated_data(cfg)
+    n = len(fed.data.test_y)
+    rng = numpy_rng(cfg.seed, 0, "public_data")
+    idx = np.sort(rng.choice(n, size=min(n, cfg.server.public_examples), replace=False))
+    return fed.data.normalize(fed.data.images("test", idx)), fed.data.labels("test", idx)
 
 
 def central_evaluator(cfg: Config, device: torch.device) -> Callable[[ArrayRecord], dict[str, float]]:
@@ -144,7 +167,14 @@ def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | 
         local_steps=cfg.client.local_steps if cfg.federation.protocol == "fedavg" else 1,
         lr=cfg.client.lr,
     )
-    strategy = HonestButCurious(trained, info=info, observer=runner) if plans or runner.analyses else trained
+    strategy: Strategy
+    if cfg.server.role == "malicious":
+        public_x, public_y = public_data(cfg)
+        strategy = MaliciousServer(trained, info=info, observer=runner, plans=build_modification_plans(cfg),
+                                   node_to_client=node_to_client, public_inputs=public_x, public_labels=public_y,
+                                   seed=cfg.seed)
+    else:
+        strategy = HonestButCurious(trained, info=info, observer=runner) if plans or runner.analyses else trained
     evaluate = central_evaluator(cfg, device)
     accuracy: dict[int, float] = {}
 
@@ -183,6 +213,8 @@ def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | 
         "accuracy_by_round": {str(k): v for k, v in sorted(accuracy.items())},
         "federated_accuracy_by_round": {str(k): v for k, v in federated.items()},
         "observer_failures": getattr(strategy, "failures", 0),
+        "server": strategy.report() if isinstance(strategy, MaliciousServer) else {"role": cfg.server.role},
+        "client_errors": inner.client_error_report(),
         "run_dir": str(folder.path),
     }
     if "epsilon" in dp:  # client-side DP on: ε(δ) = max over clients; formal only if every client's is

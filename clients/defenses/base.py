@@ -77,6 +77,12 @@ class TrainingInfo:
     expected_batch_size: int = 0
 
 
+class ModelRefused(Exception):
+    """Raised by a defense (in :meth:`Defense.begin`) that refuses to train the model it was
+    sent, e.g. :mod:`clients.defenses.model_inspection` on a crafted model. The client then
+    sends no update; its reply says why (``str(exc)``) and the server records a refusal."""
+
+
 class Defense:
     """Base class of every client defense.
 
