@@ -72,18 +72,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """The end-of-run table: per attack the mean PSNR, SSIM, AVD, ASR and label accuracy."""
+    """The end-of-run table: per attack the mean PSNR, SSIM, AVD, ASR, leakage rate (``leak``:
+    share of an update's clients with a record reconstructed at the ASR threshold) and label
+    accuracy."""
 
     def fmt(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
     lines = [f"{'attack':<30} {'attacked':>8} {'PSNR dB':>8} {'SSIM':>6} {'AVD':>6} {'ASR':>5} "
-             f"{'label acc':>9} {'refused':>7} {'failed':>6}"]
+             f"{'leak':>5} {'label acc':>9} {'refused':>7} {'failed':>6}"]
     for name, row in summary.get("attacks", {}).items():
         lines.append(
             f"{name:<30} {int(row.get('attacked', 0)):>8} {fmt(row.get('psnr'), '.2f'):>8} "
             f"{fmt(row.get('ssim'), '.3f'):>6} {fmt(row.get('avd'), '.3f'):>6} {fmt(row.get('asr'), '.2f'):>5} "
-            f"{fmt(row.get('label_accuracy'), '.3f'):>9} "
+            f"{fmt(row.get('leakage_rate'), '.2f'):>5} {fmt(row.get('label_accuracy'), '.3f'):>9} "
             f"{int(row.get('refused', 0)):>7} {int(row.get('failed', 0)):>6}"
         )
     for name, row in summary.get("attacks", {}).items():  # inference attacks: AUC over the scored updates

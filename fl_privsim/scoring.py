@@ -8,6 +8,11 @@ label accuracy. It adds AVD (each reconstruction against the original that minim
 and the attack success rate: the fraction of originals reconstructed with an MSE at most
 ``scoring.asr_mse_threshold``. For batches ``label_accuracy`` is the label-count accuracy
 (multiset overlap of recovered and true labels).
+
+Two more shares describe who was hit: ``coverage`` is the share of originals that got a
+matched reconstruction at all (not a success: any output covers an original), and
+``leakage_rate`` the share of the update's clients with at least one record whose matched
+reconstruction reaches the ASR threshold (0 or 1 for a single client's update).
 """
 
 from __future__ import annotations
@@ -65,13 +70,24 @@ class Scorer:
         (:mod:`fl_privsim.inference_scoring`)."""
         return InferenceScorer(self.cfg, self.fed)
 
-    def ground_truth_indices(self, server_round: int, clients: Sequence[int]) -> np.ndarray:
-        """Train-split indices of every example the ``clients`` used in ``server_round``."""
+    def ground_truth_parts(self, server_round: int, clients: Sequence[int]) -> list[np.ndarray]:
+        """Per client, in the order of ``clients``: the sorted, distinct train-split indices it
+        used in ``server_round`` (a record seen in several local steps counts once)."""
         parts = []
         for c in clients:
             batches = client_batch_indices(self.cfg, self.fed, server_round, int(c))
             parts.append(np.unique(np.concatenate(batches)))
-        return np.concatenate(parts)
+        return parts
+
+    def ground_truth_indices(self, server_round: int, clients: Sequence[int]) -> np.ndarray:
+        """Train-split indices of every example the ``clients`` used in ``server_round``."""
+        return np.concatenate(self.ground_truth_parts(server_round, clients))
+
+    def ground_truth_owners(self, server_round: int, clients: Sequence[int]) -> np.ndarray:
+        """For each row of :meth:`ground_truth_indices`: the position in ``clients`` of the
+        client it belongs to."""
+        sizes = [len(p) for p in self.ground_truth_parts(server_round, clients)]
+        return np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
 
     def ground_truth(self, server_round: int, clients: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images in [0, 1] and labels of what ``clients`` trained on in ``server_round``."""
@@ -80,7 +96,10 @@ class Scorer:
 
     def score(self, result: ReconstructionLike, server_round: int, clients: Sequence[int]) -> Score:
         """Score ``result`` against the true batch of ``clients`` in ``server_round``."""
-        originals, labels = self.ground_truth(server_round, clients)
+        parts = self.ground_truth_parts(server_round, clients)
+        idx = np.concatenate(parts)
+        owners = np.repeat(np.arange(len(parts), dtype=np.int64), [len(p) for p in parts])
+        originals, labels = self.fed.data.images("train", idx), self.fed.data.labels("train", idx)
         values: dict[str, float] = {"num_originals": float(originals.shape[0])}
         matched: torch.Tensor | None = None
         if result.inputs is not None:
@@ -100,10 +119,12 @@ class Scorer:
             values["ssim"] = float(metrics.ssim(o, m).mean())
             if min(originals.shape[2:]) >= 3:
                 values["avd"] = float(metrics.avd_matched(originals, recon).mean())
-            values["asr"] = metrics.attack_success_rate(
-                per_mse, self.cfg.scoring.asr_mse_threshold, originals.shape[0]
-            )
-            values["recovered_fraction"] = float(ok.mean())
+            threshold = self.cfg.scoring.asr_mse_threshold
+            values["asr"] = metrics.attack_success_rate(per_mse, threshold, originals.shape[0])
+            success = np.zeros(originals.shape[0], dtype=bool)
+            success[ok] = (per_mse <= threshold).numpy()
+            values["coverage"] = metrics.coverage(perm)
+            values["leakage_rate"] = metrics.leakage_rate(success, owners, len(parts))
             values["num_reconstructed"] = float(recon.shape[0])
         if result.labels is not None:
             values["label_accuracy"] = metrics.label_accuracy(labels, result.labels)

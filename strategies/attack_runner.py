@@ -203,7 +203,8 @@ class AttackRunner:
         for label in sorted(set(self.scores) | set(self.outcomes)):
             rows = self.scores.get(label, [])
             entry: dict[str, float] = {}
-            for k in ("psnr", "ssim", "mse", "avd", "asr", "label_accuracy", "recovered_fraction", "seconds"):
+            for k in ("psnr", "ssim", "mse", "avd", "asr", "leakage_rate", "label_accuracy",
+                      "coverage", "seconds"):
                 vals = [r[k] for r in rows if k in r]
                 if vals:
                     entry[k] = float(np.mean(vals))
