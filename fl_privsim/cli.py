@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the resolved config as TOML")
     show.add_argument("config", nargs="?", help="TOML config file")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    sub.add_parser("attacks", help="list the registered attacks and their threat models")
+    sub.add_parser("attacks", help="list the registered attacks (with their threat models) and the "
+                   "malicious server's modifications")
     rep = sub.add_parser(
         "reproduce",
         help="rerun a paper's experiment and write its table beside the paper's numbers",
@@ -94,6 +95,16 @@ def format_table(summary: dict[str, Any]) -> str:
             lines.append(f"{name}: AUC {row['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] over {row.get('trials', 0)} "
                          f"updates ({row.get('positives', 0)} with secret 1), accuracy "
                          f"{row.get('accuracy', float('nan')):.3f}, advantage {row.get('advantage', float('nan')):.3f}")
+    server = summary.get("server") or {}
+    if server.get("role") == "malicious":
+        crafted = "; ".join(f"round {r}: " + ", ".join(f"{m} for clients {c}" for m, c in mods.items())
+                            for r, mods in (server.get("crafted") or {}).items()) or "no round"
+        lines.append(f"malicious server crafted the model in {crafted}")
+    for kind, what in (("refused", "refused to train"), ("failed", "failed")):
+        errs = (summary.get("client_errors") or {}).get(kind) or {}
+        if errs.get("total"):
+            rounds = ", ".join(f"round {r}: {n}" for r, n in errs.get("by_round", {}).items())
+            lines.append(f"clients that {what}: {errs['total']} ({rounds}); reason: {errs['reasons'][0]}")
     acc = summary.get("final_accuracy")
     lines.append("")
     lines.append(f"model test accuracy after round {summary.get('rounds')}: {fmt(acc, '.4f')}"
@@ -116,12 +127,21 @@ def _cmd_attacks() -> int:
     import adversaries  # noqa: F401
     from adversaries.base import ATTACKS
 
+    from adversaries.malicious import MODIFICATIONS
+
     for name in ATTACKS.names():
         cls = ATTACKS.get(name)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         print(f"{name}: {doc}")
+        if getattr(cls, "modification", None):
+            print(f"    needs the malicious server's modification: {cls.modification}")
         for req in getattr(cls, "requires", ()):
             print(f"    requires: {req}")
+    print("\nmodifications of a malicious server ([server] role = \"malicious\", [[server.modifications]]):")
+    for name in MODIFICATIONS.names():
+        cls = MODIFICATIONS.get(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name}: {doc}")
     return 0
 
 

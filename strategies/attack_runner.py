@@ -198,9 +198,13 @@ class AttackRunner:
         return summarize_analyses(self.analysis_scores, self.analysis_outcomes, self.analysis_noise)
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Per attack: the mean of each score over the attacked updates, and outcome counts."""
+        """Per attack: the mean of each score over the attacked updates, and outcome counts.
+        Every configured attack has an entry, ``attacked = 0`` when no targeted update came
+        back (e.g. the targeted clients refused to train, see ``client_errors``)."""
         out: dict[str, dict[str, float]] = {}
-        for label in sorted(set(self.scores) | set(self.outcomes)):
+        configured = {p.name for p in self.plans if p.clients} | {f"{p.name}@aggregate" for p in self.plans
+                                                                   if p.aggregate}
+        for label in sorted(set(self.scores) | set(self.outcomes) | configured):
             rows = self.scores.get(label, [])
             entry: dict[str, float] = {}
             for k in ("psnr", "ssim", "mse", "avd", "asr", "leakage_rate", "label_accuracy",
