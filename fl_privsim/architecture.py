@@ -61,7 +61,9 @@ class FrontBlock(nn.Module):
         self.activation = activation
         self.encoder = nn.Linear(d, rows)
         self.decoder = nn.Linear(rows, d)
-        self.register_buffer("upper", torch.full((rows,), float("inf")))
+        # "no bound" is the largest float32, not inf: a client sends each buffer's change, and
+        # inf - inf would be NaN
+        self.register_buffer("upper", torch.full((rows,), torch.finfo(torch.float32).max))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encoder(x.flatten(1))
