@@ -56,11 +56,16 @@ class RefuseFrontBlocks(Defense):
         return update
 
 
-if "test_front_block" not in MODIFICATIONS.names():
+@pytest.fixture(autouse=True)
+def _test_plugins():
+    """Register the test-only plugins for this module's tests, and remove them afterwards so
+    that no other test sees them in the registries."""
     MODIFICATIONS.register("test_front_block")(FrontBlockForTest)
-if "test_refuse" not in DEFENSES.names():
     RefuseFrontBlocks.name = "test_refuse"
     DEFENSES.register("test_refuse")(RefuseFrontBlocks)
+    yield
+    MODIFICATIONS._items.pop("test_front_block", None)
+    DEFENSES._items.pop("test_refuse", None)
 
 
 def _malicious(cfg, plans, observer):

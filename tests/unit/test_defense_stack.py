@@ -22,8 +22,8 @@ from fl_privsim.errors import ConfigError
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
-BUILTINS = ["adversarial_perturbation", "dp_sgd", "dynamic_dp", "identical_labels", "noise", "pruning",
-            "quantization", "signsgd", "soteria", "vib"]
+BUILTINS = ["adversarial_perturbation", "dp_sgd", "dynamic_dp", "identical_labels", "model_inspection", "noise",
+            "pruning", "quantization", "signsgd", "soteria", "vib"]
 
 
 def _stack(*entries: tuple[str, dict]) -> list[dict]:
