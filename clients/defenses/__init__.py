@@ -7,7 +7,16 @@ stacking rules.
 """
 
 # imported to register the built-ins
-from clients.defenses import adversarial, dp_sgd, dynamic_dp, mixing, soteria, transforms, vib
+from clients.defenses import (  # noqa: F401
+    adversarial,
+    dp_sgd,
+    dynamic_dp,
+    mixing,
+    model_inspection,
+    soteria,
+    transforms,
+    vib,
+)
 from clients.defenses.base import (
     DEFENSES,
     STAGES,

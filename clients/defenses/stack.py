@@ -15,7 +15,9 @@ entries and the rule):
      magnitudes, so pruning or noise after it is meaningless (prune or add noise first);
    - ``quantization`` comes last: it models the wire format, so anything after it (e.g.
      pruning or noise) undoes it.
-4. ``soteria`` is a ``step`` defense (it needs each local batch): at most one per stack; it
+4. A defense with role ``"inspect"`` (``model_inspection``) may stand anywhere: it looks at the
+   received model in ``begin()``, before any training, and changes nothing.
+5. ``soteria`` is a ``step`` defense (it needs each local batch): at most one per stack; it
    runs after any sampler or per-sample defense (e.g. DP-SGD's noisy gradient, whose columns
    it zeroes as post-processing) and before every update transform; within the step stage
    rule 3 puts it before ``signsgd`` and ``quantization``.
@@ -45,6 +47,8 @@ def validate_stack(defenses: Sequence[Defense]) -> None:
     for j, d in enumerate(defenses):
         for i in range(j):
             e = defenses[i]
+            if "inspect" in (d.role, e.role):  # inspection runs in begin(), before any training: anywhere
+                continue
             where = f"{_label(j, d)} after {_label(i, e)}"
             if STAGES.index(d.stage) < STAGES.index(e.stage):
                 raise ConfigError(
