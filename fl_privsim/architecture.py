@@ -128,7 +128,7 @@ def honest_name(name: str, spec: Mapping[str, Any]) -> str | None:
         return name
     if name.startswith("block."):
         return None
-    return name[len("model."):] if name.startswith("model.") else name
+    return name.removeprefix("model.")
 
 
 def honest_update(update: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> dict[str, torch.Tensor]:

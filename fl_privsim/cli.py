@@ -126,7 +126,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_attacks() -> int:
     import adversaries  # noqa: F401
     from adversaries.base import ATTACKS
-
     from adversaries.malicious import MODIFICATIONS
 
     for name in ATTACKS.names():

@@ -128,7 +128,7 @@ class Modification(ABC):
 MODIFICATIONS: Registry[Modification] = Registry(kind="modification", group="fl_privsim.modifications")
 
 
-def register_modification(name: str):  # noqa: ANN201 - a class decorator
+def register_modification(name: str):
     """Register a :class:`Modification` subclass under ``name`` (and set its :attr:`name`)."""
 
     def deco(cls: type[Modification]) -> type[Modification]:

@@ -31,7 +31,13 @@ import numpy as np
 from adversaries.malicious.imprint import expected_alone_share
 from fl_privsim.data import load_dataset
 from fl_privsim.reproduce._malicious_cells import Cell, run_cell
-from fl_privsim.reproduce.base import ReproContext, Reproduction, ReproResult, markdown_table, register
+from fl_privsim.reproduce.base import (
+    ReproContext,
+    Reproduction,
+    ReproResult,
+    markdown_table,
+    register,
+)
 
 DEFAULTS: dict[str, Any] = {
     "seeds": 3,

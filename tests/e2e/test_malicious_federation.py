@@ -51,10 +51,10 @@ def test_imprint_recovers_records_from_a_client_and_the_aggregate(tmp_path):
 def test_trap_weights_and_fishing_read_their_own_secrets(tmp_path):
     cfg = config_mod.load(None, [
         *BASE, *MALICIOUS, "federation.rounds=3", "client.batch_size=4",
-        'server.modifications=[{name="trap_weights", targets={rounds=[1]}}, '
-        '{name="fishing", params={target_class=3}, targets={rounds=[2]}}]',
-        'attacks=[{name="trap_weights", targets={rounds=[1], clients=[0, 1]}}, '
-        '{name="fishing", params={iterations=50}, targets={rounds=[2], clients=[], aggregate=true}}]',
+        ('server.modifications=[{name="trap_weights", targets={rounds=[1]}}, '
+         '{name="fishing", params={target_class=3}, targets={rounds=[2]}}]'),
+        ('attacks=[{name="trap_weights", targets={rounds=[1], clients=[0, 1]}}, '
+         '{name="fishing", params={iterations=50}, targets={rounds=[2], clients=[], aggregate=true}}]'),
         "scoring.asr_mse_threshold=0.001"])
     path, summary = run(cfg, out=tmp_path / "trap_fish", show_progress=False)
     trap, fish = summary["attacks"]["trap_weights"], summary["attacks"]["fishing@aggregate"]

@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+
 from adversaries.malicious import MODIFICATIONS, Crafted, Modification, ServerView
 from clients.defenses.base import DEFENSES, Defense, ModelRefused
 from fl_privsim import config as config_mod
@@ -86,15 +87,15 @@ def test_crafted_model_reaches_only_its_targets_and_training_stays_honest():
     plan = ModificationPlan(name="test_front_block", modification=mod, rounds={1}, clients={1})
     observer = RecordingObserver(clients=[0, 1, 2, 3], aggregate=True)
     model, grid, inner, strategy = _malicious(cfg, [plan], observer)
-    replies, (arrays, _) = _round(strategy, grid, model)
+    _, (arrays, _) = _round(strategy, grid, model)
     sent = {inner.node_to_client[m.metadata.dst_node_id]: m for m in grid.sent if m.metadata.message_type == "train"}
     assert ARCH_KEY in sent[1].content["config"] and ARCH_KEY not in sent[0].content["config"]
-    assert any(k.startswith("block.") for k in sent[1].content["arrays"].keys())
+    assert any(k.startswith("block.") for k in sent[1].content["arrays"])
     by_client = {o.client_id: o for o in observer.seen if not o.is_aggregate}
     assert by_client[1].server_secrets["test_front_block"]["targets"] == (1,)
     assert isinstance(by_client[1].model, FrontBlockModel) and "block.encoder.weight" in by_client[1].update
     assert not by_client[0].server_secrets and "block.encoder.weight" not in by_client[0].update
-    agg = [o for o in observer.seen if o.is_aggregate][0]  # mixed models: agreed entries, no secrets
+    agg = next(o for o in observer.seen if o.is_aggregate)  # mixed models: agreed entries, no secrets
     assert not agg.server_secrets and not any(k.startswith(("block.", "model.")) for k in agg.update)
     honest = build_model(cfg.model.name, (1, 8, 8), 10)
     honest.load_state_dict(arrays.to_torch_state_dict())  # the global model keeps the agreed architecture
