@@ -29,7 +29,12 @@ from torch import nn
 
 from adversaries.base import ATTACKS, Attack, AttackResult, Observation
 from adversaries.malicious.base import Crafted, Modification, ServerView, register_modification
-from adversaries.reconstruction._common import first_layer, layer_grads, target_gradient
+from adversaries.reconstruction._common import (
+    first_layer,
+    group_candidates,
+    layer_grads,
+    target_gradient,
+)
 from fl_privsim.errors import ConfigError, ThreatModelError
 
 log = logging.getLogger(__name__)
@@ -210,31 +215,6 @@ class TrapWeights(Modification):
         }
         log.debug("trap_weights: planted %d rows in %r (activation rate %.4g)", rows, name, rate)
         return Crafted(model=crafted, secrets=secrets)
-
-
-def group_candidates(cands: torch.Tensor, tol: float) -> list[list[int]]:
-    """Greedy grouping of candidate rows by relative L2 distance below ``tol``.
-
-    Candidates are visited in the given order; each unassigned one opens a group holding every
-    unassigned candidate within ``‖c_i - c_j‖ / max(‖c_i‖, ‖c_j‖) < tol`` of it.
-    """
-    if cands.shape[0] == 0:
-        return []
-    norms = cands.norm(dim=1)
-    dist = torch.cdist(cands, cands, compute_mode="donot_use_mm_for_euclid_dist")
-    scale = torch.maximum(norms[:, None], norms[None, :]).clamp_min(torch.finfo(cands.dtype).tiny)
-    close = (dist / scale < tol).cpu()
-    free = torch.ones(cands.shape[0], dtype=torch.bool)
-    groups: list[list[int]] = []
-    for i in range(cands.shape[0]):
-        if not free[i]:
-            continue
-        members = torch.nonzero(close[i] & free).flatten().tolist()
-        if i not in members:
-            members = [i, *members]
-        free[members] = False
-        groups.append(sorted(members))
-    return groups
 
 
 @ATTACKS.register("trap_weights")

@@ -165,3 +165,28 @@ def random_init(
 def target_gradient(obs: Observation, device: torch.device) -> list[torch.Tensor]:
     """``obs.gradient()`` detached, as float32 tensors on ``device``."""
     return [g.detach().to(device=device, dtype=torch.float32) for g in obs.gradient()]
+
+
+def group_candidates(cands: torch.Tensor, tol: float) -> list[list[int]]:
+    """Greedy grouping of candidate rows by relative L2 distance below ``tol``.
+
+    Candidates are visited in the given order; each unassigned one opens a group holding every
+    unassigned candidate within ``‖c_i - c_j‖ / max(‖c_i‖, ‖c_j‖) < tol`` of it.
+    """
+    if cands.shape[0] == 0:
+        return []
+    norms = cands.norm(dim=1)
+    dist = torch.cdist(cands, cands, compute_mode="donot_use_mm_for_euclid_dist")
+    scale = torch.maximum(norms[:, None], norms[None, :]).clamp_min(torch.finfo(cands.dtype).tiny)
+    close = (dist / scale < tol).cpu()
+    free = torch.ones(cands.shape[0], dtype=torch.bool)
+    groups: list[list[int]] = []
+    for i in range(cands.shape[0]):
+        if not free[i]:
+            continue
+        members = torch.nonzero(close[i] & free).flatten().tolist()
+        if i not in members:
+            members = [i, *members]
+        free[members] = False
+        groups.append(sorted(members))
+    return groups

@@ -27,6 +27,7 @@ from torch import nn
 from adversaries.base import ATTACKS, Attack, AttackResult, Observation
 from adversaries.reconstruction._common import (
     first_layer,
+    group_candidates,
     infer_labels,
     last_linear,
     layer_grads,
@@ -419,20 +420,4 @@ class AnalyticAttack(Attack):
 
     def _group(self, cands: torch.Tensor) -> list[list[int]]:
         """Greedy grouping of candidates (sorted by |∂b| descending) by relative distance."""
-        norms = cands.norm(dim=1)
-        dist = torch.cdist(cands, cands, compute_mode="donot_use_mm_for_euclid_dist")
-        scale = torch.maximum(norms[:, None], norms[None, :]).clamp_min(
-            torch.finfo(cands.dtype).tiny
-        )
-        close = (dist / scale < self.group_tol).cpu()
-        free = torch.ones(cands.shape[0], dtype=torch.bool)
-        groups: list[list[int]] = []
-        for i in range(cands.shape[0]):
-            if not free[i]:
-                continue
-            members = torch.nonzero(close[i] & free).flatten().tolist()
-            if i not in members:
-                members = [i, *members]
-            free[members] = False
-            groups.append(sorted(members))
-        return groups
+        return group_candidates(cands, self.group_tol)
