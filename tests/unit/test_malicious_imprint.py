@@ -337,3 +337,27 @@ def test_crafted_model_matches_the_honest_model(cifar: ImageData, model_name: st
     # the block moves an input by at most ~perturbation (1e-4) of the median input norm
     assert float(change.max()) <= 2e-4
     assert float(diff) <= 1e-4, float(diff)
+
+
+@pytest.mark.shared_data
+def test_fedsgd_batch64_256_bins_on_natural_face_photos(shared_data: Path) -> None:
+    """The same acceptance on other natural photos: UTKFace faces (read from ../shared/data only,
+    never shipped), 32x32; the server's public data are 500 other faces of the same subset."""
+    if not (shared_data / "utkface").is_dir():
+        pytest.skip(f"{shared_data / 'utkface'} not present")
+    from adversaries.inference.utkface import load_utkface
+
+    x, y, _ = load_utkface(shared_data / "utkface", image_size=32)
+    mean = tuple(float(v) for v in x[:1000].mean(dim=(0, 2, 3)))
+    std = tuple(float(v) for v in x[:1000].std(dim=(0, 2, 3)))
+    faces = ImageData("utkface", x[:1000], y[:1000], x[1000:], y[1000:], CLASSES, mean, std, ())
+    torch.manual_seed(0)
+    view = _view(faces, clients=1, batch=64)
+    crafted = Imprint(bins=256).craft(build_model("convnet", faces.input_shape, CLASSES), view)
+    idx = np.random.default_rng(0).choice(1000, 64, replace=False)
+    obs, finite = _round(faces, crafted, view, idx)
+    asr = _asr(faces, faces.images("train", idx), _attack(obs).inputs)
+    expected = _alone(faces, idx, crafted.secrets)
+    assert finite
+    assert abs(asr - expected) <= 0.10, (asr, expected)
+    assert asr >= 0.55, (asr, expected)
