@@ -72,6 +72,33 @@ def grid_layout(
     )
 
 
+@dataclass(frozen=True)
+class GridRow:
+    """One attack's row of an image grid.
+
+    Attributes
+    ----------
+    label:
+        The row's name (the attack).
+    images:
+        Reconstructions matched to the originals (N, C, H, W), or ``None`` when the attack
+        drew nothing (refused, failed, labels only).
+    captions:
+        One caption per tile, drawn under it (e.g. its PSNR).
+    note:
+        Written across the row when ``images`` is ``None`` (e.g. "refused: <reason>").
+    """
+
+    label: str
+    images: torch.Tensor | None
+    captions: Sequence[str] | None = None
+    note: str | None = None
+
+
+def _row(item: GridRow | tuple[str, torch.Tensor | None]) -> GridRow:
+    return item if isinstance(item, GridRow) else GridRow(item[0], item[1])
+
+
 def _show(ax: plt.Axes, img: torch.Tensor) -> None:
     img = img.detach().cpu().clamp(0, 1)
     if img.shape[0] == 1:
@@ -85,46 +112,62 @@ def _show(ax: plt.Axes, img: torch.Tensor) -> None:
 def image_grid(
     path: Path,
     originals: torch.Tensor,
-    rows: Sequence[tuple[str, torch.Tensor | None]],
+    rows: Sequence[GridRow | tuple[str, torch.Tensor | None]],
     *,
+    title: str | None = None,
+    captions: Sequence[str] | None = None,
     max_shown: int = MAX_SHOWN,
     per_row: int = PER_ROW,
 ) -> GridLayout:
     """Write a PNG: one row of ``originals`` (N, C, H, W), below it one row per attack of its
-    reconstructions, already matched to the originals (``None`` rows are left blank).
+    reconstructions, already matched to the originals.
 
-    Only the first ``max_shown`` originals are drawn, ``per_row`` to a row: longer batches
-    wrap into blocks (originals, then each attack, for records 1-16, then 17-32, ...) and the
-    figure's title names the records shown. Returns the layout used.
+    ``title`` heads the figure (e.g. round, client, protocol); ``captions`` go above the
+    originals (e.g. their true labels); a :class:`GridRow`'s captions go under its tiles (e.g.
+    PSNR) and a row without images shows its ``note`` (e.g. why the attack refused), never a
+    blank. Only the first ``max_shown`` originals are drawn, ``per_row`` to a row: longer
+    batches wrap into blocks (originals, then each attack, for records 1-16, then 17-32, ...)
+    and the title names the records shown. Returns the layout used.
     """
-    layout = grid_layout(originals.shape[0], len(rows), max_shown=max_shown, per_row=per_row)
+    grid_rows = [_row(r) for r in rows]
+    layout = grid_layout(originals.shape[0], len(grid_rows), max_shown=max_shown, per_row=per_row)
     n_rows = layout.blocks * layout.rows_per_block
     cols = layout.columns
-    title = layout.caption
-    figsize = (1.3 * cols + 1.2, 1.3 * n_rows + (0.4 if title else 0.0))
+    heading = "\n".join(t for t in (title, layout.caption) if t)
+    figsize = (1.3 * cols + 1.2, 1.55 * n_rows + (0.5 if heading else 0.0))
     fig, axes = plt.subplots(n_rows, cols, figsize=figsize, squeeze=False)
-    all_rows: list[tuple[str, torch.Tensor | None]] = [("original", originals), *rows]
+    all_rows = [GridRow("original", originals, captions), *grid_rows]
     for b in range(layout.blocks):
         first = b * cols
-        for r, (label, imgs) in enumerate(all_rows):
+        for r, row in enumerate(all_rows):
             ax_row = axes[b * layout.rows_per_block + r]
             for c in range(cols):
                 i = first + c
                 ax = ax_row[c]
-                if imgs is not None and i < layout.shown and i < imgs.shape[0]:
-                    _show(ax, imgs[i])
-                elif c == 0:  # blank, but keep the row's label visible
+                if row.images is not None and i < layout.shown and i < row.images.shape[0]:
+                    _show(ax, row.images[i])
+                    if row.captions is not None and i < len(row.captions):
+                        if r == 0:
+                            ax.set_title(row.captions[i], fontsize=6, pad=2)
+                        else:
+                            ax.set_xlabel(row.captions[i], fontsize=6, labelpad=2)
+                elif c == 0:  # no image: keep the row's label visible
                     ax.set_frame_on(False)
                     ax.set_xticks([])
                     ax.set_yticks([])
                 else:
                     ax.axis("off")
+            if row.images is None and row.note and b == 0:
+                note = ax_row[0].text(0.05, 0.5, row.note, transform=ax_row[0].transAxes, fontsize=7, ha="left",
+                                      va="center", color="darkred")
+                note.set_in_layout(False)  # it runs across the row's empty tiles
+            label = row.label
             if layout.blocks > 1:
                 label = f"{label}\n{first + 1}-{min(first + cols, layout.shown)}"
             ax_row[0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
-    if title:
-        fig.suptitle(title, fontsize=9)
+    if heading:
+        fig.suptitle(heading, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return layout

@@ -119,16 +119,19 @@ class RunFolder:
         round: int,
         client: int | str,
         originals: torch.Tensor,
-        rows: Sequence[tuple[str, torch.Tensor | None]],
+        rows: Sequence[Any],
+        title: str | None = None,
+        captions: Sequence[str] | None = None,
     ) -> Path:
-        """Save originals above one row of reconstructions per attack (images in [0, 1])."""
+        """Save originals above one row of reconstructions per attack (images in [0, 1]); rows
+        are :class:`fl_privsim.plots.GridRow` or ``(label, images)`` pairs."""
         from fl_privsim.plots import image_grid
 
         folder = self.path / "attacks" / f"round_{round:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         name = f"client_{client:03d}.png" if isinstance(client, int) else f"client_{client}.png"
         out = folder / name
-        image_grid(out, originals, rows)
+        image_grid(out, originals, rows, title=title, captions=captions)
         return out
 
     def write_summary(self, summary: dict[str, Any]) -> Path:

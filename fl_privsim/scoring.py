@@ -47,6 +47,10 @@ class Score:
     originals: torch.Tensor
     matched: torch.Tensor | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    #: True labels of ``originals`` (for the image grid's captions).
+    labels: torch.Tensor | None = None
+    #: Which originals got a matched reconstruction (rows of ``matched`` that hold one).
+    has_match: torch.Tensor | None = None
 
 
 class Scorer:
@@ -128,4 +132,5 @@ class Scorer:
             values["num_reconstructed"] = float(recon.shape[0])
         if result.labels is not None:
             values["label_accuracy"] = metrics.label_accuracy(labels, result.labels)
-        return Score(values=values, originals=originals, matched=matched)
+        has_match = torch.from_numpy(ok) if result.inputs is not None else None
+        return Score(values=values, originals=originals, matched=matched, labels=labels, has_match=has_match)

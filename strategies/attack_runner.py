@@ -31,8 +31,10 @@ from fl_privsim.analyses import AnalysisPlan
 from fl_privsim.analyses import summarize as summarize_analyses
 from fl_privsim.errors import ThreatModelError
 from fl_privsim.inference_scoring import summarize as summarize_inference
+from fl_privsim.metrics import psnr
+from fl_privsim.plots import GridRow
 from fl_privsim.results import RunFolder
-from fl_privsim.scoring import Scorer
+from fl_privsim.scoring import Score, Scorer
 from fl_privsim.seeding import torch_generator
 
 log = logging.getLogger(__name__)
@@ -103,29 +105,45 @@ class AttackRunner:
         """Attack, score and record every observation."""
         for obs in observations:
             key = AGGREGATE if obs.is_aggregate else obs.client_id
-            rows: list[tuple[str, torch.Tensor | None]] = []
-            originals = None
+            rows: list[GridRow] = []
+            scored: Score | None = None
             for plan in self.plans:
                 if not plan.wants(obs):
                     continue
                 label = f"{plan.name}@aggregate" if obs.is_aggregate else plan.name
-                matched, originals = self._run_one(plan, obs, label, key, originals)
-                if not isinstance(plan.attack, FederatedInference):  # inference attacks draw no images
-                    rows.append((plan.name, matched))
+                row, score = self._run_one(plan, obs, label, key)
+                scored = score or scored
+                if row is not None:  # inference attacks draw no images
+                    rows.append(row)
                 if self.on_attack_done is not None:
                     self.on_attack_done()
             for a in self.analyses:
                 if a.wants(obs.round, obs.client_id):
                     self._analyse(a, obs, key)
-            if self.save_images and rows and originals is not None:
+            if self.save_images and rows and scored is not None:
                 try:
-                    self.folder.save_grid(round=server_round, client=key, originals=originals, rows=rows)
+                    self.folder.save_grid(round=server_round, client=key, originals=scored.originals, rows=rows,
+                                          title=self._grid_title(obs), captions=self._label_captions(scored))
                 except Exception:
                     log.exception("could not save the image grid of round %d, client %s", server_round, key)
 
+    @staticmethod
+    def _grid_title(obs: Observation) -> str:
+        who = (f"aggregate of {obs.num_clients} clients" if obs.is_aggregate else f"client {obs.client_id}")
+        return f"round {obs.round}, {who} ({obs.protocol})"
+
+    def _label_captions(self, score: Score) -> list[str] | None:
+        if score.labels is None:
+            return None
+        names = getattr(self.scorer.fed.data, "class_names", ())
+        return [f"{names[int(y)]}" if int(y) < len(names) and names[int(y)] else f"label {int(y)}"
+                for y in score.labels]
+
     def _run_one(
-        self, plan: AttackPlan, obs: Observation, label: str, key: int | str, originals: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        self, plan: AttackPlan, obs: Observation, label: str, key: int | str
+    ) -> tuple[GridRow | None, Score | None]:
+        """Run, score and record one attack on one observation; the grid row it draws (``None``
+        for an inference attack) and its score (``None`` unless it reconstructed)."""
         members = list(obs.members)
         client_num = -1 if obs.is_aggregate else int(obs.client_id or 0)
         gen = torch_generator(self.seed, obs.round, client_num, "attack")
@@ -141,20 +159,20 @@ class AttackRunner:
             log.warning("%s refused round %d client %s: %s", plan.name, obs.round, key, exc)
             self.outcomes[label]["refused"] += 1
             self.folder.log_metric(round=obs.round, client=key, source=source, key="refused", value=str(exc))
-            return None, originals
+            return (None if inference else GridRow(plan.name, None, note=f"refused: {exc}")), None
         except Exception as exc:  # recorded, never fatal
             log.exception("%s failed on round %d client %s", plan.name, obs.round, key)
             self.outcomes[label]["failed"] += 1
             self.folder.log_metric(round=obs.round, client=key, source=source, key="error", value=repr(exc))
-            return None, originals
+            return (None if inference else GridRow(plan.name, None, note=f"failed: {exc!r}")), None
         seconds = time.perf_counter() - t0
+        score: Score | None = None
         if inference:
             score_values = self.scorer.inference.score(plan.attack.spec, float(getattr(result, "score", 0.5)),
                                                        obs.round, members)
-            matched, originals_out = None, originals
         else:
             score = self.scorer.score(result, obs.round, members)
-            score_values, matched, originals_out = score.values, score.matched, score.originals
+            score_values = score.values
         values = {**score_values, "seconds": seconds}
         for k, v in result.metrics.items():
             values[f"attack_{k}"] = float(v)
@@ -162,7 +180,11 @@ class AttackRunner:
             self.folder.log_metric(round=obs.round, client=key, source=source, key=k, value=v)
         self.scores[label].append(values)
         self.outcomes[label]["ok"] += 1
-        return matched, originals_out
+        if score is None:
+            return None, None
+        if score.matched is None:
+            return GridRow(plan.name, None, note="labels only (no images reconstructed)"), score
+        return GridRow(plan.name, score.matched, captions=_psnr_captions(score)), score
 
     def _analyse(self, plan: AnalysisPlan, obs: Observation, key: int | str) -> None:
         """Run one analysis on the client's true batch (from the scorer) and the global model."""
@@ -219,3 +241,12 @@ class AttackRunner:
                 entry.update(summarize_inference(rows, seed=self.seed))  # type: ignore[arg-type]
             out[label] = entry
         return out
+
+
+def _psnr_captions(score: Score) -> list[str]:
+    """PSNR of each matched reconstruction against its original ("no match" where none)."""
+    if score.matched is None:
+        return []
+    values = psnr(score.originals, score.matched)
+    has = score.has_match if score.has_match is not None else torch.ones(len(values), dtype=torch.bool)
+    return [f"{float(v):.1f} dB" if bool(h) else "no match" for v, h in zip(values, has, strict=True)]
