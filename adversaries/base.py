@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -118,6 +118,108 @@ class Observation:
         return (0 - mean) / std, (1 - mean) / std
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What the configuration fixes about the updates an attack will see, before any round runs.
+
+    :meth:`Attack.check_setup` reads it to refuse, before launch, a threat model the run cannot
+    meet. :meth:`of` derives the same facts from an :class:`Observation`, so an attack's runtime
+    :meth:`Attack.check` can run the very same structural check (the two cannot disagree).
+
+    Attributes
+    ----------
+    model:
+        The architecture the clients train (for a malicious server: the honest one; a
+        modification's fit is checked separately). Checks must not modify it.
+    input_shape, num_classes:
+        Shape (C, H, W) of one model input, and the number of classes.
+    protocol:
+        ``"fedsgd"`` or ``"fedavg"``.
+    batch_size, local_steps, lr:
+        Per client, as the client really trains: the batch size after clamping to its
+        partition, the local steps (1 for FedSGD) and the local learning rate.
+    loss:
+        The clients' training loss (``client.loss``: ``"cross_entropy"`` or ``"mse"``);
+        ``None`` when unknown (an observation does not declare it).
+    data_name, model_name:
+        ``data.name`` and ``model.name``; ``""`` when unknown.
+    aggregate:
+        Whether this check is for the round's aggregate (``targets.aggregate``) rather than
+        one client's update.
+    clients_per_round:
+        Clients averaged into an aggregate (``federation.clients_per_round``).
+    data_mean, data_std:
+        Per-channel normalisation of the inputs (as in :class:`Observation`); ``()`` when
+        unknown.
+    num_examples:
+        Examples behind the update when known (an observation); 0 = bounded by
+        ``batch_size * local_steps`` per client.
+    """
+
+    model: nn.Module
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    protocol: Protocol
+    batch_size: int
+    local_steps: int
+    lr: float
+    loss: str | None = "cross_entropy"
+    data_name: str = ""
+    model_name: str = ""
+    aggregate: bool = False
+    clients_per_round: int = 1
+    data_mean: tuple[float, ...] = ()
+    data_std: tuple[float, ...] = ()
+    num_examples: int = 0
+
+    @property
+    def num_clients(self) -> int:
+        """Clients behind the checked update: ``clients_per_round`` for an aggregate, else 1."""
+        return max(self.clients_per_round, 1) if self.aggregate else 1
+
+    @property
+    def num_targets(self) -> int:
+        """Samples that can have shaped the update, as
+        :func:`adversaries.reconstruction._common.num_targets` counts them for an observation:
+        ``batch_size * local_steps * num_clients``, capped by ``num_examples`` when known."""
+        touched = self.batch_size * max(self.local_steps, 1) * self.num_clients
+        return max(1, min(self.num_examples, touched) if self.num_examples > 0 else touched)
+
+    def input_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input box as :meth:`Observation.input_bounds` (on CPU); with an unknown
+        normalisation, the pixel box [0, 1]."""
+        mean = torch.tensor(self.data_mean or (0.0,)).view(1, -1, 1, 1)
+        std = torch.tensor(self.data_std or (1.0,)).view(1, -1, 1, 1)
+        return (0 - mean) / std, (1 - mean) / std
+
+    @classmethod
+    def of(cls, obs: Observation) -> Setup:
+        """The facts ``obs`` declares (its loss, data and model names are unknown)."""
+        return cls(
+            model=obs.model,
+            input_shape=tuple(int(v) for v in obs.input_shape),  # type: ignore[arg-type]
+            num_classes=int(obs.num_classes),
+            protocol=obs.protocol,
+            batch_size=int(obs.batch_size),
+            local_steps=int(obs.local_steps),
+            lr=obs.lr,
+            loss=None,
+            aggregate=obs.is_aggregate,
+            clients_per_round=max(int(obs.num_clients), 1),
+            data_mean=tuple(obs.data_mean),
+            data_std=tuple(obs.data_std),
+            num_examples=int(obs.num_examples),
+        )
+
+
+def require_cross_entropy(setup: Setup, attack: str) -> None:
+    """Refuse a setup whose clients train with another loss than softmax cross-entropy (for
+    attacks whose gradient model is that loss); an unknown loss passes."""
+    if setup.loss is not None and setup.loss != "cross_entropy":
+        raise ThreatModelError(f"{attack}: requires clients trained with mean softmax cross-entropy, "
+                               f"but client.loss = {setup.loss!r}")
+
+
 @dataclass
 class AttackResult:
     """What an attack returns.
@@ -145,6 +247,11 @@ class Attack(ABC):
     there), declare their threat model in :attr:`requires`, refuse an observation that
     does not meet it in :meth:`check` with a :class:`ThreatModelError` that names the
     failed assumption, and implement :meth:`run`.
+
+    What the configuration already fixes (architecture, protocol, batch size, loss) is
+    checked in :meth:`check_setup`, before the federation starts; :meth:`check` runs the same
+    check on :meth:`Setup.of` the observation, and adds what only the observation reveals
+    (missing update keys, update values, the server's secrets).
     """
 
     #: Human-readable assumptions of the threat model, e.g. "first layer is Linear with bias".
@@ -152,8 +259,15 @@ class Attack(ABC):
     #: The server modification whose secrets the attack reads (``None``: a passive attack).
     modification: ClassVar[str | None] = None
 
+    def check_setup(self, setup: Setup) -> None:
+        """Raise :class:`ThreatModelError`, naming the failed assumption, if no update of a run
+        with ``setup`` can meet the threat model (called before launch, and by :meth:`check`).
+        Nothing by default."""
+
     def check(self, obs: Observation) -> None:
-        """Raise :class:`ThreatModelError` if ``obs`` does not meet the threat model."""
+        """Raise :class:`ThreatModelError` if ``obs`` does not meet the threat model
+        (by default: :meth:`check_setup` on :meth:`Setup.of` ``obs``)."""
+        self.check_setup(Setup.of(obs))
 
     @abstractmethod
     def run(

@@ -96,12 +96,129 @@ def validate_before_launch(cfg: Config) -> None:
                 defense.check_model(model)
             except UserError as exc:
                 raise ConfigError(f"defenses[{i}]: {exc}") from None
+    attacks = []
     for i, attack in enumerate(cfg.attacks):
         try:
-            ATTACKS.create(attack.name, **attack.params)  # names, types and ranges
+            attacks.append(ATTACKS.create(attack.name, **attack.params))  # names, types and ranges
         except UserError as exc:
             raise type(exc)(f"attacks[{i}]: {exc}") from None
     check_server_role(cfg, model, fed.data.input_shape, fed.data.num_classes)
+    check_attack_setups(cfg, fed, model, attacks)
+
+
+def check_attack_setups(cfg: Config, fed: Any, model: Any, attacks: list[Any]) -> None:
+    """Before launch: each ``[[attacks]]`` entry's threat model against what ``cfg`` fixes
+    (:meth:`adversaries.base.Attack.check_setup`), for the clients it targets and for the
+    round's aggregate if it targets that. A refusal is one :class:`ConfigError` line,
+    ``attacks[i] (name): <assumption>; <what would satisfy it>``: the registered models that
+    pass with the same data and settings, else the setting(s) to change.
+
+    ``attacks`` are the built attacks, in ``cfg.attacks`` order; ``fed`` the run's
+    :class:`~fl_privsim.federated_data.FederatedData` and ``model`` the built model. A client's
+    batch size and local steps are those of its first batches as the client draws them
+    (:func:`~fl_privsim.federated_data.client_batch_indices`: clamped to its partition); the
+    aggregate gets the smallest over all clients (then a refusal holds for any sample)."""
+    from dataclasses import replace
+
+    from adversaries.base import Setup
+    from fl_privsim.federated_data import client_batch_indices
+
+    shapes: dict[int, tuple[int, int]] = {}  # partition size -> (batch size, local steps)
+
+    def batch_shape(client: int, server_round: int) -> tuple[int, int]:
+        size = len(fed.train_parts[client])
+        if size not in shapes:
+            batches = client_batch_indices(cfg, fed, server_round, client)
+            shapes[size] = (len(batches[0]), len(batches))
+        return shapes[size]
+
+    base = Setup(
+        model=model, input_shape=tuple(fed.data.input_shape), num_classes=int(fed.data.num_classes),
+        protocol=cfg.federation.protocol, batch_size=cfg.client.batch_size,  # type: ignore[arg-type]
+        local_steps=cfg.client.local_steps if cfg.federation.protocol == "fedavg" else 1,
+        lr=cfg.client.lr, loss=cfg.client.loss, data_name=cfg.data.name, model_name=cfg.model.name,
+        clients_per_round=cfg.federation.clients_per_round, data_mean=tuple(fed.data.mean),
+        data_std=tuple(fed.data.std),
+    )
+    built: dict[str, Any] = {}
+    for i, (spec, attack) in enumerate(zip(cfg.attacks, attacks, strict=True)):
+        first_round = min(spec.targets.rounds, default=1)
+        setups = [replace(base, batch_size=bs, local_steps=steps) for bs, steps in
+                  sorted({batch_shape(c, first_round) for c in spec.targets.clients})]
+        if spec.targets.aggregate:
+            every = [batch_shape(c, first_round) for c in range(cfg.federation.num_clients)]
+            setups.append(replace(base, aggregate=True, batch_size=min(bs for bs, _ in every),
+                                  local_steps=min(steps for _, steps in every)))
+        for setup in setups:
+            try:
+                attack.check_setup(setup)
+            except UserError as exc:
+                reason = " ".join(str(exc).split())
+                reason = reason.removeprefix(f"{spec.name}: ")
+                where = "on the round's aggregate, " if setup.aggregate else ""
+                hint = _attack_remedy(attack, setup, i, built)
+                raise ConfigError(f"attacks[{i}] ({spec.name}): {where}{reason}; {hint}") from None
+
+
+def _attack_remedy(attack: Any, setup: Any, index: int, built: dict[str, Any]) -> str:
+    """What would let ``attack`` pass :meth:`check_setup` on ``setup``: the registered models
+    (:data:`fl_privsim.models.MODELS`, no VIB variants) that pass with the same data and
+    settings; else single setting changes that let the configured model pass; else models
+    that pass with all those changes together. ``built`` caches models by name."""
+    from dataclasses import replace
+
+    from fl_privsim.models import MODELS, build_model
+
+    def passes(candidate: Any) -> bool:
+        try:
+            attack.check_setup(candidate)
+        except Exception:  # noqa: BLE001 - a model or setting the attack cannot even probe fails
+            return False
+        return True
+
+    def models_passing(with_setup: Any) -> list[str]:
+        names = []
+        for name in MODELS:
+            if name not in built:
+                try:
+                    built[name] = build_model(name, with_setup.input_shape, with_setup.num_classes)
+                except Exception:  # noqa: BLE001 - a model that cannot take this data shape
+                    built[name] = None
+            if built[name] is not None and passes(replace(with_setup, model=built[name], model_name=name)):
+                names.append(name)
+        return names
+
+    names = models_passing(setup)
+    if names:
+        return f"models that meet it: {', '.join(names)} (model.name)"
+    fixes: list[tuple[str, dict[str, Any]]] = []
+    if setup.loss not in (None, "cross_entropy"):
+        fixes.append(('client.loss = "cross_entropy"', {"loss": "cross_entropy"}))
+    if setup.batch_size != 1:
+        fixes.append(("client.batch_size = 1", {"batch_size": 1}))
+    if setup.protocol == "fedavg":
+        if setup.local_steps != 1:
+            fixes.append(("client.local_steps = 1", {"local_steps": 1}))
+        if not setup.lr > 0:
+            fixes.append(("client.lr > 0", {"lr": 0.1}))
+    else:
+        fixes.append(('federation.protocol = "fedavg"', {"protocol": "fedavg"}))
+    if setup.aggregate:
+        if setup.clients_per_round != 1:
+            fixes.append(("federation.clients_per_round = 1", {"clients_per_round": 1}))
+        fixes.append((f"attacks[{index}].targets.aggregate = false", {"aggregate": False}))
+    single = [text for text, change in fixes if passes(replace(setup, **change))]
+    if single:
+        return "set " + " or ".join(single)
+    together = [(text, change) for text, change in fixes if "protocol" not in change]
+    combined = replace(setup, **{k: v for _, change in together for k, v in change.items()})
+    texts = " and ".join(text for text, _ in together)
+    if together and passes(combined):
+        return f"set {texts}"
+    names = models_passing(combined) if together else []
+    if names:
+        return f"models that meet it with {texts}: {', '.join(names)} (model.name)"
+    return "no registered model meets it with this data and these settings"
 
 
 def check_server_role(cfg: Config, model: Any, input_shape: tuple[int, int, int], num_classes: int) -> None:

@@ -17,6 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +41,8 @@ from fl_privsim.seeding import torch_generator
 log = logging.getLogger(__name__)
 
 AGGREGATE = "agg"
+#: Distinct refusal (and failure) reasons kept per attack for the summary.
+MAX_REASONS = 3
 
 
 @dataclass
@@ -72,6 +75,9 @@ class AttackRunner:
     on_attack_done: Callable[[], None] | None = None
     scores: dict[str, list[dict[str, float]]] = field(default_factory=lambda: defaultdict(list))
     outcomes: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    #: Per label and outcome (``"refused"``/``"failed"``): the distinct reasons, first seen first,
+    #: at most :data:`MAX_REASONS` (the summary's ``refused_reasons``/``failed_reasons``).
+    reasons: dict[str, dict[str, list[str]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     #: ``[[analyses]]`` (analyst-side, given the true batch): run after the attacks, same observations.
     analyses: Sequence[AnalysisPlan] = ()
     analysis_scores: dict[str, list[dict[str, float]]] = field(default_factory=lambda: defaultdict(list))
@@ -158,11 +164,13 @@ class AttackRunner:
         except ThreatModelError as exc:
             log.warning("%s refused round %d client %s: %s", plan.name, obs.round, key, exc)
             self.outcomes[label]["refused"] += 1
+            self._note_reason(label, "refused", str(exc))
             self.folder.log_metric(round=obs.round, client=key, source=source, key="refused", value=str(exc))
             return (None if inference else GridRow(plan.name, None, note=f"refused: {exc}")), None
         except Exception as exc:  # recorded, never fatal
             log.exception("%s failed on round %d client %s", plan.name, obs.round, key)
             self.outcomes[label]["failed"] += 1
+            self._note_reason(label, "failed", f"{type(exc).__name__}: {exc}")
             self.folder.log_metric(round=obs.round, client=key, source=source, key="error", value=repr(exc))
             return (None if inference else GridRow(plan.name, None, note=f"failed: {exc!r}")), None
         seconds = time.perf_counter() - t0
@@ -185,6 +193,13 @@ class AttackRunner:
         if score.matched is None:
             return GridRow(plan.name, None, note="labels only (no images reconstructed)"), score
         return GridRow(plan.name, score.matched, captions=_psnr_captions(score)), score
+
+    def _note_reason(self, label: str, outcome: str, reason: str) -> None:
+        """Keep ``reason`` (on one line) among the distinct reasons of ``label``'s ``outcome``."""
+        kept = self.reasons[label][outcome]
+        reason = " ".join(reason.split())
+        if reason not in kept and len(kept) < MAX_REASONS:
+            kept.append(reason)
 
     def _analyse(self, plan: AnalysisPlan, obs: Observation, key: int | str) -> None:
         """Run one analysis on the client's true batch (from the scorer) and the global model."""
@@ -219,16 +234,18 @@ class AttackRunner:
         """Per analysis: the mean of each value over the analysed updates, and outcome counts."""
         return summarize_analyses(self.analysis_scores, self.analysis_outcomes, self.analysis_noise)
 
-    def summary(self) -> dict[str, dict[str, float]]:
+    def summary(self) -> dict[str, dict[str, Any]]:
         """Per attack: the mean of each score over the attacked updates, and outcome counts.
         Every configured attack has an entry, ``attacked = 0`` when no targeted update came
-        back (e.g. the targeted clients refused to train, see ``client_errors``)."""
-        out: dict[str, dict[str, float]] = {}
+        back (e.g. the targeted clients refused to train, see ``client_errors``). An attack
+        that refused or failed also has ``refused_reasons``/``failed_reasons``: its distinct
+        one-line reasons, first seen first, at most :data:`MAX_REASONS`."""
+        out: dict[str, dict[str, Any]] = {}
         configured = {p.name for p in self.plans if p.clients} | {f"{p.name}@aggregate" for p in self.plans
                                                                    if p.aggregate}
         for label in sorted(set(self.scores) | set(self.outcomes) | configured):
             rows = self.scores.get(label, [])
-            entry: dict[str, float] = {}
+            entry: dict[str, Any] = {}
             for k in ("psnr", "ssim", "mse", "avd", "asr", "leakage_rate", "label_accuracy",
                       "coverage", "seconds"):
                 vals = [r[k] for r in rows if k in r]
@@ -237,6 +254,9 @@ class AttackRunner:
             entry["attacked"] = float(len(rows))
             for outcome in ("refused", "failed"):
                 entry[outcome] = float(self.outcomes.get(label, {}).get(outcome, 0))
+                kept = self.reasons.get(label, {}).get(outcome)
+                if kept:
+                    entry[f"{outcome}_reasons"] = list(kept)
             if any("secret" in r for r in rows):  # inference attacks: AUC etc. over the observations
                 entry.update(summarize_inference(rows, seed=self.seed))  # type: ignore[arg-type]
             out[label] = entry

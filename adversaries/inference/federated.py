@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from threadpoolctl import threadpool_limits
 
-from adversaries.base import ATTACKS, Attack, AttackResult, Observation
+from adversaries.base import ATTACKS, Attack, AttackResult, Observation, Setup
 from adversaries.inference.adversary import ATTACK_MODELS, FEATURES, MetaClassifier
 from adversaries.inference.games import Game, Observations, Pool
 from adversaries.inference.metrics import auc_score
@@ -161,7 +161,8 @@ class FederatedInference(Attack):
 
     kind: ClassVar[str] = ""
     name: ClassVar[str] = ""
-    requires = ("the server's auxiliary data (ServerKnowledge), attached by the attack runner",)
+    requires = ("the server's auxiliary data (ServerKnowledge), attached by the attack runner",
+                "data.name (and for Adult the model: mlp or linear) fits the params (checked before launch)")
 
     def __init__(self, *, dataset: str = "", attribute: str = "sex", property: str = "class=0",
                  shadow_trials: int = 400, aux_size: int = 1000, attack_model: str = "mlp",
@@ -187,7 +188,8 @@ class FederatedInference(Attack):
 
     # ------------------------------------------------------------------ validation
     def check_run(self, data_name: str, model_name: str) -> None:
-        """Raise :class:`ConfigError` if the run's data or model does not fit these params."""
+        """Raise :class:`ConfigError` if the run's data or model does not fit these params
+        (``model_name = ""``: the model is unknown and not checked)."""
         if self.dataset and self.dataset != data_name:
             raise ConfigError(f"params.dataset: {self.dataset!r} does not match data.name = {data_name!r}")
         if data_name not in CLASS_COUNTS:
@@ -201,11 +203,22 @@ class FederatedInference(Attack):
         if self.spec.property_class is not None and k and self.spec.property_class >= k:
             raise ConfigError(f"params.property: class {self.spec.property_class} does not exist in {data_name} "
                               f"(classes 0..{k - 1})")
-        if data_name == "adult" and model_name not in ("mlp", "linear"):
+        if data_name == "adult" and model_name and model_name not in ("mlp", "linear"):
             raise ConfigError(f"model.name: {model_name!r} cannot take tabular rows; allowed: mlp, linear")
 
+    def check_setup(self, setup: Setup) -> None:
+        """:meth:`check_run` on the setup's data and model names (skipped while the data is
+        unknown), as a :class:`ThreatModelError` naming the attack."""
+        if not setup.data_name:
+            return
+        try:
+            self.check_run(setup.data_name, setup.model_name)
+        except ConfigError as exc:
+            raise ThreatModelError(f"{self.name}: {exc}") from None
+
     def check(self, obs: Observation) -> None:
-        """Refuse an observation without server knowledge, or without the target the kind needs."""
+        """Refuse an observation without server knowledge, or without the target the kind needs;
+        then :meth:`check_setup` with the knowledge's dataset."""
         k = getattr(obs, "knowledge", None)
         if not isinstance(k, ServerKnowledge):
             raise ThreatModelError(f"{self.name}: requires {self.requires[0]}; got a bare Observation")
@@ -216,6 +229,7 @@ class FederatedInference(Attack):
                                    f"got {k.dataset!r}")
         if len(k.aux_y) < 2:
             raise ThreatModelError(f"{self.name}: requires at least 2 auxiliary records")
+        self.check_setup(dataclasses.replace(Setup.of(obs), data_name=k.dataset))
 
     # ------------------------------------------------------------------ attack
     def _attr_column(self, aux_x: torch.Tensor) -> int | None:

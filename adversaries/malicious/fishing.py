@@ -43,7 +43,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from adversaries.base import ATTACKS, Attack, AttackResult, Observation
+from adversaries.base import (
+    ATTACKS,
+    Attack,
+    AttackResult,
+    Observation,
+    Setup,
+    require_cross_entropy,
+)
 from adversaries.malicious._fishing_utils import (
     CLASS_MODELS,
     FEATURE_MODELS,
@@ -335,6 +342,7 @@ InvertingGradientsAttack` (defaults 300, 0.1, 1e-6, 1, True: see there).
 
     requires: ClassVar[tuple[str, ...]] = (
         "the server applied the modification 'fishing' to the model of this round",
+        "last nn.Linear is the classifier (one output per class) with bias",
         "update covers every trainable parameter",
         "loss is mean softmax cross-entropy",
     )
@@ -354,9 +362,22 @@ InvertingGradientsAttack` (defaults 300, 0.1, 1e-6, 1, True: see there).
             variant="fedsgd", batch_restarts=batch_restarts,
         )
 
+    def check_setup(self, setup: Setup) -> None:
+        """Refuse a model whose last Linear is not the classifier with bias (the layer fishing
+        rewrites), or clients trained with another loss than cross-entropy. The feature mode's
+        own needs are the modification's (:meth:`Fishing.check_model`)."""
+        found = classifier(setup.model, setup.num_classes)
+        if isinstance(found, str):
+            raise ThreatModelError(
+                f"fishing: requires the last nn.Linear to be the classifier with bias, but {found}"
+            )
+        require_cross_entropy(setup, "fishing")
+
     def check(self, obs: Observation) -> None:
-        """Refuse unless the secrets name the observed classifier (and feature layer)."""
+        """Refuse unless the secrets are present, :meth:`check_setup` passes on the observed
+        model, and the secrets name its classifier (and feature layer)."""
         secrets = self.secrets(obs)
+        self.check_setup(Setup.of(obs))
         if not isinstance(secrets, dict) or secrets.get("mode") not in FISHING_MODES:
             raise ThreatModelError("fishing: the secrets of this round are incomplete (no mode)")
         modules = dict(obs.model.named_modules())

@@ -282,7 +282,10 @@ class ImprintAttack(Attack):
     in ``obs.server_secrets["imprint"]``) and sees the update of ``block.encoder.weight`` and
     ``block.encoder.bias``: a FedSGD gradient or a FedAvg delta (any number of local steps),
     of one client or a weighted mean of several. Ratios are scale-free, so neither the
-    learning rate nor the number of clients is needed.
+    learning rate nor the number of clients is needed. Nothing the configuration fixes rules it
+    out (it keeps :meth:`Attack.check_setup`'s default): the block goes in front of any model
+    and the ratio holds for any protocol, batch size and loss; whether the modification fits
+    the data is checked before launch (:func:`fl_privsim.simulation.check_server_role`).
 
     A bin's pair ``(ΔW, Δb)`` is the rows' difference (``cumulative``, ``one_shot``) or the
     row itself (``sparse``); its record is ``ΔW / Δb``. Bins are kept when ``|Δb|`` exceeds

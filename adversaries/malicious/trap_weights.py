@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from adversaries.base import ATTACKS, Attack, AttackResult, Observation
+from adversaries.base import ATTACKS, Attack, AttackResult, Observation, Setup
 from adversaries.malicious.base import Crafted, Modification, ServerView, register_modification
 from adversaries.reconstruction._common import (
     first_layer,
@@ -264,6 +264,7 @@ class TrapWeightsAttack(Attack):
 
     requires: ClassVar[tuple[str, ...]] = (
         "the server planted trap weights (modification 'trap_weights') in the model of this round",
+        "first trainable layer is nn.Linear with bias, fed the flattened input",
         "update covers the trapped layer's weight and bias",
     )
     modification: ClassVar[str | None] = "trap_weights"
@@ -295,9 +296,21 @@ class TrapWeightsAttack(Attack):
         self.max_candidates = max_candidates
         self.drop_out_of_box = drop_out_of_box
 
+    def check_setup(self, setup: Setup) -> None:
+        """Refuse a model whose first trainable layer is not a Linear with bias on the flattened
+        input: trap weights cannot be planted there (the layer :class:`TrapWeights` uses)."""
+        found = _trap_layer(setup.model, setup.input_shape)
+        if isinstance(found, str):
+            raise ThreatModelError(
+                "trap_weights: requires the first trainable layer to be nn.Linear with bias on the "
+                f"flattened input, but {found}"
+            )
+
     def check(self, obs: Observation) -> None:
-        """Refuse unless the trapped layer exists in ``obs.model`` and its update is present."""
+        """Refuse unless the secrets are present, :meth:`check_setup` passes on the observed
+        model, and the trapped layer exists in ``obs.model`` with its update present."""
         secrets = self.secrets(obs)
+        self.check_setup(Setup.of(obs))
         name = secrets.get("layer") if isinstance(secrets, dict) else None
         modules = dict(obs.model.named_modules())
         layer = modules.get(name) if isinstance(name, str) else None

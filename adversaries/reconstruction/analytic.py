@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adversaries.base import ATTACKS, Attack, AttackResult, Observation
+from adversaries.base import ATTACKS, Attack, AttackResult, Observation, Setup
 from adversaries.reconstruction._common import (
     first_layer,
     group_candidates,
@@ -47,6 +47,31 @@ from adversaries.reconstruction.label_counts import bias_counts, counts_to_label
 from fl_privsim.errors import ThreatModelError
 
 log = logging.getLogger(__name__)
+
+
+def dense_input_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
+    """Name of the model's first trainable layer if it is ``nn.Linear`` with a trainable bias
+    fed the flattened input unchanged; else :class:`ThreatModelError` naming what is not."""
+    name, layer, before = first_layer(model)
+    if not isinstance(layer, nn.Linear) or layer.bias is None or not layer.bias.requires_grad:
+        raise ThreatModelError(
+            "analytic: requires the first trainable layer to be nn.Linear with bias; "
+            f"found {type(layer).__name__} {name!r}"
+            + ("" if not isinstance(layer, nn.Linear) else " without a trainable bias")
+        )
+    if before:
+        raise ThreatModelError(
+            "analytic: requires the input to reach the first nn.Linear (with bias) unchanged; "
+            f"it passes through {', '.join(before)} first"
+        )
+    c, h, w = input_shape
+    if layer.in_features != c * h * w:
+        raise ThreatModelError(
+            f"analytic: first nn.Linear with bias {name!r} takes {layer.in_features} features, "
+            f"not the flattened input ({c}*{h}*{w}={c * h * w})"
+        )
+    return name
+
 
 @ATTACKS.register("analytic")
 class AnalyticAttack(Attack):
@@ -133,8 +158,8 @@ class AnalyticAttack(Attack):
     requires: ClassVar[tuple[str, ...]] = (
         "first trainable layer is nn.Linear with bias, fed the flattened input",
         "update covers that layer's weight and bias",
-        "loss is the mean over N = num_targets(obs) equally weighted samples of the `loss` parameter "
-        "(softmax cross-entropy by default)",
+        ("loss is the mean over N = num_targets(obs) equally weighted samples of the `loss` parameter "
+        "(softmax cross-entropy by default)"),
         "last nn.Linear outputs the class logits (for labels)",
     )
 
@@ -175,26 +200,18 @@ class AnalyticAttack(Attack):
             raise ValueError(f"loss must be one of {', '.join(DEMIX_LOSSES)}, got {loss!r}")
         self.loss = loss
 
+    def check_setup(self, setup: Setup) -> None:
+        """Refuse unless the first trainable layer is ``nn.Linear`` with bias on the raw input
+        (:func:`dense_input_layer`), and the clients' loss (when known) is ``loss``."""
+        dense_input_layer(setup.model, setup.input_shape)
+        if setup.loss is not None and setup.loss != self.loss:
+            raise ThreatModelError(f"analytic: requires the clients' loss to be its loss parameter "
+                                   f"{self.loss!r}, but client.loss = {setup.loss!r}")
+
     def check(self, obs: Observation) -> None:
-        """Refuse unless the first trainable layer is ``nn.Linear`` with bias on the raw input."""
-        name, layer, before = first_layer(obs.model)
-        if not isinstance(layer, nn.Linear) or layer.bias is None or not layer.bias.requires_grad:
-            raise ThreatModelError(
-                "analytic: requires the first trainable layer to be nn.Linear with bias; "
-                f"found {type(layer).__name__} {name!r}"
-                + ("" if not isinstance(layer, nn.Linear) else " without a trainable bias")
-            )
-        if before:
-            raise ThreatModelError(
-                "analytic: requires the input to reach the first nn.Linear (with bias) unchanged; "
-                f"it passes through {', '.join(before)} first"
-            )
-        c, h, w = obs.input_shape
-        if layer.in_features != c * h * w:
-            raise ThreatModelError(
-                f"analytic: first nn.Linear with bias {name!r} takes {layer.in_features} features, "
-                f"not the flattened input ({c}*{h}*{w}={c * h * w})"
-            )
+        """:meth:`check_setup`, then refuse an update without that layer's weight and bias."""
+        self.check_setup(Setup.of(obs))
+        name = dense_input_layer(obs.model, obs.input_shape)
         g = layer_grads(obs, obs.gradient(), name)
         if "weight" not in g or "bias" not in g:
             raise ThreatModelError(f"analytic: the update lacks the weight or bias of {name!r}")

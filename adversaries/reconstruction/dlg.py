@@ -9,6 +9,7 @@ labels fixed instead of optimised.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -19,9 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adversaries.base import ATTACKS, Attack, AttackResult, Observation
+from adversaries.base import (
+    ATTACKS,
+    Attack,
+    AttackResult,
+    Observation,
+    Setup,
+    require_cross_entropy,
+)
 from adversaries.reconstruction._common import (
     INITS,
+    last_linear,
     num_targets,
     random_init,
     target_gradient,
@@ -199,6 +208,39 @@ def check_init(value: object) -> str:
     return str(value)
 
 
+
+def check_logits(model: nn.Module, input_shape: tuple[int, int, int], num_classes: int, attack: str) -> None:
+    """Refuse (:class:`ThreatModelError`) a model that does not output one logit per class for
+    inputs of ``input_shape``; runs a private CPU copy in eval mode on two zero inputs."""
+    probe = copy.deepcopy(model).to("cpu").eval()
+    with torch.no_grad():
+        out = probe(torch.zeros(2, *input_shape))
+    if out.dim() != 2 or out.shape[1] != num_classes:
+        raise ThreatModelError(
+            f"{attack}: requires the model to output one logit per class ({num_classes}), "
+            f"but it outputs shape {tuple(out.shape[1:])} per sample"
+        )
+
+
+def class_logits_layer(model: nn.Module, num_classes: int, attack: str) -> tuple[str, nn.Linear]:
+    """Name and module of the last ``nn.Linear`` (registration order) if it outputs one logit
+    per class; else :class:`ThreatModelError` naming ``attack`` and what is missing. The label
+    rules of iDLG, Inverting Gradients, LLG and R-GAP read this layer."""
+    try:
+        name, layer = last_linear(model)
+    except ThreatModelError:
+        raise ThreatModelError(
+            f"{attack}: requires a final nn.Linear layer outputting the class logits, but the "
+            "model has no nn.Linear layer"
+        ) from None
+    if layer.out_features != num_classes:
+        raise ThreatModelError(
+            f"{attack}: requires the last nn.Linear layer to output the class logits "
+            f"({num_classes} classes), but {name!r} has {layer.out_features} outputs"
+        )
+    return name, layer
+
+
 @ATTACKS.register("dlg")
 class DLGAttack(Attack):
     """Deep Leakage from Gradients: optimise dummy inputs and soft labels jointly.
@@ -245,16 +287,14 @@ class DLGAttack(Attack):
         self.lr = check_lr(lr)
         self.init = check_init(init)
 
+    def check_setup(self, setup: Setup) -> None:
+        """Refuse a model without one output per class, or clients trained with another loss."""
+        check_logits(setup.model, setup.input_shape, setup.num_classes, "dlg")
+        require_cross_entropy(setup, "dlg")
+
     def check(self, obs: Observation) -> None:
-        """Refuse a model without one output per class, or an incomplete update."""
-        model = obs.fresh_model("cpu").eval()
-        with torch.no_grad():
-            out = model(torch.zeros(2, *obs.input_shape))
-        if out.dim() != 2 or out.shape[1] != obs.num_classes:
-            raise ThreatModelError(
-                f"dlg: requires the model to output one logit per class ({obs.num_classes}), "
-                f"but it outputs shape {tuple(out.shape[1:])} per sample"
-            )
+        """:meth:`check_setup`, then refuse an incomplete update."""
+        self.check_setup(Setup.of(obs))
         obs.gradient()
 
     def run(

@@ -14,11 +14,16 @@ from typing import ClassVar
 
 import torch
 
-from adversaries.base import ATTACKS, Attack, AttackResult, Observation
+from adversaries.base import (
+    ATTACKS,
+    Attack,
+    AttackResult,
+    Observation,
+    Setup,
+    require_cross_entropy,
+)
 from adversaries.reconstruction._common import (
-    check_classifier,
     infer_labels,
-    last_linear,
     num_targets,
     random_init,
     target_gradient,
@@ -27,9 +32,9 @@ from adversaries.reconstruction.dlg import (
     check_init,
     check_iterations,
     check_lr,
+    class_logits_layer,
     lbfgs_gradient_matching,
 )
-from fl_privsim.errors import ThreatModelError
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +89,14 @@ class IDLGAttack(Attack):
         self.lr = check_lr(lr)
         self.init = check_init(init)
 
+    def check_setup(self, setup: Setup) -> None:
+        """Refuse without a class-logit linear layer, or clients trained with another loss."""
+        class_logits_layer(setup.model, setup.num_classes, "idlg")
+        require_cross_entropy(setup, "idlg")
+
     def check(self, obs: Observation) -> None:
-        """Refuse without a class-logit linear layer or with an incomplete update."""
-        try:
-            last_linear(obs.model)
-        except ThreatModelError:
-            raise ThreatModelError(
-                "idlg: requires a final nn.Linear layer outputting the class logits, but the "
-                "model has no nn.Linear layer"
-            ) from None
-        check_classifier(obs, "idlg")
+        """:meth:`check_setup`, then refuse an incomplete update."""
+        self.check_setup(Setup.of(obs))
         obs.gradient()
 
     def run(

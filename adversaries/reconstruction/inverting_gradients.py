@@ -22,15 +22,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from adversaries.base import ATTACKS, Attack, AttackResult, Observation
+from adversaries.base import (
+    ATTACKS,
+    Attack,
+    AttackResult,
+    Observation,
+    Setup,
+    require_cross_entropy,
+)
 from adversaries.reconstruction._common import (
-    check_classifier,
     infer_labels,
     num_targets,
     random_init,
     target_gradient,
     total_variation,
 )
+from adversaries.reconstruction.dlg import class_logits_layer
 from fl_privsim.errors import ThreatModelError
 
 log = logging.getLogger(__name__)
@@ -319,8 +326,8 @@ class InvertingGradientsAttack(Attack):
         "last nn.Linear outputs the class logits (for labels)",
         "loss is mean softmax cross-entropy",
         "update covers every trainable parameter",
-        "fedavg variant: known local_steps >= 1, lr > 0 and batch_size >= 1; plain SGD, "
-        "one fresh mini-batch per step; aggregates average clients with equal weights",
+        ("fedavg variant: known local_steps >= 1, lr > 0 and batch_size >= 1; plain SGD, "
+        "one fresh mini-batch per step; aggregates average clients with equal weights"),
     )
 
     def __init__(
@@ -356,43 +363,48 @@ class InvertingGradientsAttack(Attack):
 
     # ------------------------------------------------------------------ threat model
 
-    def resolved_variant(self, obs: Observation) -> str:
-        """``"fedsgd"`` or ``"fedavg"``: the variant used on ``obs``."""
+    def resolved_variant(self, obs: Observation | Setup) -> str:
+        """``"fedsgd"`` or ``"fedavg"``: the variant used on ``obs`` (or a run's ``Setup``)."""
         return obs.protocol if self.variant == "auto" else self.variant
 
+    def check_setup(self, setup: Setup) -> None:
+        """Refuse without a class-logit linear layer, with clients trained with another loss,
+        or (FedAvg variant) without usable local-training metadata."""
+        class_logits_layer(setup.model, setup.num_classes, "inverting_gradients")
+        require_cross_entropy(setup, "inverting_gradients")
+        if setup.protocol == "fedavg" and not (
+            isinstance(setup.lr, (int, float)) and math.isfinite(setup.lr) and setup.lr > 0
+        ):
+            raise ThreatModelError(
+                "inverting_gradients: requires the client's learning rate (lr > 0) of a FedAvg "
+                f"update, to unroll its local steps or rescale its delta, but lr is {setup.lr!r}"
+            )
+        if self.resolved_variant(setup) != "fedavg":
+            return
+        if setup.protocol != "fedavg":
+            raise ThreatModelError(
+                "inverting_gradients: requires a FedAvg observation (a weight delta) for "
+                f"variant 'fedavg', but the protocol is {setup.protocol!r}"
+            )
+        if setup.local_steps < 1:
+            raise ThreatModelError(
+                "inverting_gradients: requires the number of local steps (>= 1) to unroll a "
+                f"FedAvg update (variant 'fedavg'), but local_steps is {setup.local_steps!r}"
+            )
+        if setup.batch_size < 1:
+            raise ThreatModelError(
+                "inverting_gradients: requires the client's batch size (>= 1) to unroll a "
+                f"FedAvg update (variant 'fedavg'), but batch_size is {setup.batch_size!r}"
+            )
+
     def check(self, obs: Observation) -> None:
-        """Refuse without a class-logit linear layer, with an incomplete update, or (FedAvg
-        variant) without usable local-training metadata."""
-        check_classifier(obs, "inverting_gradients")
+        """:meth:`check_setup`, then refuse an update that lacks a trainable parameter."""
+        self.check_setup(Setup.of(obs))
         missing = [name for name in obs.param_names() if name not in obs.update]
         if missing:
             raise ThreatModelError(
                 "inverting_gradients: requires the update of every trainable parameter, but "
                 f"it lacks {missing[:3]}"
-            )
-        if obs.protocol == "fedavg" and not (
-            isinstance(obs.lr, (int, float)) and math.isfinite(obs.lr) and obs.lr > 0
-        ):
-            raise ThreatModelError(
-                "inverting_gradients: requires the client's learning rate (lr > 0) of a FedAvg "
-                f"update, to unroll its local steps or rescale its delta, but lr is {obs.lr!r}"
-            )
-        if self.resolved_variant(obs) != "fedavg":
-            return
-        if obs.protocol != "fedavg":
-            raise ThreatModelError(
-                "inverting_gradients: requires a FedAvg observation (a weight delta) for "
-                f"variant 'fedavg', but the protocol is {obs.protocol!r}"
-            )
-        if obs.local_steps < 1:
-            raise ThreatModelError(
-                "inverting_gradients: requires the number of local steps (>= 1) to unroll a "
-                f"FedAvg update (variant 'fedavg'), but local_steps is {obs.local_steps!r}"
-            )
-        if obs.batch_size < 1:
-            raise ThreatModelError(
-                "inverting_gradients: requires the client's batch size (>= 1) to unroll a "
-                f"FedAvg update (variant 'fedavg'), but batch_size is {obs.batch_size!r}"
             )
 
     def plan(self, obs: Observation) -> LocalPlan:

@@ -20,6 +20,7 @@ The reusable pieces (:func:`largest_remainder`, :func:`bias_counts`, :func:`llg_
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from typing import ClassVar
@@ -27,14 +28,21 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from adversaries.base import ATTACKS, Attack, AttackResult, Observation
+from adversaries.base import (
+    ATTACKS,
+    Attack,
+    AttackResult,
+    Observation,
+    Setup,
+    require_cross_entropy,
+)
 from adversaries.reconstruction._common import (
-    check_classifier,
     last_linear,
     layer_grads,
     num_targets,
     target_gradient,
 )
+from adversaries.reconstruction.dlg import class_logits_layer
 from fl_privsim.errors import ThreatModelError
 
 log = logging.getLogger(__name__)
@@ -210,15 +218,24 @@ def dummy_inputs(
     declared per-channel mean and std; ``uniform``: uniform in the box (uniform pixels).
     Drawn on CPU from ``generator``, then moved to ``device``.
     """
-    shape = (num, *obs.input_shape)
-    lower, upper = obs.input_bounds("cpu")
+    return _box_inputs(obs.input_shape, obs.input_bounds("cpu"), num, kind=kind,
+                       generator=generator).to(device)
+
+
+def _box_inputs(
+    input_shape: tuple[int, int, int], bounds: tuple[torch.Tensor, torch.Tensor], num: int, *,
+    kind: str, generator: torch.Generator,
+) -> torch.Tensor:
+    """:func:`dummy_inputs` for an input shape and a (CPU) box ``(lower, upper)``."""
+    shape = (num, *input_shape)
+    lower, upper = bounds
     if kind == "normal":
         x = torch.randn(shape, generator=generator).clamp(lower.expand(shape), upper.expand(shape))
     elif kind == "uniform":
         x = lower + (upper - lower) * torch.rand(shape, generator=generator)
     else:
         raise ValueError(f"dummy must be one of {', '.join(DUMMIES)}, got {kind!r}")
-    return x.to(device)
+    return x
 
 
 @torch.no_grad()
@@ -232,22 +249,24 @@ def dummy_mean_softmax(
 
 
 @torch.no_grad()
-def last_layer_input_min(obs: Observation, num: int = 8) -> float:
+def last_layer_input_min(setup: Setup, num: int = 8) -> float:
     """Smallest value that reaches the last ``nn.Linear`` on a few probe inputs.
 
-    Probes are N(0, 1) in the normalised space clipped to the input box, from a fixed seed
-    (no client data); they check empirically that the classifier sees non-negative
-    features (ReLU/sigmoid) whatever the registration order of the modules.
+    Probes are N(0, 1) in the normalised space clipped to the input box, then uniform in the
+    box, from fixed seeds (no client data), through a private CPU copy of ``setup.model`` in
+    train mode; they check empirically that the classifier sees non-negative features
+    (ReLU/sigmoid) whatever the registration order of the modules.
     """
-    model = obs.fresh_model("cpu").train()
+    model = copy.deepcopy(setup.model).to("cpu").train()
     _, layer = last_linear(model)
     seen: list[float] = []
     hook = layer.register_forward_pre_hook(lambda _m, args: seen.append(float(args[0].min())))
+    bounds = setup.input_bounds()
     try:
         gen = torch.Generator().manual_seed(0)
-        model(dummy_inputs(obs, num, kind="normal", generator=gen, device=torch.device("cpu")))
+        model(_box_inputs(setup.input_shape, bounds, num, kind="normal", generator=gen))
         gen = torch.Generator().manual_seed(1)
-        model(dummy_inputs(obs, num, kind="uniform", generator=gen, device=torch.device("cpu")))
+        model(_box_inputs(setup.input_shape, bounds, num, kind="uniform", generator=gen))
     finally:
         hook.remove()
     return min(seen)
@@ -321,35 +340,42 @@ class LLGAttack(Attack):
         self.dummy = dummy
         self.rounds = rounds
 
-    def _resolve(self, obs: Observation) -> str:
+    def _resolve(self, obs: Observation | Setup) -> str:
         if self.method != "auto":
             return self.method
         _, layer = last_linear(obs.model)
         return "bias" if layer.bias is not None and layer.bias.requires_grad else "llg+"
 
-    def check(self, obs: Observation) -> None:
-        """Refuse without a class-logit last layer, its gradient, or the method's needs."""
-        check_classifier(obs, "llg")
-        name, layer = last_linear(obs.model)
-        g = layer_grads(obs, obs.gradient(), name)
-        method = self._resolve(obs)
+    def check_setup(self, setup: Setup) -> None:
+        """Refuse without a class-logit last layer, with clients trained with another loss, or
+        without the method's needs (a trainable bias; non-negative features on probes)."""
+        name, layer = class_logits_layer(setup.model, setup.num_classes, "llg")
+        require_cross_entropy(setup, "llg")
+        method = self._resolve(setup)
         if method == "bias":
-            if layer.bias is None or not layer.bias.requires_grad or "bias" not in g:
+            if layer.bias is None or not layer.bias.requires_grad:
                 raise ThreatModelError(
                     "llg: method 'bias' requires the last nn.Linear to have a trainable bias "
                     f"in the update, but {name!r} has none"
                 )
             return
-        if "weight" not in g:
-            raise ThreatModelError(
-                f"llg: requires the weight gradient of {name!r}, but the update lacks it"
-            )
-        low = last_layer_input_min(obs)
+        low = last_layer_input_min(setup)
         if low < 0:
             raise ThreatModelError(
                 f"llg: method {method!r} requires non-negative features into the last "
                 f"nn.Linear (ReLU/sigmoid), but {name!r} receives negative values on probe "
                 f"inputs (min {low:.3g}); use method 'bias' if it has a bias"
+            )
+
+    def check(self, obs: Observation) -> None:
+        """:meth:`check_setup`, then refuse an update without the gradient the method reads."""
+        self.check_setup(Setup.of(obs))
+        name, _ = last_linear(obs.model)
+        g = layer_grads(obs, obs.gradient(), name)
+        need = "bias" if self._resolve(obs) == "bias" else "weight"
+        if need not in g:
+            raise ThreatModelError(
+                f"llg: requires the {need} gradient of {name!r}, but the update lacks it"
             )
 
     def run(

@@ -18,13 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adversaries.base import ATTACKS, Attack, AttackResult, Observation
+from adversaries.base import (
+    ATTACKS,
+    Attack,
+    AttackResult,
+    Observation,
+    Setup,
+    require_cross_entropy,
+)
 from adversaries.reconstruction._common import (
-    check_classifier,
     infer_labels,
     layer_grads,
-    num_targets,
 )
+from adversaries.reconstruction.dlg import class_logits_layer
 from fl_privsim.errors import ThreatModelError
 
 log = logging.getLogger(__name__)
@@ -169,7 +175,7 @@ def _patch_index(layer: _Layer, device: torch.device) -> torch.Tensor:
         return torch.arange(layer.module.in_features, device=device).view(1, -1)
     c, h, w = layer.in_shape
     kh, kw, sh, sw, ph, pw, dh, dw, oh, ow = _conv_geometry(layer)
-    ar = lambda n: torch.arange(n, device=device)  # noqa: E731
+    ar = lambda n: torch.arange(n, device=device)
     rows = (sh * ar(oh).view(oh, 1, 1, 1, 1) + dh * ar(kh).view(1, 1, 1, kh, 1) - ph)
     cols = (sw * ar(ow).view(1, ow, 1, 1, 1) + dw * ar(kw).view(1, 1, 1, 1, kw) - pw)
     chan = ar(c).view(1, 1, c, 1, 1)
@@ -271,8 +277,8 @@ class RGAPAttack(Attack):
 
     requires: ClassVar[tuple[str, ...]] = (
         "a single sample: FedSGD batch of 1, or FedAvg with one local step (num_targets == 1)",
-        "model is a plain chain of bias-free Conv2d/Linear layers with LeakyReLU activations "
-        "(Identity/Flatten allowed; no pooling, normalisation or skip connections)",
+        ("model is a plain chain of bias-free Conv2d/Linear layers with LeakyReLU activations "
+        "(Identity/Flatten allowed; no pooling, normalisation or skip connections)"),
         "last nn.Linear outputs the class logits; loss is softmax cross-entropy",
         "every layer has at least as many constraints as unknowns (rank analysis RA-i <= 0)",
         "update covers every trainable parameter",
@@ -287,21 +293,24 @@ class RGAPAttack(Attack):
         self.rank_rtol = float(rank_rtol)
 
     # ------------------------------------------------------------------ threat model
-    def check(self, obs: Observation) -> None:
-        """Refuse more than one sample, a model R-GAP cannot invert, or a partial update."""
-        n = num_targets(obs)
+    def check_setup(self, setup: Setup) -> None:
+        """Refuse more than one sample, more than one local step, clients trained with another
+        loss, or a model R-GAP cannot invert (its chain, classifier and rank analysis)."""
+        n = setup.num_targets
         if n != 1:
+            known = f", num_examples={setup.num_examples}" if setup.num_examples > 0 else ""
             raise _refuse(
                 "a single sample (R-GAP inverts a single sample's gradient), but the observation "
-                f"covers up to {n} samples (batch_size={obs.batch_size}, local_steps={obs.local_steps}, "
-                f"num_clients={obs.num_clients}, num_examples={obs.num_examples})"
+                f"covers up to {n} samples (batch_size={setup.batch_size}, local_steps={setup.local_steps}, "
+                f"num_clients={setup.num_clients}{known})"
             )
-        if obs.protocol == "fedavg" and obs.local_steps != 1:
+        if setup.protocol == "fedavg" and setup.local_steps != 1:
             raise _refuse(
-                f"one gradient step (FedSGD, or FedAvg with local_steps == 1), but local_steps={obs.local_steps}"
+                f"one gradient step (FedSGD, or FedAvg with local_steps == 1), but local_steps={setup.local_steps}"
             )
-        layers = parse_chain(obs.model, obs.input_shape)
-        check_classifier(obs, _NAME)
+        layers = parse_chain(setup.model, setup.input_shape)
+        class_logits_layer(setup.model, setup.num_classes, _NAME)
+        require_cross_entropy(setup, _NAME)
         for layer in layers[:-1]:
             unknowns, grad_c, fwd_c = constraint_counts(layer)
             if grad_c + fwd_c < unknowns:
@@ -312,6 +321,10 @@ class RGAPAttack(Attack):
                     f"{grad_c + fwd_c} constraints ({grad_c} gradient + {fwd_c} forward): "
                     f"deficit {unknowns - grad_c - fwd_c}"
                 )
+
+    def check(self, obs: Observation) -> None:
+        """:meth:`check_setup`, then refuse a partial update or one of the wrong shapes."""
+        self.check_setup(Setup.of(obs))
         try:
             grads = obs.gradient()
         except ThreatModelError as exc:
@@ -505,7 +518,7 @@ class RGAPAttack(Attack):
         k_b, o_b = k.unsqueeze(0), o.unsqueeze(0)
         if isinstance(layer.module, nn.Conv2d):
             mod = layer.module
-            conv = dict(stride=mod.stride, padding=mod.padding, dilation=mod.dilation)
+            conv = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation}
             fwd = F.conv2d(x_img, weight, **conv)
             grad_w = torch.nn.grad.conv2d_weight(x_img, weight.shape, k_b, **conv)
             dx = torch.nn.grad.conv2d_input(x_img.shape, weight, k_b, **conv)
