@@ -7,6 +7,9 @@ allowed, as a :class:`~fl_privsim.errors.ConfigError`. :func:`to_toml` writes th
 resolved config that every run folder keeps.
 
 TOML has no null: "not set" is spelled ``""`` for paths and ``0`` for optional counts.
+Relative paths (:data:`PATH_KEYS`) resolve as :mod:`fl_privsim.paths` says: against the
+config file's folder when written in the file, against the current directory when given
+with ``--set``; the returned config holds them absolute.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from typing import Any
 
 import tomli_w
 
-from fl_privsim.errors import ConfigError
+from fl_privsim import paths
+from fl_privsim.errors import ConfigError, did_you_mean
+
+#: The path-valued keys of a run config (resolved by :func:`load`).
+PATH_KEYS: tuple[str, ...] = ("data.root", "output.dir")
 
 
 def _f(default: Any, help: str, **rules: Any) -> Any:
@@ -236,7 +243,8 @@ def _check_scalar(value: Any, tp: Any, path: str, meta: dict[str, Any]) -> Any:
     if not ok:
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{path}: {value!r} is not allowed; allowed: {', '.join(map(str, meta['choices']))}")
+        raise ConfigError(f"{path}: {value!r} is not allowed{did_you_mean(value, meta['choices'])}; "
+                          f"allowed: {', '.join(map(str, meta['choices']))}")
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"{path}: {value!r} is below the minimum {meta['min']}")
     if "max" in meta and value > meta["max"]:
@@ -252,7 +260,8 @@ def _build(cls: type, data: Any, path: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"[{path}]" if path else "the top level"
-        raise ConfigError(f"unknown key {unknown[0]!r} in {where}; allowed: {', '.join(fields)}")
+        raise ConfigError(f"unknown key {unknown[0]!r} in {where}{did_you_mean(unknown[0], fields)}; "
+                          f"allowed: {', '.join(fields)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         sub = f"{path}.{name}" if path else name
@@ -431,10 +440,12 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             if not part.isdigit() or int(part) >= len(node):
                 raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)}")
             node = node[int(part)]
-        else:
+        elif isinstance(node, dict):
             if part not in node:
                 node[part] = [] if nxt.isdigit() else {}
             node = node[part]
+        else:
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a table")
     last = parts[-1]
     value = parse_value(raw.strip())
     if isinstance(node, list):
@@ -460,9 +471,10 @@ def default_dict() -> dict[str, Any]:
 def read_toml_file(path: str | Path, what: str = "config file") -> dict[str, Any]:
     """The TOML document at ``path``; a missing, unreadable or invalid file is one
     :class:`ConfigError` naming ``what`` and the path (shared by every command's config)."""
-    p = Path(path)
+    p = paths.absolute(path)
     if not p.is_file():
-        raise ConfigError(f"{what} {str(p)!r} does not exist")
+        raise ConfigError(paths.missing_path_message(
+            what, p, original=path, problem="is not a file" if p.exists() else "does not exist"))
     try:
         return tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -473,14 +485,23 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     """Load ``path`` (or the defaults), apply ``--set`` overrides, validate.
 
     A TOML file only needs the keys it changes; ``[[attacks]]`` in the file replaces the
-    default list of attacks.
+    default list of attacks. Relative :data:`PATH_KEYS` in the file resolve against its
+    folder, those of ``--set`` against the current directory (:mod:`fl_privsim.paths`).
     """
     data: dict[str, Any] = read_toml_file(path) if path else {}
+    if path:
+        paths.resolve_keys(data, PATH_KEYS, paths.absolute(path).parent)
     if overrides and "attacks" not in data and any(o.strip().startswith("attacks") for o in overrides):
         data["attacks"] = default_dict()["attacks"]
     for assignment in overrides:
         apply_override(data, assignment)
+        paths.resolve_keys(data, PATH_KEYS, under=override_key(assignment))
     return from_dict(data)
+
+
+def override_key(assignment: str) -> str:
+    """The dotted key of one ``--set KEY=VALUE`` (``attacks.0.name``)."""
+    return ".".join(p for p in assignment.split("=", 1)[0].strip().split(".") if p)
 
 
 def loads(text: str) -> Config:

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fl_privsim.data_files import Raw, load_idx, load_npz, split
-from fl_privsim.errors import ConfigError, DataError
+from fl_privsim.data_files import NPZ_NAME, Raw, load_idx, load_npz, split
+from fl_privsim.errors import ConfigError, DataError, did_you_mean
 from fl_privsim.partition import SCHEMES, partition, sample_batch
 from fl_privsim.seeding import numpy_rng
 
@@ -57,6 +57,17 @@ _TORCHVISION = {
     "mnist": ("MNIST", "MNIST/raw", "train-images-idx3-ubyte, t10k-images-idx3-ubyte, ..."),
     "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw", "train-images-idx3-ubyte, ..."),
     "cifar10": ("CIFAR10", "cifar-10-batches-py", "data_batch_1..5, test_batch, batches.meta"),
+}
+# name -> (what a data.root folder must hold (a tuple: any one of), what to set it to), for the
+# error on a data.root that does not exist (fl_privsim.paths.missing_path_message)
+_ROOT_HOLDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "folder": ((), f"set data.root to your images as {_FOLDER_LAYOUT}"),
+    "cifar10_npz": ((NPZ_NAME,), f"set data.root to {NPZ_NAME} or the folder holding it"),
+    "mnist_idx": ((("t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz"),),
+                  ("set data.root to the folder holding t10k-images-idx3-ubyte(.gz) and "
+                   "t10k-labels-idx1-ubyte(.gz)")),
+    "adult": (("adult.data.gz", "adult.test.gz"),
+              "set data.root to the folder holding adult.data.gz and adult.test.gz (UCI Adult)"),
 }
 
 
@@ -176,7 +187,8 @@ def load_dataset(
         Files missing, unreadable or of the wrong shape (the message says what to provide).
     """
     if name not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; "
+                          f"choose one of: {', '.join(DATASETS)}")
     for key, value in (("image_size", image_size), ("max_examples", max_examples)):
         is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
         if value is not None and (not is_int or value < 1):
@@ -195,6 +207,12 @@ def load_dataset(
 def _load_cached(name: str, root: str | None, image_size: int | None, download: bool,
                  test_fraction: float, seed: int, max_examples: int | None) -> ImageData:
     path = None if root is None else Path(root)
+    if path is not None and name in _ROOT_HOLDS and not path.exists():
+        from fl_privsim.paths import missing_path_message
+
+        contains, expect = _ROOT_HOLDS[name]
+        what = "folder dataset: data.root" if name == "folder" else f"{name}: data.root"
+        raise DataError(missing_path_message(what, path, contains=contains, expect=expect))
     if name == "digits":
         raw = _load_digits(test_fraction, seed)
     elif name in _TORCHVISION:

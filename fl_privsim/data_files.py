@@ -34,8 +34,11 @@ def load_npz(root: Path | None) -> Raw:
         raise DataError(f"cifar10_npz: data.root must name {NPZ_NAME} or the folder holding it")
     path = root if root.suffix == ".npz" else root / NPZ_NAME
     if not path.is_file():
-        raise DataError(f"cifar10_npz: {path} not found; set data.root to {NPZ_NAME} or its "
-                        "folder (e.g. ../shared/data/cifar10)")
+        from fl_privsim.paths import missing_path_message, shared_data_dir
+
+        raise DataError(missing_path_message(
+            "cifar10_npz:", path, problem="not found",
+            expect=f"set data.root to {NPZ_NAME} or its folder (e.g. {shared_data_dir() / 'cifar10'})"))
     keys = ("x_train", "y_train", "x_test", "y_test")
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -82,7 +85,7 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
 def load_idx(root: Path | None, test_fraction: float, seed: int) -> Raw:
     """Read MNIST IDX files from ``root``; a lone pair is split by ``test_fraction``."""
     if root is None or not root.is_dir():
-        where = "data.root is not set" if root is None else f"{root} is not a folder"
+        where = "data.root is not set" if root is None else f"{root.absolute()} is not a folder"
         raise DataError(f"mnist_idx: {where}; expected t10k-images-idx3-ubyte(.gz) and "
                         "t10k-labels-idx1-ubyte(.gz), optionally train-*, in one folder")
     pairs = {}

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fl_privsim.errors import ConfigError
+from fl_privsim.errors import ConfigError, did_you_mean
 
 InputShape = tuple[int, int, int]
 
@@ -203,7 +203,8 @@ def build_model(
     """
     vib = name.endswith("_vib") and name[:-4] in MODELS  # VIB variant: clients/defenses/vib.py
     if name not in MODELS and not vib:
-        raise ConfigError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODELS)} "
+        hint = did_you_mean(name, [*MODELS, *(f"{m}_vib" for m in MODELS)])
+        raise ConfigError(f"model.name: unknown model {name!r}{hint}; allowed: {', '.join(MODELS)} "
                           f"(or any of them + '_vib', with a VIB head)")
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise ConfigError(f"model: input shape must be (C, H, W) with positive sizes, got {input_shape}")

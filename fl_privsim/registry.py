@@ -15,7 +15,7 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
-from fl_privsim.errors import ConfigError
+from fl_privsim.errors import ConfigError, did_you_mean
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,7 +72,8 @@ class Registry(Generic[T]):
         """The class registered under ``name``; a clear error lists the known names."""
         self._load_entry_points()
         if name not in self._items:
-            raise ConfigError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
+            raise ConfigError(f"unknown {self.kind} {name!r}{did_you_mean(name, self.names())}; "
+                              f"known: {', '.join(self.names())}")
         return self._items[name]
 
     def check_params(self, name: str, params: dict[str, Any]) -> None:
@@ -87,7 +88,8 @@ class Registry(Generic[T]):
         unknown = sorted(set(params) - set(accepted))
         if unknown:
             raise ConfigError(
-                f"{self.kind} {name!r}: unknown parameter(s) {', '.join(unknown)}; "
+                f"{self.kind} {name!r}: unknown parameter(s) "
+                f"{', '.join(u + did_you_mean(u, accepted) for u in unknown)}; "
                 f"allowed: {', '.join(sorted(accepted)) or '(none)'}"
             )
         missing = [

@@ -6,18 +6,11 @@ SOURCES.md), or ``$FL_PRIVSIM_SHARED_DATA`` when set; tests using it skip where 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-
-def shared_data_dir() -> Path:
-    """Where the shared real-data folder is expected (it may not exist)."""
-    env = os.environ.get("FL_PRIVSIM_SHARED_DATA")
-    if env:
-        return Path(env).expanduser().resolve()
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from fl_privsim.paths import shared_data_dir  # the one rule; tests import it from fl_privsim.paths
 
 
 @pytest.fixture(scope="session")

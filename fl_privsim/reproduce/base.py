@@ -12,7 +12,6 @@ and writes ``settings.toml``, ``env.json``, ``summary.json`` and ``table.md``.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tomllib
 from collections.abc import Callable, Sequence
@@ -25,7 +24,8 @@ import torch
 
 from fl_privsim.config import read_toml_file
 from fl_privsim.devices import resolve_device
-from fl_privsim.errors import ConfigError, DataError, UserError
+from fl_privsim.errors import ConfigError, DataError, UserError, did_you_mean
+from fl_privsim.paths import absolute, missing_path_message, shared_data_dir  # (re-exported)
 from fl_privsim.results import RunFolder, atomic_write_text, make_run_dir
 from fl_privsim.seeding import torch_generator
 
@@ -33,19 +33,6 @@ log = logging.getLogger(__name__)
 
 #: Settings every reproduction has, whatever its own are.
 COMMON = {"seed": 0, "device": "auto", "threads": 1}
-
-
-def shared_data_dir() -> Path:
-    """``$FL_PRIVSIM_SHARED_DATA``, else ``../shared/data`` beside the repository or cwd."""
-    env = os.environ.get("FL_PRIVSIM_SHARED_DATA")
-    if env:
-        return Path(env).expanduser().resolve()
-    repo = Path(__file__).resolve().parents[2]
-    for base in (repo, Path.cwd()):
-        cand = base.parent / "shared" / "data"
-        if cand.is_dir():
-            return cand
-    return repo.parent / "shared" / "data"
 
 
 def experiments_dir() -> Path:
@@ -72,15 +59,17 @@ class ReproContext:
         return torch_generator(self.seed, *keys)
 
     def data(self, relative: str) -> Path:
-        """A path inside the shared data folder; :class:`DataError` naming it if absent."""
+        """A path inside the shared data folder (:func:`fl_privsim.paths.shared_data_dir`; an
+        absolute ``relative`` is taken as is); :class:`DataError` naming it if absent."""
         path = Path(relative).expanduser()
+        head = path.name if path.is_absolute() else path.parts[0]
         if not path.is_absolute():
             path = shared_data_dir() / relative
         if not path.exists():
-            raise DataError(
-                f"reproduction needs {path} (the shared data folder ../shared/data, or set "
-                "FL_PRIVSIM_SHARED_DATA); it does not exist"
-            )
+            raise DataError(missing_path_message(
+                "the reproduction's data", path,
+                expect=f"put the shared data folder (with {head}/ in it) at ../shared/data beside the "
+                       "repository, or set FL_PRIVSIM_SHARED_DATA to it", always_expect=True))
         return path
 
 
@@ -121,7 +110,7 @@ def get(name: str) -> Reproduction:
     """The reproduction ``name``; :class:`ConfigError` listing the known ones otherwise."""
     if name not in REPRODUCTIONS:
         known = ", ".join(sorted(REPRODUCTIONS)) or "none"
-        raise ConfigError(f"unknown reproduction {name!r}; known: {known}")
+        raise ConfigError(f"unknown reproduction {name!r}{did_you_mean(name, REPRODUCTIONS)}; known: {known}")
     return REPRODUCTIONS[name]
 
 
@@ -172,14 +161,17 @@ def resolve_settings(
     *,
     quick: bool = False,
 ) -> dict[str, Any]:
-    """Defaults, then the TOML (``config`` or ``experiments/reproduce/NAME.toml``), then
-    ``quick`` overrides, then ``--set`` overrides; every key checked against the defaults."""
+    """Defaults, then the TOML (``config``, relative to the current directory, or
+    ``experiments/reproduce/NAME.toml``), then ``quick`` overrides, then ``--set`` overrides;
+    every key checked against the defaults. (No setting is a path: data comes from
+    :meth:`ReproContext.data`, the run folder from ``--out`` or ``runs/`` in the current
+    directory.)"""
     allowed = {**COMMON, **repro.defaults}
     settings = dict(allowed)
-    path = Path(config) if config else experiments_dir() / "reproduce" / f"{repro.name}.toml"
+    path = absolute(config) if config else experiments_dir() / "reproduce" / f"{repro.name}.toml"
     layers: list[tuple[str, dict[str, Any]]] = []
     if config or path.is_file():
-        layers.append((str(path), read_toml_file(path, "reproduction settings file")))
+        layers.append((str(path), read_toml_file(config or path, "reproduction settings file")))
     if quick:
         layers.append(("quick", dict(repro.quick)))
     layers.append(("--set", dict(_parse_override(o) for o in overrides)))
@@ -187,7 +179,8 @@ def resolve_settings(
         for key, value in layer.items():
             if key not in allowed:
                 raise ConfigError(
-                    f"{source}: unknown setting {key!r} for reproduction {repro.name!r}; "
+                    f"{source}: unknown setting {key!r} for reproduction {repro.name!r}"
+                    f"{did_you_mean(key, allowed)}; "
                     f"allowed: {', '.join(sorted(allowed))}"
                 )
             settings[key] = _coerce(repro.name, key, value, allowed[key])

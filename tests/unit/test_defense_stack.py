@@ -66,7 +66,8 @@ def test_sensible_stacks_build(stack) -> None:
 def test_unknown_name_lists_the_registered_defenses() -> None:
     with pytest.raises(ConfigError) as err:
         config_mod.loads('[[defenses]]\nname = "prunning"\nparams = { ratio = 0.5 }\n')
-    assert str(err.value) == f"defenses[0]: unknown defense 'prunning'; known: {', '.join(BUILTINS)}"
+    assert str(err.value) == (f"defenses[0]: unknown defense 'prunning' (did you mean 'pruning'?); "
+                              f"known: {', '.join(BUILTINS)}")
 
 
 def test_config_round_trips_defenses_and_names_the_bad_entry() -> None:

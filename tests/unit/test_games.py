@@ -25,9 +25,10 @@ from adversaries.inference import (
 from adversaries.inference.games import OBSERVATION_FIELDS
 from adversaries.inference.metrics import clopper_pearson, game_metrics
 from clients.defenses import build_defenses
+from fl_privsim.paths import shared_data_dir
 
 torch.set_num_threads(1)
-ADULT = Path(__file__).resolve().parents[3] / "shared" / "data" / "adult"
+ADULT = shared_data_dir() / "adult"  # honours $FL_PRIVSIM_SHARED_DATA
 D, ATTR = 6, 5  # toy tabular records: 6 features, the last one is the binary attribute
 
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from fl_privsim.errors import ConfigError
+from fl_privsim.paths import shared_data_dir
 from fl_privsim.reproduce import run_reproduction
 
 torch.set_num_threads(1)
-ADULT = Path(__file__).resolve().parents[3] / "shared" / "data" / "adult"
+ADULT = shared_data_dir() / "adult"  # honours $FL_PRIVSIM_SHARED_DATA
 TINY = ['datasets=["adult"]', 'games=["attribute", "user"]', "batch_sizes=[1, 4]", "clients=[1, 3]",
         "trials=40", "shadow_trials=50", 'defense_datasets=["adult"]', 'defense_games=["attribute"]',
         'defenses=["none", "signsgd"]', "defense_trials=30", "defense_shadow_trials=40", "pretrain_steps=10",

@@ -11,9 +11,10 @@ import torch
 from adversaries.inference.datasets import load_game_data
 from adversaries.inference.utkface import load_utkface
 from fl_privsim.errors import ConfigError, DataError
+from fl_privsim.paths import shared_data_dir
 
 torch.set_num_threads(1)
-UTK = Path(__file__).resolve().parents[3] / "shared" / "data" / "utkface"
+UTK = shared_data_dir() / "utkface"  # honours $FL_PRIVSIM_SHARED_DATA
 needs_utk = pytest.mark.skipif(not (UTK / "utkface_subset_1500.zip").is_file(),
                                reason="../shared/data/utkface is absent (UTKFace is never shipped)")
 
