@@ -39,7 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fl_privsim.config import DefenseConfig, _build, _f, apply_override, read_toml_file
+from fl_privsim import paths
+from fl_privsim.config import (
+    DefenseConfig,
+    _build,
+    _f,
+    apply_override,
+    override_key,
+    read_toml_file,
+)
 from fl_privsim.errors import ConfigError, DataError
 from fl_privsim.progress import configure_logging
 
@@ -92,8 +100,9 @@ class DataSection:
     """``[data]``: the dataset of the pools."""
 
     name: str = _f("digits", "dataset", choices=("adult", "utkface", "digits", "cifar10_npz"))
-    root: str = _f("", "folder of the files (adult: adult.data.gz/adult.test.gz; default "
-                   "../shared/data/adult when it exists; utkface: default ../shared/data/utkface)")
+    root: str = _f("", "folder of the files (adult: adult.data.gz/adult.test.gz; adult and utkface default to "
+                   "adult/ and utkface/ in the shared data folder: $FL_PRIVSIM_SHARED_DATA, else "
+                   "../shared/data beside the repository)")
     sensitive: str = _f("sex", "sensitive attribute (attribute = the secret, property P = a = 1): adult sex|race, "
                         "utkface gender|race", choices=("sex", "race", "gender"))
     image_size: int = _f(24, "utkface: side of the resized faces", min=8, max=200)
@@ -127,11 +136,22 @@ class GameRunConfig:
 
 
 def load_game_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> GameRunConfig:
-    """Load a game config file (or the defaults), apply ``--set`` overrides, validate."""
+    """Load a game config file (or the defaults), apply ``--set`` overrides, validate.
+
+    Relative ``data.root`` and ``output_dir`` resolve against the file's folder when written in
+    the file, against the current directory when given with ``--set`` (:mod:`fl_privsim.paths`);
+    an unset root of adult or utkface becomes its folder in the shared data folder when that
+    exists (:func:`_default_root`)."""
     data: dict[str, Any] = read_toml_file(path) if path else {}
+    if path:
+        paths.resolve_keys(data, _PATH_KEYS, paths.absolute(path).parent)
     for assignment in overrides:
         apply_override(data, assignment)
+        paths.resolve_keys(data, _PATH_KEYS, under=override_key(assignment))
     cfg: GameRunConfig = _build(GameRunConfig, data, "")
+    default_root = "" if cfg.data.root else _default_root(cfg.data.name)
+    if default_root:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=default_root))
     if cfg.game.kind == "attribute" and cfg.data.name not in ("adult", "utkface"):
         raise ConfigError("game.kind = 'attribute' needs data.name = 'adult' or 'utkface' (a sensitive attribute); "
                           "allowed with digits/cifar10_npz: property, distributional, user, membership")
@@ -163,14 +183,32 @@ def load_game_config(path: str | Path | None = None, overrides: list[str] | tupl
     return cfg
 
 
+#: The files that make ``<shared data>/<name>`` the default ``data.root`` of a game.
+_SHARED_FILES = {"adult": "adult.data.gz", "utkface": "utkface_subset_1500.zip"}
+_PATH_KEYS = ("data.root", "output_dir")
+
+
+def _default_root(name: str) -> str:
+    """The one rule for an unset ``data.root`` of adult and utkface: ``<name>/`` in
+    :func:`fl_privsim.paths.shared_data_dir` when it holds the dataset's files, else ``""``."""
+    if name not in _SHARED_FILES:
+        return ""
+    cand = paths.shared_data_dir() / name
+    return str(cand) if (cand / _SHARED_FILES[name]).is_file() else ""
+
+
 def _adult_root(root: str) -> Path:
     if root:
         return Path(root).expanduser()
-    for cand in (Path("../shared/data/adult"), Path(__file__).resolve().parents[2] / "shared" / "data" / "adult"):
-        if (cand / "adult.data.gz").is_file():
-            return cand
-    raise DataError("adult: data.root is not set and ../shared/data/adult does not exist; set data.root to the "
-                    "folder holding adult.data.gz and adult.test.gz (UCI Adult)")
+    default = _default_root("adult")
+    if default:
+        return Path(default)
+    shared = paths.shared_data_dir() / "adult"
+    raise DataError("adult: data.root is not set and " + paths.missing_path_message(
+        "", shared, contains=("adult.data.gz", "adult.test.gz"),
+        problem="does not hold adult.data.gz" if shared.is_dir() else "does not exist",
+        expect="set data.root to the folder holding adult.data.gz and adult.test.gz (UCI Adult), or "
+               "FL_PRIVSIM_SHARED_DATA to the shared data folder holding adult/").lstrip())
 
 
 def _build_model(cfg: GameRunConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -321,13 +359,21 @@ def add_parser(sub: Any) -> None:
                    help="override one config key (repeatable), e.g. game.batch_size=64")
     p.add_argument("--out", help="run folder to create (default: <output_dir>/<UTC time>_<name>)")
     p.add_argument("--verbose", action="store_true", help="log progress")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary (summary.json plus run_dir) as JSON instead of the headline numbers")
 
 
 def cmd_game(args: argparse.Namespace) -> int:
-    """The ``game`` subcommand: run it and print the headline numbers."""
+    """The ``game`` subcommand: run it and print the headline numbers (``--json``: the summary)."""
     cfg = load_game_config(args.config, args.overrides)
     configure_logging(args.verbose)
     run_dir, s = run_game(cfg, out=args.out)
+    if getattr(args, "json", False):
+        import json
+
+        saved = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))  # as written
+        print(json.dumps({**saved, "run_dir": str(run_dir)}, indent=2))
+        return 0
     print(f"{s['game']} inference on {s['dataset']} ({s['attribute']}), |B| = {s['batch_size']} x "
           f"{s['clients_per_aggregate']}, {s['adversary']} {s['attack_model']} adversary:")
     print(f"  AUC {s['auc']:.3f} [{s['auc_ci'][0]:.3f}, {s['auc_ci'][1]:.3f}]  accuracy {s['accuracy']:.3f}  "

@@ -34,12 +34,13 @@ import json
 import logging
 import math
 import shutil
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fl_privsim.errors import ConfigError, UserError
+from fl_privsim.errors import ConfigError, UserError, did_you_mean
 from fl_privsim.progress import configure_logging
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,8 @@ def _check_value(full: str, value: Any, default: Any) -> Any:
     if not ok:
         raise ConfigError(f"{full}: expected {want}, got {value!r}")
     if full in CHOICES and value not in CHOICES[full]:
-        raise ConfigError(f"{full}: unknown value {value!r}; allowed: {', '.join(CHOICES[full])}")
+        raise ConfigError(f"{full}: unknown value {value!r}{did_you_mean(value, CHOICES[full])}; "
+                          f"allowed: {', '.join(CHOICES[full])}")
     if full in MINIMUM and value < MINIMUM[full]:
         raise ConfigError(f"{full}: must be >= {MINIMUM[full]}, got {value}")
     return value
@@ -149,13 +151,14 @@ def validate(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     cfg = copy.deepcopy(DEFAULTS)
     for section, table in data.items():
         if section not in DEFAULTS:
-            raise ConfigError(f"unknown section [{section}]; allowed: {', '.join(DEFAULTS)}")
+            raise ConfigError(f"unknown section [{section}]{did_you_mean(section, DEFAULTS)}; "
+                              f"allowed: {', '.join(DEFAULTS)}")
         if not isinstance(table, Mapping):
             raise ConfigError(f"[{section}] must be a table of keys, got {table!r}")
         for key, value in table.items():
             if key not in DEFAULTS[section]:
-                raise ConfigError(f"unknown key {section}.{key}; allowed in [{section}]: "
-                                  f"{', '.join(DEFAULTS[section])}")
+                raise ConfigError(f"unknown key {section}.{key}{did_you_mean(key, DEFAULTS[section])}; "
+                                  f"allowed in [{section}]: {', '.join(DEFAULTS[section])}")
             cfg[section][key] = _check_value(f"{section}.{key}", value, DEFAULTS[section][key])
     i2f = cfg["i2f"]
     if i2f["scale"] < 0 or (i2f["noise"] == "pruning" and i2f["scale"] > 1):
@@ -172,15 +175,23 @@ def validate(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
-    """The TOML file (if any), then the ``--set`` overrides, validated (:func:`validate`)."""
-    from fl_privsim.config import apply_override, read_toml_file
+    """The TOML file (if any), then the ``--set`` overrides, validated (:func:`validate`).
 
+    Relative ``data.root`` and ``output.dir`` resolve against the file's folder when written in
+    the file, against the current directory when given with ``--set`` (:mod:`fl_privsim.paths`)."""
+    from fl_privsim import paths
+    from fl_privsim.config import apply_override, override_key, read_toml_file
+
+    path_keys = ("data.root", "output.dir")
     data: dict[str, Any] = read_toml_file(path) if path else {}
+    if path:
+        paths.resolve_keys(data, path_keys, paths.absolute(path).parent)
     for assignment in overrides:
         key = assignment.split("=", 1)[0].strip()
         if "=" in assignment and key.count(".") != 1:
             raise ConfigError(f"--set {key}: expected SECTION.KEY=VALUE; sections: {', '.join(DEFAULTS)}")
         apply_override(data, assignment)
+        paths.resolve_keys(data, path_keys, under=override_key(assignment))
     return validate(data)
 
 
@@ -304,7 +315,7 @@ def _measure_i2f(cfg: dict[str, dict[str, Any]], data: Any, model: Any, device: 
         log.info("i2f sample %d/%d (index %d): lb %.4g, exact %.4g", i + 1, len(idx), index,
                  row["lower_bound"], row["exact"] or math.nan)
     _histogram(rows, out / "plot.png", title=f"I2F on {cfg['model']['name']} / {cfg['data']['name']}: "
-               f"{c['noise']} {c['scale']:g}")
+               f"{c['noise']} {c['scale']:g}", eps=c["eps"])
     lbs = [r["lower_bound"] for r in rows]
     exs = [r["exact"] for r in rows if r["exact"] is not None]
     summary = {
@@ -416,31 +427,57 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _histogram(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str) -> None:
-    """Histogram of the per-sample I2F lower bound and regularised value (log x axis)."""
+def _i2f_series(rows: Sequence[Mapping[str, Any]], eps: float | None) -> list[tuple[str, list[float]]]:
+    """The per-sample I2F values, each named with the ε it uses: the ε-regularised value, the
+    bound at the same ε (never above it) and the paper's bound at ε = 0."""
+    e = "ε" if eps is None else f"ε={eps:g}"
+    same = [r.get("lower_bound_eps") if r.get("lower_bound_eps") is not None else
+            (r["jdelta_norm"] / (r["lambda_max"] + eps) if eps is not None and r["lambda_max"] + eps > 0 else None)
+            for r in rows]
+    return [(f"I2F exact ‖(JJᵀ+εI)⁻¹Jδ‖, {e}", [r["exact"] for r in rows]),
+            (f"bound ‖Jδ‖/(λ_max+ε), {e}", same),
+            ("bound ‖Jδ‖/λ_max, ε=0 (Eq. 5)", [r["lower_bound"] for r in rows])]
+
+
+def _histogram(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str, eps: float | None = None) -> None:
+    """Save :func:`histogram_figure` to ``path`` (legend included: ``bbox_inches="tight"``)."""
+    histogram_figure(rows, title=title, eps=eps).savefig(path, dpi=100, bbox_inches="tight")
+
+
+def histogram_figure(rows: Sequence[Mapping[str, Any]], *, title: str, eps: float | None = None) -> Any:
+    """Histogram of the per-sample I2F values (log x axis, few tick labels, legend right of
+    the axes), each series named with its ε (:func:`_i2f_series`); a matplotlib Figure."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(5.5, 3.5))
+    from fl_privsim.plots import legend_outside, set_log_xticks
+
+    fig = Figure(figsize=(8.0, 3.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    series = [("lower bound ‖Jδ‖/λ_max", [r["lower_bound"] for r in rows]),
-              ("regularised ‖(JJᵀ+εI)⁻¹Jδ‖", [r["exact"] for r in rows if r["exact"] is not None])]
-    pos = [v for _, vals in series for v in vals if v and v > 0 and math.isfinite(v)]
+    series = [(label, [v for v in vals if v is not None and v > 0 and math.isfinite(v)])
+              for label, vals in _i2f_series(rows, eps)]
+    pos = [v for _, vals in series for v in vals]
     if pos:
-        bins = np.logspace(math.log10(min(pos)) - 0.05, math.log10(max(pos)) + 0.05, 20)
-        for label, vals in series:
-            good = [v for v in vals if v and v > 0 and math.isfinite(v)]
-            if good:
-                ax.hist(good, bins=bins, alpha=0.6, label=label)
-        ax.set_xscale("log")
-        ax.legend(fontsize=8)
+        lo, hi = 10 ** (math.log10(min(pos)) - 0.05), 10 ** (math.log10(max(pos)) + 0.05)
+        bins = np.logspace(math.log10(lo), math.log10(hi), 25)
+        styles = [{"alpha": 0.6}, {"histtype": "step", "linewidth": 1.5},
+                  {"histtype": "step", "linewidth": 1.5, "linestyle": "--"}]
+        for (label, vals), style in zip(series, styles, strict=True):
+            if vals:
+                ax.hist(vals, bins=bins, label=label, **style)
+        set_log_xticks(ax, lo, hi)
+        legend_outside(ax)
+    else:
+        ax.text(0.5, 0.5, "no positive I2F value to plot", transform=ax.transAxes, ha="center", va="center")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
     ax.set_xlabel("I2F (input-space L2 norm)")
     ax.set_ylabel("samples")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
+    return fig
 
 
 def _write_table(rows: Sequence[Mapping[str, Any]], out: Path) -> None:
@@ -509,14 +546,112 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="override one config key (repeatable)")
     p.add_argument("--out", help="run folder to create (default: <output.dir>/<UTC time>_measure_KIND)")
     p.add_argument("--verbose", action="store_true", help="log progress")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary (summary.json plus run_dir) as JSON instead of the table")
     return p
 
 
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """``table.csv`` back as rows: numbers as floats, ``True``/``False`` as bools, empty as None."""
+
+    def value(text: str) -> Any:
+        if text == "":
+            return None
+        if text in ("True", "False"):
+            return text == "True"
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def _num(v: Any, err: Any = None) -> str:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return "-" if v is None else str(v)
+    text = f"{v:.4g}"
+    return f"{text} ± {err:.2g}" if isinstance(err, (int, float)) and math.isfinite(err) else text
+
+
+#: Columns of the per-layer tables: (header, key, stderr key).
+LAYER_COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
+    "vinfo": [("I_V (nats)", "v_information", "stderr"), ("H (nats)", "h_y", None), ("decoder", "best_family", None)],
+    "vinfo_input": [("I_V (nats)", "v_information", "stderr"), ("per PC", "v_information_per_dim", None),
+                    ("H_V(X)", "h_x", None)],
+    "sensitivity": [("‖∂g_l/∂x‖_F", "sensitivity", "sensitivity_stderr"),
+                    ("per parameter", "normalized", "normalized_stderr"), ("params", "d_params", None)],
+    "subspace": [("distance/√k", "normalized_distance", None), ("distance", "distance", None),
+                 ("max angle (deg)", "max_angle_deg", None)],
+}
+
+
+def _grid(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned first column, right-aligned others, widths from the content."""
+    widths = [max(len(str(r[i])) for r in (header, *body)) for i in range(len(header))]
+    return ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                      for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+            for r in (header, *body)]
+
+
+def format_measure(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *, max_rows: int = 20) -> str:
+    """A short human table of a measure's result (``fl-privsim measure`` prints it)."""
+    kind = summary.get("kind")
+    where = (f"{summary.get('model')} / {summary.get('data')} ({summary.get('split')} split, "
+             f"{summary.get('samples')} samples)")
+    lines: list[str] = []
+    shown = list(rows)[:max_rows]
+    if kind == "i2f":
+        eps, mc = summary.get("eps"), int(summary.get("mc_samples") or 0)
+        draws = f"mean ± stderr over {mc} draws" if mc else "one draw per sample"
+        lines.append(f"I2F on {where}, d_x = {summary.get('d_x')}: {summary.get('noise')} "
+                     f"{'ratio' if summary.get('noise') == 'pruning' else 'variance'} {summary.get('scale'):g}, {draws}")
+        (_, ex), (_, same), (_, lb) = _i2f_series(shown, eps)
+        header = ["index", "label", "λ_max(JJᵀ)", "‖Jδ‖", f"I2F exact (ε={eps:g})", f"bound (ε={eps:g})",
+                  "bound (ε=0)", "CG"]
+        body = [[f"{int(r['index'])}", f"{int(r['label'])}", _num(r["lambda_max"]), _num(r["jdelta_norm"]),
+                 _num(e, r.get("exact_stderr")), _num(m), _num(b, r.get("lower_bound_stderr")),
+                 "ok" if r.get("cg_converged") else "not converged"]
+                for r, e, m, b in zip(shown, ex, same, lb, strict=True)]
+        all_same = [v for v in _i2f_series(rows, eps)[1][1] if v is not None]
+        body.append(["mean", "", _num(summary.get("lambda_max_mean")), "", _num(summary.get("exact_mean")),
+                     _num(_mean(all_same)), _num(summary.get("lower_bound_mean")), ""])
+        lines += _grid(header, body)
+        lines += textwrap.wrap(
+            f"I2F exact = ‖(JJᵀ+εI)⁻¹Jδ‖ at ε = {eps:g}; bound (ε={eps:g}) = ‖Jδ‖/(λ_max+ε) never exceeds it. "
+            "bound (ε=0) = ‖Jδ‖/λ_max (Eq. 5) bounds the unregularised I2F (ε = 0), not the "
+            f"ε = {eps:g} value, so it can exceed the exact column when λ_max is small next to ε "
+            f"(here mean λ_max = {_num(summary.get('lambda_max_mean'))}).", 100)
+    else:
+        key = "vinfo_input" if kind == "vinfo" and summary.get("target") == "input" else str(kind)
+        columns = LAYER_COLUMNS.get(key, [])
+        about = {"vinfo": f"V-information about the {summary.get('target')}", "sensitivity": "Jacobian sensitivity",
+                 "subspace": f"gradient subspace distance ({summary.get('target')}, k = {summary.get('k')})"}
+        lines.append(f"{about.get(str(kind), kind)} per layer, {where}")
+        body = [[str(r.get("layer") or "(root)"), *(_num(r.get(k), r.get(e) if e else None) for _, k, e in columns)]
+                for r in shown]
+        lines += _grid(["layer", *(h for h, _, _ in columns)], body)
+        best = {"vinfo": ("most informative layer", "most_informative_layer", "max_v_information"),
+                "sensitivity": ("most sensitive layer", "most_sensitive_layer", "max_sensitivity"),
+                "subspace": ("most separating layer", "most_separating_layer", "max_normalized_distance")}
+        if kind in best:
+            text, layer, value = best[str(kind)]
+            lines.append(f"{text}: {summary.get(layer)} ({_num(summary.get(value))})")
+    if len(rows) > len(shown):
+        lines.append(f"... {len(rows) - len(shown)} more rows in table.csv")
+    return "\n".join(lines)
+
+
 def cmd_measure(args: argparse.Namespace) -> int:
-    """The ``measure`` subcommand: print the summary and the run folder."""
+    """The ``measure`` subcommand: print a short table and the run folder (``--json``: the
+    summary as JSON, with ``run_dir``)."""
     cfg = load_config(args.config, args.overrides)
     configure_logging(args.verbose)
     path, summary = run_measure(cfg, out=args.out)
-    print(json.dumps(summary, indent=2, default=str))
+    if getattr(args, "json", False):
+        print(json.dumps({**summary, "run_dir": str(path)}, indent=2, default=str))
+        return 0
+    print(format_measure(summary, _read_rows(path / "table.csv")))
     print(f"run folder: {path}")
     return 0

@@ -382,13 +382,27 @@ class CentralDP(Strategy):
 
     # ------------------------------------------------------------------ reporting
     def report(self) -> dict[str, Any]:
-        """What the run summary records about central DP."""
-        eps = self.accountant.epsilon()
+        """What the run summary records about central DP; ``formal`` is true when ε is a proven
+        bound (each round a Gaussian release with sensitivity C/m of the mean, composed by RDP),
+        ``not_formal_because`` says why not otherwise."""
+        eps, acc = self.accountant.epsilon(), self.accountant
+        reasons = []
+        if self.settings.noise_multiplier <= 0 or acc.infinite:
+            reasons.append("no noise (noise_multiplier = 0): the updates are only clipped, ε = ∞")
+        if self.settings.amplification and acc.sample_rate < 1:
+            reasons.append(f"the accountant assumes Poisson sampling of clients at q = {acc.clients_per_round}/"
+                           f"{acc.num_clients}, but the simulator draws exactly {acc.clients_per_round} clients "
+                           "without replacement from the run seed (no secret sampling to amplify); set "
+                           "amplification = false in [federation.central_dp] for a proven bound")
         return {
             "mode": self.mode,
             "noise_multiplier": self.settings.noise_multiplier,
             "delta": self.settings.delta,
             "sample_rate": self.accountant.sample_rate,
+            "amplification": self.settings.amplification,
             "releases": self.accountant.releases,
             "epsilon": eps if math.isfinite(eps) else None,
+            "epsilon_infinite": not math.isfinite(eps),
+            "formal": not reasons,
+            "not_formal_because": reasons,
         }

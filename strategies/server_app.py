@@ -26,6 +26,8 @@ import adversaries  # noqa: F401  (registers the built-in attacks)
 from adversaries.base import ATTACKS
 from adversaries.malicious import MODIFICATIONS
 from clients.client_app import CONFIG_KEY
+from clients.defenses import build_defenses
+from clients.defenses.accounting import AccountedDefense
 from fl_privsim import config as config_mod
 from fl_privsim.analyses import build_analyses
 from fl_privsim.config import Config
@@ -122,9 +124,9 @@ def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | 
     def sink(server_round: int, client: int | None, source: str, values: dict[str, float]) -> None:
         for k, v in values.items():
             folder.log_metric(round=server_round, client=client, source=source, key=k, value=v)
-            if source == "client_train" and k.endswith((".epsilon", ".epsilon_formal")):
+            if source == "client_train" and k.endswith((".epsilon", ".epsilon_formal", ".delta")):
                 key = k.rsplit(".", 1)[1]
-                dp[key] = max(dp.get(key, 0.0), float(v)) if key == "epsilon" else min(dp.get(key, 1.0), float(v))
+                dp[key] = min(dp.get(key, 1.0), float(v)) if key == "epsilon_formal" else max(dp.get(key, 0.0), float(v))
 
     inner = FedUpdates(
         protocol=cfg.federation.protocol,
@@ -218,7 +220,11 @@ def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | 
         "run_dir": str(folder.path),
     }
     if "epsilon" in dp:  # client-side DP on: ε(δ) = max over clients; formal only if every client's is
-        summary.update(epsilon=dp["epsilon"], epsilon_formal=bool(dp.get("epsilon_formal", 1.0)))
+        accounted = [d for d in build_defenses(cfg.defenses) if isinstance(d, AccountedDefense)]
+        reasons = list(dict.fromkeys(r for d in accounted for r in d.not_formal_because))
+        delta = dp.get("delta") or max((d.delta for d in accounted), default=None)
+        summary.update(epsilon=dp["epsilon"], epsilon_formal=bool(dp.get("epsilon_formal", 1.0)),
+                       epsilon_delta=delta, epsilon_not_formal_because=reasons)
     if central is not None:  # Flower's central DP: ε(δ) of the released models (None without noise)
         report = central.report()
         summary.update(central_epsilon=report["epsilon"], central_dp=report)

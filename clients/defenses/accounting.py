@@ -143,9 +143,10 @@ class AccountedDefense(PerSampleDefense):
     """A per-sample DP defense with a :class:`PrivacyAccountant` that persists across rounds.
 
     Subclasses call :meth:`account` once per noisy step. Metrics of each update:
-    ``epsilon`` (ε(δ) of all steps so far, all rounds), ``steps`` (their number),
-    ``sample_rate`` (q) and ``epsilon_formal`` (1 when ε is a proven bound for the mechanism
-    as run: Poisson sampling and a clipping bound fixed in advance; 0 otherwise).
+    ``epsilon`` (ε(δ) of all steps so far, all rounds), ``delta`` (its δ), ``steps`` (their
+    number), ``sample_rate`` (q) and ``epsilon_formal`` (1 when ε is a proven bound for the
+    mechanism as run: Poisson sampling at the accounted rate and a clipping bound fixed in
+    advance; 0 otherwise, and :attr:`not_formal_because` says why).
 
     ``poisson = true`` makes the client draw Poisson batches (:meth:`batch_sampler`); the
     clipped sum is then divided by the expected batch size, as Opacus does.
@@ -164,9 +165,28 @@ class AccountedDefense(PerSampleDefense):
         self.q = 1.0
 
     @property
+    def not_formal_because(self) -> list[str]:
+        """Why the reported ε is not a proven (ε, δ) bound for the mechanism as configured
+        (empty when it is). Known from the parameters alone, so the server can state it."""
+        name = self.name or type(self).__name__
+        reasons = []
+        if not self.poisson:
+            reasons.append(f"batches are fixed-size draws, not Poisson-sampled; set poisson = true in {name} "
+                           "for a proven bound")
+        elif self.sample_rate > 0:
+            reasons.append(f"sample_rate = {self.sample_rate:g} is set by hand; the Poisson batches are drawn at "
+                           "batch_size / n, and the bound holds only if sample_rate is at least that (leave it 0)")
+        if not self.fixed_clipping:
+            rule = getattr(self, "clipping", None)
+            reasons.append(f"the clipping bound is not fixed in advance ({name} clipping = {rule!r} computes it "
+                           "from the batch's gradients); use clipping = 'fixed'" if rule else
+                           "the clipping bound is not fixed in advance")
+        return reasons
+
+    @property
     def epsilon_formal(self) -> bool:
-        """ε is a proven (ε, δ) bound: Poisson sampling and fixed clipping."""
-        return self.poisson and self.fixed_clipping
+        """ε is a proven (ε, δ) bound: Poisson sampling at the accounted rate and fixed clipping."""
+        return not self.not_formal_because
 
     def batch_sampler(self) -> BatchSamplerDefense | None:
         """The Poisson sampler when ``poisson`` is on (the client's batch drawing uses it)."""
@@ -196,7 +216,7 @@ class AccountedDefense(PerSampleDefense):
 
     def metrics(self) -> dict[str, float]:
         out = super().metrics()
-        out.update(epsilon=self.accountant.epsilon(self.delta), steps=float(self.accountant.steps),
+        out.update(epsilon=self.accountant.epsilon(self.delta), delta=self.delta, steps=float(self.accountant.steps),
                    sample_rate=self.q, epsilon_formal=float(self.epsilon_formal))
         return out
 

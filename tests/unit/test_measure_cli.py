@@ -141,3 +141,46 @@ def test_cli_help_lists_keys():
     assert res.returncode == 0
     for key in ("measure.kind", "i2f.mc_samples", "vinfo.target", "sensitivity.probes", "subspace.classes"):
         assert key in res.stdout
+
+
+def test_cli_prints_a_table_naming_the_eps_of_each_i2f_column(tmp_path):
+    res = _cli("--set", "i2f.samples=2", "--out", str(tmp_path / "run"))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[-1] == f"run folder: {tmp_path / 'run'}"
+    header = next(x for x in lines if x.startswith("index"))
+    for col in ("λ_max(JJᵀ)", "‖Jδ‖", "I2F exact (ε=1)", "bound (ε=1)", "bound (ε=0)"):
+        assert col in header
+    rows = [x.split() for x in lines if x[:1].isdigit()]
+    assert len(rows) == 2 and all(r[-1] == "ok" for r in rows)
+    for r in rows:  # the same-ε bound never exceeds the exact value; the ε=0 bound here does
+        exact, same, lb0 = float(r[4]), float(r[5]), float(r[6])
+        assert same <= exact * (1 + 1e-3) and lb0 > exact
+    assert any("bounds the unregularised I2F (ε = 0)" in x for x in lines)
+    assert not res.stdout.lstrip().startswith("{")
+
+
+def test_cli_json_prints_the_summary_only(tmp_path):
+    res = _cli("--set", 'measure.kind="sensitivity"', "--set", "sensitivity.samples=2", "--set",
+               "sensitivity.probes=4", "--json", "--out", str(tmp_path / "run"))
+    assert res.returncode == 0, res.stderr
+    printed = json.loads(res.stdout)  # nothing but JSON on stdout
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert printed == {**saved, "run_dir": str(tmp_path / "run")}
+    assert printed["kind"] == "sensitivity" and printed["layers"] == 4
+
+
+@pytest.mark.parametrize("kind", ["vinfo", "sensitivity", "subspace"])
+def test_layer_tables_are_human(kind, tmp_path):
+    from fl_privsim.measure import _read_rows, format_measure
+
+    path, summary = run_measure(load_config(None, [f'measure.kind="{kind}"', *SMALL[kind]]), out=tmp_path / "run")
+    text = format_measure(summary, _read_rows(path / "table.csv"))
+    lines = text.splitlines()
+    assert lines[1].startswith("layer")
+    assert [x.split()[0] for x in lines[2:6]] == ["body.0", "body.2", "body.4", "fc"]
+    best = {"vinfo": "most informative layer", "sensitivity": "most sensitive layer",
+            "subspace": "most separating layer"}[kind]
+    assert lines[-1].startswith(f"{best}: ")
+    if kind == "sensitivity":
+        assert "±" in lines[2]  # stderr of the Hutchinson estimate
