@@ -171,3 +171,59 @@ def image_grid(
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return layout
+
+
+# ----------------------------------------------------------------------------- readable axes
+# Helpers for the package's line/bar/histogram figures (not the image grids above): few,
+# non-overlapping tick labels on log axes, and legends outside the data area.
+
+
+def log_ticks(lo: float, hi: float, *, max_ticks: int = 5) -> list[float]:
+    """At most ``max_ticks`` round values (1·10ᵏ, then 1/2/5·10ᵏ, then 1…9·10ᵏ) between
+    ``lo`` and ``hi`` (> 0) for a log axis, evenly thinned; ``[lo, hi]`` when none are round."""
+    if not (0 < lo <= hi and math.isfinite(hi)):
+        raise ValueError(f"log ticks need 0 < lo <= hi, got {lo}, {hi}")
+    exps = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 2)
+    for subs in ((1,), (1, 2, 5), tuple(range(1, 10))):
+        inside = sorted(m * 10.0**e for e in exps for m in subs if lo <= m * 10.0**e <= hi)
+        if len(inside) >= 2:
+            step = math.ceil(len(inside) / max_ticks)
+            return inside[::step]
+    return [lo, hi] if hi > lo else [lo]
+
+
+def set_log_xticks(ax: plt.Axes, lo: float, hi: float, *, max_ticks: int = 5) -> list[float]:
+    """Log x axis over [lo, hi] labelled only at :func:`log_ticks` (``%g``), minor ticks
+    unlabelled: matplotlib's default labels every minor tick of a short log axis, and they
+    overlap. Returns the ticks."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    ticks = log_ticks(lo, hi, max_ticks=max_ticks)
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.2g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    return ticks
+
+
+def legend_outside(ax: plt.Axes, **kwargs: object) -> object:
+    """The axes' legend right of the axes (never over the data); save the figure with
+    ``bbox_inches="tight"`` so it is kept."""
+    opts: dict[str, object] = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0,
+                               "fontsize": 8, "frameon": False}
+    return ax.legend(**(opts | kwargs))
+
+
+def shared_legend_outside(axes: Sequence[plt.Axes], **kwargs: object) -> object | None:
+    """One legend for panels that draw the same series: the labelled handles of all ``axes``
+    (first occurrence of each label, in order) right of the last of them, via
+    :func:`legend_outside`. ``None`` when nothing is labelled. Give each series the same colour
+    in every panel (e.g. ``color=f"C{i}"``) so that one key fits all."""
+    handles: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if not handles:
+        return None
+    return legend_outside(axes[-1], handles=list(handles.values()), labels=list(handles), **kwargs)

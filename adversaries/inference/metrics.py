@@ -22,7 +22,7 @@ from scipy import stats
 logger = logging.getLogger(__name__)
 
 __all__ = ["auc_score", "bootstrap_ci", "clopper_pearson", "game_metrics", "roc_curve_points",
-           "save_roc_plot", "tpr_at_fpr"]
+           "roc_figure", "save_roc_plot", "tpr_at_fpr"]
 
 
 def _check(secrets: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,14 +143,24 @@ def game_metrics(secrets: np.ndarray, scores: np.ndarray, *, threshold: float = 
 
 def save_roc_plot(path: str | Path, secrets: np.ndarray, scores: np.ndarray, *, title: str = "") -> Path:
     """Save the ROC curve (linear and log-log panels) as a PNG."""
-    import matplotlib
+    fig = roc_figure(secrets, scores, title=title)
+    out = Path(path)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    return out
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def roc_figure(secrets: np.ndarray, scores: np.ndarray, *, title: str = "") -> Any:
+    """The figure :func:`save_roc_plot` saves (a matplotlib ``Figure`` on an Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from fl_privsim.plots import legend_outside
 
     f, t = roc_curve_points(secrets, scores)
     auc = auc_score(secrets, scores)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    fig = Figure(figsize=(10.5, 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
     for ax, log in zip(axes, (False, True), strict=True):
         ax.plot(f, t, label=f"AUC = {auc:.3f}")
         ax.plot([1e-4, 1], [1e-4, 1], "k--", lw=0.8, label="chance")
@@ -161,11 +171,9 @@ def save_roc_plot(path: str | Path, secrets: np.ndarray, scores: np.ndarray, *, 
             ax.set_yscale("log")
             ax.set_xlim(1e-3, 1)
             ax.set_ylim(1e-3, 1)
-        ax.legend(loc="lower right")
+            ax.tick_params(axis="x", pad=7)  # the two 10^-3 labels would meet at the corner
+    legend_outside(axes[1], fontsize=10)  # both panels draw the same two curves: one key, right of them
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return fig

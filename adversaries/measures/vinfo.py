@@ -33,10 +33,14 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +193,10 @@ def layer_v_information(
     ]
 
 
+#: Height of one layer's row in :func:`layer_table_figure` (inches): room for an 8 pt name.
+_LAYER_ROW_INCHES = 0.2
+
+
 def plot_layer_table(
     table: Sequence[Mapping[str, object]],
     path: str | Path,
@@ -201,23 +209,44 @@ def plot_layer_table(
     """Bar plot of ``key`` per layer (error bars from ``err_key``) saved to ``path``
     (matplotlib's Agg canvas; no pyplot global state). Works for any per-layer table:
     V-information, :func:`~adversaries.measures.sensitivity.summarize_sensitivity`
-    (``key="sensitivity"``, ``err_key="sensitivity_stderr"``), subspace distances."""
+    (``key="sensitivity"``, ``err_key="sensitivity_stderr"``), subspace distances.
+
+    Horizontal bars, one row per layer in table order (first on top), each labelled with its
+    full name on the y axis; the figure grows taller with the number of layers, so even the
+    60+ parameter names of a ResNet stay readable. ``ylabel`` names the value (x) axis."""
+    fig = layer_table_figure(table, key=key, err_key=err_key, title=title, ylabel=ylabel)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
+
+
+def layer_table_figure(
+    table: Sequence[Mapping[str, object]],
+    *,
+    key: str = "v_information",
+    err_key: str | None = "stderr",
+    title: str | None = None,
+    ylabel: str | None = None,
+) -> Figure:
+    """The figure :func:`plot_layer_table` saves (a matplotlib ``Figure`` on an Agg canvas)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     layers = [str(row["layer"]) or "(root)" for row in table]
     values = [float(row[key]) for row in table]  # type: ignore[arg-type]
     errors = [float(row[err_key]) for row in table] if err_key else None  # type: ignore[arg-type]
-    fig = Figure(figsize=(max(4.0, 0.6 * len(layers) + 2), 3.5))
+    n = len(layers)
+    longest = max((len(name) for name in layers), default=0)  # names take ~0.065 in a character
+    fig = Figure(figsize=(max(6.4, 4.6 + 0.065 * longest), max(2.5, _LAYER_ROW_INCHES * n + 1.4)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ax.bar(range(len(layers)), values, yerr=errors, capsize=3, color="tab:blue")
-    ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right")
-    ax.set_ylabel(ylabel or key)
+    ax.barh(range(n), values, xerr=errors, capsize=2 if n > 20 else 3, color="tab:blue")
+    ax.set_yticks(range(n), layers, fontsize=8)
+    ax.set_ylim(n - 0.5, -0.5)  # first layer on top
+    ax.set_xlabel(ylabel or key)
+    ax.grid(axis="x", alpha=0.3)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
+    return fig

@@ -229,9 +229,17 @@ def _dataset_table(dataset: str, s: dict[str, Any], seeds: list[int], ctx: Repro
 def plot_accuracy(summary: dict[str, Any], datasets: list[str], path: Path) -> None:
     """Bar chart of test accuracy (mean ± std over seeds) of every row present in ``summary``
     for each dataset (fixed-σ DP red, dynamic schedules orange); written to ``path`` (png)."""
-    from fl_privsim.plots import plt
+    accuracy_figure(summary, datasets).savefig(path, dpi=110, bbox_inches="tight")
 
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.6), squeeze=False)
+
+def accuracy_figure(summary: dict[str, Any], datasets: list[str]) -> Any:
+    """The figure :func:`plot_accuracy` saves (a matplotlib ``Figure`` on an Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5 * len(datasets), 3.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(datasets), squeeze=False)
     for ax, d in zip(axes[0], datasets, strict=True):
         rows = [r for r in ROWS if summary.get(f"{d}_accuracy_{r}") is not None]
         means = [summary[f"{d}_accuracy_{r}"] for r in rows]
@@ -239,12 +247,12 @@ def plot_accuracy(summary: dict[str, Any], datasets: list[str], path: Path) -> N
         colors = ["tab:red" if r in ("dp_fixed",) else "tab:orange" if r.startswith("dynamic_") else "tab:gray"
                   for r in rows]
         ax.bar(range(len(rows)), means, yerr=stds, color=colors, capsize=3)
-        ax.set_xticks(range(len(rows)), [r.replace("dynamic_", "dyn_") for r in rows], rotation=60, fontsize=7)
+        # vertical names: at 60° the boxes of neighbouring long names (dyn_exponential) overlap
+        ax.set_xticks(range(len(rows)), [r.replace("dynamic_", "dyn_") for r in rows], rotation=90, fontsize=7)
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{d}: mean ± std over seeds (DP rows at equal ε)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:

@@ -243,22 +243,7 @@ def _plots(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for kind in kinds:
-        means = [np.mean(cells[(kind, n)]["avd"]) for n in sizes]
-        stds = [np.std(cells[(kind, n)]["avd"]) for n in sizes]
-        ax.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, label=kind)
-    if min(sizes) <= num_classes <= max(sizes):
-        ax.axvline(num_classes, ls="--", color="gray", lw=1, label=f"N = K = {num_classes}")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(n) for n in sizes])
-    ax.set_xlabel("batch size N")
-    ax.set_ylabel("AVD (lower = better recovery)")
-    ax.set_title("Dense-layer de-mixing on MNIST")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(ctx.path / "avd_vs_batch.png", dpi=120)
-    plt.close(fig)
+    avd_figure(cells, kinds, sizes, num_classes).savefig(ctx.path / "avd_vs_batch.png", dpi=120, bbox_inches="tight")
 
     if not examples:
         return
@@ -278,6 +263,34 @@ def _plots(
     fig.tight_layout()
     fig.savefig(ctx.path / "examples.png", dpi=120)
     plt.close(fig)
+
+
+def avd_figure(cells: dict[tuple[str, int], dict[str, list[float]]], kinds: list[str], sizes: list[int],
+               num_classes: int) -> Any:
+    """AVD against the batch size, one line per batch kind (``avd_vs_batch.png``; a matplotlib
+    ``Figure`` on an Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from fl_privsim.plots import legend_outside
+
+    fig = Figure(figsize=(6.2, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for kind in kinds:
+        means = [np.mean(cells[(kind, n)]["avd"]) for n in sizes]
+        stds = [np.std(cells[(kind, n)]["avd"]) for n in sizes]
+        ax.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, label=kind)
+    if min(sizes) <= num_classes <= max(sizes):
+        ax.axvline(num_classes, ls="--", color="gray", lw=1, label=f"N = K = {num_classes}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.set_xlabel("batch size N")
+    ax.set_ylabel("AVD (lower = better recovery)")
+    ax.set_title("Dense-layer de-mixing on MNIST")
+    legend_outside(ax, fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 register(

@@ -120,21 +120,32 @@ def _lenet(data: Any, init: str, ctx: ReproContext) -> torch.nn.Module:
 
 
 def _plot(eig: list[dict[str, Any]], init_rows: list[dict[str, Any]], inits: list[str], path: Any) -> None:
+    eigen_init_figure(eig, init_rows, inits).savefig(path, bbox_inches="tight")
+
+
+def eigen_init_figure(eig: list[dict[str, Any]], init_rows: list[dict[str, Any]], inits: list[str]) -> Any:
+    """(a) iDLG RMSE against μ per sample, (b) median RMSE / I2F per init (``eigen_init.png``;
+    a matplotlib ``Figure`` on an Agg canvas)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 3.8))
+    from fl_privsim.plots import legend_outside, set_log_xticks
+
+    fig = Figure(figsize=(11.5, 3.8))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 2, 1)
     for index in sorted({r["index"] for r in eig}):
         pts = [(r["mu"], r["rmse"]) for r in eig if r["index"] == index and r["kind"] == "eigen"]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, label=f"sample {index}")
     ax.set_xscale("log")
+    mus = [r["mu"] for r in eig if r["kind"] == "eigen" and math.isfinite(r["mu"]) and r["mu"] > 0]
+    if mus:  # few round labels: a short μ range (one decade) otherwise labels every minor tick
+        set_log_xticks(ax, min(mus) / 1.5, max(mus) * 1.5)
     ax.set_yscale("log")
     ax.set_xlabel("eigenvalue μ of JᵀJ along δ")
     ax.set_ylabel("iDLG RMSE")
     ax.set_title("(a) δ = c·v, same ‖δ‖")
-    ax.legend(fontsize=7)
+    legend_outside(ax, fontsize=7)
     ax = fig.add_subplot(1, 2, 2)
     for j, key in enumerate(("rmse", "lb_rmse", "svd_rmse")):
         meds = [_median([r[key] for r in init_rows if r["init"] == init]) for init in inits]
@@ -143,9 +154,9 @@ def _plot(eig: list[dict[str, Any]], init_rows: list[dict[str, Any]], inits: lis
     ax.set_xticks(range(len(inits)), inits)
     ax.set_yscale("log")
     ax.set_title("(b) median over samples, Gaussian δ")
-    ax.legend(fontsize=7)
+    legend_outside(ax, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
 
 
 def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:

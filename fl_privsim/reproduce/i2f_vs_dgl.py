@@ -114,20 +114,29 @@ def _noisy(obs: Observation, delta: torch.Tensor) -> Observation:
 
 def _scatter(records: list[dict[str, Any]], settings: list[str], attacks: list[str], path: Path) -> None:
     """One row of two log-log panels (I2F_lb, I2F_ε vs RMSE) per attack."""
+    scatter_figure(records, settings, attacks).savefig(path, bbox_inches="tight")
+
+
+def scatter_figure(records: list[dict[str, Any]], settings: list[str], attacks: list[str]) -> Any:
+    """The figure :func:`_scatter` saves (a matplotlib ``Figure`` on an Agg canvas)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 3.8 * len(attacks)))
+    from fl_privsim.plots import shared_legend_outside
+
+    fig = Figure(figsize=(10.5, 3.8 * len(attacks)))
     FigureCanvasAgg(fig)
     for a, attack in enumerate(attacks):
         rkey = "rmse" + ATTACK_SUFFIX[attack]
+        row = []
         for j, key in enumerate(("lb_rmse", "exact_rmse")):
             ax = fig.add_subplot(len(attacks), 2, 2 * a + j + 1)
-            for s in settings:
+            row.append(ax)
+            for si, s in enumerate(settings):  # one colour per setting in every panel: one key per row
                 pts = [(r[key], r[rkey]) for r in records if r["setting"] == s
                        and r[key] > 0 and math.isfinite(r[rkey]) and r[rkey] > 0]
                 if pts:
-                    ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, label=s)
+                    ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, color=f"C{si % 10}", label=s)
             lo_hi = [v for r in records for v in (r[key], r[rkey]) if v > 0 and math.isfinite(v)]
             if lo_hi:
                 ax.plot([min(lo_hi), max(lo_hi)], [min(lo_hi), max(lo_hi)], "k--", lw=0.8, label="y = x")
@@ -135,10 +144,9 @@ def _scatter(records: list[dict[str, Any]], settings: list[str], attacks: list[s
             ax.set_yscale("log")
             ax.set_xlabel("I2F lower bound (RMSE units)" if key == "lb_rmse" else "I2F regularised (RMSE units)")
             ax.set_ylabel(f"{ATTACK_LABEL[attack]} RMSE (normalised input)", fontsize=8)
-            if j == 0:
-                ax.legend(fontsize=7)
+        shared_legend_outside(row, fontsize=7)  # the row's settings, right of its second panel
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
 
 
 def _attack_error(attack: Any, obs: Observation, x: torch.Tensor, y: torch.Tensor, ctx: ReproContext,

@@ -146,14 +146,22 @@ def _write_csv(path: Any, rows: list[dict[str, Any]]) -> None:
 
 
 def _plot_sweep(path: Any, rows: list[dict[str, Any]], axis: str, datasets: list[str], games: list[str]) -> None:
-    import matplotlib
+    sweep_figure(rows, axis, datasets, games).savefig(path, dpi=90, bbox_inches="tight")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+def sweep_figure(rows: list[dict[str, Any]], axis: str, datasets: list[str], games: list[str]) -> Any:
+    """AUC against ``axis`` (batch size or clients), one panel per dataset, one line per game
+    (a matplotlib ``Figure`` on an Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from fl_privsim.plots import shared_legend_outside
+
+    fig = Figure(figsize=(5 * len(datasets) + 1.2, 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(datasets), squeeze=False)
     for ax, ds in zip(axes[0], datasets, strict=True):
-        for kind in games:
+        for g, kind in enumerate(games):
             pts = sorted((r[axis], r["auc"], r["auc_ci"]) for r in rows
                          if r["dataset"] == ds and r["game"] == kind and r["sweep"] == axis)
             if not pts:
@@ -161,27 +169,34 @@ def _plot_sweep(path: Any, rows: list[dict[str, Any]], axis: str, datasets: list
             xs = [p[0] for p in pts]
             ys = np.array([p[1] for p in pts])
             err = np.abs(np.array([[p[2][0], p[2][1]] for p in pts]).T - ys)
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=kind)
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=f"C{g % 10}", label=kind)
         ax.axhline(0.5, color="k", ls="--", lw=0.8)
         ax.set_xscale("log")
         ax.set_ylim(0.3, 1.02)
         ax.set_xlabel("batch size" if axis == "batch_size" else "clients per aggregate")
         ax.set_ylabel("attack ROC-AUC (95% bootstrap CI)")
         ax.set_title(ds)
-        ax.legend(fontsize=8)
+    shared_legend_outside(axes[0], fontsize=8)  # one colour per game in every panel: one key, on the right
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig
 
 
 def _plot_defenses(path: Any, rows: list[dict[str, Any]]) -> None:
-    import matplotlib
+    defenses_figure(rows).savefig(path, dpi=90, bbox_inches="tight")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def defenses_figure(rows: list[dict[str, Any]]) -> Any:
+    """AUC per defense, static vs adaptive, one panel per (dataset, game) (a matplotlib
+    ``Figure`` on an Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from fl_privsim.plots import shared_legend_outside
 
     cases = sorted({(r["dataset"], r["game"]) for r in rows})
-    fig, axes = plt.subplots(1, len(cases), figsize=(3.6 * len(cases), 3.6), squeeze=False, sharey=True)
+    fig = Figure(figsize=(3.6 * len(cases) + 1.0, 3.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(cases), squeeze=False, sharey=True)
     for ax, (ds, kind) in zip(axes[0], cases, strict=True):
         sub = [r for r in rows if r["dataset"] == ds and r["game"] == kind]
         names = list(dict.fromkeys(r["defense"] for r in sub))
@@ -194,10 +209,9 @@ def _plot_defenses(path: Any, rows: list[dict[str, Any]]) -> None:
         ax.set_ylim(0.3, 1.0)
         ax.set_title(f"{kind} ({ds})", fontsize=9)
     axes[0][0].set_ylabel("attack ROC-AUC")
-    axes[0][0].legend(fontsize=7)
+    shared_legend_outside(axes[0], fontsize=7)  # static / adaptive, the same colours in every panel
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig
 
 
 def _check(s: dict[str, Any]) -> None:

@@ -211,28 +211,36 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
 
 
 def _plot(curves: dict[tuple[str, str], list[tuple[int, float, float]]], ctx: ReproContext) -> None:
-    import matplotlib
+    psnr_figure(curves).savefig(ctx.path / "psnr_vs_batch_and_steps.png", dpi=120, bbox_inches="tight")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+def psnr_figure(curves: dict[tuple[str, str], list[tuple[int, float, float]]]) -> Any:
+    """PSNR against batch size (FedSGD) and local steps (FedAvg), one line per model (a
+    matplotlib ``Figure`` on an Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from fl_privsim.plots import shared_legend_outside
+
+    fig = Figure(figsize=(10.2, 3.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    colour = {m: f"C{i % 10}" for i, m in enumerate(sorted({m for m, _ in curves}))}  # the same in both panels
     for ax, protocol, xlabel in ((axes[0], "fedsgd", "batch size (FedSGD)"),
                                  (axes[1], "fedavg", "local steps (FedAvg)")):
         for (model_name, proto), points in sorted(curves.items()):
             if proto != protocol:
                 continue
             xs, ms, ss = zip(*points, strict=True)
-            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=model_name)
+            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, color=colour[model_name], label=model_name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("PSNR (dB)")
         ax.grid(alpha=0.3)
-        ax.legend()
+    shared_legend_outside(list(axes), fontsize=10)  # one key for both panels, right of them
     fig.suptitle("Inverting Gradients on CIFAR-10 (untrained models)")
     fig.tight_layout()
-    fig.savefig(ctx.path / "psnr_vs_batch_and_steps.png", dpi=120)
-    plt.close(fig)
+    return fig
 
 
 register(

@@ -101,19 +101,27 @@ def _summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _plot(summary: list[dict[str, Any]], ctx: ReproContext) -> None:
-    import matplotlib
+    asr_figure(summary).savefig(ctx.path / "imprint_asr.png", dpi=110, bbox_inches="tight")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+def asr_figure(summary: list[dict[str, Any]]) -> Any:
+    """Imprint ASR against batch size and bin count, with the expected and true share of
+    records alone in a bin (``imprint_asr.png``; a matplotlib ``Figure`` on an Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from fl_privsim.plots import shared_legend_outside
+
+    fig = Figure(figsize=(12.5, 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
     for group, ax, xkey in (("imprint vs batch", axes[0], "records"), ("imprint vs bins", axes[1], "bins")):
         rows = sorted((r for r in summary if r["group"] == group), key=lambda r: r[xkey])
         if not rows:
             continue
         xs = [r[xkey] for r in rows]
         ax.errorbar(xs, [r["asr"] for r in rows], yerr=[r.get("asr_std", 0) for r in rows], marker="o",
-                    label="asr at 30 dB (measured)")
+                    color="C0", label="asr at 30 dB (measured)")
         ax.plot(xs, [r.get("expected_alone", np.nan) for r in rows], "k--", label="expected alone (1-1/k)^(n-1)")
         ax.plot(xs, [r.get("alone_share", np.nan) for r in rows], "g:", marker="x", label="really alone (truth)")
         ax.set_xscale("log", base=2)
@@ -121,10 +129,9 @@ def _plot(summary: list[dict[str, Any]], ctx: ReproContext) -> None:
         ax.set_ylabel("share of records")
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{group} (FedSGD, one client)")
-        ax.legend(fontsize=7, loc="lower left")
+    shared_legend_outside(list(axes), fontsize=7)  # the same three series in both panels: one key, on the right
     fig.tight_layout()
-    fig.savefig(ctx.path / "imprint_asr.png", dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
