@@ -42,7 +42,7 @@ QUICK: dict[str, list[str]] = {
                                   "attacks.1.targets.rounds=[1, 10]", "--set",
                                   "attacks.0.params.shadow_trials=100", "--set",
                                   "attacks.1.params.shadow_trials=100"],
-    "all_attacks_cnn6_cifar": ["--set", "attacks.1.params.iterations=10", "--set",
+    "all_attacks_cnn6_cifar": ["--set", "data.image_size=16", "--set", "attacks.1.params.iterations=10", "--set",
                                "attacks.2.params.iterations=10", "--set", "attacks.3.params.iterations=30"],
     "all_attacks_linear_fedavg": ["--set", "attacks.1.params.iterations=50", "--set",
                                   "attacks.3.params.iterations=10", "--set", "attacks.4.params.iterations=10"],
@@ -104,7 +104,20 @@ def _check_adult_inference(run: Path, summary: dict) -> None:
     assert summary["attacks"]["property_inference"]["auc"] > 0.9
 
 
+def _check_analytic_exact(run: Path, summary: dict) -> None:
+    """A whole run folder, and the analytic attack exact through the MLP's first layer (on the
+    real CIFAR-10 subset, and on a user's own folder of images)."""
+    for name in ("config.toml", "env.json", "metrics.jsonl", "summary.json"):
+        assert (run / name).is_file(), name
+    sources = {r["source"] for r in _metrics(run)}
+    assert {"client_train", "server_eval", "attack/analytic"} <= sources
+    assert sorted(p.name for p in (run / "attacks" / "round_001").glob("client_*.png"))
+    assert summary["attacks"]["analytic"]["psnr"] >= 60
+
+
 CHECKS: dict[str, Callable[[Path, dict], None]] = {
+    "cifar10_npz_mlp": _check_analytic_exact,
+    "my_images": _check_analytic_exact,
     "all_attacks_cnn6_cifar": _check_cnn6,
     "all_attacks_linear_fedavg": _check_linear_fedavg,
     "inference_attacks_adult": _check_adult_inference,
