@@ -51,6 +51,9 @@ class Score:
     labels: torch.Tensor | None = None
     #: Which originals got a matched reconstruction (rows of ``matched`` that hold one).
     has_match: torch.Tensor | None = None
+    #: The attack's label for each original's matched reconstruction (-1: none), when the attack
+    #: returned one label per reconstruction (for the grid's captions).
+    matched_labels: torch.Tensor | None = None
 
 
 class Scorer:
@@ -130,7 +133,13 @@ class Scorer:
             values["coverage"] = metrics.coverage(perm)
             values["leakage_rate"] = metrics.leakage_rate(success, owners, len(parts))
             values["num_reconstructed"] = float(recon.shape[0])
+        matched_labels: torch.Tensor | None = None
         if result.labels is not None:
             values["label_accuracy"] = metrics.label_accuracy(labels, result.labels)
+            if result.inputs is not None and len(result.labels) == len(result.inputs):
+                predicted = result.labels.detach().long().cpu()
+                matched_labels = torch.full((originals.shape[0],), -1, dtype=torch.long)
+                matched_labels[torch.from_numpy(ok)] = predicted[torch.from_numpy(perm[ok])]
         has_match = torch.from_numpy(ok) if result.inputs is not None else None
-        return Score(values=values, originals=originals, matched=matched, labels=labels, has_match=has_match)
+        return Score(values=values, originals=originals, matched=matched, labels=labels, has_match=has_match,
+                     matched_labels=matched_labels)

@@ -264,9 +264,18 @@ class AttackRunner:
 
 
 def _psnr_captions(score: Score) -> list[str]:
-    """PSNR of each matched reconstruction against its original ("no match" where none)."""
+    """PSNR of each matched reconstruction against its original ("no match" where none), and
+    the label the attack predicted for it when it predicts labels ("12.3 dB, pred 7")."""
     if score.matched is None:
         return []
     values = psnr(score.originals, score.matched)
     has = score.has_match if score.has_match is not None else torch.ones(len(values), dtype=torch.bool)
-    return [f"{float(v):.1f} dB" if bool(h) else "no match" for v, h in zip(values, has, strict=True)]
+    preds = score.matched_labels
+    out = []
+    for i, (v, h) in enumerate(zip(values, has, strict=True)):
+        if not bool(h):
+            out.append("no match")
+            continue
+        pred = f", pred {int(preds[i])}" if preds is not None and int(preds[i]) >= 0 else ""
+        out.append(f"{float(v):.1f} dB{pred}")
+    return out

@@ -51,3 +51,27 @@ def test_large_batches_wrap_at_16_tiles_and_say_what_is_shown(tmp_path, figures)
     cols = {round(ax.get_position().x0, 3) for ax in fig.axes}
     assert len(cols) <= 16
     assert any("first 32 of 40 records" in t for t in _texts(fig))
+
+
+def test_reconstruction_captions_carry_psnr_and_the_predicted_label() -> None:
+    """The scorer matches each reconstruction to its original and keeps the label the attack
+    predicted for it; the caption under a tile says both, "no match" where there is none."""
+    from adversaries.base import AttackResult
+    from fl_privsim import config as config_mod
+    from fl_privsim.federated_data import federated_data
+    from fl_privsim.scoring import Scorer
+    from strategies.attack_runner import _psnr_captions
+
+    cfg = config_mod.load(None, ["client.batch_size=4"])
+    fed = federated_data(cfg)
+    scorer = Scorer(cfg, fed)
+    images, labels = scorer.ground_truth(1, [0])
+    inputs = (images - torch.tensor(fed.data.mean).view(1, -1, 1, 1)) / torch.tensor(fed.data.std).view(1, -1, 1, 1)
+    wrong = (labels + 1) % fed.data.num_classes
+    # three exact reconstructions in reverse order, each with a label; the first original gets none
+    result = AttackResult(inputs=inputs[1:].flip(0), labels=torch.stack([wrong[3], labels[2], labels[1]]))
+    captions = _psnr_captions(scorer.score(result, 1, [0]))
+    assert captions == ["no match", f"100.0 dB, pred {int(labels[1])}", f"100.0 dB, pred {int(labels[2])}",
+                        f"100.0 dB, pred {int(wrong[3])}"]
+    # an attack without labels: PSNR only
+    assert _psnr_captions(scorer.score(AttackResult(inputs=inputs, labels=None), 1, [0])) == ["100.0 dB"] * 4
