@@ -233,11 +233,16 @@ class AttackResult:
         Recovered labels, shape (N,), int64; ``None`` when the attack does not infer them.
     metrics:
         The attack's own diagnostics (final loss, iterations, seconds); never scores.
+    labels_per_input:
+        True when ``labels[i]`` is the label the attack assigned to ``inputs[i]`` (a dummy
+        optimised with its label, a de-mixed row with its own label); False when the labels are
+        a multiset recovered apart from the inputs (e.g. from the last layer's bias).
     """
 
     inputs: torch.Tensor | None
     labels: torch.Tensor | None
     metrics: dict[str, float] = field(default_factory=dict)
+    labels_per_input: bool = False
 
 
 class Attack(ABC):

@@ -136,7 +136,8 @@ class Scorer:
         matched_labels: torch.Tensor | None = None
         if result.labels is not None:
             values["label_accuracy"] = metrics.label_accuracy(labels, result.labels)
-            if result.inputs is not None and len(result.labels) == len(result.inputs):
+            if (getattr(result, "labels_per_input", False) and result.inputs is not None
+                    and len(result.labels) == len(result.inputs)):
                 predicted = result.labels.detach().long().cpu()
                 matched_labels = torch.full((originals.shape[0],), -1, dtype=torch.long)
                 matched_labels[torch.from_numpy(ok)] = predicted[torch.from_numpy(perm[ok])]

@@ -248,6 +248,7 @@ class AnalyticAttack(Attack):
                 loss=self.loss,
             )
             picked, labels = res.x, res.labels
+            aligned = True  # de-mixing returns each row with its own label
             metrics.update(
                 demixed=1.0,
                 cond_A=res.cond,
@@ -258,6 +259,7 @@ class AnalyticAttack(Attack):
                 converged=float(res.converged),
             )
         else:
+            aligned = n == 1  # labels below come from the last layer, apart from the rows
             picked, confirmed = self._ratio(g_w, g_b, n, metrics)
             metrics["demixed"] = 0.0
             if n > 1 and self.demix != "off" and self.loss == "cross_entropy":
@@ -278,7 +280,7 @@ class AnalyticAttack(Attack):
         metrics["out_of_bounds"] = float(outside.float().mean())
         metrics["seconds"] = time.perf_counter() - start
         log.debug("analytic: %s", metrics)
-        return AttackResult(inputs=inputs, labels=labels, metrics=metrics)
+        return AttackResult(inputs=inputs, labels=labels, metrics=metrics, labels_per_input=aligned)
 
     def _ratio(
         self, g_w: torch.Tensor, g_b: torch.Tensor, n: int, metrics: dict[str, float]

@@ -318,4 +318,4 @@ class DLGAttack(Attack):
             "seconds": time.perf_counter() - start,
         }
         log.debug("dlg: %s", metrics)
-        return AttackResult(inputs=outcome.inputs, labels=labels, metrics=metrics)
+        return AttackResult(inputs=outcome.inputs, labels=labels, metrics=metrics, labels_per_input=True)

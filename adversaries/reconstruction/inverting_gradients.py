@@ -457,7 +457,8 @@ class InvertingGradientsAttack(Attack):
             "seconds": time.perf_counter() - start,
         }
         log.debug("inverting_gradients (%s): %s", self.resolved_variant(obs), metrics)
-        return AttackResult(inputs=xs[best].detach().clone(), labels=ys[best].clone(), metrics=metrics)
+        return AttackResult(inputs=xs[best].detach().clone(), labels=ys[best].clone(), metrics=metrics,
+                            labels_per_input=True)
 
     def _schedule(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.MultiStepLR:
         milestones = sorted({int(self.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)})

@@ -372,7 +372,7 @@ class RGAPAttack(Attack):
         log.debug("rgap: %s", metrics)
         x = x_next.reshape(1, *obs.input_shape).to(device=device, dtype=torch.float32)
         labels = torch.tensor([label], dtype=torch.int64, device=device)
-        return AttackResult(inputs=x, labels=labels, metrics=metrics)
+        return AttackResult(inputs=x, labels=labels, metrics=metrics, labels_per_input=True)
 
     def _last_layer(
         self,

@@ -69,9 +69,13 @@ def test_reconstruction_captions_carry_psnr_and_the_predicted_label() -> None:
     inputs = (images - torch.tensor(fed.data.mean).view(1, -1, 1, 1)) / torch.tensor(fed.data.std).view(1, -1, 1, 1)
     wrong = (labels + 1) % fed.data.num_classes
     # three exact reconstructions in reverse order, each with a label; the first original gets none
-    result = AttackResult(inputs=inputs[1:].flip(0), labels=torch.stack([wrong[3], labels[2], labels[1]]))
+    result = AttackResult(inputs=inputs[1:].flip(0), labels=torch.stack([wrong[3], labels[2], labels[1]]),
+                          labels_per_input=True)
     captions = _psnr_captions(scorer.score(result, 1, [0]))
     assert captions == ["no match", f"100.0 dB, pred {int(labels[1])}", f"100.0 dB, pred {int(labels[2])}",
                         f"100.0 dB, pred {int(wrong[3])}"]
+    # labels recovered apart from the inputs (a multiset) are not pinned to tiles
+    loose = AttackResult(inputs=inputs, labels=labels.flip(0), labels_per_input=False)
+    assert _psnr_captions(scorer.score(loose, 1, [0])) == ["100.0 dB"] * 4
     # an attack without labels: PSNR only
     assert _psnr_captions(scorer.score(AttackResult(inputs=inputs, labels=None), 1, [0])) == ["100.0 dB"] * 4
