@@ -16,6 +16,10 @@ its full model rather than its update:
 Only the floating-point ``state_dict`` entries travel, in ``state_dict`` order (every client
 must send the same shapes). ``num_examples`` and the metrics (the train metrics plus the
 declared metadata under ``meta.<key>``) reach the server in plaintext, as Flower sends them.
+
+Flower's stochastic rounding draws from numpy's global RNG; :meth:`SecAggClient.fit` seeds it
+from (run seed, round, client) so that the same config and seed give the same run. A real
+client would keep that randomness private; here the server knows the seed but no attack uses it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from fl_privsim.config import Config
 from fl_privsim.devices import resolve_device
 from fl_privsim.federated_data import federated_data
 from fl_privsim.models import build_model
+from fl_privsim.seeding import seed_int
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +112,9 @@ class SecAggClient(NumPyClient):
             log.info("client %d refused the model of round %d: %s", self.pid, server_round, exc)
             raise
         weights = full_weights(state, reply.update, cfg.federation.protocol, param_names)
+        # flwr 1.41's secaggplus_mod rounds stochastically with numpy's global RNG right after
+        # fit returns, in this process: seed it from (seed, round, client) so a run repeats.
+        np.random.seed(seed_int(cfg.seed, server_round, self.pid, "secagg_rounding") % 2**32)
         metrics: dict[str, Any] = {k: float(v) for k, v in reply.metrics.items()}
         metrics.update({META_PREFIX + k: v for k, v in reply.meta.items()})
         return weights, reply.num_examples, metrics
