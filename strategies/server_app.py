@@ -32,6 +32,7 @@ from fl_privsim import config as config_mod
 from fl_privsim.analyses import build_analyses
 from fl_privsim.config import Config
 from fl_privsim.devices import resolve_device
+from fl_privsim.errors import ConfigError
 from fl_privsim.federated_data import federated_data
 from fl_privsim.models import build_model
 from fl_privsim.progress import Progress
@@ -206,6 +207,9 @@ def summary_base(cfg: Config, runner: AttackRunner, accuracy: dict[int, float], 
 
 def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | None = None) -> dict[str, Any]:
     """Run the whole federation from the server side; returns the summary it writes."""
+    if cfg.federation.secure_aggregation.mode != "off":  # never train in the clear what asked for SecAgg+
+        raise ConfigError("federation.secure_aggregation.mode: secagg+ runs on Flower's workflow path "
+                          "(strategies.secure_aggregation with clients.secagg_client); use fl-privsim run")
     device = resolve_device(cfg.federation.device)
     torch.set_num_threads(cfg.federation.server_threads)
     model = initial_model(cfg)

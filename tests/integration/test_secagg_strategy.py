@@ -22,10 +22,12 @@ from flwr.server.client_proxy import ClientProxy
 from clients.client_app import CONFIG_KEY, train_client
 from clients.secagg_client import full_weights, state_from_arrays
 from fl_privsim import config as config_mod
+from fl_privsim.errors import ConfigError
+from fl_privsim.results import RunFolder
 from fl_privsim.secure_aggregation import resolve
 from strategies.fedupdates import FedUpdates, weighted_mean_update
 from strategies.secure_aggregation import SecAggStrategy
-from strategies.server_app import initial_model, model_info
+from strategies.server_app import initial_model, model_info, run_server
 
 SA = ['federation.secure_aggregation.mode="secagg+"', 'attacks=[{name="analytic", targets={clients=[], aggregate=true}}]',
       "federation.num_clients=5", "federation.clients_per_round=3", 'federation.device="cpu"',
@@ -143,3 +145,10 @@ def test_a_round_that_secagg_halts_is_reported_and_leaves_the_model():
     before = [a.copy() for a in parameters_to_ndarrays(params)]
     assert all(np.array_equal(a, b) for a, b in zip(before, parameters_to_ndarrays(strategy.to_parameters(
         strategy.state)), strict=True))
+
+
+def test_the_plain_server_refuses_a_secagg_config(tmp_path):
+    """``flwr run`` and run_server are the Message path: they must not train in the clear."""
+    cfg = config_mod.load(None, SA)
+    with pytest.raises(ConfigError, match="workflow path"):
+        run_server(None, cfg, RunFolder(tmp_path / "run"))  # type: ignore[arg-type]
