@@ -14,6 +14,7 @@ import json
 import pytest
 import torch
 from flwr.app import RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import train_client
 from fl_privsim import config as config_mod
@@ -46,6 +47,8 @@ def runs(tmp_path_factory):
     cfg = config_mod.load(None, BASE + SECAGG)
     path, summary = run(cfg, out=tmp / "secagg", show_progress=False)
     plain_cfg = config_mod.load(None, BASE)
+    # Messages built outside a Flower runtime need a task identity (tests/integration/conftest.py)
+    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1
     plain = run_server(InProcessGrid(plain_cfg.federation.num_clients), plain_cfg, RunFolder(tmp / "plain"))
     return cfg, path, summary, plain
 
