@@ -188,7 +188,7 @@ class SecAggStrategy(Strategy):
         members, total, meta, channels = self._plaintext(server_round, results)
         self.side_channels[server_round] = channels
         self.max_error_bound[server_round] = quantization_error_bound(self.settings, len(results), total)
-        update = self.update_from_mean(mean)
+        update = self.update_from_mean(server_round, mean)
         if self.save_dir is not None:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             torch.save({"round": server_round, "global": self._sent[server_round], "update": update,
@@ -213,11 +213,11 @@ class SecAggStrategy(Strategy):
             channels.append({"client": cid, "num_examples": int(res.num_examples), "metric_keys": sorted(metrics)})
         return tuple(c for c, _ in rows), sum(int(r.num_examples) for _, r in rows), meta, channels
 
-    def update_from_mean(self, mean: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    def update_from_mean(self, server_round: int, mean: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """The averaged update behind the unmasked mean model: ``mean − θ`` (FedAvg, buffers), or
         ``θ − mean`` for FedSGD's trainable parameters (the clients took a unit step)."""
         assert self.updates is not None
-        sent = self._sent[max(self._sent)]
+        sent = self._sent[server_round]
         out: dict[str, torch.Tensor] = {}
         for k, m in zip(self.keys, mean, strict=True):
             g = sent[k].double()
