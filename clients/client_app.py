@@ -26,6 +26,7 @@ import functools
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -73,20 +74,26 @@ def partition_id(context: Context) -> int:
     return int(context.node_config.get("partition-id", 0))
 
 
-def _global_model(msg: Message, cfg: Config, device: torch.device) -> torch.nn.Module:
-    """The model the server sent: the agreed architecture, or the one its spec describes
-    (``fl-privsim-arch``, e.g. a malicious server's imprint block); a client trusts it."""
+def build_client_model(cfg: Config, state: dict[str, torch.Tensor], device: torch.device,
+                       arch_spec: str | None = None) -> torch.nn.Module:
+    """The model the server sent: the agreed architecture, or the one ``arch_spec`` describes
+    (``fl-privsim-arch``, e.g. a malicious server's imprint block), loaded with ``state``."""
     # One torch thread per CPU Ray reserved for this client: more oversubscribes the cores.
     torch.set_num_threads(max(1, int(cfg.federation.num_cpus_per_client)))
     fed = federated_data(cfg)
     model = build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes)
+    if arch_spec:
+        model = build_architecture(model, arch_spec, fed.data.input_shape)
+    model.load_state_dict(state)
+    return model.to(device)
+
+
+def _global_model(msg: Message, cfg: Config, device: torch.device) -> torch.nn.Module:
+    """The model in ``msg`` (:func:`build_client_model`); a client trusts it."""
     record = msg.content.config_records.get(CONFIG_RECORD)
     spec = record.get(ARCH_KEY) if record is not None else None
-    if isinstance(spec, str) and spec:
-        model = build_architecture(model, spec, fed.data.input_shape)
     arrays = next(iter(msg.content.array_records.values()))
-    model.load_state_dict(arrays.to_torch_state_dict())
-    return model.to(device)
+    return build_client_model(cfg, arrays.to_torch_state_dict(), device, spec if isinstance(spec, str) else None)
 
 
 def _state_key(i: int, d: Defense) -> str:
@@ -109,56 +116,85 @@ def save_defense_state(defenses: Sequence[Defense], state: RecordDict) -> None:
             state[_state_key(i, d)] = ConfigRecord({"state": json.dumps(sd)})
 
 
+@dataclass
+class TrainReply:
+    """One client's answer to a train instruction, whatever the transport.
+
+    ``update`` (gradient or delta by ``state_dict`` name, :func:`clients.local_update.local_update`),
+    ``metrics`` (``num-examples``, ``loss`` and the defenses' metrics) and ``meta`` (``client-id``,
+    ``protocol``, ``batch-size``, ``local-steps``, ``lr``: what a real client declares)."""
+
+    update: dict[str, torch.Tensor]
+    num_examples: int
+    metrics: dict[str, float]
+    meta: dict[str, int | float | str]
+
+
+def train_client(cfg: Config, pid: int, model: torch.nn.Module, server_round: int, state: RecordDict,
+                 device: torch.device) -> TrainReply:
+    """Client ``pid``'s local update of ``model`` in ``server_round``: its seeded batches, the
+    configured defenses with their state restored from and saved to ``state`` (the node's
+    ``Context.state``). Raises :class:`~clients.defenses.base.ModelRefused` when a defense refuses
+    the model. Both the Message-API handler and the SecAgg+ client (:mod:`clients.secagg_client`)
+    call this, so the two paths differ only in transport."""
+    fed = federated_data(cfg)
+    batches = [fed.tensors("train", idx, device) for idx in client_batch_indices(cfg, fed, server_round, pid)]
+    defenses = build_defenses(cfg.defenses)
+    restore_defense_state(defenses, state)
+    generator = torch_generator(cfg.seed, server_round, pid, "defense")
+    part_size = len(fed.train_parts[pid])
+    result = local_update(model, batches, protocol=cfg.federation.protocol, lr=cfg.client.lr,
+                          defenses=defenses, generator=generator, server_round=server_round,
+                          dataset_size=part_size, expected_batch_size=min(cfg.client.batch_size, part_size),
+                          loss=cfg.client.loss)
+    save_defense_state(defenses, state)
+    meta: dict[str, int | float | str] = {
+        "client-id": pid,
+        "protocol": cfg.federation.protocol,
+        "batch-size": int(batches[0][1].shape[0]),
+        "local-steps": len(batches),
+        "lr": float(cfg.client.lr),
+    }
+    metrics = {"num-examples": result.num_examples, "loss": result.loss, **result.metrics}
+    update = {k: v.detach().cpu() for k, v in result.update.items()}
+    return TrainReply(update=update, num_examples=result.num_examples, metrics=metrics, meta=meta)
+
+
 def handle_train(msg: Message, context: Context) -> Message:
     """Compute this client's update for the round in ``msg`` and reply with it."""
     cfg = config_from_message(msg, context)
     pid = partition_id(context)
     device = resolve_device(cfg.federation.device)
-    fed = federated_data(cfg)
     model = _global_model(msg, cfg, device)
     server_round = int(msg.content[CONFIG_RECORD].get("server-round", 0))
-    batches = [fed.tensors("train", idx, device) for idx in client_batch_indices(cfg, fed, server_round, pid)]
-    defenses = build_defenses(cfg.defenses)
-    restore_defense_state(defenses, context.state)
-    generator = torch_generator(cfg.seed, server_round, pid, "defense")
-    part_size = len(fed.train_parts[pid])
     try:
-        result = local_update(model, batches, protocol=cfg.federation.protocol, lr=cfg.client.lr,
-                              defenses=defenses, generator=generator, server_round=server_round,
-                              dataset_size=part_size, expected_batch_size=min(cfg.client.batch_size, part_size),
-                              loss=cfg.client.loss)
+        reply = train_client(cfg, pid, model, server_round, context.state, device)
     except ModelRefused as exc:  # a defense (model_inspection) refused the model it was sent
         log.info("client %d refused the model of round %d: %s", pid, server_round, exc)
         return Message(error=Error(code=REFUSED_CODE, reason=f"{REFUSED} {exc}"), reply_to=msg)
-    save_defense_state(defenses, context.state)
-    update = ArrayRecord({k: v.detach().cpu() for k, v in result.update.items()})
-    metrics = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, **result.metrics})
-    meta = ConfigRecord(
-        {
-            "client-id": pid,
-            "protocol": cfg.federation.protocol,
-            "batch-size": int(batches[0][1].shape[0]),
-            "local-steps": len(batches),
-            "lr": float(cfg.client.lr),
-        }
-    )
-    content = RecordDict({"arrays": update, "metrics": metrics, "meta": meta})
+    content = RecordDict({"arrays": ArrayRecord(reply.update), "metrics": MetricRecord(reply.metrics),
+                          "meta": ConfigRecord(reply.meta)})
     return Message(content=content, reply_to=msg)
 
 
 @torch.no_grad()
+def evaluate_client(cfg: Config, pid: int, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+    """``num-examples``, ``accuracy`` and ``loss`` of ``model`` on client ``pid``'s local test shard."""
+    fed = federated_data(cfg)
+    model.eval()
+    x, y = fed.tensors("test", fed.test_parts[pid], device)
+    logits = model(x)
+    loss = float(torch.nn.functional.cross_entropy(logits, y))
+    acc = float((logits.argmax(1) == y).float().mean())
+    return {"num-examples": int(y.shape[0]), "accuracy": acc, "loss": loss}
+
+
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this client's local test shard."""
     cfg = config_from_message(msg, context)
     pid = partition_id(context)
     device = resolve_device(cfg.federation.device)
-    fed = federated_data(cfg)
-    model = _global_model(msg, cfg, device).eval()
-    x, y = fed.tensors("test", fed.test_parts[pid], device)
-    logits = model(x)
-    loss = float(torch.nn.functional.cross_entropy(logits, y))
-    acc = float((logits.argmax(1) == y).float().mean())
-    metrics = MetricRecord({"num-examples": int(y.shape[0]), "accuracy": acc, "loss": loss})
+    metrics = MetricRecord(evaluate_client(cfg, pid, _global_model(msg, cfg, device), device))
     meta = ConfigRecord({"client-id": pid})
     return Message(content=RecordDict({"metrics": metrics, "meta": meta}), reply_to=msg)
 

@@ -87,6 +87,28 @@ class CentralDPConfig:
 
 
 @dataclass(frozen=True)
+class SecureAggregationConfig:
+    """``[federation.secure_aggregation]``: Flower's SecAgg+ (Bell et al., CCS 2020) on the
+    workflow path (:mod:`strategies.secure_aggregation`); the server sees only the unmasked
+    weighted mean of the surviving clients' models."""
+
+    mode: str = _f("off", "off: the server sees every update; secagg+: Flower's SecAgg+ masks them",
+                   choices=("off", "secagg+"))
+    num_shares: int = _f(0, "shares of each client's secrets (0 = every sampled client); > 2, odd or equal to "
+                         "federation.clients_per_round", min=0)
+    reconstruction_threshold: int = _f(0, "shares needed to unmask (0 = ceil(2/3 num_shares), at least 2, "
+                                       "below num_shares)", min=0)
+    clipping_range: float = _f(8.0, "C: each weighted model entry is clipped to [-C, C] before quantisation",
+                               min=1e-6)
+    quantization_range: int = _f(2**22, "Q: quantisation levels over [-C, C] (step 2C/Q)", min=2)
+    max_weight: float = _f(0.0, "W: the example count that gets full weight (0 = client.batch_size x "
+                           "client.local_steps, the most a client sends)", min=0.0)
+    timeout: float = _f(600.0, "seconds the server waits for each SecAgg+ stage's replies", min=1.0)
+    save_aggregates: bool = _f(False, "debug: save each round's unmasked aggregate update (what the server saw) "
+                               "under secagg_aggregates/ in the run folder")
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """``[federation]``: the simulated federation and its protocol."""
 
@@ -106,6 +128,8 @@ class FederationConfig:
     fraction_evaluate: float = _f(1.0, "share of clients in federated evaluation (0 = off)", min=0.0, max=1.0)
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig,
                                         metadata={"help": "[federation.central_dp]"})
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig,
+                                                        metadata={"help": "[federation.secure_aggregation]"})
 
 
 @dataclass(frozen=True)
@@ -370,6 +394,14 @@ def _check_central_dp(cfg: Config) -> None:
         )
 
 
+def _check_secure_aggregation(cfg: Config) -> None:
+    """``[federation.secure_aggregation]`` against the rest (:mod:`fl_privsim.secure_aggregation`)."""
+    if cfg.federation.secure_aggregation.mode != "off":
+        from fl_privsim.secure_aggregation import check_config
+
+        check_config(cfg)
+
+
 def _check_defenses(cfg: Config) -> None:
     # client.loss against per-sample defenses and loss-aware attacks (clients.defenses.losses)
     from clients.defenses.losses import check_loss_config
@@ -410,6 +442,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     _cross_check(cfg)
     _check_server(cfg)
     _check_central_dp(cfg)
+    _check_secure_aggregation(cfg)
     _check_defenses(cfg)
     _check_analyses(cfg)
     _check_inference_attacks(cfg)

@@ -22,6 +22,7 @@ PURPOSES: dict[str, int] = {
     "central_dp": 8,
     "modification": 9,
     "public_data": 10,
+    "secagg_rounding": 11,
 }
 
 

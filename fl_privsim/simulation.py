@@ -257,8 +257,12 @@ def run(cfg: Config, *, out: str | Path | None = None, show_progress: bool = Tru
     """Run one federation described by ``cfg``; returns the run folder and the summary."""
     prepare_environment()
     validate_before_launch(cfg)
-    from clients.client_app import app as client_app
-    from strategies.server_app import make_server_app
+    if cfg.federation.secure_aggregation.mode == "secagg+":  # Flower's workflow path, SecAgg+
+        from clients.secagg_client import app as client_app
+        from strategies.secure_aggregation import make_secagg_server_app as make_server_app
+    else:
+        from clients.client_app import app as client_app
+        from strategies.server_app import make_server_app
 
     folder = start_run_folder(cfg, make_run_dir(cfg.output.dir, cfg.name, out))
     progress = Progress(rounds=cfg.federation.rounds, attacks=0, enabled=show_progress)

@@ -106,26 +106,8 @@ class HonestButCurious(Strategy):
         self, server_round: int, client: int | None, update: dict[str, torch.Tensor], meta: dict, n_examples: int,
         num_clients: int, members: tuple[int, ...] = (),
     ) -> Observation:
-        info = self.info
-        global_params = self._sent[server_round]
-        return Observation(
-            round=server_round,
-            client_id=client,
-            protocol=str(meta.get("protocol", info.protocol)),  # type: ignore[arg-type]
-            model=info.model,
-            global_params=global_params,
-            update=update,
-            batch_size=int(meta.get("batch-size", info.batch_size)),
-            local_steps=int(meta.get("local-steps", info.local_steps)),
-            lr=float(meta.get("lr", info.lr)),
-            num_examples=int(n_examples),
-            input_shape=info.input_shape,
-            num_classes=info.num_classes,
-            data_mean=info.data_mean,
-            data_std=info.data_std,
-            num_clients=num_clients,
-            members=members if members else ((client,) if client is not None else ()),
-        )
+        return build_observation(self.info, server_round, self._sent[server_round], client, update, meta,
+                                 n_examples, num_clients, members)
 
     def observations(self, server_round: int, replies: list[Message]) -> list[Observation]:
         """Observations of the targeted clients (and the aggregate) among ``replies``."""
@@ -163,3 +145,30 @@ class HonestButCurious(Strategy):
         members = tuple(e[0] for e in entries if e[0] is not None)
         return self._observation(server_round, None, agg, entries[0][3], sum(e[2] for e in entries),
                                  len(entries), members)
+
+
+def build_observation(
+    info: ModelInfo, server_round: int, global_params: dict[str, torch.Tensor], client: int | None,
+    update: dict[str, torch.Tensor], meta: dict, n_examples: int, num_clients: int, members: tuple[int, ...] = (),
+) -> Observation:
+    """One :class:`Observation`: the global parameters sent, the update (of ``client``, or an
+    aggregate when ``client`` is None) and the metadata the client(s) declared in ``meta``
+    (``protocol``, ``batch-size``, ``local-steps``, ``lr``; ``info``'s values where absent)."""
+    return Observation(
+        round=server_round,
+        client_id=client,
+        protocol=str(meta.get("protocol", info.protocol)),  # type: ignore[arg-type]
+        model=info.model,
+        global_params=global_params,
+        update=update,
+        batch_size=int(meta.get("batch-size", info.batch_size)),
+        local_steps=int(meta.get("local-steps", info.local_steps)),
+        lr=float(meta.get("lr", info.lr)),
+        num_examples=int(n_examples),
+        input_shape=info.input_shape,
+        num_classes=info.num_classes,
+        data_mean=info.data_mean,
+        data_std=info.data_std,
+        num_clients=num_clients,
+        members=members if members else ((client,) if client is not None else ()),
+    )

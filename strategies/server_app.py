@@ -32,6 +32,7 @@ from fl_privsim import config as config_mod
 from fl_privsim.analyses import build_analyses
 from fl_privsim.config import Config
 from fl_privsim.devices import resolve_device
+from fl_privsim.errors import ConfigError
 from fl_privsim.federated_data import federated_data
 from fl_privsim.models import build_model
 from fl_privsim.progress import Progress
@@ -111,23 +112,109 @@ def central_evaluator(cfg: Config, device: torch.device) -> Callable[[ArrayRecor
     return evaluate
 
 
-def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | None = None) -> dict[str, Any]:
-    """Run the whole federation from the server side; returns the summary it writes."""
-    device = resolve_device(cfg.federation.device)
-    torch.set_num_threads(cfg.federation.server_threads)
-    fed = federated_data(cfg)
-    model = initial_model(cfg)
-    node_to_client = discover_clients(grid, expected=cfg.federation.num_clients)
+class RunSink:
+    """Per-round metrics to ``metrics.jsonl``; keeps the client DP defenses' ε (the summary's max)."""
 
-    dp: dict[str, float] = {}  # client DP defenses' ε (cumulative): the summary keeps the max
+    def __init__(self, folder: RunFolder) -> None:
+        self.folder = folder
+        self.dp: dict[str, float] = {}
 
-    def sink(server_round: int, client: int | None, source: str, values: dict[str, float]) -> None:
+    def __call__(self, server_round: int, client: int | None, source: str, values: dict[str, float]) -> None:
+        """Log ``values`` of ``source`` (client_train, server_eval, ...) for a round and client."""
         for k, v in values.items():
-            folder.log_metric(round=server_round, client=client, source=source, key=k, value=v)
+            self.folder.log_metric(round=server_round, client=client, source=source, key=k, value=v)
             if source == "client_train" and k.endswith((".epsilon", ".epsilon_formal", ".delta")):
                 key = k.rsplit(".", 1)[1]
-                dp[key] = min(dp.get(key, 1.0), float(v)) if key == "epsilon_formal" else max(dp.get(key, 0.0), float(v))
+                self.dp[key] = (min(self.dp.get(key, 1.0), float(v)) if key == "epsilon_formal"
+                                else max(self.dp.get(key, 0.0), float(v)))
 
+    def dp_summary(self, cfg: Config) -> dict[str, Any]:
+        """Client-side DP: ε(δ) = max over clients; formal only if every client's is (empty if off)."""
+        if "epsilon" not in self.dp:
+            return {}
+        accounted = [d for d in build_defenses(cfg.defenses) if isinstance(d, AccountedDefense)]
+        reasons = list(dict.fromkeys(r for d in accounted for r in d.not_formal_because))
+        delta = self.dp.get("delta") or max((d.delta for d in accounted), default=None)
+        return {"epsilon": self.dp["epsilon"], "epsilon_formal": bool(self.dp.get("epsilon_formal", 1.0)),
+                "epsilon_delta": delta, "epsilon_not_formal_because": reasons}
+
+
+def build_runner(cfg: Config, folder: RunFolder, device: torch.device, progress: Progress | None) -> AttackRunner:
+    """The attack runner of a run: the configured attacks and analyses, scored by the scorer."""
+    return AttackRunner(
+        plans=build_plans(cfg),
+        scorer=Scorer(cfg, federated_data(cfg)),
+        folder=folder,
+        device=device,
+        seed=cfg.seed,
+        save_images=cfg.output.save_images,
+        on_attack_done=progress.attack_done if progress else None,
+        analyses=build_analyses(cfg),
+    )
+
+
+def model_info(cfg: Config) -> ModelInfo:
+    """What the server knows about the model and the data format."""
+    fed = federated_data(cfg)
+    return ModelInfo(
+        model=build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes),
+        input_shape=fed.data.input_shape,
+        num_classes=fed.data.num_classes,
+        data_mean=fed.data.mean,
+        data_std=fed.data.std,
+        protocol=cfg.federation.protocol,
+        batch_size=cfg.client.batch_size,
+        local_steps=cfg.client.local_steps if cfg.federation.protocol == "fedavg" else 1,
+        lr=cfg.client.lr,
+    )
+
+
+def round_evaluator(cfg: Config, device: torch.device, sink: RunSink, progress: Progress | None,
+                    accuracy: dict[int, float]) -> Callable[[int, ArrayRecord], dict[str, float]]:
+    """Central evaluation of each round's global model: logs it, fills ``accuracy`` by round."""
+    evaluate = central_evaluator(cfg, device)
+
+    def evaluate_round(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+        res = evaluate(arrays)
+        accuracy[server_round] = res["accuracy"]
+        sink(server_round, None, "server_eval", res)
+        if progress is not None and server_round > 0:
+            progress.round_done(server_round, res["accuracy"])
+        return res
+
+    return evaluate_round
+
+
+def summary_base(cfg: Config, runner: AttackRunner, accuracy: dict[int, float], federated: dict[int, float],
+                 folder: RunFolder) -> dict[str, Any]:
+    """The summary keys every run has (both the Message-API and the SecAgg+ path)."""
+    return {
+        "name": cfg.name,
+        "seed": cfg.seed,
+        "dataset": cfg.data.name,
+        "model": cfg.model.name,
+        "protocol": cfg.federation.protocol,
+        "rounds": cfg.federation.rounds,
+        "attacks": runner.summary(),
+        **({"analyses": runner.analysis_summary()} if runner.analyses else {}),
+        "final_accuracy": accuracy.get(cfg.federation.rounds),
+        "initial_accuracy": accuracy.get(0),
+        "accuracy_by_round": {str(k): v for k, v in sorted(accuracy.items())},
+        "federated_accuracy_by_round": {str(k): v for k, v in federated.items()},
+        "run_dir": str(folder.path),
+    }
+
+
+def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the whole federation from the server side; returns the summary it writes."""
+    if cfg.federation.secure_aggregation.mode != "off":  # never train in the clear what asked for SecAgg+
+        raise ConfigError("federation.secure_aggregation.mode: secagg+ runs on Flower's workflow path "
+                          "(strategies.secure_aggregation with clients.secagg_client); use fl-privsim run")
+    device = resolve_device(cfg.federation.device)
+    torch.set_num_threads(cfg.federation.server_threads)
+    model = initial_model(cfg)
+    node_to_client = discover_clients(grid, expected=cfg.federation.num_clients)
+    sink = RunSink(folder)
     inner = FedUpdates(
         protocol=cfg.federation.protocol,
         server_lr=cfg.federation.server_lr,
@@ -143,32 +230,12 @@ def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | 
     central = (CentralDP(inner, settings=cfg.federation.central_dp, num_clients=cfg.federation.num_clients,
                          seed=cfg.seed) if cfg.federation.central_dp.mode != "off" else None)
     trained = central if central is not None else inner
-    plans = build_plans(cfg)
-    runner = AttackRunner(
-        plans=plans,
-        scorer=Scorer(cfg, fed),
-        folder=folder,
-        device=device,
-        seed=cfg.seed,
-        save_images=cfg.output.save_images,
-        on_attack_done=progress.attack_done if progress else None,
-        analyses=build_analyses(cfg),
-    )
+    runner = build_runner(cfg, folder, device, progress)
     if progress is not None:
         progress.attacks_total = runner.planned_runs(
             cfg.federation.rounds, lambda r: set(inner.sample_clients(r, cfg.federation.clients_per_round))
         )
-    info = ModelInfo(
-        model=build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes),
-        input_shape=fed.data.input_shape,
-        num_classes=fed.data.num_classes,
-        data_mean=fed.data.mean,
-        data_std=fed.data.std,
-        protocol=cfg.federation.protocol,
-        batch_size=cfg.client.batch_size,
-        local_steps=cfg.client.local_steps if cfg.federation.protocol == "fedavg" else 1,
-        lr=cfg.client.lr,
-    )
+    info = model_info(cfg)
     strategy: Strategy
     if cfg.server.role == "malicious":
         public_x, public_y = public_data(cfg)
@@ -176,17 +243,12 @@ def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | 
                                    node_to_client=node_to_client, public_inputs=public_x, public_labels=public_y,
                                    seed=cfg.seed)
     else:
-        strategy = HonestButCurious(trained, info=info, observer=runner) if plans or runner.analyses else trained
-    evaluate = central_evaluator(cfg, device)
+        strategy = HonestButCurious(trained, info=info, observer=runner) if runner.plans or runner.analyses else trained
     accuracy: dict[int, float] = {}
+    evaluate_round = round_evaluator(cfg, device, sink, progress, accuracy)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        res = evaluate(arrays)
-        accuracy[server_round] = res["accuracy"]
-        sink(server_round, None, "server_eval", res)
-        if progress is not None and server_round > 0:
-            progress.round_done(server_round, res["accuracy"])
-        return MetricRecord(res)
+        return MetricRecord(evaluate_round(server_round, arrays))
 
     result = strategy.start(
         grid=grid,
@@ -201,30 +263,13 @@ def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | 
         if "accuracy" in rec:
             federated[rnd] = float(rec["accuracy"])
             sink(rnd, None, "federated_eval", dict(rec))
-    summary = {
-        "name": cfg.name,
-        "seed": cfg.seed,
-        "dataset": cfg.data.name,
-        "model": cfg.model.name,
-        "protocol": cfg.federation.protocol,
-        "rounds": cfg.federation.rounds,
-        "attacks": runner.summary(),
-        **({"analyses": runner.analysis_summary()} if runner.analyses else {}),
-        "final_accuracy": accuracy.get(cfg.federation.rounds),
-        "initial_accuracy": accuracy.get(0),
-        "accuracy_by_round": {str(k): v for k, v in sorted(accuracy.items())},
-        "federated_accuracy_by_round": {str(k): v for k, v in federated.items()},
+    summary = summary_base(cfg, runner, accuracy, federated, folder)
+    summary.update({
         "observer_failures": getattr(strategy, "failures", 0),
         "server": strategy.report() if isinstance(strategy, MaliciousServer) else {"role": cfg.server.role},
         "client_errors": inner.client_error_report(),
-        "run_dir": str(folder.path),
-    }
-    if "epsilon" in dp:  # client-side DP on: ε(δ) = max over clients; formal only if every client's is
-        accounted = [d for d in build_defenses(cfg.defenses) if isinstance(d, AccountedDefense)]
-        reasons = list(dict.fromkeys(r for d in accounted for r in d.not_formal_because))
-        delta = dp.get("delta") or max((d.delta for d in accounted), default=None)
-        summary.update(epsilon=dp["epsilon"], epsilon_formal=bool(dp.get("epsilon_formal", 1.0)),
-                       epsilon_delta=delta, epsilon_not_formal_because=reasons)
+    })
+    summary.update(sink.dp_summary(cfg))
     if central is not None:  # Flower's central DP: ε(δ) of the released models (None without noise)
         report = central.report()
         summary.update(central_epsilon=report["epsilon"], central_dp=report)
