@@ -64,16 +64,6 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     return found[-1]
 
 
-def check_classifier(obs: Observation, attack: str) -> None:
-    """Refuse ``obs`` unless its last ``nn.Linear`` has one output per class."""
-    name, layer = last_linear(obs.model)
-    if layer.out_features != obs.num_classes:
-        raise ThreatModelError(
-            f"{attack}: requires the last nn.Linear layer to output the class logits "
-            f"({obs.num_classes} classes), but {name!r} has {layer.out_features} outputs"
-        )
-
-
 def layer_grads(
     obs: Observation, grads: list[torch.Tensor], layer_name: str
 ) -> dict[str, torch.Tensor]:
