@@ -6,15 +6,17 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import run_cli as _cli
 
 
-def _cli(*args, cwd=None):
+def _subprocess_cli(*args, cwd=None):
+    """The real entry point in a fresh interpreter (kept for the help text)."""
     return subprocess.run([sys.executable, "-m", "fl_privsim.cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=120)
 
 
 def test_help_lists_commands_and_keys():
-    top = _cli("--help")
+    top = _subprocess_cli("--help")
     assert top.returncode == 0 and "run" in top.stdout
     sub = _cli("run", "--help")
     assert sub.returncode == 0

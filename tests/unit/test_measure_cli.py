@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli_helpers import CliResult, run_cli
 
 from fl_privsim.errors import ConfigError
 from fl_privsim.measure import load_config, run_measure
@@ -111,9 +110,8 @@ def test_bad_config_names_what_is_allowed(overrides, words):
         assert w in str(err.value)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fl_privsim.cli", "measure", *args], capture_output=True,
-                          text=True, timeout=120)
+def _cli(*args: str) -> CliResult:
+    return run_cli("measure", *args)
 
 
 @pytest.mark.parametrize(
