@@ -13,7 +13,9 @@ its full model rather than its update:
 - FedSGD: ``θ − g`` for the trainable parameters, a unit step (``θ`` minus the aggregate is
   the weighted mean gradient); floating-point buffers ``b + Δb`` in both protocols.
 
-Only the floating-point ``state_dict`` entries travel, in ``state_dict`` order (every client
+A malicious server may send another architecture (``fl-privsim-arch`` in the config, as on the
+Message path); the client builds it and returns that model's weights. Only the
+floating-point ``state_dict`` entries travel, in ``state_dict`` order (every client
 must send the same shapes). ``num_examples`` and the metrics (the train metrics plus the
 declared metadata under ``meta.<key>``) reach the server in plaintext, as Flower sends them.
 
@@ -43,6 +45,7 @@ from clients.client_app import (
     train_client,
 )
 from clients.defenses.base import ModelRefused
+from fl_privsim.architecture import ARCH_KEY, build_architecture
 from fl_privsim.config import Config
 from fl_privsim.devices import resolve_device
 from fl_privsim.federated_data import federated_data
@@ -73,11 +76,15 @@ def full_weights(global_state: dict[str, torch.Tensor], update: dict[str, torch.
     return out
 
 
-def state_from_arrays(cfg: Config, arrays: list[np.ndarray]) -> dict[str, torch.Tensor]:
+def state_from_arrays(cfg: Config, arrays: list[np.ndarray], arch_spec: str | None = None) -> dict[str, torch.Tensor]:
     """The model ``state_dict`` whose floating-point entries are ``arrays`` (in order); the other
-    entries (integer counters) keep the freshly built model's values, as on the server."""
+    entries (integer counters) keep the freshly built model's values, as on the server. With
+    ``arch_spec`` (a malicious server's ``fl-privsim-arch``) the template is that architecture."""
     fed = federated_data(cfg)
-    template = build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes).state_dict()
+    model = build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes)
+    if arch_spec:
+        model = build_architecture(model, arch_spec, fed.data.input_shape)
+    template = model.state_dict()
     keys = float_keys(template)
     if len(keys) != len(arrays):
         raise ValueError(f"expected {len(keys)} arrays, got {len(arrays)}")
@@ -103,8 +110,9 @@ class SecAggClient(NumPyClient):
         cfg: Config = _config_from_text(str(config[CONFIG_KEY]))
         server_round = int(config[ROUND_KEY])
         device = resolve_device(cfg.federation.device)
-        state = state_from_arrays(cfg, parameters)
-        model = build_client_model(cfg, state, device)
+        spec = str(config[ARCH_KEY]) if ARCH_KEY in config else None
+        state = state_from_arrays(cfg, parameters, spec)
+        model = build_client_model(cfg, state, device, spec)
         param_names = {n for n, p in model.named_parameters() if p.requires_grad}
         try:
             reply = train_client(cfg, self.pid, model, server_round, self.context.state, device)

@@ -355,6 +355,9 @@ def _check_server(cfg: Config) -> None:
             MODIFICATIONS.create(mod.name, **mod.params)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+        if MODIFICATIONS.get(mod.name).needs_target_clients and not mod.targets.clients:
+            raise ConfigError(f"{where}.targets.clients: {mod.name!r} needs the client(s) it singles out, "
+                              "e.g. targets = { clients = [3] }")
         for r in mod.targets.rounds:
             if r > fed.rounds:
                 raise ConfigError(f"{where}.targets.rounds: round {r} is after the last round ({fed.rounds})")

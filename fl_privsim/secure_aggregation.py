@@ -77,12 +77,27 @@ def quantization_error_bound(settings: SecAggSettings, num_clients: int, total_e
     return num_clients * settings.quantization_step * settings.max_weight / max(total_examples, 1)
 
 
+def _check_modifications(cfg: Config) -> None:
+    """SecAgg+ sums vectors of one shape: a modification that changes the architecture must
+    reach every client of its rounds."""
+    if cfg.server.role != "malicious":
+        return
+    from adversaries.malicious import MODIFICATIONS  # pure torch
+
+    everyone = set(range(cfg.federation.num_clients))
+    for i, mod in enumerate(cfg.server.modifications):
+        if MODIFICATIONS.get(mod.name).changes_architecture and mod.targets.clients \
+                and not everyone <= set(mod.targets.clients):
+            raise ConfigError(f"server.modifications[{i}].targets.clients: {mod.name!r} changes the architecture "
+                              "and secure aggregation sums vectors of one shape, so every client of its rounds "
+                              "must get it; set targets.clients = []")
+
+
 def check_config(cfg: Config) -> None:
     """Refuse what SecAgg+ cannot run, or what this phase has not built, with one line."""
     fed = cfg.federation
     unsupported = "is not supported with secure aggregation yet"
-    if cfg.server.role == "malicious":
-        raise ConfigError(f"server.role: \"malicious\" {unsupported}; set {WHERE}.mode = \"off\"")
+    _check_modifications(cfg)
     if fed.central_dp.mode != "off":
         raise ConfigError(f"federation.central_dp.mode: {fed.central_dp.mode!r} {unsupported}; "
                           f"set {WHERE}.mode = \"off\" or federation.central_dp.mode = \"off\"")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -25,6 +24,7 @@ from flwr.serverapp.strategy import Strategy
 
 from adversaries.base import Observation
 from strategies.fedupdates import reply_client_id, weighted_mean_update
+from strategies.model_info import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +37,6 @@ class Observer(Protocol):
 
     def observe(self, server_round: int, observations: list[Observation]) -> None:
         """Handle the observations (run attacks, score, record)."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the server knows about the model and the data format (public knowledge)."""
-
-    model: torch.nn.Module
-    input_shape: tuple[int, int, int]
-    num_classes: int
-    data_mean: tuple[float, ...]
-    data_std: tuple[float, ...]
-    protocol: str
-    batch_size: int
-    local_steps: int
-    lr: float
 
 
 class HonestButCurious(Strategy):

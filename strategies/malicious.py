@@ -16,18 +16,17 @@ aggregates it, so the global model keeps its architecture. Each modification's
 :meth:`~adversaries.malicious.Modification.observe` hook sees the round's aggregate of the
 targeted clients' updates (e.g. for fishing's search across rounds).
 
-Aggregate observations: when every member of the aggregate got the same crafted model, the
-aggregate carries that model and its secrets; when members got different models, the
-aggregate is taken over the agreed model's entries and carries no secrets.
+Crafting itself (:class:`strategies.crafting.Crafter`) is shared with the SecAgg+ server.
+Aggregate observations are read against the model their members were sent
+(:func:`strategies.crafting.observed_model`): one crafted model (or its per-client variants)
+carries that model and its secrets; unrelated models give the agreed model's entries only.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,40 +35,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from adversaries.base import Observation
-from adversaries.malicious import Modification, ServerView
 from fl_privsim.architecture import ARCH_KEY, honest_update, spec_to_text
-from fl_privsim.seeding import torch_generator
-from strategies.fedupdates import reply_client_id
+from strategies.crafting import MIXED, Crafter, ModificationPlan, SentModel, observed_model, undecoyed
+from strategies.fedupdates import reply_client_id, weighted_mean_update
 from strategies.honest_but_curious import HonestButCurious, ModelInfo, Observer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ModificationPlan:
-    """One configured modification and when and for whom it crafts."""
-
-    name: str
-    modification: Modification
-    rounds: set[int]
-    clients: set[int] = field(default_factory=set)  # empty: every sampled client
-
-    def targets(self, server_round: int, sampled: Sequence[int]) -> tuple[int, ...]:
-        """The sampled clients this plan crafts for in ``server_round``."""
-        if server_round not in self.rounds:
-            return ()
-        return tuple(c for c in sampled if not self.clients or c in self.clients)
-
-
-@dataclass
-class SentModel:
-    """What one client was sent in a round: the crafted model, its weights, spec, secrets."""
-
-    model: torch.nn.Module
-    state: dict[str, torch.Tensor]
-    arch: dict[str, Any]
-    secrets: dict[str, Any]
-    plans: tuple[int, ...]
 
 
 class MaliciousServer(HonestButCurious):
@@ -98,53 +69,14 @@ class MaliciousServer(HonestButCurious):
         node_to_client: dict[int, int], public_inputs: torch.Tensor, public_labels: torch.Tensor, seed: int,
     ) -> None:
         super().__init__(inner, info=info, observer=observer)
-        self.plans = list(plans)
+        self.crafter = Crafter(plans, info=info, public_inputs=public_inputs, public_labels=public_labels, seed=seed)
+        self.plans = self.crafter.plans
         self.node_to_client = dict(node_to_client)
-        self.public_inputs = public_inputs
-        self.public_labels = public_labels
-        self.seed = seed
         self._sent_models: dict[int, SentModel] = {}
-        self.crafted_rounds: dict[int, dict[str, list[int]]] = {}
-
-    # ------------------------------------------------------------------ crafting
-    def _view(self, server_round: int, sampled: Sequence[int], targets: Sequence[int], index: int) -> ServerView:
-        info = self.info
-        return ServerView(
-            round=server_round, clients=tuple(sampled), targets=tuple(targets), input_shape=info.input_shape,
-            num_classes=info.num_classes, data_mean=info.data_mean, data_std=info.data_std,
-            protocol=info.protocol, batch_size=info.batch_size, local_steps=info.local_steps, lr=info.lr,
-            public_inputs=self.public_inputs, public_labels=self.public_labels,
-            generator=torch_generator(self.seed, server_round, index, "modification"),
-        )
 
     def craft(self, server_round: int, sampled: Sequence[int]) -> dict[int, SentModel]:
-        """The crafted model of every targeted client of ``server_round`` (others: absent)."""
-        by_client: dict[int, tuple[int, ...]] = {}
-        targets = {i: p.targets(server_round, sampled) for i, p in enumerate(self.plans)}
-        for c in sampled:
-            chain = tuple(i for i in range(len(self.plans)) if c in targets[i])
-            if chain:
-                by_client[c] = chain
-        out: dict[int, SentModel] = {}
-        for chain in sorted(set(by_client.values())):
-            clients = [c for c, ch in by_client.items() if ch == chain]
-            model: torch.nn.Module = copy.deepcopy(self.info.model)
-            arch: dict[str, Any] = {}
-            secrets: dict[str, Any] = {}
-            overrides: dict[int, torch.nn.Module] = {}
-            for i in chain:
-                plan = self.plans[i]
-                crafted = plan.modification.craft(model, self._view(server_round, sampled, targets[i], i))
-                model, secrets[plan.name] = crafted.model, crafted.secrets
-                arch.update(crafted.arch)
-                overrides.update(crafted.per_client)
-            shared = _sent(model, arch, secrets, chain)
-            for c in clients:
-                out[c] = _sent(overrides[c], arch, secrets, chain) if c in overrides else shared
-        self.crafted_rounds[server_round] = {
-            self.plans[i].name: sorted(targets[i]) for i in range(len(self.plans)) if targets[i]
-        }
-        return out
+        """The crafted model of every sampled client that gets one in ``server_round``."""
+        return self.crafter.craft(server_round, sampled)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -222,42 +154,41 @@ class MaliciousServer(HonestButCurious):
     def aggregate_observation(
         self, server_round: int, entries: list[tuple[int | None, dict[str, torch.Tensor], int, dict]]
     ) -> Observation:
-        """The weighted mean of ``entries``; when their clients were sent different models,
-        each update is first mapped to the agreed model's entries (no secrets then)."""
+        """The weighted mean of ``entries``, read against the model its members were sent
+        (:func:`strategies.crafting.observed_model`): the honest one, one crafted model with its
+        secrets, or, when members got unrelated models, the agreed model's entries only."""
         sent = [self._sent_models.get(c) if c is not None else None for c, *_ in entries]
-        if all(s is sent[0] for s in sent):  # one model for all (crafted or agreed)
+        chosen = observed_model(sent)
+        if chosen is None:
             return super().aggregate_observation(server_round, entries)
-        mapped = [(c, honest_update(u, s.arch) if s is not None else u, n, meta)
-                  for (c, u, n, meta), s in zip(entries, sent, strict=True)]
-        obs = super().aggregate_observation(server_round, mapped)
-        return dataclasses.replace(obs, model=self.info.model, global_params=self._sent[server_round],
-                                   server_secrets={})
+        members = tuple(e[0] for e in entries if e[0] is not None)
+        total = sum(e[2] for e in entries)
+        if chosen == MIXED:
+            mapped = [(c, honest_update(u, s.arch) if s is not None else u, n, meta)
+                      for (c, u, n, meta), s in zip(entries, sent, strict=True)]
+            obs = super().aggregate_observation(server_round, mapped)
+            return dataclasses.replace(obs, model=self.info.model, global_params=self._sent[server_round],
+                                       server_secrets={})
+        assert isinstance(chosen, SentModel)
+        agg = weighted_mean_update([e[1] for e in entries], [float(e[2]) for e in entries])
+        kept, total, scale = undecoyed(members, [e[2] for e in entries if e[0] is not None], self._sent_models)
+        if scale != 1.0:  # decoys' updates vanish: read the aggregate as the other members' update
+            agg = {k: v * scale for k, v in agg.items()}
+        obs = super()._observation(server_round, None, agg, entries[0][3], total, len(kept), kept)
+        return dataclasses.replace(obs, model=chosen.model, global_params=chosen.state,
+                                   server_secrets=chosen.secrets)
 
     def _observation(
         self, server_round: int, client: int | None, update: dict[str, torch.Tensor], meta: dict, n_examples: int,
         num_clients: int, members: tuple[int, ...] = (),
     ) -> Observation:
-        """As the honest server's, with the crafted model, weights and secrets when every client
-        behind the update was sent the same crafted model."""
+        """As the honest server's, with the model, weights and secrets the client was sent."""
         obs = super()._observation(server_round, client, update, meta, n_examples, num_clients, members)
-        who = members if client is None else (client,)
-        sent = [self._sent_models.get(c) for c in who]
-        first = sent[0] if sent else None
-        if first is None or any(s is not first for s in sent):
+        sent = self._sent_models.get(client) if client is not None else None
+        if sent is None:
             return obs
-        return dataclasses.replace(obs, model=first.model, global_params=first.state,
-                                   server_secrets=first.secrets)
+        return dataclasses.replace(obs, model=sent.model, global_params=sent.state, server_secrets=sent.secrets)
 
     def report(self) -> dict[str, Any]:
         """What the server crafted, for the run summary."""
-        return {
-            "role": "malicious",
-            "modifications": [p.name for p in self.plans],
-            "crafted": {str(r): v for r, v in sorted(self.crafted_rounds.items()) if v},
-        }
-
-
-def _sent(model: torch.nn.Module, arch: dict[str, Any], secrets: dict[str, Any], chain: tuple[int, ...]) -> SentModel:
-    model = model.eval()
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return SentModel(model=model, state=state, arch=arch, secrets=secrets, plans=chain)
+        return self.crafter.report()

@@ -16,12 +16,22 @@ federation as the Message-API path (:mod:`strategies.server_app`):
 - ``num_examples`` and the metrics each client sends are plaintext in Flower's SecAgg+: they
   are recorded as observed side channels.
 
+Under ``[server] role = "malicious"`` the same :class:`~strategies.crafting.Crafter` as on the
+Message path crafts per client, and Flower's per-node ``FitIns`` carry each client its model
+(with its architecture spec). Every client of a round must send vectors of one shape, so an
+architecture change reaches all of them (checked before launch); the weights may differ per
+client (isolation's decoys, LOKI's customised rows). The update behind the unmasked mean is then
+``mean − Σ r_i θ_i / Σ r_i`` over the models ``θ_i`` the members were sent (``r_i`` from their
+plaintext example counts), read against the model :func:`strategies.crafting.observed_model`
+picks, and mapped back to the agreed model's names before it is applied.
+
 A round that SecAgg+ halts (too few clients left for the threshold) never calls
 ``aggregate_fit``; the next ``configure_fit`` (or :meth:`SecAggStrategy.report`) records it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -49,13 +59,20 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from clients.client_app import CONFIG_KEY
+from fl_privsim.architecture import ARCH_KEY, honest_update, spec_to_text
 from clients.secagg_client import META_PREFIX, ROUND_KEY, float_keys
 from fl_privsim import config as config_mod
 from fl_privsim.config import Config
 from fl_privsim.devices import resolve_device
 from fl_privsim.progress import Progress
 from fl_privsim.results import RunFolder
-from fl_privsim.secure_aggregation import SecAggSettings, quantization_error_bound, resolve
+from fl_privsim.secure_aggregation import (
+    SecAggSettings,
+    max_examples_per_client,
+    quantization_error_bound,
+    resolve,
+)
+from strategies.crafting import MIXED, Crafter, SentModel, observed_model, undecoyed
 from strategies.fedupdates import FedUpdates, MetricSink
 from strategies.honest_but_curious import ModelInfo, Observer, build_observation
 
@@ -87,12 +104,15 @@ class SecAggStrategy(Strategy):
         Share of clients in (plaintext) federated evaluation; 0 turns it off.
     save_dir:
         When set, each round's unmasked aggregate update (what the server saw) is saved there.
+    crafter:
+        A malicious server's modifications (``None``: the server sends the honest model).
     """
 
     def __init__(self, *, initial_state: dict[str, torch.Tensor], make_updates: Callable[[dict[int, int]], FedUpdates],
                  toml: str, num_clients: int, clients_per_round: int, info: ModelInfo, observer: Observer | None,
                  evaluate_round: Callable[[int, ArrayRecord], dict[str, float]], sink: MetricSink,
-                 settings: SecAggSettings, fraction_evaluate: float = 0.0, save_dir: Path | None = None) -> None:
+                 settings: SecAggSettings, fraction_evaluate: float = 0.0, save_dir: Path | None = None,
+                 crafter: Crafter | None = None) -> None:
         self.state = {k: v.detach().cpu().clone() for k, v in initial_state.items()}
         self.keys = float_keys(self.state)
         self.make_updates = make_updates
@@ -115,6 +135,8 @@ class SecAggStrategy(Strategy):
         self.side_channels: dict[int, list[dict[str, Any]]] = {}
         self.max_error_bound: dict[int, float] = {}
         self.failures = 0  # observer failures
+        self.crafter = crafter
+        self._sent_models: dict[int, dict[int, SentModel]] = {}
 
     # ------------------------------------------------------------------ state <-> arrays
     def to_parameters(self, state: dict[str, torch.Tensor]) -> Parameters:
@@ -162,7 +184,30 @@ class SecAggStrategy(Strategy):
         log.info("round %d: SecAgg+ clients %s", server_round, clients)
         proxies = self._proxies(client_manager)
         config: dict[str, Scalar] = {CONFIG_KEY: self.toml, ROUND_KEY: server_round}
-        return [(proxies[c], FitIns(parameters, dict(config))) for c in clients]
+        sent = self.crafter.craft(server_round, clients) if self.crafter is not None else {}
+        self._sent_models = {server_round: sent}
+        if sent:
+            log.info("round %d: crafted models sent to clients %s", server_round, sorted(sent))
+        out = []
+        for c in clients:
+            if c in sent:
+                state = sent[c].state
+                ins = FitIns(ndarrays_to_parameters([state[k].numpy() for k in float_keys(state)]),
+                             {**config, ARCH_KEY: spec_to_text(sent[c].arch)})
+                self._check_clipping(server_round, c, state)
+            else:
+                ins = FitIns(parameters, dict(config))
+            out.append((proxies[c], ins))
+        return out
+
+    def _check_clipping(self, server_round: int, client: int, state: dict[str, torch.Tensor]) -> None:
+        """Warn when a crafted model holds parameters SecAgg+ would clip (the server chose them;
+        buffers that never change, such as an open bin's bound, only lose their own update)."""
+        params = {n for n, _ in self._sent_models[server_round][client].model.named_parameters()}
+        big = max((float(v.abs().max()) for k, v in state.items() if k in params and v.numel()), default=0.0)
+        if big > self.settings.clipping_range:
+            log.warning("round %d: the model crafted for client %d holds |w| = %.3g > clipping_range %g; "
+                        "SecAgg+ clips it", server_round, client, big, self.settings.clipping_range)
 
     def halted_rounds(self) -> list[int]:
         """Rounds whose clients were sampled but whose aggregate never reached the strategy."""
@@ -188,16 +233,41 @@ class SecAggStrategy(Strategy):
         members, total, meta, channels = self._plaintext(server_round, results)
         self.side_channels[server_round] = channels
         self.max_error_bound[server_round] = quantization_error_bound(self.settings, len(results), total)
-        update = self.update_from_mean(server_round, mean)
+        sent = self._sent_models.get(server_round, {})
+        counts = {self.node_to_client[p.node_id]: int(r.num_examples) for p, r in results}
+        names = ({n for n, p in next(iter(sent.values())).model.named_parameters() if p.requires_grad}
+                 if sent else None)
+        update = self.update_from_mean(server_round, mean, self._reference(server_round, counts, sent), names)
         if self.save_dir is not None:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             torch.save({"round": server_round, "global": self._sent[server_round], "update": update,
                         "members": members, "num_examples": total},
                        self.save_dir / f"round_{server_round:03d}.pt")
-        self._observe(server_round, update, meta, total, members)
-        new = updates.apply_update(ArrayRecord(self._sent[server_round]), ArrayRecord(update))
+        arch = next((s.arch for s in sent.values()), {})
+        chosen = observed_model([sent.get(c) for c in members]) if sent else None
+        self._observe(server_round, update, meta, total, members, chosen, counts)
+        honest = honest_update(update, arch) if arch else update
+        new = updates.apply_update(ArrayRecord(self._sent[server_round]), ArrayRecord(honest))
         self.state = new.to_torch_state_dict()
         return self.to_parameters(self.state), {}
+
+    def _reference(self, server_round: int, counts: dict[int, int], sent: dict[int, SentModel]
+                   ) -> dict[str, torch.Tensor]:
+        """``Σ r_i θ_i / Σ r_i``: the weighted mean of the models the members were sent, with
+        SecAgg+'s weights ``r_i = round(n_i / W · Q) / Q`` (the honest global model when
+        nobody got a crafted one)."""
+        honest = self._sent[server_round]
+        if not sent:
+            return honest
+        q, w = self.settings.quantization_range, self.settings.max_weight
+        ratios = {c: round(n / w * q) / q for c, n in counts.items()}
+        norm = sum(ratios.values()) or 1.0
+        out: dict[str, torch.Tensor] = {}
+        for c, r in ratios.items():
+            state = sent[c].state if c in sent else honest
+            for k in float_keys(state):
+                out[k] = out.get(k, 0.0) + state[k].double() * (r / norm)  # type: ignore[operator]
+        return out
 
     def _plaintext(self, server_round: int, results: list[tuple[ClientProxy, FitRes]]
                    ) -> tuple[tuple[int, ...], int, dict[str, Any], list[dict[str, Any]]]:
@@ -213,28 +283,52 @@ class SecAggStrategy(Strategy):
             channels.append({"client": cid, "num_examples": int(res.num_examples), "metric_keys": sorted(metrics)})
         return tuple(c for c, _ in rows), sum(int(r.num_examples) for _, r in rows), meta, channels
 
-    def update_from_mean(self, server_round: int, mean: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    def update_from_mean(self, server_round: int, mean: list[np.ndarray],
+                         reference: dict[str, torch.Tensor] | None = None,
+                         param_names: set[str] | None = None) -> dict[str, torch.Tensor]:
         """The averaged update behind the unmasked mean model: ``mean − θ`` (FedAvg, buffers), or
-        ``θ − mean`` for FedSGD's trainable parameters (the clients took a unit step)."""
+        ``θ − mean`` for FedSGD's trainable parameters (the clients took a unit step); ``θ`` is
+        ``reference`` (the weighted mean of the models sent, :meth:`_reference`), by default
+        the global model; ``param_names`` are the trainable names of the model sent (default:
+        the agreed model's)."""
         assert self.updates is not None
-        sent = self._sent[server_round]
+        sent = reference if reference is not None else self._sent[server_round]
+        params = param_names if param_names is not None else set(self.updates.param_names)
         out: dict[str, torch.Tensor] = {}
-        for k, m in zip(self.keys, mean, strict=True):
+        for k, m in zip(float_keys(sent), mean, strict=True):
             g = sent[k].double()
             a = torch.as_tensor(np.asarray(m, dtype=np.float64))
-            d = g - a if self.updates.protocol == "fedsgd" and k in self.updates.param_names else a - g
-            out[k] = d.to(sent[k].dtype)
+            d = g - a if self.updates.protocol == "fedsgd" and k in params else a - g
+            out[k] = d.to(self.state[k].dtype if k in self.state else torch.float32)
         return out
 
     def _observe(self, server_round: int, update: dict[str, torch.Tensor], meta: dict[str, Any], total: int,
-                 members: tuple[int, ...]) -> None:
-        if self.observer is None:
-            return
+                 members: tuple[int, ...], chosen: SentModel | str | None = None,
+                 counts: dict[int, int] | None = None) -> None:
+        """Hand the aggregate to the attacks (and to the modifications that crafted it). When
+        decoys took part, the aggregate is read as the other members' update
+        (:func:`strategies.crafting.undecoyed`): rescaled, with those members only."""
         try:
+            sent = self._sent_models.get(server_round, {})
+            if sent and counts is not None:
+                members, total, scale = undecoyed(members, [counts[c] for c in members], sent)
+                if scale != 1.0:
+                    update = {k: v * scale for k, v in update.items()}
+            obs = build_observation(self.info, server_round, self._sent[server_round], None, update, meta,
+                                    total, len(members), members)
+            if isinstance(chosen, SentModel):
+                obs = dataclasses.replace(obs, model=chosen.model, global_params=chosen.state,
+                                          server_secrets=chosen.secrets)
+                if self.crafter is not None:
+                    for i in chosen.plans:
+                        self.crafter.plans[i].modification.observe(obs)
+            elif chosen == MIXED:
+                arch = next(iter(self._sent_models.get(server_round, {}).values())).arch
+                obs = dataclasses.replace(obs, update=honest_update(update, arch) if arch else update)
+            if self.observer is None:
+                return
             _, want_aggregate = self.observer.targets(server_round)
             if want_aggregate:
-                obs = build_observation(self.info, server_round, self._sent[server_round], None, update, meta,
-                                        total, len(members), members)
                 self.observer.observe(server_round, [obs])
         except Exception:  # an attack must never stop training
             self.failures += 1
@@ -303,13 +397,23 @@ def run_secagg_server(grid: Grid, context: Context, cfg: Config, folder: RunFold
                           param_names=param_names, clients_per_round=cfg.federation.clients_per_round,
                           seed=cfg.seed, node_to_client=node_to_client, metric_sink=sink, fraction_evaluate=0.0)
 
+    info = plain.model_info(cfg)  # the crafter reads the global model the strategy loads into it
+    crafter = None
+    if cfg.server.role == "malicious":
+        public_x, public_y = plain.public_data(cfg)
+        crafter = Crafter(plain.build_modification_plans(cfg), info=info, public_inputs=public_x,
+                          public_labels=public_y, seed=cfg.seed,
+                          update_resolution=quantization_error_bound(
+                              settings, cfg.federation.clients_per_round,
+                              cfg.federation.clients_per_round * max_examples_per_client(cfg)))
     strategy = SecAggStrategy(
         initial_state=model.state_dict(), make_updates=make_updates, toml=config_mod.to_toml(cfg),
         num_clients=cfg.federation.num_clients, clients_per_round=cfg.federation.clients_per_round,
-        info=plain.model_info(cfg), observer=runner if runner.plans else None,
+        info=info, observer=runner if runner.plans else None,
         evaluate_round=plain.round_evaluator(cfg, device, sink, progress, accuracy), sink=sink, settings=settings,
         fraction_evaluate=cfg.federation.fraction_evaluate,
         save_dir=folder.path / "secagg_aggregates" if cfg.federation.secure_aggregation.save_aggregates else None,
+        crafter=crafter,
     )
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy)
     workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
@@ -323,7 +427,7 @@ def run_secagg_server(grid: Grid, context: Context, cfg: Config, folder: RunFold
         sink(int(rnd), None, "federated_eval", {"accuracy": float(metrics)})
     summary = plain.summary_base(cfg, runner, accuracy, federated, folder)
     errors = strategy.updates.client_error_report() if strategy.updates is not None else {}
-    summary.update({"observer_failures": strategy.failures, "server": {"role": cfg.server.role},
+    summary.update({"observer_failures": strategy.failures, "server": crafter.report() if crafter is not None else {"role": cfg.server.role},
                     "client_errors": errors, "secure_aggregation": strategy.report()})
     summary.update(sink.dp_summary(cfg))
     folder.write_summary(summary)

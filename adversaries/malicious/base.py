@@ -54,6 +54,10 @@ class ServerView:
         client's: a seeded subset of the test split.
     generator:
         CPU generator for every random draw (seeded from run seed, round, purpose).
+    update_resolution:
+        The smallest change of one entry of the revealed mean update that survives the
+        aggregation (secure aggregation's rounding, e.g. SecAgg+'s quantisation step); 0 when
+        the server sees exact floats. A modification may size its signal above it.
     """
 
     round: int
@@ -70,6 +74,7 @@ class ServerView:
     public_inputs: torch.Tensor
     public_labels: torch.Tensor
     generator: torch.Generator
+    update_resolution: float = 0.0
 
     @property
     def records_per_update(self) -> int:
@@ -109,6 +114,11 @@ class Modification(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: The modification sends an architecture other than the agreed one (a front block). Under
+    #: secure aggregation every client of a round must then get it (equal shapes are summed).
+    changes_architecture: ClassVar[bool] = False
+    #: ``targets.clients`` must name the clients it singles out (e.g. isolation's targets).
+    needs_target_clients: ClassVar[bool] = False
 
     def check_model(self, model: nn.Module, input_shape: tuple[int, int, int], num_classes: int) -> None:
         """Raise :class:`~fl_privsim.errors.ConfigError` when the modification cannot be

@@ -76,7 +76,7 @@ from fl_privsim.errors import ConfigError, ThreatModelError
 
 __all__ = [
     "DISTRIBUTIONS", "MEASUREMENTS", "VARIANTS", "Imprint", "ImprintAttack", "alone_share",
-    "expected_alone_share", "measurement_direction",
+    "expected_alone_share", "measurement_direction", "recover_bins",
 ]
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,8 @@ class Imprint(Modification):
         Largest change the block makes to a public input, relative to the median input norm
         (> 0, default 1e-4); sets ``ε·s``.
     """
+
+    changes_architecture = True
 
     def __init__(
         self, *, bins: int = 256, measurement: str = "brightness", variant: str = "cumulative",
@@ -204,6 +206,52 @@ class Imprint(Modification):
         (rows,), in units of ``u·x``), ``sigma``, ``ratio`` (``R = ε/s``), ``encoder_scale``
         (``s``), ``decoder_scale`` (``ε``).
         """
+        block, secrets = self.build_block(model, view)
+        honest = copy.deepcopy(model)
+        device = next((p.device for p in honest.parameters()), torch.device("cpu"))
+        sent = FrontBlockModel(block.to(device), honest)
+        arch = {"front_block": {"rows": secrets["rows"], "activation": block.activation}}
+        return Crafted(model=sent, arch=arch, secrets=secrets)
+
+    def _above_rounding(self, model: nn.Module, view: ServerView, u: torch.Tensor, v: torch.Tensor,
+                        t: torch.Tensor, sigma: float, clamp: bool, upper: torch.Tensor, gain: float,
+                        ratio: float) -> float:
+        """The ratio ``R = ε/s`` that lifts a bin's bias gradient to :data:`ROUNDING_MARGIN` times
+        ``view.update_resolution`` in the revealed mean (FedSGD, secure aggregation).
+
+        A record's gradient on row ``i`` is ``γ_n x_n`` with ``γ_n = ε v·∂L/∂y_n``: it scales with
+        ``ε`` alone, while the ratio ``ΔW/Δb`` is scale-free. The server measures the median
+        nonzero bin signal ``|Δb|`` of its public data at the current ``ε`` (one batch of the
+        declared size), divides by the targets averaged into the mean, and raises ``ε`` (at a
+        fixed gain ``ε·s``, so the model's output changes no more) until it clears the rounding."""
+        block = _filled_block(view.input_shape, t, sigma, u, v, clamp, upper, gain, ratio)
+        probe = FrontBlockModel(block, copy.deepcopy(model).cpu().float())
+        n = min(view.public_inputs.shape[0], max(view.batch_size, 1) * 8)
+        x, y = view.public_inputs[:n].float(), view.public_labels[:n].long()
+        signals = []
+        for start in range(0, n, max(view.batch_size, 1)):
+            probe.zero_grad()
+            loss = nn.functional.cross_entropy(probe(x[start:start + view.batch_size]),
+                                               y[start:start + view.batch_size])
+            loss.backward()
+            gb = block.encoder.bias.grad.detach().double()
+            db = gb if clamp else torch.cat([gb[:-1] - gb[1:], gb[-1:]])
+            signals.append(db.abs()[db.abs() > 0])
+        found = torch.cat(signals) if signals else torch.zeros(0, dtype=torch.float64)
+        if not found.numel():
+            return ratio
+        per_bin = float(found.median()) / max(len(view.targets), 1)
+        need = ROUNDING_MARGIN * view.update_resolution / max(per_bin, 1e-30)
+        if need <= 1.0:
+            return ratio
+        log.info("imprint: raising eps %.3g-fold so bins clear the aggregation's rounding %.3g",
+                 need, view.update_resolution)
+        return ratio * need * need
+
+    def build_block(self, model: nn.Module, view: ServerView) -> tuple[FrontBlock, dict[str, Any]]:
+        """The imprint block (on the CPU) placed in front of ``model`` and the secrets of
+        :meth:`craft`; ``model`` is only read (to size the block for FedAvg). Reused by
+        :class:`adversaries.malicious.loki.Loki`, which tiles the block once per client."""
         shape = tuple(int(v) for v in view.input_shape)
         self.check_model(model, shape, view.num_classes)
         pub = view.public_inputs.detach().to("cpu", torch.float64)
@@ -248,19 +296,11 @@ class Imprint(Modification):
         gain = self.perturbation * float(pub.flatten(1).norm(dim=1).median()) / max(spread, 1e-12)
         s = (gain / ratio) ** 0.5
         eps = (gain * ratio) ** 0.5
+        if self.ratio is None and view.protocol == "fedsgd" and view.update_resolution > 0:
+            ratio = self._above_rounding(model, view, u, v, t, sigma, clamp, upper, gain, ratio)
+            s, eps = (gain / ratio) ** 0.5, (gain * ratio) ** 0.5
 
-        block = FrontBlock(shape, rows, "clamp" if clamp else "relu")
-        with torch.no_grad():
-            block.encoder.weight.copy_((s / sigma) * u.expand(rows, d))
-            block.encoder.bias.copy_(-(s / sigma) * t)
-            block.decoder.weight.copy_(eps * v[:, None].expand(d, rows))
-            block.decoder.bias.copy_(-eps * float(s * total.mean()) * v)
-            # finite everywhere: a client sends a buffer's change, and inf - inf is nan
-            top = (s * upper).clamp(max=_FLOAT_MAX) if clamp else torch.full((rows,), _FLOAT_MAX)
-            block.upper.copy_(top)
-        honest = copy.deepcopy(model)
-        device = next((p.device for p in honest.parameters()), torch.device("cpu"))
-        sent = FrontBlockModel(block.to(device), honest)
+        block = _filled_block(shape, t, sigma, u, v, clamp, upper, gain, ratio, total_mean=float(total.mean()))
         log.info("imprint: %s, %d rows, %s/%s, R=%.3g, s=%.3g, eps=%.3g",
                  self.variant, rows, self.measurement, self.distribution, ratio, s, eps)
         secrets: dict[str, Any] = {
@@ -270,8 +310,7 @@ class Imprint(Modification):
             "direction": u.float(), "boundaries": t.clone(), "sigma": sigma, "ratio": ratio,
             "encoder_scale": s, "decoder_scale": eps,
         }
-        arch = {"front_block": {"rows": rows, "activation": block.activation}}
-        return Crafted(model=sent, arch=arch, secrets=secrets)
+        return block, secrets
 
 
 @ATTACKS.register("imprint")
@@ -340,28 +379,68 @@ class ImprintAttack(Attack):
     ) -> AttackResult:
         """Reconstruct every non-empty bin (see the class docstring)."""
         sec = self.secrets(obs)
-        variant = sec["variant"]
-        gw = obs.update[WEIGHT].detach().to("cpu", torch.float64)
-        gb = obs.update[BIAS].detach().to("cpu", torch.float64)
-        if variant == "sparse":
-            dw, db = gw, gb
-        else:
-            dw = torch.cat([gw[:-1] - gw[1:], gw[-1:]])
-            db = torch.cat([gb[:-1] - gb[1:], gb[-1:]])
-            if variant == "one_shot":
-                dw, db = dw[:1], db[:1]
-        mag = db.abs()
-        largest = float(mag.max()) if mag.numel() else 0.0
-        keep = mag > self.tol * largest if largest > 0 else torch.zeros_like(mag, dtype=torch.bool)
-        candidates = int(keep.sum())
         cap = max(1, min(int(obs.num_examples) if obs.num_examples > 0 else 1 << 62,
                          obs.batch_size * max(obs.local_steps, 1) * max(obs.num_clients, 1)))
-        idx = torch.nonzero(keep).flatten()
-        if idx.numel() > cap:
-            idx = idx[torch.argsort(mag[idx], descending=True)[:cap]].sort().values
-        x = (dw[idx] / db[idx, None]).float().view(-1, *obs.input_shape)
+        flat, candidates = recover_bins(obs.update[WEIGHT], obs.update[BIAS], sec["variant"],
+                                        tol=self.tol, cap=cap)
+        x = flat.float().view(-1, *obs.input_shape)
         lo, hi = obs.input_bounds()
         x = torch.maximum(torch.minimum(x, hi), lo)
-        metrics = {"bins": float(db.numel()), "nonempty_bins": float(idx.numel()),
+        metrics = {"bins": float(obs.update[BIAS].numel()), "nonempty_bins": float(x.shape[0]),
                    "candidate_bins": float(candidates)}
         return AttackResult(inputs=x.to(device), labels=None, metrics=metrics)
+
+
+def recover_bins(
+    weight: torch.Tensor, bias: torch.Tensor, variant: str, *, tol: float, cap: int
+) -> tuple[torch.Tensor, int]:
+    """The records of the non-empty bins of one imprint block's update (Fowl et al., ICLR 2022).
+
+    ``weight`` (rows, D) and ``bias`` (rows,) are the update of the block's encoder (gradient
+    or delta, any positive scale). A bin's pair ``(ΔW, Δb)`` is the rows' difference
+    (``cumulative``, ``one_shot``) or the row itself (``sparse``), its record ``ΔW / Δb``; bins
+    with ``|Δb|`` above ``tol`` times the largest are candidates, and at most ``cap`` of them
+    (the largest ``|Δb|`` first) are kept, in row order.
+
+    Returns the kept records (float64, (kept, D), unclamped) and the number of candidates.
+    """
+    gw = weight.detach().to("cpu", torch.float64)
+    gb = bias.detach().to("cpu", torch.float64)
+    if variant == "sparse":
+        dw, db = gw, gb
+    else:
+        dw = torch.cat([gw[:-1] - gw[1:], gw[-1:]])
+        db = torch.cat([gb[:-1] - gb[1:], gb[-1:]])
+        if variant == "one_shot":
+            dw, db = dw[:1], db[:1]
+    mag = db.abs()
+    largest = float(mag.max()) if mag.numel() else 0.0
+    keep = mag > tol * largest if largest > 0 else torch.zeros_like(mag, dtype=torch.bool)
+    candidates = int(keep.sum())
+    idx = torch.nonzero(keep).flatten()
+    if idx.numel() > cap:
+        idx = idx[torch.argsort(mag[idx], descending=True)[:cap]].sort().values
+    return dw[idx] / db[idx, None], candidates
+
+
+#: How far above the aggregation's rounding a bin's signal is lifted (:meth:`Imprint._above_rounding`):
+#: the record ``ΔW/Δb`` then carries a relative error of about 1e-3 (≈ 60 dB).
+ROUNDING_MARGIN = 1e3
+
+
+def _filled_block(shape: tuple[int, ...], t: torch.Tensor, sigma: float, u: torch.Tensor, v: torch.Tensor,
+                  clamp: bool, upper: torch.Tensor, gain: float, ratio: float, total_mean: float = 0.0
+                  ) -> FrontBlock:
+    """The imprint block of rows ``t`` with ``s = √(gain/R)``, ``ε = √(gain·R)`` (module docstring)."""
+    rows, d = int(t.numel()), int(u.numel())
+    s, eps = (gain / ratio) ** 0.5, (gain * ratio) ** 0.5
+    block = FrontBlock(tuple(int(v_) for v_ in shape), rows, "clamp" if clamp else "relu")  # type: ignore[arg-type]
+    with torch.no_grad():
+        block.encoder.weight.copy_((s / sigma) * u.expand(rows, d))
+        block.encoder.bias.copy_(-(s / sigma) * t)
+        block.decoder.weight.copy_(eps * v[:, None].expand(d, rows))
+        block.decoder.bias.copy_(-eps * s * total_mean * v)
+        # finite everywhere: a client sends a buffer's change, and inf - inf is nan
+        top = (s * upper).clamp(max=_FLOAT_MAX) if clamp else torch.full((rows,), _FLOAT_MAX)
+        block.upper.copy_(top)
+    return block

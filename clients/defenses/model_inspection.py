@@ -45,6 +45,13 @@ order of magnitude, never fitted to a measured false-alarm rate:
     order ``zero_tol^d`` per row; one-weight rows are not tested), and gradient steps do not
     shrink a row by six orders of magnitude. (An all-zero layer, e.g. a zero-initialised head,
     is not flagged.)
+``dead_rows`` (model inconsistency: Pasquini et al., CCS 2022; LOKI's switched-off rows)
+    Rows whose bias is below what their weights can lift for any input whose features lie
+    within ``±bias_ratio``: ``b_i + ‖w_i‖₂ sqrt(d) · bias_ratio < 0`` (Cauchy–Schwarz), so
+    the unit is never active after a ReLU. Client isolation's decoy zeroes a whole layer and
+    gives it a negative bias, so nothing reaches the rest of the model and the client's update
+    vanishes; honest initialisations put ``|b_i|`` below ``‖w_i‖₂`` and training does not
+    push a bias ten standard deviations beyond its row's reach.
 ``saturated_bias`` (fishing)
     The bias gap of a layer is beyond what its weights can move:
     ``R = (max b − min b) / (2 · max_i ‖w_i‖₂ · sqrt(d)) > bias_ratio`` (10). Since
@@ -100,7 +107,7 @@ log = logging.getLogger(__name__)
 
 #: The checks, in the order they are run and reported.
 CHECKS: tuple[str, ...] = (
-    "nonfinite", "parallel_rows", "balanced_signs", "zero_rows", "saturated_bias", "few_values",
+    "nonfinite", "parallel_rows", "balanced_signs", "zero_rows", "dead_rows", "saturated_bias", "few_values",
 )
 #: Rows shorter than this are not tested by ``few_values`` (too few entries to say anything)
 #: nor by ``balanced_signs`` (a balanced row of fewer than 16 signs is common by chance).
@@ -291,6 +298,13 @@ class ModelInspector:
                 detail = (f"{zeros}/{m} rows have (near-)zero weights "
                           f"(norm <= {self.zero_tol:g} x the largest)")
                 found.append(Finding("zero_rows", name, detail, zeros / m))
+        if "dead_rows" in self.checks and b is not None and b.numel() == m:
+            reach = norms * math.sqrt(d) * self.bias_ratio  # |w·h| <= ||w|| sqrt(d) ||h||_inf
+            dead = int((b + reach < 0).sum())
+            if dead:
+                detail = (f"{dead}/{m} rows stay negative for every input within +-{self.bias_ratio:g} per feature "
+                          "(dead after a ReLU)")
+                found.append(Finding("dead_rows", name, detail, dead / m))
         if "saturated_bias" in self.checks and b is not None and m >= 2:
             gap = float(b.max() - b.min())
             scale = 2.0 * top * math.sqrt(d)

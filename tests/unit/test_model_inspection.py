@@ -168,14 +168,19 @@ def crafts(digits):
                 except ConfigError:
                     continue
                 view = server_view(digits, stage=0, seed=0, training=Training())
-                out.append((name, f"{name}{params}", arch, mod.craft(model, view).model))
+                crafted = mod.craft(model, view)
+                if mod.needs_target_clients:  # isolation: what the non-targets get is the crafted part
+                    out += [(name, f"{name}{params} to client {c}", arch, m) for c, m in crafted.per_client.items()]
+                else:
+                    out.append((name, f"{name}{params}", arch, crafted.model))
     return out
 
 
 def test_every_registered_modification_is_detected_by_its_own_check(crafts):
     assert {"imprint", "trap_weights", "fishing"} <= set(MODIFICATIONS.names())
-    assert {"imprint", "trap_weights", "fishing"} <= {name for name, *_ in crafts}
-    own = {"imprint": "parallel_rows", "trap_weights": "balanced_signs", "fishing": "zero_rows"}
+    assert {"imprint", "trap_weights", "fishing", "isolation", "loki"} <= {name for name, *_ in crafts}
+    own = {"imprint": "parallel_rows", "trap_weights": "balanced_signs", "fishing": "zero_rows",
+           "isolation": "dead_rows", "loki": "parallel_rows"}
     inspector = ModelInspector()
     for name, label, arch, model in crafts:
         checks = {f.check for f in inspector.findings(model)}

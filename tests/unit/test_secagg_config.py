@@ -29,7 +29,12 @@ SA = ['federation.secure_aggregation.mode="secagg+"', 'attacks=[{name="analytic"
          "reconstruction_threshold: 5 must be below num_shares (5)"),
         ([*SA, "federation.secure_aggregation.quantization_range=1073741824"], "the masked sum wraps"),
         ([*SA, "federation.secure_aggregation.max_weight=0.001"], "max_weight: 0.001 is too small"),
-        ([*SA, 'server.role="malicious"'], 'server.role: "malicious" is not supported with secure aggregation yet'),
+        ([*SA, 'server.role="malicious"',
+          'server.modifications=[{name="imprint", targets={rounds=[1], clients=[0]}}]'],
+         ("server.modifications[0].targets.clients: 'imprint' changes the architecture and secure aggregation "
+          "sums vectors of one shape")),
+        ([*SA, 'server.role="malicious"', 'server.modifications=[{name="isolation", targets={rounds=[1]}}]'],
+         "server.modifications[0].targets.clients: 'isolation' needs the client(s) it singles out"),
         ([*SA, 'federation.central_dp.mode="server_fixed"'],
          "'server_fixed' is not supported with secure aggregation yet"),
         (['federation.secure_aggregation.mode="secagg"'], "did you mean"),
