@@ -446,7 +446,11 @@ def _craft_all(
                 continue
             view = server_view(data, stage=rnd, seed=seed, training=training)
             crafted = mod.craft(copy.deepcopy(model), view)
+            honest = model.state_dict()
             for sent in (crafted.model, *crafted.per_client.values()):
+                state = sent.state_dict()
+                if state.keys() == honest.keys() and all(torch.equal(state[k], honest[k]) for k in state):
+                    continue  # sent unchanged (isolation's target): nothing to detect, not a miss
                 checks = {f.check for f in insp.findings(sent)}
                 detections.setdefault(label, _Tally(keep="missed")).add(
                     checks, f"{name} seed {seed} round {rnd}"

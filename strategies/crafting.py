@@ -19,6 +19,7 @@ No Flower import here.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,19 +131,21 @@ class Crafter:
         The server's own data (normalised), given to the modifications.
     seed:
         Run seed: each modification's generator is drawn from (seed, round, its index).
-    update_resolution:
-        The revealed mean's rounding per entry (SecAgg+), told to the modifications
-        (:attr:`adversaries.malicious.ServerView.update_resolution`); 0: exact floats.
+    update_resolution, weight_bound:
+        The revealed mean's rounding per entry and the clipping of the weights clients send
+        (SecAgg+), told to the modifications (:class:`adversaries.malicious.ServerView`).
     """
 
     def __init__(self, plans: Sequence[ModificationPlan], *, info: ModelInfo, public_inputs: torch.Tensor,
-                 public_labels: torch.Tensor, seed: int, update_resolution: float = 0.0) -> None:
+                 public_labels: torch.Tensor, seed: int, update_resolution: float = 0.0,
+                 weight_bound: float = math.inf) -> None:
         self.plans = list(plans)
         self.info = info
         self.public_inputs = public_inputs
         self.public_labels = public_labels
         self.seed = seed
         self.update_resolution = float(update_resolution)
+        self.weight_bound = float(weight_bound)
         self.crafted_rounds: dict[int, dict[str, list[int]]] = {}
 
     def _view(self, server_round: int, sampled: Sequence[int], targets: Sequence[int], index: int) -> ServerView:
@@ -153,7 +156,7 @@ class Crafter:
             protocol=info.protocol, batch_size=info.batch_size, local_steps=info.local_steps, lr=info.lr,
             public_inputs=self.public_inputs, public_labels=self.public_labels,
             generator=torch_generator(self.seed, server_round, index, "modification"),
-            update_resolution=self.update_resolution,
+            update_resolution=self.update_resolution, weight_bound=self.weight_bound,
         )
 
     def craft(self, server_round: int, sampled: Sequence[int]) -> dict[int, SentModel]:

@@ -17,6 +17,7 @@ the same model. Node ids are mapped to client (partition) ids once, by a query r
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -124,6 +125,9 @@ class FedUpdates(FedAvg):
         self.metric_sink = metric_sink
         self._current: dict[int, ArrayRecord] = {}
         self.client_errors: list[dict[str, object]] = []
+        #: Seconds from sending a round's train messages to having its replies (the fit stage).
+        self.fit_seconds: dict[int, float] = {}
+        self._fit_started: dict[int, float] = {}
 
     # ------------------------------------------------------------------ sampling
     def sample_clients(self, server_round: int, k: int) -> list[int]:
@@ -146,6 +150,7 @@ class FedUpdates(FedAvg):
     ) -> Iterable[Message]:
         """Send the global model to this round's deterministic sample of clients."""
         self._current = {server_round: arrays}
+        self._fit_started[server_round] = time.perf_counter()
         clients = self.sample_clients(server_round, self.clients_per_round)
         log.info("round %d: training clients %s", server_round, clients)
         return self._messages(server_round, arrays, config, clients, MessageType.TRAIN)
@@ -201,6 +206,8 @@ class FedUpdates(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average the updates (in client order) and apply them to the global model."""
+        if server_round in self._fit_started:
+            self.fit_seconds[server_round] = time.perf_counter() - self._fit_started.pop(server_round)
         replies = self._order(replies)
         self.record_client_metrics(server_round, replies)
         avg, metrics = super().aggregate_train(server_round, replies)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,9 @@ class SecAggStrategy(Strategy):
         self.max_error_bound: dict[int, float] = {}
         self.failures = 0  # observer failures
         self.crafter = crafter
+        #: Seconds from sending a round's FitIns to the unmasked mean (training + SecAgg+).
+        self.fit_seconds: dict[int, float] = {}
+        self._fit_started: tuple[int, float] = (0, 0.0)
         self._sent_models: dict[int, dict[int, SentModel]] = {}
 
     # ------------------------------------------------------------------ state <-> arrays
@@ -178,6 +182,7 @@ class SecAggStrategy(Strategy):
         self._note_halted(server_round)
         self.state = self.to_state(parameters)
         self._sent = {server_round: self.state}
+        self._fit_started = (server_round, time.perf_counter())
         self.info.model.load_state_dict(self.state)
         clients = updates.sample_clients(server_round, self.clients_per_round)
         self.sampled[server_round] = clients
@@ -225,6 +230,8 @@ class SecAggStrategy(Strategy):
         if updates is None or not results:
             return None, {}
         self.aggregated.append(server_round)
+        if self._fit_started[0] == server_round:
+            self.fit_seconds[server_round] = time.perf_counter() - self._fit_started[1]
         self.dropouts[server_round] = len(failures)
         for f in failures:
             reason = repr(f if isinstance(f, BaseException) else f[1].status)[:300]
@@ -405,7 +412,8 @@ def run_secagg_server(grid: Grid, context: Context, cfg: Config, folder: RunFold
                           public_labels=public_y, seed=cfg.seed,
                           update_resolution=quantization_error_bound(
                               settings, cfg.federation.clients_per_round,
-                              cfg.federation.clients_per_round * max_examples_per_client(cfg)))
+                              cfg.federation.clients_per_round * max_examples_per_client(cfg)),
+                          weight_bound=settings.clipping_range)
     strategy = SecAggStrategy(
         initial_state=model.state_dict(), make_updates=make_updates, toml=config_mod.to_toml(cfg),
         num_clients=cfg.federation.num_clients, clients_per_round=cfg.federation.clients_per_round,
@@ -428,7 +436,8 @@ def run_secagg_server(grid: Grid, context: Context, cfg: Config, folder: RunFold
     summary = plain.summary_base(cfg, runner, accuracy, federated, folder)
     errors = strategy.updates.client_error_report() if strategy.updates is not None else {}
     summary.update({"observer_failures": strategy.failures, "server": crafter.report() if crafter is not None else {"role": cfg.server.role},
-                    "client_errors": errors, "secure_aggregation": strategy.report()})
+                    "client_errors": errors, "secure_aggregation": strategy.report(),
+                    "fit_seconds_by_round": {str(r): t for r, t in sorted(strategy.fit_seconds.items())}})
     summary.update(sink.dp_summary(cfg))
     folder.write_summary(summary)
     return summary

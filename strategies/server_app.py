@@ -264,6 +264,7 @@ def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | 
             federated[rnd] = float(rec["accuracy"])
             sink(rnd, None, "federated_eval", dict(rec))
     summary = summary_base(cfg, runner, accuracy, federated, folder)
+    summary["fit_seconds_by_round"] = {str(r): t for r, t in sorted(inner.fit_seconds.items())}
     summary.update({
         "observer_failures": getattr(strategy, "failures", 0),
         "server": strategy.report() if isinstance(strategy, MaliciousServer) else {"role": cfg.server.role},

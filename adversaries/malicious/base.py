@@ -19,6 +19,7 @@ This module imports neither Flower nor Ray.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -58,6 +59,9 @@ class ServerView:
         The smallest change of one entry of the revealed mean update that survives the
         aggregation (secure aggregation's rounding, e.g. SecAgg+'s quantisation step); 0 when
         the server sees exact floats. A modification may size its signal above it.
+    weight_bound:
+        The largest weight magnitude the aggregation carries unclipped (SecAgg+'s
+        ``clipping_range``: clients send full models); ``inf`` when nothing clips.
     """
 
     round: int
@@ -75,6 +79,7 @@ class ServerView:
     public_labels: torch.Tensor
     generator: torch.Generator
     update_resolution: float = 0.0
+    weight_bound: float = math.inf
 
     @property
     def records_per_update(self) -> int:

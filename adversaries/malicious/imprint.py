@@ -223,7 +223,9 @@ class Imprint(Modification):
         ``ε`` alone, while the ratio ``ΔW/Δb`` is scale-free. The server measures the median
         nonzero bin signal ``|Δb|`` of its public data at the current ``ε`` (one batch of the
         declared size), divides by the targets averaged into the mean, and raises ``ε`` (at a
-        fixed gain ``ε·s``, so the model's output changes no more) until it clears the rounding."""
+        fixed gain ``ε·s``, so the model's output changes no more) until it clears the rounding,
+        but no further than a quarter of ``view.weight_bound`` on the decoder's weights (SecAgg+
+        clips the full model a client sends)."""
         block = _filled_block(view.input_shape, t, sigma, u, v, clamp, upper, gain, ratio)
         probe = FrontBlockModel(block, copy.deepcopy(model).cpu().float())
         n = min(view.public_inputs.shape[0], max(view.batch_size, 1) * 8)
@@ -242,6 +244,12 @@ class Imprint(Modification):
             return ratio
         per_bin = float(found.median()) / max(len(view.targets), 1)
         need = ROUNDING_MARGIN * view.update_resolution / max(per_bin, 1e-30)
+        # the decoder's weights ε·v must stay well inside what the aggregation clips
+        room = view.weight_bound / (4.0 * (gain * ratio) ** 0.5 * float(v.abs().max()))
+        if need > room:
+            log.warning("imprint: bins reach only %.3g x the aggregation's rounding: a larger eps would "
+                        "be clipped at %g", ROUNDING_MARGIN * room / need, view.weight_bound)
+            need = room
         if need <= 1.0:
             return ratio
         log.info("imprint: raising eps %.3g-fold so bins clear the aggregation's rounding %.3g",

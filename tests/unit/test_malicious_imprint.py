@@ -361,3 +361,25 @@ def test_fedsgd_batch64_256_bins_on_natural_face_photos(shared_data: Path) -> No
     assert finite
     assert abs(asr - expected) <= 0.10, (asr, expected)
     assert asr >= 0.55, (asr, expected)
+
+
+def test_bins_sized_above_secure_aggregation_rounding_survive_it(cifar: ImageData) -> None:
+    """SecAgg+ reveals the mean rounded to about its quantisation step (flwr 1.41 defaults:
+    2·8/2^22 with max_weight = batch). An imprint block sized for exact floats drowns in that
+    rounding; told the resolution (``ServerView.update_resolution``), the block lifts its
+    bins above it and the records come back (10 clients x batch 8, 512 bins, FedSGD)."""
+    step = 2 * 8.0 / 2**22
+    idx = np.random.default_rng(0).choice(len(cifar.train_y), size=80, replace=False)
+    originals = cifar.images("train", idx)
+    shares = {}
+    for resolution in (0.0, step):
+        view = dataclasses.replace(_view(cifar, clients=10, batch=8), update_resolution=resolution)
+        honest = build_model("convnet", cifar.input_shape, CLASSES)
+        crafted = Imprint(bins=512).craft(honest, view)
+        obs, _ = _round(cifar, crafted, view, idx)
+        g = torch.Generator().manual_seed(1)
+        rounded = {k: v + (torch.rand(v.shape, generator=g, dtype=v.dtype) * 2 - 1) * step
+                   for k, v in obs.update.items()}
+        shares[resolution] = _asr(cifar, originals, _attack(dataclasses.replace(obs, update=rounded)).inputs)
+    assert shares[step] >= 0.5, shares
+    assert shares[0.0] < 0.5 * shares[step], shares
