@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,8 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid, ServerApp
 
 from clients.client_app import CONFIG_KEY
@@ -136,6 +139,7 @@ class SecAggStrategy(Strategy):
         self.side_channels: dict[int, list[dict[str, Any]]] = {}
         self.max_error_bound: dict[int, float] = {}
         self.failures = 0  # observer failures
+        self.stage_dropouts: dict[int, dict[str, list[int]]] = {}
         self.crafter = crafter
         #: Seconds from sending a round's FitIns to the unmasked mean (training + SecAgg+).
         self.fit_seconds: dict[int, float] = {}
@@ -214,6 +218,26 @@ class SecAggStrategy(Strategy):
             log.warning("round %d: the model crafted for client %d holds |w| = %.3g > clipping_range %g; "
                         "SecAgg+ clips it", server_round, client, big, self.settings.clipping_range)
 
+    def record_stage(self, server_round: int, stage: str, before: set[int], after: set[int], errors: list[str],
+                     ok: bool) -> None:
+        """One SecAgg+ stage's dropouts (from :class:`RecordingSecAggPlusWorkflow`): the clients
+        that left, counted per round and listed with the errors they sent as client errors
+        (``refused`` when a defense refused the model, else ``failed``)."""
+        dropped = sorted(self.node_to_client.get(n, -1) for n in before - after)
+        if not dropped and not errors:
+            return
+        self.stage_dropouts.setdefault(server_round, {})[stage] = dropped
+        log.warning("round %d: SecAgg+ stage %s lost clients %s%s", server_round, stage, dropped,
+                    "" if ok else "; the round halts")
+        if self.updates is None:
+            return
+        reasons = sorted({_short_reason(e) for e in errors}) or ["dropped without an error"]
+        for i, client in enumerate(dropped):  # Flower's errors do not name their node: pair by order
+            reason = reasons[min(i, len(reasons) - 1)]
+            kind = "refused" if reason.startswith("refused") else "failed"
+            self.updates.client_errors.append({"round": server_round, "client": client, "kind": kind,
+                                               "reason": reason})
+
     def halted_rounds(self) -> list[int]:
         """Rounds whose clients were sampled but whose aggregate never reached the strategy."""
         return sorted(r for r in self.sampled if r not in self.aggregated)
@@ -233,9 +257,7 @@ class SecAggStrategy(Strategy):
         if self._fit_started[0] == server_round:
             self.fit_seconds[server_round] = time.perf_counter() - self._fit_started[1]
         self.dropouts[server_round] = len(failures)
-        for f in failures:
-            reason = repr(f if isinstance(f, BaseException) else f[1].status)[:300]
-            updates.client_errors.append({"round": server_round, "client": None, "kind": "failed", "reason": reason})
+        # the failures themselves were recorded stage by stage (record_stage)
         mean = parameters_to_ndarrays(results[0][1].parameters)
         members, total, meta, channels = self._plaintext(server_round, results)
         self.side_channels[server_round] = channels
@@ -377,9 +399,50 @@ class SecAggStrategy(Strategy):
             "rounds_aggregated": list(self.aggregated),
             "halted_rounds": self.halted_rounds(),
             "dropouts_by_round": {str(r): n for r, n in sorted(self.dropouts.items())},
+            "dropouts_by_stage": {str(r): v for r, v in sorted(self.stage_dropouts.items())},
             "error_bound_by_round": {str(r): b for r, b in sorted(self.max_error_bound.items())},
             "side_channels": {str(r): rows for r, rows in sorted(self.side_channels.items())},
         }
+
+
+def _short_reason(error: str) -> str:
+    """The readable part of a client's error as Flower relays it (a Ray traceback): a
+    defense's refusal as ``refused: <reason>``, else the error's last line (300 chars)."""
+    found = re.search(r"ModelRefused: (.+?)(?:\\n|\n|'|$)", error)
+    if found:
+        return f"refused: {found.group(1).strip()}"[:300]
+    lines = [ln.strip() for ln in error.replace("\\n", "\n").splitlines() if ln.strip()]
+    return (lines[-1] if lines else error)[:300]
+
+
+class RecordingSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's ``SecAggPlusWorkflow``, unchanged, that tells ``on_stage`` after each of its
+    stages which nodes were active before and after it and the errors the dropped ones sent
+    (a client that refuses its model raises in ``fit``, which Flower returns as an error)."""
+
+    def __init__(self, *, on_stage: Callable[..., None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.on_stage = on_stage
+
+    def _recorded(self, name: str, stage: Callable[..., bool], grid: Grid, context: LegacyContext,
+                  state: Any) -> bool:
+        before = set(getattr(state, "active_node_ids", set()))
+        seen = len(getattr(state, "failures", []))
+        ok = stage(grid, context, state)
+        cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
+        errors = [str(f) for f in getattr(state, "failures", [])[seen:]]
+        self.on_stage(int(cfg[WorkflowKey.CURRENT_ROUND]), name, before, set(getattr(state, "active_node_ids", set())),
+                      errors, ok)
+        return ok
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:  # noqa: D102
+        return self._recorded("share_keys", super().share_keys_stage, grid, context, state)
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:  # noqa: D102
+        return self._recorded("collect_masked_vectors", super().collect_masked_vectors_stage, grid, context, state)
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:  # noqa: D102
+        return self._recorded("unmask", super().unmask_stage, grid, context, state)
 
 
 def run_secagg_server(grid: Grid, context: Context, cfg: Config, folder: RunFolder,
@@ -424,8 +487,8 @@ def run_secagg_server(grid: Grid, context: Context, cfg: Config, folder: RunFold
         crafter=crafter,
     )
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy)
-    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-        num_shares=settings.num_shares, reconstruction_threshold=settings.reconstruction_threshold,
+    workflow = DefaultWorkflow(fit_workflow=RecordingSecAggPlusWorkflow(
+        on_stage=strategy.record_stage, num_shares=settings.num_shares, reconstruction_threshold=settings.reconstruction_threshold,
         max_weight=settings.max_weight, clipping_range=settings.clipping_range,
         quantization_range=settings.quantization_range, timeout=settings.timeout))
     workflow(grid, legacy)

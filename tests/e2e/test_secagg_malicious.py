@@ -22,11 +22,11 @@ EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 SECAGG = ['federation.secure_aggregation.mode="secagg+"', "federation.rounds=1", 'federation.device="cpu"']
 
 
-def _run(tmp_path: Path, example: str | None, overrides: list[str]) -> dict:
+def _run(tmp_path: Path, example: str | None, overrides: list[str], rounds: list[int] | None = None) -> dict:
     cfg = config_mod.load(EXPERIMENTS / example if example else None, SECAGG + overrides)
     _, summary = run(cfg, out=tmp_path / "run", show_progress=False)
     assert summary["secure_aggregation"]["mode"] == "secagg+"
-    assert summary["secure_aggregation"]["rounds_aggregated"] == [1]
+    assert summary["secure_aggregation"]["rounds_aggregated"] == (rounds or [1])
     return summary
 
 
@@ -57,3 +57,19 @@ def test_loki_through_secagg_keeps_every_client_s_records_separable(tmp_path, sh
     ])
     scores = summary["attacks"]["loki@aggregate"]
     assert scores["asr"] >= 0.5 and scores["leakage_rate"] == 1.0, scores
+
+
+def test_decoys_that_inspect_their_model_drop_out_and_secagg_halts_the_round(tmp_path):
+    """Real dropouts: under isolation the 9 decoy clients run ``model_inspection``, see the dead
+    layer (``dead_rows``) and refuse; Flower's SecAgg+ drops them, 1 survivor is below the
+    threshold (7 of 10), the round halts, the model is not updated and no attack runs."""
+    summary = _run(tmp_path, "secagg_isolation.toml", [
+        "federation.rounds=2", 'defenses=[{name="model_inspection"}]'], rounds=[2])
+    sa = summary["secure_aggregation"]
+    assert sa["halted_rounds"] == [1] and sa["rounds_aggregated"] == [2], sa
+    assert sa["dropouts_by_stage"]["1"]["collect_masked_vectors"] == [0, 1, 2, 4, 5, 6, 7, 8, 9], sa
+    refused = summary["client_errors"]["refused"]
+    assert refused["total"] == 9 and refused["by_round"] == {"1": 9}, refused
+    assert any("dead_rows" in r for r in refused["reasons"]), refused
+    assert summary["attacks"]["analytic@aggregate"]["attacked"] == 0.0
+    assert summary["accuracy_by_round"]["1"] == summary["accuracy_by_round"]["0"]
