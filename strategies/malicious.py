@@ -36,7 +36,14 @@ from flwr.serverapp.strategy import Strategy
 
 from adversaries.base import Observation
 from fl_privsim.architecture import ARCH_KEY, honest_update, spec_to_text
-from strategies.crafting import MIXED, Crafter, ModificationPlan, SentModel, observed_model, undecoyed
+from strategies.crafting import (
+    MIXED,
+    Crafter,
+    ModificationPlan,
+    SentModel,
+    observed_model,
+    undecoyed,
+)
 from strategies.fedupdates import reply_client_id, weighted_mean_update
 from strategies.honest_but_curious import HonestButCurious, ModelInfo, Observer
 

@@ -63,9 +63,9 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid, ServerApp
 
 from clients.client_app import CONFIG_KEY
-from fl_privsim.architecture import ARCH_KEY, honest_update, spec_to_text
 from clients.secagg_client import META_PREFIX, ROUND_KEY, float_keys
 from fl_privsim import config as config_mod
+from fl_privsim.architecture import ARCH_KEY, honest_update, spec_to_text
 from fl_privsim.config import Config
 from fl_privsim.devices import resolve_device
 from fl_privsim.progress import Progress
@@ -435,13 +435,13 @@ class RecordingSecAggPlusWorkflow(SecAggPlusWorkflow):
                       errors, ok)
         return ok
 
-    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:  # noqa: D102
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         return self._recorded("share_keys", super().share_keys_stage, grid, context, state)
 
-    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:  # noqa: D102
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         return self._recorded("collect_masked_vectors", super().collect_masked_vectors_stage, grid, context, state)
 
-    def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:  # noqa: D102
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         return self._recorded("unmask", super().unmask_stage, grid, context, state)
 
 

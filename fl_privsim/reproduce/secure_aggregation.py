@@ -30,7 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from fl_privsim.reproduce.base import ReproContext, Reproduction, ReproResult, markdown_table, register
+from fl_privsim.reproduce.base import (
+    ReproContext,
+    Reproduction,
+    ReproResult,
+    markdown_table,
+    register,
+)
 
 DEFAULTS: dict[str, Any] = {
     "clients": [3, 10, 50],
@@ -83,11 +89,14 @@ def masked_upload_bytes(num_entries: int, num_arrays: int = 1, clipping_range: f
                         quantization_range: int = 2**22, modulus_range: int = 2**32) -> int:
     """Bytes of the masked vector one SecAgg+ client uploads for a model of ``num_entries``
     floats in ``num_arrays`` arrays, built with flwr 1.41's own quantisation and mask code."""
-    from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_combine, parameters_addition
+    from flwr.common import ndarray_to_bytes
+    from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+        factor_combine,
+        parameters_addition,
+    )
     from flwr.common.secure_aggregation.quantization import quantize
     from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
     from flwr.common.typing import NDArray
-    from flwr.common import ndarray_to_bytes
 
     sizes = [num_entries // num_arrays + (1 if i < num_entries % num_arrays else 0) for i in range(num_arrays)]
     params: list[NDArray] = [np.zeros(s, dtype=np.float32) for s in sizes]

@@ -64,7 +64,7 @@ def test_dead_layer_is_the_hidden_layer_before_the_classifier_and_other_models_a
 
 @pytest.mark.parametrize(("protocol", "steps"), [("fedsgd", 1), ("fedavg", 4)])
 def test_a_decoy_update_vanishes_except_the_classifier_bias(digits, protocol, steps):
-    model, _, sent = _crafted(digits)
+    _, _, sent = _crafted(digits)
     decoy = sent[0].model
     batches = [_batch(digits, 20 + s, 4) for s in range(steps)]
     update = local_update(decoy, batches, protocol=protocol, lr=0.5).update
