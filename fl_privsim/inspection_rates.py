@@ -21,7 +21,7 @@ rates are measured here on models of real federated training:
 
 :func:`measure` does both in one pass over the trajectories; :func:`main` prints the result as
 JSON (``python -m fl_privsim.inspection_rates --help``). The defaults (digits, five small
-architectures, two seeds, 20 rounds, 11 modification variants crafted at rounds 0/10/20) take
+architectures, two seeds, 20 rounds, 13 modification variants crafted at rounds 0/10/20) take
 about 45 s on one CPU thread (the CLI's ``--threads 1`` default; torch's intra-op threads only
 slow these small models down, several-fold on a busy machine; :func:`measure` leaves the thread
 setting alone). CIFAR-10 from ``cifar10_exact_subset.npz``: ``--dataset cifar10_npz --root

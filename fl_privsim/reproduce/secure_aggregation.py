@@ -180,8 +180,11 @@ def _figure(rows: list[dict[str, Any]]) -> Any:
     right.plot(*series("honest", "asr"), "s--", color="C0", label="honest analytic ASR @30 dB")
     right.set_ylabel("share of records recovered")
     right.set_ylim(0, 1.02)
+    ns = sorted({r["clients"] for r in rows})
     for ax in (left, right):
         ax.set_xscale("log")
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
         ax.set_xlabel("clients in the SecAgg+ round (N)")
         ax.set_title("through Flower's SecAgg+ (MNIST, mlp, FedSGD)", fontsize=9)
     shared_legend_outside([left, right], fontsize=7)

@@ -363,3 +363,12 @@ def test_robbing_the_fed_asr_figure_is_readable(batch_sizes, bin_counts):
                             "expected_alone": alone, "alone_share": alone * 1.01})
     summary.append({"group": "trap weights", "records": 64, "bins": None, "asr": 0.4})
     _assert_readable(asr_figure(summary))
+
+
+@pytest.mark.parametrize("clients", [[3, 10, 50], [3], [2, 5, 10, 20, 50, 100]])
+def test_secure_aggregation_figure_is_readable(clients):
+    from fl_privsim.reproduce.secure_aggregation import _figure
+
+    rows = [{"kind": kind, "clients": n, "secagg": True, "psnr": 80.0 - n / 10, "asr": 0.8 - n / 500}
+            for n in clients for kind in ("isolation", "honest_b1", "imprint", "loki", "honest")]
+    _assert_readable(_figure(rows))
