@@ -78,8 +78,10 @@ def decoy(model: nn.Module, layer: str) -> nn.Module:
 
 @register_modification("isolation")
 class Isolation(Modification):
-    """Send the real model to the target client(s) (``targets.clients``) and a zero-update
-    decoy to every other sampled client (Pasquini et al., CCS 2022; module docstring).
+    """Isolate the target(s) inside the sum with zero-update decoys (Pasquini et al., CCS 2022).
+
+    The target client(s) (``targets.clients``) get the real model, every other sampled client a
+    zero-update decoy (module docstring).
 
     The modification has no parameters. Secrets: ``targets`` (isolated client ids),
     ``decoys`` (the others), ``dead_layer`` (the decoy's dead layer)."""

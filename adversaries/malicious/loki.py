@@ -87,7 +87,9 @@ def auto_bins(records_per_update: int) -> int:
 
 @register_modification("loki")
 class Loki(Modification):
-    """LOKI's customised models (Zhao et al., IEEE S&P 2024) with Robbing the Fed's imprint
+    """Per-client imprint rows so a secure sum keeps clients apart (after LOKI, S&P 2024).
+
+    LOKI's customised models (Zhao et al., IEEE S&P 2024) with Robbing the Fed's imprint
     block (Fowl et al., ICLR 2022): one block of ``k`` rows per targeted client, live only in
     that client's model (see the module docstring for our variant of the paper's construction).
 
