@@ -368,16 +368,7 @@ class ImprintAttack(Attack):
     def check(self, obs: Observation) -> None:
         """Refuse an observation whose update lacks the block or does not match the secrets."""
         sec = self.secrets(obs)
-        missing = [n for n in (WEIGHT, BIAS) if n not in obs.update]
-        if missing:
-            raise ThreatModelError(f"imprint: the update lacks {missing[0]!r} "
-                                   "(was the block sent?)")
-        rows = int(sec.get("rows", -1))
-        d = int(obs.input_shape[0] * obs.input_shape[1] * obs.input_shape[2])
-        shape = tuple(obs.update[WEIGHT].shape)
-        if shape != (rows, d) or tuple(obs.update[BIAS].shape) != (rows,):
-            raise ThreatModelError(f"imprint: the block's update has shape {shape}, "
-                                   f"the secrets say ({rows}, {d})")
+        check_block_update(obs, "imprint", int(sec.get("rows", -1)))
         if sec.get("variant") not in VARIANTS:
             raise ThreatModelError(f"imprint: unknown variant {sec.get('variant')!r} "
                                    "in the secrets")
@@ -452,3 +443,15 @@ def _filled_block(shape: tuple[int, ...], t: torch.Tensor, sigma: float, u: torc
         top = (s * upper).clamp(max=_FLOAT_MAX) if clamp else torch.full((rows,), _FLOAT_MAX)
         block.upper.copy_(top)
     return block
+
+
+def check_block_update(obs: Observation, who: str, rows: int) -> None:
+    """Refuse (``ThreatModelError`` naming ``who``) an update without the front block's encoder,
+    or whose encoder is not ``rows`` × the flattened input."""
+    missing = [n for n in (WEIGHT, BIAS) if n not in obs.update]
+    if missing:
+        raise ThreatModelError(f"{who}: the update lacks {missing[0]!r} (was the block sent?)")
+    d = int(obs.input_shape[0] * obs.input_shape[1] * obs.input_shape[2])
+    shape = tuple(obs.update[WEIGHT].shape)
+    if shape != (rows, d) or tuple(obs.update[BIAS].shape) != (rows,):
+        raise ThreatModelError(f"{who}: the block's update has shape {shape}, the secrets say ({rows}, {d})")

@@ -60,10 +60,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from adversaries.base import ATTACKS, Attack, AttackResult, Observation
+from adversaries.base import ATTACKS, AttackResult, Observation
 from adversaries.malicious._imprint_bins import expected_alone_share
 from adversaries.malicious.base import Crafted, Modification, ServerView, register_modification
-from adversaries.malicious.imprint import BIAS, WEIGHT, Imprint, recover_bins
+from adversaries.malicious.imprint import (
+    BIAS,
+    WEIGHT,
+    Imprint,
+    ImprintAttack,
+    check_block_update,
+    recover_bins,
+)
 from fl_privsim.architecture import FrontBlock, FrontBlockModel
 from fl_privsim.errors import ConfigError, ThreatModelError
 
@@ -196,7 +203,7 @@ class Loki(Modification):
 
 
 @ATTACKS.register("loki")
-class LokiAttack(Attack):
+class LokiAttack(ImprintAttack):
     """Recover every client's records from the aggregate of LOKI's customised models (Zhao
     et al., IEEE S&P 2024; imprint recovery of Fowl et al., ICLR 2022, block by block).
 
@@ -226,27 +233,16 @@ class LokiAttack(Attack):
         "the update holds block.encoder.weight and block.encoder.bias of the sent block",
     )
 
-    def __init__(self, *, tol: float = 1e-6) -> None:
-        if not float(tol) >= 0:
-            raise ValueError(f"tol must be >= 0, got {tol!r}")
-        self.tol = float(tol)
-
     def check(self, obs: Observation) -> None:
         """Refuse an observation whose update lacks the block or disagrees with the secrets."""
         sec = self.secrets(obs)
-        missing = [n for n in (WEIGHT, BIAS) if n not in obs.update]
-        if missing:
-            raise ThreatModelError(f"loki: the update lacks {missing[0]!r} (were the models sent?)")
         if sec.get("variant") not in VARIANTS:
             raise ThreatModelError(f"loki: unknown variant {sec.get('variant')!r} in the secrets")
         k, rows = int(sec.get("bins_per_client", -1)), int(sec.get("rows", -1))
         spans = sorted(tuple(int(v) for v in span) for span in dict(sec.get("blocks", {})).values())
         if k < 1 or rows != k * len(spans) or spans != [(j * k, (j + 1) * k) for j in range(len(spans))]:
             raise ThreatModelError(f"loki: the secrets' blocks do not tile {rows} rows of {k}")
-        d = int(obs.input_shape[0] * obs.input_shape[1] * obs.input_shape[2])
-        shape = tuple(obs.update[WEIGHT].shape)
-        if shape != (rows, d) or tuple(obs.update[BIAS].shape) != (rows,):
-            raise ThreatModelError(f"loki: the block's update has shape {shape}, the secrets say ({rows}, {d})")
+        check_block_update(obs, "loki", rows)
 
     def run(
         self, obs: Observation, *, device: torch.device, generator: torch.Generator
