@@ -446,15 +446,19 @@ def _craft_all(
                 continue
             view = server_view(data, stage=rnd, seed=seed, training=training)
             crafted = mod.craft(copy.deepcopy(model), view)
-            honest = model.state_dict()
             for sent in (crafted.model, *crafted.per_client.values()):
-                state = sent.state_dict()
-                if state.keys() == honest.keys() and all(torch.equal(state[k], honest[k]) for k in state):
-                    continue  # sent unchanged (isolation's target): nothing to detect, not a miss
+                if sent_unchanged(sent, model):
+                    continue  # isolation's target gets the honest model: nothing to detect, not a miss
                 checks = {f.check for f in insp.findings(sent)}
                 detections.setdefault(label, _Tally(keep="missed")).add(
                     checks, f"{name} seed {seed} round {rnd}"
                 )
+
+
+def sent_unchanged(sent: nn.Module, honest: nn.Module) -> bool:
+    """Whether a crafted model is the honest one, weight for weight (nothing to detect)."""
+    a, b = sent.state_dict(), honest.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _finite(value: Any) -> Any:
@@ -537,6 +541,7 @@ __all__ = [
     "lower_bound",
     "main",
     "measure",
+    "sent_unchanged",
     "server_view",
     "upper_bound",
     "variant_label",

@@ -30,7 +30,14 @@ from clients.local_update import local_update
 from fl_privsim.architecture import FrontBlock, FrontBlockModel
 from fl_privsim.data import load_dataset
 from fl_privsim.errors import ConfigError
-from fl_privsim.inspection_rates import VARIANTS, Training, honest_trajectory, measure, server_view
+from fl_privsim.inspection_rates import (
+    VARIANTS,
+    Training,
+    honest_trajectory,
+    measure,
+    sent_unchanged,
+    server_view,
+)
 from fl_privsim.models import MODELS, build_model, init_weights
 
 DIGITS = (1, 8, 8)
@@ -169,10 +176,10 @@ def crafts(digits):
                     continue
                 view = server_view(digits, stage=0, seed=0, training=Training())
                 crafted = mod.craft(model, view)
-                if mod.needs_target_clients:  # isolation: what the non-targets get is the crafted part
-                    out += [(name, f"{name}{params} to client {c}", arch, m) for c, m in crafted.per_client.items()]
-                else:
-                    out.append((name, f"{name}{params}", arch, crafted.model))
+                for who, sent in [("", crafted.model), *((f" to client {c}", m) for c, m in crafted.per_client.items())]:
+                    if sent_unchanged(sent, model):
+                        continue  # isolation's target gets the honest model: nothing to detect
+                    out.append((name, f"{name}{params}{who}", arch, sent))
     return out
 
 
