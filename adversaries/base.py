@@ -216,8 +216,10 @@ def require_cross_entropy(setup: Setup, attack: str) -> None:
     """Refuse a setup whose clients train with another loss than softmax cross-entropy (for
     attacks whose gradient model is that loss); an unknown loss passes."""
     if setup.loss is not None and setup.loss != "cross_entropy":
-        raise ThreatModelError(f"{attack}: requires clients trained with mean softmax cross-entropy, "
-                               f"but client.loss = {setup.loss!r}")
+        raise ThreatModelError(
+            f"{attack}: requires clients trained with mean softmax cross-entropy, "
+            f"but client.loss = {setup.loss!r}"
+        )
 
 
 @dataclass
@@ -285,12 +287,18 @@ class Attack(ABC):
         server did not apply it to this update."""
         name = self.modification
         if name is None or name not in obs.server_secrets:
-            raise ThreatModelError(f"requires the server modification {name!r} in this round "
-                                   f"([server] role = \"malicious\", [[server.modifications]] name = {name!r})")
+            raise ThreatModelError(
+                f"requires the server modification {name!r} in this round "
+                f'([server] role = "malicious", [[server.modifications]] name = {name!r})'
+            )
         return obs.server_secrets[name]
 
     def __call__(
-        self, obs: Observation, *, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+        self,
+        obs: Observation,
+        *,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
     ) -> AttackResult:
         """Check the threat model (and the modification's presence), then run."""
         if self.modification is not None:

@@ -34,11 +34,18 @@ FLOWER_MODS = {"client_fixed": fixedclipping_mod, "client_adaptive": adaptivecli
 def _origin_view(msg: Message, reply: Message) -> Message:
     """``msg`` as Flower's mod should see it: the update-space origin and the train config."""
     record = next(iter(reply.content.array_records.values()))
-    zeros = ArrayRecord({k: Array(np.zeros_like(v)) for k, v in zip(record.keys(), record.to_numpy_ndarrays(),
-                                                                     strict=True)})
+    zeros = ArrayRecord(
+        {
+            k: Array(np.zeros_like(v))
+            for k, v in zip(record.keys(), record.to_numpy_ndarrays(), strict=True)
+        }
+    )
     configs = msg.content.config_records
     config = next(iter(configs.values())) if len(configs) == 1 else ConfigRecord({})
-    return Message(content=RecordDict({"arrays": zeros, "config": config}), metadata=copy.deepcopy(msg.metadata))
+    return Message(
+        content=RecordDict({"arrays": zeros, "config": config}),
+        metadata=copy.deepcopy(msg.metadata),
+    )
 
 
 def make_central_dp_mod(config_of: Callable[[Message, Context], Config]) -> Mod:
@@ -47,7 +54,9 @@ def make_central_dp_mod(config_of: Callable[[Message, Context], Config]) -> Mod:
     ``config_of(msg, context)`` returns the run config carried by a message.
     """
 
-    def central_dp_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    def central_dp_mod(
+        msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+    ) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
         mode = config_of(msg, context).federation.central_dp.mode

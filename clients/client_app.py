@@ -74,8 +74,9 @@ def partition_id(context: Context) -> int:
     return int(context.node_config.get("partition-id", 0))
 
 
-def build_client_model(cfg: Config, state: dict[str, torch.Tensor], device: torch.device,
-                       arch_spec: str | None = None) -> torch.nn.Module:
+def build_client_model(
+    cfg: Config, state: dict[str, torch.Tensor], device: torch.device, arch_spec: str | None = None
+) -> torch.nn.Module:
     """The model the server sent: the agreed architecture, or the one ``arch_spec`` describes
     (``fl-privsim-arch``, e.g. a malicious server's imprint block), loaded with ``state``."""
     # One torch thread per CPU Ray reserved for this client: more oversubscribes the cores.
@@ -93,7 +94,9 @@ def _global_model(msg: Message, cfg: Config, device: torch.device) -> torch.nn.M
     record = msg.content.config_records.get(CONFIG_RECORD)
     spec = record.get(ARCH_KEY) if record is not None else None
     arrays = next(iter(msg.content.array_records.values()))
-    return build_client_model(cfg, arrays.to_torch_state_dict(), device, spec if isinstance(spec, str) else None)
+    return build_client_model(
+        cfg, arrays.to_torch_state_dict(), device, spec if isinstance(spec, str) else None
+    )
 
 
 def _state_key(i: int, d: Defense) -> str:
@@ -130,23 +133,40 @@ class TrainReply:
     meta: dict[str, int | float | str]
 
 
-def train_client(cfg: Config, pid: int, model: torch.nn.Module, server_round: int, state: RecordDict,
-                 device: torch.device) -> TrainReply:
+def train_client(
+    cfg: Config,
+    pid: int,
+    model: torch.nn.Module,
+    server_round: int,
+    state: RecordDict,
+    device: torch.device,
+) -> TrainReply:
     """Client ``pid``'s local update of ``model`` in ``server_round``: its seeded batches, the
     configured defenses with their state restored from and saved to ``state`` (the node's
     ``Context.state``). Raises :class:`~clients.defenses.base.ModelRefused` when a defense refuses
     the model. Both the Message-API handler and the SecAgg+ client (:mod:`clients.secagg_client`)
     call this, so the two paths differ only in transport."""
     fed = federated_data(cfg)
-    batches = [fed.tensors("train", idx, device) for idx in client_batch_indices(cfg, fed, server_round, pid)]
+    batches = [
+        fed.tensors("train", idx, device)
+        for idx in client_batch_indices(cfg, fed, server_round, pid)
+    ]
     defenses = build_defenses(cfg.defenses)
     restore_defense_state(defenses, state)
     generator = torch_generator(cfg.seed, server_round, pid, "defense")
     part_size = len(fed.train_parts[pid])
-    result = local_update(model, batches, protocol=cfg.federation.protocol, lr=cfg.client.lr,
-                          defenses=defenses, generator=generator, server_round=server_round,
-                          dataset_size=part_size, expected_batch_size=min(cfg.client.batch_size, part_size),
-                          loss=cfg.client.loss)
+    result = local_update(
+        model,
+        batches,
+        protocol=cfg.federation.protocol,
+        lr=cfg.client.lr,
+        defenses=defenses,
+        generator=generator,
+        server_round=server_round,
+        dataset_size=part_size,
+        expected_batch_size=min(cfg.client.batch_size, part_size),
+        loss=cfg.client.loss,
+    )
     save_defense_state(defenses, state)
     meta: dict[str, int | float | str] = {
         "client-id": pid,
@@ -172,13 +192,20 @@ def handle_train(msg: Message, context: Context) -> Message:
     except ModelRefused as exc:  # a defense (model_inspection) refused the model it was sent
         log.info("client %d refused the model of round %d: %s", pid, server_round, exc)
         return Message(error=Error(code=REFUSED_CODE, reason=f"{REFUSED} {exc}"), reply_to=msg)
-    content = RecordDict({"arrays": ArrayRecord(reply.update), "metrics": MetricRecord(reply.metrics),
-                          "meta": ConfigRecord(reply.meta)})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(reply.update),
+            "metrics": MetricRecord(reply.metrics),
+            "meta": ConfigRecord(reply.meta),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
 @torch.no_grad()
-def evaluate_client(cfg: Config, pid: int, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+def evaluate_client(
+    cfg: Config, pid: int, model: torch.nn.Module, device: torch.device
+) -> dict[str, float]:
     """``num-examples``, ``accuracy`` and ``loss`` of ``model`` on client ``pid``'s local test shard."""
     fed = federated_data(cfg)
     model.eval()
@@ -201,7 +228,10 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
 
 def handle_query(msg: Message, context: Context) -> Message:
     """Tell the server which client (partition) this node is."""
-    return Message(content=RecordDict({"meta": ConfigRecord({"client-id": partition_id(context)})}), reply_to=msg)
+    return Message(
+        content=RecordDict({"meta": ConfigRecord({"client-id": partition_id(context)})}),
+        reply_to=msg,
+    )
 
 
 # Flower's client-side clipping mods, active only in client_* central DP runs.

@@ -60,17 +60,25 @@ def _float_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: b.detach().clone() for n, b in model.named_buffers() if b.is_floating_point()}
 
 
-def _checked(d: Defense, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _checked(
+    d: Defense, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """``after`` when it has the names and shapes of ``before``; a clear error otherwise."""
     bad = [n for n in before if n not in after or after[n].shape != before[n].shape]
     if bad or len(after) != len(before):
-        raise ValueError(f"defense {d.name or type(d).__name__} changed the names or shapes of the update "
-                         f"(first: {(bad or sorted(set(after) - set(before)))[0]!r})")
+        raise ValueError(
+            f"defense {d.name or type(d).__name__} changed the names or shapes of the update "
+            f"(first: {(bad or sorted(set(after) - set(before)))[0]!r})"
+        )
     return after
 
 
 def _per_sample_gradients(
-    d: PerSampleDefense, model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor,
+    d: PerSampleDefense,
+    model: nn.Module,
+    names: list[str],
+    x: torch.Tensor,
+    y: torch.Tensor,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``d.per_sample_gradients``; a defense that draws from torch's global RNG there
@@ -136,7 +144,9 @@ def local_update(
     defenses = tuple(defenses)
     loss_fn = loss_function(loss)
     if loss != "cross_entropy" and any(isinstance(d, PerSampleDefense) for d in defenses):
-        raise ValueError(f"per-sample defenses compute cross-entropy per sample; loss {loss!r} is not supported")
+        raise ValueError(
+            f"per-sample defenses compute cross-entropy per sample; loss {loss!r} is not supported"
+        )
     if defenses and generator is None:
         raise ValueError("defenses need a generator (seed it from run seed, round and client)")
     model.train()
@@ -144,8 +154,15 @@ def local_update(
     names = [n for n, _ in params]
     buffers_before = _float_buffers(model)
     losses: list[float] = []
-    info = TrainingInfo(protocol, float(lr), len(batches), int(batches[0][1].shape[0]), int(server_round),
-                        int(dataset_size), int(expected_batch_size))
+    info = TrainingInfo(
+        protocol,
+        float(lr),
+        len(batches),
+        int(batches[0][1].shape[0]),
+        int(server_round),
+        int(dataset_size),
+        int(expected_batch_size),
+    )
     for d in defenses:
         d.begin(model, info)
     per_sample = [d for d in defenses if isinstance(d, PerSampleDefense)]
@@ -155,7 +172,11 @@ def local_update(
     def gradient(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if per_sample:
             value, ps = _per_sample_gradients(per_sample[0], model, names, x, y, generator)
-            g = _checked(per_sample[0], dict(params), per_sample[0].reduce_per_sample(ps, generator=generator))
+            g = _checked(
+                per_sample[0],
+                dict(params),
+                per_sample[0].reduce_per_sample(ps, generator=generator),
+            )
         else:
             value = loss_fn(model(x), y)
             grads = torch.autograd.grad(value, [p for _, p in params])
@@ -163,7 +184,9 @@ def local_update(
                 return value, list(grads)
             g = dict(zip(names, grads, strict=True))
         for d in step_defs:
-            if getattr(d, "needs_batch", False):  # e.g. soteria: the batch itself, not only its gradient
+            if getattr(
+                d, "needs_batch", False
+            ):  # e.g. soteria: the batch itself, not only its gradient
                 d.observe_batch(model, x, y, generator=generator)
             g = _checked(d, g, d.transform_step(g, generator=generator))
         return value, [g[n] for n in names]
@@ -190,6 +213,11 @@ def local_update(
         if n in buffers_before:
             update[n] = (b.detach() - buffers_before[n]).clone()
     num_examples = int(sum(int(y.shape[0]) for _, y in batches))
-    metrics = {f"defense{i}.{d.name or type(d).__name__}.{k}": v
-               for i, d in enumerate(defenses) for k, v in d.metrics().items()}
-    return LocalUpdate(update=update, num_examples=num_examples, loss=sum(losses) / len(losses), metrics=metrics)
+    metrics = {
+        f"defense{i}.{d.name or type(d).__name__}.{k}": v
+        for i, d in enumerate(defenses)
+        for k, v in d.metrics().items()
+    }
+    return LocalUpdate(
+        update=update, num_examples=num_examples, loss=sum(losses) / len(losses), metrics=metrics
+    )

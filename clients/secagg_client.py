@@ -64,8 +64,12 @@ def float_keys(state: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in state.items() if v.is_floating_point()]
 
 
-def full_weights(global_state: dict[str, torch.Tensor], update: dict[str, torch.Tensor], protocol: str,
-                 param_names: set[str]) -> list[np.ndarray]:
+def full_weights(
+    global_state: dict[str, torch.Tensor],
+    update: dict[str, torch.Tensor],
+    protocol: str,
+    param_names: set[str],
+) -> list[np.ndarray]:
     """What the client hands to SecAgg+: ``θ + Δ`` (FedAvg, buffers) or ``θ − g`` (FedSGD
     parameters), float64, one array per floating-point entry of ``global_state``."""
     out = []
@@ -76,7 +80,9 @@ def full_weights(global_state: dict[str, torch.Tensor], update: dict[str, torch.
     return out
 
 
-def state_from_arrays(cfg: Config, arrays: list[np.ndarray], arch_spec: str | None = None) -> dict[str, torch.Tensor]:
+def state_from_arrays(
+    cfg: Config, arrays: list[np.ndarray], arch_spec: str | None = None
+) -> dict[str, torch.Tensor]:
     """The model ``state_dict`` whose floating-point entries are ``arrays`` (in order); the other
     entries (integer counters) keep the freshly built model's values, as on the server. With
     ``arch_spec`` (a malicious server's ``fl-privsim-arch``) the template is that architecture."""
@@ -89,7 +95,12 @@ def state_from_arrays(cfg: Config, arrays: list[np.ndarray], arch_spec: str | No
     if len(keys) != len(arrays):
         raise ValueError(f"expected {len(keys)} arrays, got {len(arrays)}")
     state = dict(template)
-    state.update({k: torch.as_tensor(np.asarray(a)).to(template[k].dtype) for k, a in zip(keys, arrays, strict=True)})
+    state.update(
+        {
+            k: torch.as_tensor(np.asarray(a)).to(template[k].dtype)
+            for k, a in zip(keys, arrays, strict=True)
+        }
+    )
     return state
 
 
@@ -104,7 +115,9 @@ class SecAggClient(NumPyClient):
         """Tell the server which client (partition) this node is."""
         return {"partition_id": self.pid}
 
-    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
+    def fit(
+        self, parameters: list[np.ndarray], config: dict[str, Any]
+    ) -> tuple[list[np.ndarray], int, dict]:
         """Train on the model in ``parameters``; return the full weights, the example count and
         the metrics plus the declared metadata (``meta.*``)."""
         cfg: Config = _config_from_text(str(config[CONFIG_KEY]))
@@ -127,15 +140,19 @@ class SecAggClient(NumPyClient):
         metrics.update({META_PREFIX + k: v for k, v in reply.meta.items()})
         return weights, reply.num_examples, metrics
 
-
-    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
+    def evaluate(
+        self, parameters: list[np.ndarray], config: dict[str, Any]
+    ) -> tuple[float, int, dict]:
         """Federated evaluation on this client's local test shard (not secure-aggregated)."""
         cfg: Config = _config_from_text(str(config[CONFIG_KEY]))
         device = resolve_device(cfg.federation.device)
         model = build_client_model(cfg, state_from_arrays(cfg, parameters), device)
         metrics = evaluate_client(cfg, self.pid, model, device)
-        return float(metrics["loss"]), int(metrics["num-examples"]), {"accuracy": metrics["accuracy"],
-                                                                      META_PREFIX + "client-id": self.pid}
+        return (
+            float(metrics["loss"]),
+            int(metrics["num-examples"]),
+            {"accuracy": metrics["accuracy"], META_PREFIX + "client-id": self.pid},
+        )
 
 
 def client_fn(context: Context) -> Any:

@@ -61,7 +61,9 @@ def _combine(parts: Sequence[NoiseModel]) -> NoiseModel | None:
     return NoiseModel("gaussian", math.sqrt(var), "+".join(p.source for p in parts))
 
 
-def noise_from_defenses(cfg: Any, server_round: int = 1, dataset_size: int = 0) -> NoiseModel | None:
+def noise_from_defenses(
+    cfg: Any, server_round: int = 1, dataset_size: int = 0
+) -> NoiseModel | None:
     """The noise the client's ``[[defenses]]`` add, in the space of the observation's gradient.
 
     - ``noise``: σ (or b) = ``scale``; on the update of FedAvg it is divided by ``lr·K``, per
@@ -111,7 +113,9 @@ def noise_from_defenses(cfg: Any, server_round: int = 1, dataset_size: int = 0) 
             dfn = DEFENSES.create(d.name, **d.params)
             r = max(0, server_round - 1)
             ts = [r] if dfn.step_unit == "round" else [r * k + j for j in range(k)]
-            sigma = math.sqrt(sum(sigma_at(dfn.schedule, t, dfn.horizon) ** 2 for t in ts) / len(ts))
+            sigma = math.sqrt(
+                sum(sigma_at(dfn.schedule, t, dfn.horizon) ** 2 for t in ts) / len(ts)
+            )
             c = dfn.clip_norm if dfn.fixed_clipping else dfn.clip_max
             parts.append(NoiseModel("gaussian", sigma * c / b / math.sqrt(k), src))
     return _combine(parts)
@@ -137,12 +141,26 @@ class I2FAnalysis:
         CG iterations per draw.
     """
 
-    def __init__(self, cfg: Any, *, noise: str = "auto", scale: float = 0.0, eps: float = 1.0,
-                 mc_samples: int = 8, exact: bool = True, cg_max_iter: int = 200) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        *,
+        noise: str = "auto",
+        scale: float = 0.0,
+        eps: float = 1.0,
+        mc_samples: int = 8,
+        exact: bool = True,
+        cg_max_iter: int = 200,
+    ) -> None:
         if noise not in I2F_NOISES:
             raise ConfigError(f"noise must be one of {', '.join(I2F_NOISES)}, got {noise!r}")
         num = (int, float)
-        if isinstance(scale, bool) or not isinstance(scale, num) or scale < 0 or not math.isfinite(scale):
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, num)
+            or scale < 0
+            or not math.isfinite(scale)
+        ):
             raise ConfigError(f"scale must be a finite number >= 0, got {scale!r}")
         if noise in ("gaussian", "laplace") and scale <= 0:
             raise ConfigError(f"noise = {noise!r} needs scale > 0")
@@ -166,15 +184,32 @@ class I2FAnalysis:
             return noise_from_defenses(self.cfg, server_round, dataset_size)
         return NoiseModel(self.noise, self.scale, "params")
 
-    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, noise: NoiseModel,
-                 data_std: Sequence[float], generator: torch.Generator) -> dict[str, float]:
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        noise: NoiseModel,
+        data_std: Sequence[float],
+        generator: torch.Generator,
+    ) -> dict[str, float]:
         """I²F of ``noise`` at ``model`` for the batch ``(x, y)`` (normalised inputs)."""
         from adversaries.measures.i2f import i2f_expected
 
         t0 = time.perf_counter()
-        (res,) = i2f_expected(model, x, y, noise=noise.kind, scale=noise.scale, n_draws=self.mc_samples,
-                              per_sample=False, eps=self.eps, exact=self.exact, cg_max_iter=self.cg_max_iter,
-                              generator=generator)
+        (res,) = i2f_expected(
+            model,
+            x,
+            y,
+            noise=noise.kind,
+            scale=noise.scale,
+            n_draws=self.mc_samples,
+            per_sample=False,
+            eps=self.eps,
+            exact=self.exact,
+            cg_max_iter=self.cg_max_iter,
+            generator=generator,
+        )
         to_rmse = math.sqrt(sum(s * s for s in data_std) / len(data_std)) / math.sqrt(x.numel())
         out = {
             "lower_bound": res.lower_bound_mean,
@@ -215,14 +250,20 @@ def build_analyses(cfg: Any) -> list[AnalysisPlan]:
     for i, a in enumerate(getattr(cfg, "analyses", ())):
         where = f"analyses[{i}]"
         if a.name not in ANALYSIS_NAMES:
-            raise ConfigError(f"{where}.name: {a.name!r} is not an analysis; allowed: {', '.join(ANALYSIS_NAMES)}")
+            raise ConfigError(
+                f"{where}.name: {a.name!r} is not an analysis; allowed: {', '.join(ANALYSIS_NAMES)}"
+            )
         for r in a.targets.rounds:
             if r > cfg.federation.rounds:
-                raise ConfigError(f"{where}.targets.rounds: round {r} is after the last round ({cfg.federation.rounds})")
+                raise ConfigError(
+                    f"{where}.targets.rounds: round {r} is after the last round ({cfg.federation.rounds})"
+                )
         for c in a.targets.clients:
             if c >= cfg.federation.num_clients:
-                raise ConfigError(f"{where}.targets.clients: client {c} does not exist "
-                                  f"(clients are 0..{cfg.federation.num_clients - 1})")
+                raise ConfigError(
+                    f"{where}.targets.clients: client {c} does not exist "
+                    f"(clients are 0..{cfg.federation.num_clients - 1})"
+                )
         try:
             analysis = I2FAnalysis(cfg, **a.params)
         except ConfigError as exc:
@@ -233,14 +274,25 @@ def build_analyses(cfg: Any) -> list[AnalysisPlan]:
     return plans
 
 
-def summarize(rows: Mapping[str, Sequence[Mapping[str, float]]], outcomes: Mapping[str, Mapping[str, int]],
-              noise: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+def summarize(
+    rows: Mapping[str, Sequence[Mapping[str, float]]],
+    outcomes: Mapping[str, Mapping[str, int]],
+    noise: Mapping[str, str],
+) -> dict[str, dict[str, Any]]:
     """Per analysis: the mean of each logged value and the outcome counts."""
     out: dict[str, dict[str, Any]] = {}
     for name in sorted(set(rows) | set(outcomes)):
         vals = rows.get(name, [])
         entry: dict[str, Any] = {}
-        for k in ("lower_bound_rmse", "exact_rmse", "lower_bound", "exact", "lambda_max", "noise_scale", "seconds"):
+        for k in (
+            "lower_bound_rmse",
+            "exact_rmse",
+            "lower_bound",
+            "exact",
+            "lambda_max",
+            "noise_scale",
+            "seconds",
+        ):
             xs = [r[k] for r in vals if k in r]
             if xs:
                 entry[k] = float(sum(xs) / len(xs))

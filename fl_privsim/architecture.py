@@ -51,12 +51,16 @@ class FrontBlock(nn.Module):
         ``"relu"`` or ``"clamp"``.
     """
 
-    def __init__(self, input_shape: tuple[int, int, int], rows: int, activation: str = "relu") -> None:
+    def __init__(
+        self, input_shape: tuple[int, int, int], rows: int, activation: str = "relu"
+    ) -> None:
         super().__init__()
         if rows < 1:
             raise ConfigError(f"front block: rows must be >= 1, got {rows}")
         if activation not in ACTIVATIONS:
-            raise ConfigError(f"front block: activation {activation!r} not in {', '.join(ACTIVATIONS)}")
+            raise ConfigError(
+                f"front block: activation {activation!r} not in {', '.join(ACTIVATIONS)}"
+            )
         d = int(input_shape[0] * input_shape[1] * input_shape[2])
         self.activation = activation
         self.encoder = nn.Linear(d, rows)
@@ -93,8 +97,13 @@ def check_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         fb = dict(out["front_block"])
         bad = sorted(set(fb) - {"rows", "activation"})
         if bad:
-            raise ConfigError(f"architecture spec: front_block has unknown key {bad[0]!r}; allowed: rows, activation")
-        out["front_block"] = {"rows": int(fb.get("rows", 0)), "activation": str(fb.get("activation", "relu"))}
+            raise ConfigError(
+                f"architecture spec: front_block has unknown key {bad[0]!r}; allowed: rows, activation"
+            )
+        out["front_block"] = {
+            "rows": int(fb.get("rows", 0)),
+            "activation": str(fb.get("activation", "relu")),
+        }
     return out
 
 
@@ -131,7 +140,9 @@ def honest_name(name: str, spec: Mapping[str, Any]) -> str | None:
     return name.removeprefix("model.")
 
 
-def honest_update(update: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def honest_update(
+    update: Mapping[str, torch.Tensor], spec: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
     """An update of the sent model restricted to, and renamed as, the agreed model's entries."""
     out: dict[str, torch.Tensor] = {}
     for name, value in update.items():
@@ -139,4 +150,3 @@ def honest_update(update: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -
         if hn is not None:
             out[hn] = value
     return out
-

@@ -40,17 +40,28 @@ def _parser() -> argparse.ArgumentParser:
         epilog=RUN_EPILOG.format(keys=config_mod.describe()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("config", nargs="?", help="TOML config file (default: the built-in default job)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one config key (repeatable)")
+    run.add_argument(
+        "config", nargs="?", help="TOML config file (default: the built-in default job)"
+    )
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key (repeatable)",
+    )
     run.add_argument("--out", help="run folder to create (default: <output.dir>/<UTC time>_<name>)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     show = sub.add_parser("config", help="print the resolved config as TOML")
     show.add_argument("config", nargs="?", help="TOML config file")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    sub.add_parser("attacks", help="list the registered attacks (with their threat models) and the "
-                   "malicious server's modifications")
+    sub.add_parser(
+        "attacks",
+        help="list the registered attacks (with their threat models) and the "
+        "malicious server's modifications",
+    )
     rep = sub.add_parser(
         "reproduce",
         help="rerun a paper's experiment and write its table beside the paper's numbers",
@@ -58,16 +69,31 @@ def _parser() -> argparse.ArgumentParser:
         "Settings come from experiments/reproduce/NAME.toml, then --config, then --set.",
     )
     rep.add_argument("name", nargs="?", help="reproduction name (see --list)")
-    rep.add_argument("--list", action="store_true", help="list the reproductions and their settings")
-    rep.add_argument("--config", help="TOML file of settings (default: experiments/reproduce/NAME.toml)")
-    rep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one setting (repeatable)")
+    rep.add_argument(
+        "--list", action="store_true", help="list the reproductions and their settings"
+    )
+    rep.add_argument(
+        "--config", help="TOML file of settings (default: experiments/reproduce/NAME.toml)"
+    )
+    rep.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting (repeatable)",
+    )
     rep.add_argument("--out", help="run folder to create (default: runs/<UTC time>_reproduce_NAME)")
-    rep.add_argument("--quick", action="store_true", help="a small smoke-test version of the settings")
+    rep.add_argument(
+        "--quick", action="store_true", help="a small smoke-test version of the settings"
+    )
     rep.add_argument("--verbose", action="store_true", help="log progress")
-    rep.add_argument("--json", action="store_true",
-                     help="print the summary (summary.json plus run_dir) as JSON instead of the table; with "
-                     "--list, the reproductions and their settings as JSON")
+    rep.add_argument(
+        "--json",
+        action="store_true",
+        help="print the summary (summary.json plus run_dir) as JSON instead of the table; with "
+        "--list, the reproductions and their settings as JSON",
+    )
     from fl_privsim.measure import add_parser as add_measure_parser
 
     add_measure_parser(sub)
@@ -108,24 +134,35 @@ def _dp_lines(summary: dict[str, Any]) -> list[str]:
             status = "formal: Poisson-sampled batches, clipping bound fixed in advance"
         else:
             status = "not formal" + (": " + "; ".join(why) if why else "")
-        lines.append(f"client DP: ε = {summary['epsilon']:.3f} at δ = {_delta(summary.get('epsilon_delta'))} "
-                     f"(largest over clients; {status})")
+        lines.append(
+            f"client DP: ε = {summary['epsilon']:.3f} at δ = {_delta(summary.get('epsilon_delta'))} "
+            f"(largest over clients; {status})"
+        )
     report = summary.get("central_dp")
     if report:
         why = report.get("not_formal_because") or []
         eps = report.get("epsilon", summary.get("central_epsilon"))
         head = f"central DP ({report.get('mode', '?')}):"
         if eps is None:  # a release without noise: no guarantee at all
-            lines.append(f"{head} ε = ∞, no DP guarantee for the released models "
-                         f"({'; '.join(why[:1]) or 'a round was released without noise'})")
+            lines.append(
+                f"{head} ε = ∞, no DP guarantee for the released models "
+                f"({'; '.join(why[:1]) or 'a round was released without noise'})"
+            )
             return lines
         if report.get("formal"):
-            status = (f"formal: {report.get('releases', 0)} Gaussian releases of sensitivity C/m composed by RDP, "
-                      + ("no amplification by sampling" if not report.get("amplification", True)
-                         else "every client in every round"))
+            status = (
+                f"formal: {report.get('releases', 0)} Gaussian releases of sensitivity C/m composed by RDP, "
+                + (
+                    "no amplification by sampling"
+                    if not report.get("amplification", True)
+                    else "every client in every round"
+                )
+            )
         else:
             status = "not formal" + (": " + "; ".join(why) if why else "")
-        lines.append(f"{head} ε = {eps:.3f} at δ = {_delta(report.get('delta'))} for the released models ({status})")
+        lines.append(
+            f"{head} ε = {eps:.3f} at δ = {_delta(report.get('delta'))} for the released models ({status})"
+        )
     return lines
 
 
@@ -138,13 +175,19 @@ def format_table(summary: dict[str, Any]) -> str:
     def fmt(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
-    lines = [(f"{'attack':<30} {'attacked':>8} {'PSNR dB':>8} {'SSIM':>6} {'AVD':>6} {'ASR':>5} "
-              f"{'leak':>5} {'label acc':>9} {'refused':>7} {'failed':>6}")]
+    lines = [
+        (
+            f"{'attack':<30} {'attacked':>8} {'PSNR dB':>8} {'SSIM':>6} {'AVD':>6} {'ASR':>5} "
+            f"{'leak':>5} {'label acc':>9} {'refused':>7} {'failed':>6}"
+        )
+    ]
     span = 8 + 6 + 6 + 5 + 5 + 9 + 5  # the score columns, where an unscored attack says why
     for name, row in summary.get("attacks", {}).items():
         counts = f"{int(row.get('refused', 0)):>7} {int(row.get('failed', 0)):>6}"
         notes = _outcome_notes(row)
-        if int(row.get("attacked", 0)) == 0:  # nothing scored: the reason instead of a row of dashes
+        if (
+            int(row.get("attacked", 0)) == 0
+        ):  # nothing scored: the reason instead of a row of dashes
             text = "; ".join(notes) or ("-" if "auc" in row else "no update attacked")
             cell = textwrap.wrap(text, span) or [""]
             lines.append(f"{name:<30} {0:>8} {cell[0]:<{span}} {counts}")
@@ -155,28 +198,43 @@ def format_table(summary: dict[str, Any]) -> str:
             f"{fmt(row.get('ssim'), '.3f'):>6} {fmt(row.get('avd'), '.3f'):>6} {fmt(row.get('asr'), '.2f'):>5} "
             f"{fmt(row.get('leakage_rate'), '.2f'):>5} {fmt(row.get('label_accuracy'), '.3f'):>9} {counts}"
         )
-        lines.extend(f"{'':<4}{note}" for note in notes)  # some updates scored, others refused or failed
-    for name, row in summary.get("attacks", {}).items():  # inference attacks: AUC over the scored updates
+        lines.extend(
+            f"{'':<4}{note}" for note in notes
+        )  # some updates scored, others refused or failed
+    for name, row in summary.get(
+        "attacks", {}
+    ).items():  # inference attacks: AUC over the scored updates
         if "auc" in row:
             ci = row.get("auc_ci") or [float("nan")] * 2
-            lines.append(f"{name}: AUC {row['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] over {row.get('trials', 0)} "
-                         f"updates ({row.get('positives', 0)} with secret 1), accuracy "
-                         f"{row.get('accuracy', float('nan')):.3f}, advantage {row.get('advantage', float('nan')):.3f}")
+            lines.append(
+                f"{name}: AUC {row['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] over {row.get('trials', 0)} "
+                f"updates ({row.get('positives', 0)} with secret 1), accuracy "
+                f"{row.get('accuracy', float('nan')):.3f}, advantage {row.get('advantage', float('nan')):.3f}"
+            )
     server = summary.get("server") or {}
     if server.get("role") == "malicious":
-        crafted = "; ".join(f"round {r}: " + ", ".join(f"{m} for clients {c}" for m, c in mods.items())
-                            for r, mods in (server.get("crafted") or {}).items()) or "no round"
+        crafted = (
+            "; ".join(
+                f"round {r}: " + ", ".join(f"{m} for clients {c}" for m, c in mods.items())
+                for r, mods in (server.get("crafted") or {}).items()
+            )
+            or "no round"
+        )
         lines.append(f"malicious server crafted the model in {crafted}")
     for kind, what in (("refused", "refused to train"), ("failed", "failed")):
         errs = (summary.get("client_errors") or {}).get(kind) or {}
         if errs.get("total"):
             rounds = ", ".join(f"round {r}: {n}" for r, n in errs.get("by_round", {}).items())
-            lines.append(f"clients that {what}: {errs['total']} ({rounds}); reason: {errs['reasons'][0]}")
+            lines.append(
+                f"clients that {what}: {errs['total']} ({rounds}); reason: {errs['reasons'][0]}"
+            )
     lines.extend(_dp_lines(summary))
     acc = summary.get("final_accuracy")
     lines.append("")
-    lines.append(f"model test accuracy after round {summary.get('rounds')}: {fmt(acc, '.4f')}"
-                 f" (round 0: {fmt(summary.get('initial_accuracy'), '.4f')})")
+    lines.append(
+        f"model test accuracy after round {summary.get('rounds')}: {fmt(acc, '.4f')}"
+        f" (round 0: {fmt(summary.get('initial_accuracy'), '.4f')})"
+    )
     return "\n".join(lines)
 
 
@@ -204,7 +262,9 @@ def _cmd_attacks() -> int:
             print(f"    needs the malicious server's modification: {cls.modification}")
         for req in getattr(cls, "requires", ()):
             print(f"    requires: {req}")
-    print("\nmodifications of a malicious server ([server] role = \"malicious\", [[server.modifications]]):")
+    print(
+        '\nmodifications of a malicious server ([server] role = "malicious", [[server.modifications]]):'
+    )
     for name in MODIFICATIONS.names():
         cls = MODIFICATIONS.get(name)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
@@ -216,8 +276,16 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from fl_privsim import reproduce
 
     if args.list and args.json:
-        print(json.dumps({name: {"title": repro.title, "settings": dict(repro.defaults)}
-                          for name, repro in sorted(reproduce.REPRODUCTIONS.items())}, indent=2, default=str))
+        print(
+            json.dumps(
+                {
+                    name: {"title": repro.title, "settings": dict(repro.defaults)}
+                    for name, repro in sorted(reproduce.REPRODUCTIONS.items())
+                },
+                indent=2,
+                default=str,
+            )
+        )
         return 0
     if args.list or not args.name:
         for name in sorted(reproduce.REPRODUCTIONS):

@@ -33,7 +33,9 @@ PATH_KEYS: tuple[str, ...] = ("data.root", "output.dir")
 def _f(default: Any, help: str, **rules: Any) -> Any:
     """A dataclass field with help text and validation rules (min, max, choices)."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **rules})
+        return field(
+            default_factory=lambda: type(default)(default), metadata={"help": help, **rules}
+        )
     return field(default=default, metadata={"help": help, **rules})
 
 
@@ -41,12 +43,30 @@ def _f(default: Any, help: str, **rules: Any) -> Any:
 class DataConfig:
     """``[data]``: which dataset, where it lives and how it is split across clients."""
 
-    name: str = _f("digits", "dataset", choices=("digits", "mnist", "fashion_mnist", "cifar10",
-                                                   "folder", "cifar10_npz", "mnist_idx", "adult"))
-    root: str = _f("", "folder holding the dataset files (\"\" = none; needed for all but digits)")
-    download: bool = _f(False, "let torchvision download mnist/fashion_mnist/cifar10 (needs internet)")
-    image_size: int = _f(0, "resize images to this square size (0 = native; folder default 32)", min=0)
-    test_fraction: float = _f(0.2, "held-out share when a dataset has no test split", min=0.05, max=0.9)
+    name: str = _f(
+        "digits",
+        "dataset",
+        choices=(
+            "digits",
+            "mnist",
+            "fashion_mnist",
+            "cifar10",
+            "folder",
+            "cifar10_npz",
+            "mnist_idx",
+            "adult",
+        ),
+    )
+    root: str = _f("", 'folder holding the dataset files ("" = none; needed for all but digits)')
+    download: bool = _f(
+        False, "let torchvision download mnist/fashion_mnist/cifar10 (needs internet)"
+    )
+    image_size: int = _f(
+        0, "resize images to this square size (0 = native; folder default 32)", min=0
+    )
+    test_fraction: float = _f(
+        0.2, "held-out share when a dataset has no test split", min=0.05, max=0.9
+    )
     max_examples: int = _f(0, "cap on training examples, deterministic subset (0 = all)", min=0)
     partition: str = _f("iid", "how examples are split over clients", choices=("iid", "dirichlet"))
     alpha: float = _f(0.5, "Dirichlet concentration for label skew (smaller = more skew)", min=1e-3)
@@ -56,34 +76,69 @@ class DataConfig:
 class ModelConfig:
     """``[model]``: the architecture trained by the federation and seen by the attacks."""
 
-    name: str = _f("mlp", "architecture (resnet18_gn: resnet18 with GroupNorm, for dp_sgd)",
-                   choices=("mlp", "linear", "lenet", "convnet", "cnn6", "resnet18", "resnet18_gn",
-                            # <base>_vib: the base with a VIB head, for the vib defense (clients/defenses/vib.py)
-                            "mlp_vib", "linear_vib", "lenet_vib", "convnet_vib", "cnn6_vib", "resnet18_gn_vib"))
-    init: str = _f("default", "weight init: default (PyTorch), uniform (DLG's U(-0.5, 0.5)), normal, "
-                   "kaiming, xavier", choices=("default", "uniform", "normal", "kaiming", "xavier"))
+    name: str = _f(
+        "mlp",
+        "architecture (resnet18_gn: resnet18 with GroupNorm, for dp_sgd)",
+        choices=(
+            "mlp",
+            "linear",
+            "lenet",
+            "convnet",
+            "cnn6",
+            "resnet18",
+            "resnet18_gn",
+            # <base>_vib: the base with a VIB head, for the vib defense (clients/defenses/vib.py)
+            "mlp_vib",
+            "linear_vib",
+            "lenet_vib",
+            "convnet_vib",
+            "cnn6_vib",
+            "resnet18_gn_vib",
+        ),
+    )
+    init: str = _f(
+        "default",
+        "weight init: default (PyTorch), uniform (DLG's U(-0.5, 0.5)), normal, kaiming, xavier",
+        choices=("default", "uniform", "normal", "kaiming", "xavier"),
+    )
 
 
 @dataclass(frozen=True)
 class CentralDPConfig:
     """``[federation.central_dp]``: Flower's central DP wrappers (clipping + server noise)."""
 
-    mode: str = _f("off", "Flower central DP: off, server_fixed, client_fixed, server_adaptive, client_adaptive "
-                   "(client_*: clients clip with Flower's mods)",
-                   choices=("off", "server_fixed", "client_fixed", "server_adaptive", "client_adaptive"))
-    noise_multiplier: float = _f(1.0, "sigma: noise std on the mean update = sigma * C / num_sampled_clients "
-                                 "(0 = clipping only, no DP guarantee)", min=0.0)
+    mode: str = _f(
+        "off",
+        "Flower central DP: off, server_fixed, client_fixed, server_adaptive, client_adaptive "
+        "(client_*: clients clip with Flower's mods)",
+        choices=("off", "server_fixed", "client_fixed", "server_adaptive", "client_adaptive"),
+    )
+    noise_multiplier: float = _f(
+        1.0,
+        "sigma: noise std on the mean update = sigma * C / num_sampled_clients "
+        "(0 = clipping only, no DP guarantee)",
+        min=0.0,
+    )
     clipping_norm: float = _f(1.0, "C: L2 bound of each client's update (fixed modes)", min=0.0)
     initial_clipping_norm: float = _f(0.1, "first C of the adaptive modes (Andrew et al.)", min=0.0)
-    target_clipped_quantile: float = _f(0.5, "share of updates the adaptive C aims to clip", min=0.0, max=1.0)
+    target_clipped_quantile: float = _f(
+        0.5, "share of updates the adaptive C aims to clip", min=0.0, max=1.0
+    )
     clip_norm_lr: float = _f(0.2, "learning rate of the adaptive C (geometric update)", min=0.0)
-    clipped_count_stddev: float = _f(0.0, "noise std of the clipped count (adaptive; 0 = Flower's default "
-                                     "num_sampled_clients / 20)", min=0.0)
-    num_sampled_clients: int = _f(0, "clients the noise is calibrated for (0 = federation.clients_per_round)",
-                                  min=0)
+    clipped_count_stddev: float = _f(
+        0.0,
+        "noise std of the clipped count (adaptive; 0 = Flower's default num_sampled_clients / 20)",
+        min=0.0,
+    )
+    num_sampled_clients: int = _f(
+        0, "clients the noise is calibrated for (0 = federation.clients_per_round)", min=0
+    )
     delta: float = _f(1e-5, "delta of the reported (epsilon, delta)", min=0.0, max=1.0)
-    amplification: bool = _f(True, "account privacy amplification by client sampling, "
-                             "q = clients_per_round / num_clients (false: every round a full Gaussian release)")
+    amplification: bool = _f(
+        True,
+        "account privacy amplification by client sampling, "
+        "q = clients_per_round / num_clients (false: every round a full Gaussian release)",
+    )
 
 
 @dataclass(frozen=True)
@@ -92,44 +147,78 @@ class SecureAggregationConfig:
     workflow path (:mod:`strategies.secure_aggregation`); the server sees only the unmasked
     weighted mean of the surviving clients' models."""
 
-    mode: str = _f("off", "off: the server sees every update; secagg+: Flower's SecAgg+ masks them",
-                   choices=("off", "secagg+"))
-    num_shares: int = _f(0, "shares of each client's secrets (0 = every sampled client); > 2, odd or equal to "
-                         "federation.clients_per_round", min=0)
-    reconstruction_threshold: int = _f(0, "shares needed to unmask (0 = ceil(2/3 num_shares), at least 2, "
-                                       "below num_shares)", min=0)
-    clipping_range: float = _f(8.0, "C: each weighted model entry is clipped to [-C, C] before quantisation",
-                               min=1e-6)
+    mode: str = _f(
+        "off",
+        "off: the server sees every update; secagg+: Flower's SecAgg+ masks them",
+        choices=("off", "secagg+"),
+    )
+    num_shares: int = _f(
+        0,
+        "shares of each client's secrets (0 = every sampled client); > 2, odd or equal to "
+        "federation.clients_per_round",
+        min=0,
+    )
+    reconstruction_threshold: int = _f(
+        0, "shares needed to unmask (0 = ceil(2/3 num_shares), at least 2, below num_shares)", min=0
+    )
+    clipping_range: float = _f(
+        8.0, "C: each weighted model entry is clipped to [-C, C] before quantisation", min=1e-6
+    )
     quantization_range: int = _f(2**22, "Q: quantisation levels over [-C, C] (step 2C/Q)", min=2)
-    max_weight: float = _f(0.0, "W: the example count that gets full weight (0 = client.batch_size x "
-                           "client.local_steps, the most a client sends)", min=0.0)
+    max_weight: float = _f(
+        0.0,
+        "W: the example count that gets full weight (0 = client.batch_size x "
+        "client.local_steps, the most a client sends)",
+        min=0.0,
+    )
     timeout: float = _f(600.0, "seconds the server waits for each SecAgg+ stage's replies", min=1.0)
-    save_aggregates: bool = _f(False, "debug: save each round's unmasked aggregate update (what the server saw) "
-                               "under secagg_aggregates/ in the run folder")
+    save_aggregates: bool = _f(
+        False,
+        "debug: save each round's unmasked aggregate update (what the server saw) "
+        "under secagg_aggregates/ in the run folder",
+    )
 
 
 @dataclass(frozen=True)
 class FederationConfig:
     """``[federation]``: the simulated federation and its protocol."""
 
-    num_clients: int = _f(10, "simulated clients (Flower SuperNodes), one data partition each", min=1, max=10000)
-    clients_per_round: int = _f(10, "clients sampled each round (deterministic from the seed)", min=1)
+    num_clients: int = _f(
+        10, "simulated clients (Flower SuperNodes), one data partition each", min=1, max=10000
+    )
+    clients_per_round: int = _f(
+        10, "clients sampled each round (deterministic from the seed)", min=1
+    )
     rounds: int = _f(5, "server rounds", min=1, max=100000)
-    protocol: str = _f("fedsgd", "fedsgd: one batch's gradient; fedavg: weight delta after local_steps",
-                       choices=("fedsgd", "fedavg"))
+    protocol: str = _f(
+        "fedsgd",
+        "fedsgd: one batch's gradient; fedavg: weight delta after local_steps",
+        choices=("fedsgd", "fedavg"),
+    )
     server_lr: float = _f(0.5, "server learning rate applied to the averaged update", min=0.0)
     num_cpus_per_client: float = _f(1.0, "Ray CPUs reserved per client actor", min=0.0)
-    num_gpus_per_client: float = _f(0.0, "Ray GPUs per client actor (set > 0 to train clients on CUDA)",
-                                    min=0.0, max=1.0)
-    server_threads: int = _f(1, "torch CPU threads of the server (attacks, central evaluation); "
-                             "more threads than free cores slow small models down", min=1, max=256)
+    num_gpus_per_client: float = _f(
+        0.0, "Ray GPUs per client actor (set > 0 to train clients on CUDA)", min=0.0, max=1.0
+    )
+    server_threads: int = _f(
+        1,
+        "torch CPU threads of the server (attacks, central evaluation); "
+        "more threads than free cores slow small models down",
+        min=1,
+        max=256,
+    )
     device: str = _f("auto", "where clients train and attacks run", choices=("auto", "cpu", "cuda"))
-    ray_address: str = _f("", "address of an existing Ray cluster to join (\"\" = start a local one)")
-    fraction_evaluate: float = _f(1.0, "share of clients in federated evaluation (0 = off)", min=0.0, max=1.0)
-    central_dp: CentralDPConfig = field(default_factory=CentralDPConfig,
-                                        metadata={"help": "[federation.central_dp]"})
-    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig,
-                                                        metadata={"help": "[federation.secure_aggregation]"})
+    ray_address: str = _f("", 'address of an existing Ray cluster to join ("" = start a local one)')
+    fraction_evaluate: float = _f(
+        1.0, "share of clients in federated evaluation (0 = off)", min=0.0, max=1.0
+    )
+    central_dp: CentralDPConfig = field(
+        default_factory=CentralDPConfig, metadata={"help": "[federation.central_dp]"}
+    )
+    secure_aggregation: SecureAggregationConfig = field(
+        default_factory=SecureAggregationConfig,
+        metadata={"help": "[federation.secure_aggregation]"},
+    )
 
 
 @dataclass(frozen=True)
@@ -137,11 +226,16 @@ class ClientConfig:
     """``[client]``: local training of each client."""
 
     batch_size: int = _f(4, "examples per local batch", min=1)
-    local_steps: int = _f(1, "local SGD steps (fedavg; fedsgd always sends one batch's gradient)", min=1)
+    local_steps: int = _f(
+        1, "local SGD steps (fedavg; fedsgd always sends one batch's gradient)", min=1
+    )
     lr: float = _f(0.1, "client learning rate (fedavg local SGD)", min=0.0)
-    loss: str = _f("cross_entropy", "training loss: cross_entropy, or mse (squared error of the softmax against "
-                   "the one-hot label; Eloul et al.'s mixing loss choice, clients.defenses.losses)",
-                   choices=("cross_entropy", "mse"))
+    loss: str = _f(
+        "cross_entropy",
+        "training loss: cross_entropy, or mse (squared error of the softmax against "
+        "the one-hot label; Eloul et al.'s mixing loss choice, clients.defenses.losses)",
+        choices=("cross_entropy", "mse"),
+    )
 
 
 @dataclass(frozen=True)
@@ -166,8 +260,11 @@ class AttackConfig:
 class DefenseConfig:
     """``[[defenses]]``: one client defense and its parameters (applied in list order)."""
 
-    name: str = _f("", "registered defense name (dp_sgd, dynamic_dp, pruning, signsgd, quantization, noise, "
-                   "identical_labels, or a plugin's)")
+    name: str = _f(
+        "",
+        "registered defense name (dp_sgd, dynamic_dp, pruning, signsgd, quantization, noise, "
+        "identical_labels, or a plugin's)",
+    )
     params: dict[str, Any] = _f({}, "keyword parameters of the defense")
 
 
@@ -175,10 +272,17 @@ class DefenseConfig:
 class AnalysisConfig:
     """``[[analyses]]``: one analyst-side measure run on attacked updates (fl_privsim.analyses)."""
 
-    name: str = _f("", "analysis name (i2f: predicted reconstruction error of the client's defense noise)")
-    params: dict[str, Any] = _f({}, "keyword parameters (i2f: noise = auto|gaussian|laplace|none, scale, eps, "
-                                "mc_samples, exact, cg_max_iter)")
-    targets: TargetsConfig = field(default_factory=TargetsConfig, metadata={"help": "targets (clients only)"})
+    name: str = _f(
+        "", "analysis name (i2f: predicted reconstruction error of the client's defense noise)"
+    )
+    params: dict[str, Any] = _f(
+        {},
+        "keyword parameters (i2f: noise = auto|gaussian|laplace|none, scale, eps, "
+        "mc_samples, exact, cg_max_iter)",
+    )
+    targets: TargetsConfig = field(
+        default_factory=TargetsConfig, metadata={"help": "targets (clients only)"}
+    )
 
 
 @dataclass(frozen=True)
@@ -186,7 +290,9 @@ class ModificationTargetsConfig:
     """``[server.modifications.targets]``: when, and for whom, the server crafts the model."""
 
     rounds: list[int] = _f([1], "rounds in which the crafted model is sent", min=1)
-    clients: list[int] = _f([], "client ids that get the crafted model ([] = every sampled client)", min=0)
+    clients: list[int] = _f(
+        [], "client ids that get the crafted model ([] = every sampled client)", min=0
+    )
 
 
 @dataclass(frozen=True)
@@ -195,8 +301,9 @@ class ModificationConfig:
 
     name: str = _f("", "registered modification (imprint, trap_weights, fishing, or a plugin's)")
     params: dict[str, Any] = _f({}, "keyword parameters of the modification")
-    targets: ModificationTargetsConfig = field(default_factory=ModificationTargetsConfig,
-                                               metadata={"help": "targets"})
+    targets: ModificationTargetsConfig = field(
+        default_factory=ModificationTargetsConfig, metadata={"help": "targets"}
+    )
 
 
 @dataclass(frozen=True)
@@ -204,12 +311,19 @@ class ServerConfig:
     """``[server]``: the server's role (honest-but-curious observes; malicious also crafts
     the model it sends) and its modifications."""
 
-    role: str = _f("honest_but_curious", "honest_but_curious: trains as told and only looks at updates; "
-                   "malicious: may also change the model it sends ([[server.modifications]])",
-                   choices=("honest_but_curious", "malicious"))
+    role: str = _f(
+        "honest_but_curious",
+        "honest_but_curious: trains as told and only looks at updates; "
+        "malicious: may also change the model it sends ([[server.modifications]])",
+        choices=("honest_but_curious", "malicious"),
+    )
     modifications: list[ModificationConfig] = _f([], "[[server.modifications]], applied in order")
-    public_examples: int = _f(1000, "records of the server's own data (a seeded subset of the test split, "
-                              "which no client trains on) that a modification may use to calibrate", min=1)
+    public_examples: int = _f(
+        1000,
+        "records of the server's own data (a seeded subset of the test split, "
+        "which no client trains on) that a modification may use to calibrate",
+        min=1,
+    )
 
 
 def _default_attacks() -> list[AttackConfig]:
@@ -221,8 +335,11 @@ class ScoringConfig:
     """``[scoring]``: how the scorer judges reconstructions."""
 
     asr_mse_threshold: float = _f(
-        0.01, "a sample counts as reconstructed (attack success rate, Wei & Liu) when the MSE of "
-        "its matched reconstruction in [0, 1] pixels is at most this (0.01 = PSNR 20 dB)", min=0.0)
+        0.01,
+        "a sample counts as reconstructed (attack success rate, Wei & Liu) when the MSE of "
+        "its matched reconstruction in [0, 1] pixels is at most this (0.01 = PSNR 20 dB)",
+        min=0.0,
+    )
 
 
 @dataclass(frozen=True)
@@ -241,10 +358,14 @@ class Config:
     seed: int = _f(0, "root seed: same config and seed give the same metrics", min=0)
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "[data]"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "[model]"})
-    federation: FederationConfig = field(default_factory=FederationConfig, metadata={"help": "[federation]"})
+    federation: FederationConfig = field(
+        default_factory=FederationConfig, metadata={"help": "[federation]"}
+    )
     client: ClientConfig = field(default_factory=ClientConfig, metadata={"help": "[client]"})
     server: ServerConfig = field(default_factory=ServerConfig, metadata={"help": "[server]"})
-    attacks: list[AttackConfig] = field(default_factory=_default_attacks, metadata={"help": "[[attacks]]"})
+    attacks: list[AttackConfig] = field(
+        default_factory=_default_attacks, metadata={"help": "[[attacks]]"}
+    )
     defenses: list[DefenseConfig] = field(default_factory=list, metadata={"help": "[[defenses]]"})
     analyses: list[AnalysisConfig] = field(default_factory=list, metadata={"help": "[[analyses]]"})
     scoring: ScoringConfig = field(default_factory=ScoringConfig, metadata={"help": "[scoring]"})
@@ -255,7 +376,9 @@ class Config:
 
 
 def _type_name(tp: Any) -> str:
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
+        tp, str(tp)
+    )
 
 
 def _check_scalar(value: Any, tp: Any, path: str, meta: dict[str, Any]) -> Any:
@@ -267,8 +390,10 @@ def _check_scalar(value: Any, tp: Any, path: str, meta: dict[str, Any]) -> Any:
     if not ok:
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{path}: {value!r} is not allowed{did_you_mean(value, meta['choices'])}; "
-                          f"allowed: {', '.join(map(str, meta['choices']))}")
+        raise ConfigError(
+            f"{path}: {value!r} is not allowed{did_you_mean(value, meta['choices'])}; "
+            f"allowed: {', '.join(map(str, meta['choices']))}"
+        )
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"{path}: {value!r} is below the minimum {meta['min']}")
     if "max" in meta and value > meta["max"]:
@@ -284,8 +409,10 @@ def _build(cls: type, data: Any, path: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"[{path}]" if path else "the top level"
-        raise ConfigError(f"unknown key {unknown[0]!r} in {where}{did_you_mean(unknown[0], fields)}; "
-                          f"allowed: {', '.join(fields)}")
+        raise ConfigError(
+            f"unknown key {unknown[0]!r} in {where}{did_you_mean(unknown[0], fields)}; "
+            f"allowed: {', '.join(fields)}"
+        )
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         sub = f"{path}.{name}" if path else name
@@ -317,17 +444,23 @@ def _cross_check(cfg: Config) -> None:
             f"federation.clients_per_round: {fed.clients_per_round} exceeds federation.num_clients "
             f"({fed.num_clients})"
         )
-    if cfg.data.name not in ("digits",) and not cfg.data.root and not (
-        cfg.data.download and cfg.data.name in ("mnist", "fashion_mnist", "cifar10")
+    if (
+        cfg.data.name not in ("digits",)
+        and not cfg.data.root
+        and not (cfg.data.download and cfg.data.name in ("mnist", "fashion_mnist", "cifar10"))
     ):
-        raise ConfigError(f"data.root: dataset {cfg.data.name!r} needs data.root (the folder holding its files)")
+        raise ConfigError(
+            f"data.root: dataset {cfg.data.name!r} needs data.root (the folder holding its files)"
+        )
     for i, atk in enumerate(cfg.attacks):
         where = f"attacks[{i}]"
         if not atk.name:
             raise ConfigError(f"{where}.name: every [[attacks]] entry needs a name")
         for r in atk.targets.rounds:
             if r > fed.rounds:
-                raise ConfigError(f"{where}.targets.rounds: round {r} is after the last round ({fed.rounds})")
+                raise ConfigError(
+                    f"{where}.targets.rounds: round {r} is after the last round ({fed.rounds})"
+                )
         for c in atk.targets.clients:
             if c >= fed.num_clients:
                 raise ConfigError(
@@ -340,8 +473,10 @@ def _check_server(cfg: Config) -> None:
     rounds and clients that exist."""
     srv, fed = cfg.server, cfg.federation
     if srv.modifications and srv.role != "malicious":
-        raise ConfigError(f"server.modifications: {srv.modifications[0].name or 'a modification'!r} needs "
-                          f"server.role = \"malicious\" (an honest-but-curious server never changes the model)")
+        raise ConfigError(
+            f"server.modifications: {srv.modifications[0].name or 'a modification'!r} needs "
+            f'server.role = "malicious" (an honest-but-curious server never changes the model)'
+        )
     if not srv.modifications:
         return
     from adversaries.malicious import MODIFICATIONS  # pure torch; registers the built-ins
@@ -349,22 +484,30 @@ def _check_server(cfg: Config) -> None:
     for i, mod in enumerate(srv.modifications):
         where = f"server.modifications[{i}]"
         if not mod.name:
-            raise ConfigError(f"{where}.name: every [[server.modifications]] entry needs a name; known: "
-                              f"{', '.join(MODIFICATIONS.names())}")
+            raise ConfigError(
+                f"{where}.name: every [[server.modifications]] entry needs a name; known: "
+                f"{', '.join(MODIFICATIONS.names())}"
+            )
         try:
             MODIFICATIONS.create(mod.name, **mod.params)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         if MODIFICATIONS.get(mod.name).needs_target_clients and not mod.targets.clients:
-            raise ConfigError(f"{where}.targets.clients: {mod.name!r} needs the client(s) it singles out, "
-                              "e.g. targets = { clients = [3] }")
+            raise ConfigError(
+                f"{where}.targets.clients: {mod.name!r} needs the client(s) it singles out, "
+                "e.g. targets = { clients = [3] }"
+            )
         for r in mod.targets.rounds:
             if r > fed.rounds:
-                raise ConfigError(f"{where}.targets.rounds: round {r} is after the last round ({fed.rounds})")
+                raise ConfigError(
+                    f"{where}.targets.rounds: round {r} is after the last round ({fed.rounds})"
+                )
         for c in mod.targets.clients:
             if c >= fed.num_clients:
-                raise ConfigError(f"{where}.targets.clients: client {c} does not exist "
-                                  f"(clients are 0..{fed.num_clients - 1})")
+                raise ConfigError(
+                    f"{where}.targets.clients: client {c} does not exist "
+                    f"(clients are 0..{fed.num_clients - 1})"
+                )
 
 
 def _check_central_dp(cfg: Config) -> None:
@@ -384,7 +527,9 @@ def _check_central_dp(cfg: Config) -> None:
             raise ConfigError(f"{where}.clipping_norm: {dp.clipping_norm!r} must be positive")
         return
     if dp.initial_clipping_norm <= 0:
-        raise ConfigError(f"{where}.initial_clipping_norm: {dp.initial_clipping_norm!r} must be positive")
+        raise ConfigError(
+            f"{where}.initial_clipping_norm: {dp.initial_clipping_norm!r} must be positive"
+        )
     if dp.clip_norm_lr <= 0:
         raise ConfigError(f"{where}.clip_norm_lr: {dp.clip_norm_lr!r} must be positive")
     m = dp.num_sampled_clients or cfg.federation.clients_per_round
@@ -430,10 +575,17 @@ def _check_analyses(cfg: Config) -> None:
 def _check_inference_attacks(cfg: Config) -> None:
     """Tabular data needs a dense model; the inference attacks' params must fit the run's data
     and model (checked by :func:`adversaries.inference.federated.check_run_config`)."""
-    if cfg.data.name == "adult" and (cfg.model.name not in ("mlp", "linear") or cfg.data.image_size):
-        raise ConfigError(f"model.name: {cfg.model.name!r} cannot take tabular adult rows; allowed with "
-                          "data.name = 'adult': mlp, linear (and data.image_size = 0)")
-    if any(a.name in ("attribute_inference", "property_inference", "membership_inference") for a in cfg.attacks):
+    if cfg.data.name == "adult" and (
+        cfg.model.name not in ("mlp", "linear") or cfg.data.image_size
+    ):
+        raise ConfigError(
+            f"model.name: {cfg.model.name!r} cannot take tabular adult rows; allowed with "
+            "data.name = 'adult': mlp, linear (and data.image_size = 0)"
+        )
+    if any(
+        a.name in ("attribute_inference", "property_inference", "membership_inference")
+        for a in cfg.attacks
+    ):
         from adversaries.inference.federated import check_run_config
 
         check_run_config(cfg)
@@ -509,8 +661,11 @@ def read_toml_file(path: str | Path, what: str = "config file") -> dict[str, Any
     :class:`ConfigError` naming ``what`` and the path (shared by every command's config)."""
     p = paths.absolute(path)
     if not p.is_file():
-        raise ConfigError(paths.missing_path_message(
-            what, p, original=path, problem="is not a file" if p.exists() else "does not exist"))
+        raise ConfigError(
+            paths.missing_path_message(
+                what, p, original=path, problem="is not a file" if p.exists() else "does not exist"
+            )
+        )
     try:
         return tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -527,7 +682,11 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     data: dict[str, Any] = read_toml_file(path) if path else {}
     if path:
         paths.resolve_keys(data, PATH_KEYS, paths.absolute(path).parent)
-    if overrides and "attacks" not in data and any(o.strip().startswith("attacks") for o in overrides):
+    if (
+        overrides
+        and "attacks" not in data
+        and any(o.strip().startswith("attacks") for o in overrides)
+    ):
         data["attacks"] = default_dict()["attacks"]
     for assignment in overrides:
         apply_override(data, assignment)

@@ -48,7 +48,14 @@ __all__ = ["DATASETS", "SCHEMES", "ImageData", "load_dataset", "partition", "sam
 logger = logging.getLogger(__name__)
 
 DATASETS: tuple[str, ...] = (
-    "digits", "mnist", "fashion_mnist", "cifar10", "folder", "cifar10_npz", "mnist_idx", "adult",
+    "digits",
+    "mnist",
+    "fashion_mnist",
+    "cifar10",
+    "folder",
+    "cifar10_npz",
+    "mnist_idx",
+    "adult",
 )
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
 _FOLDER_LAYOUT = "<root>/<class_name>/*.png|jpg|jpeg|bmp"
@@ -63,11 +70,17 @@ _TORCHVISION = {
 _ROOT_HOLDS: dict[str, tuple[tuple[Any, ...], str]] = {
     "folder": ((), f"set data.root to your images as {_FOLDER_LAYOUT}"),
     "cifar10_npz": ((NPZ_NAME,), f"set data.root to {NPZ_NAME} or the folder holding it"),
-    "mnist_idx": ((("t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz"),),
-                  ("set data.root to the folder holding t10k-images-idx3-ubyte(.gz) and "
-                   "t10k-labels-idx1-ubyte(.gz)")),
-    "adult": (("adult.data.gz", "adult.test.gz"),
-              "set data.root to the folder holding adult.data.gz and adult.test.gz (UCI Adult)"),
+    "mnist_idx": (
+        (("t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz"),),
+        (
+            "set data.root to the folder holding t10k-images-idx3-ubyte(.gz) and "
+            "t10k-labels-idx1-ubyte(.gz)"
+        ),
+    ),
+    "adult": (
+        ("adult.data.gz", "adult.test.gz"),
+        "set data.root to the folder holding adult.data.gz and adult.test.gz (UCI Adult)",
+    ),
 }
 
 
@@ -187,8 +200,10 @@ def load_dataset(
         Files missing, unreadable or of the wrong shape (the message says what to provide).
     """
     if name not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; "
-                          f"choose one of: {', '.join(DATASETS)}")
+        raise ConfigError(
+            f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; "
+            f"choose one of: {', '.join(DATASETS)}"
+        )
     for key, value in (("image_size", image_size), ("max_examples", max_examples)):
         is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
         if value is not None and (not is_int or value < 1):
@@ -198,14 +213,27 @@ def load_dataset(
     if root is None and name in _TORCHVISION:
         root = "data"
     root_str = None if root is None else str(Path(root).expanduser().resolve())
-    return _load_cached(name, root_str, None if image_size is None else int(image_size),
-                        bool(download), float(test_fraction), int(seed),
-                        None if max_examples is None else int(max_examples))
+    return _load_cached(
+        name,
+        root_str,
+        None if image_size is None else int(image_size),
+        bool(download),
+        float(test_fraction),
+        int(seed),
+        None if max_examples is None else int(max_examples),
+    )
 
 
 @functools.lru_cache(maxsize=16)
-def _load_cached(name: str, root: str | None, image_size: int | None, download: bool,
-                 test_fraction: float, seed: int, max_examples: int | None) -> ImageData:
+def _load_cached(
+    name: str,
+    root: str | None,
+    image_size: int | None,
+    download: bool,
+    test_fraction: float,
+    seed: int,
+    max_examples: int | None,
+) -> ImageData:
     path = None if root is None else Path(root)
     if path is not None and name in _ROOT_HOLDS and not path.exists():
         from fl_privsim.paths import missing_path_message
@@ -238,10 +266,16 @@ def _load_cached(name: str, root: str | None, image_size: int | None, download: 
     # tabular inputs are standardised by their reader: no second normalisation
     mean, std = ((0.0,), (1.0,)) if name == "adult" else _channel_stats(train_x)
     num_classes = max(len(class_names), int(train_y.max()) + 1)
-    logger.info("loaded %s: %d train, %d test, shape %s", name, len(train_y), len(test_y),
-                tuple(train_x.shape[1:]))
-    return ImageData(name, train_x, train_y, test_x, test_y, num_classes, mean, std,
-                     tuple(class_names))
+    logger.info(
+        "loaded %s: %d train, %d test, shape %s",
+        name,
+        len(train_y),
+        len(test_y),
+        tuple(train_x.shape[1:]),
+    )
+    return ImageData(
+        name, train_x, train_y, test_x, test_y, num_classes, mean, std, tuple(class_names)
+    )
 
 
 def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -250,8 +284,9 @@ def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
     chunks = []
     for chunk in x.split(1024):
         f = chunk.float() / 255.0 if x.dtype == torch.uint8 else chunk.float()
-        f = F.interpolate(f, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=True).clamp_(0.0, 1.0)
+        f = F.interpolate(
+            f, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        ).clamp_(0.0, 1.0)
         chunks.append(f.mul_(255.0).round_().to(torch.uint8) if x.dtype == torch.uint8 else f)
     if not chunks:
         return x.new_empty((0, x.shape[1], size, size))
@@ -292,7 +327,8 @@ def _load_torchvision(name: str, root: Path, download: bool) -> Raw:
         fix = f"put the torchvision layout under {root / sub} ({files})"
         raise DataError(
             f"could not download {name} into {root} ({err}); check the connection or {fix}"
-            if download else f"{name} files not found under {root / sub}; {fix} or set "
+            if download
+            else f"{name} files not found under {root / sub}; {fix} or set "
             "data.download = true to fetch it (needs internet)"
         ) from err
 
@@ -308,15 +344,20 @@ def _load_folder(root: Path | None, size: int, test_fraction: float, seed: int) 
     from PIL import Image
 
     if root is None or not root.is_dir():
-        where = "data.root is not set" if root is None else (
-            f"{root} is not a folder" if root.exists() else f"{root} does not exist")
+        where = (
+            "data.root is not set"
+            if root is None
+            else (f"{root} is not a folder" if root.exists() else f"{root} does not exist")
+        )
         raise DataError(f"folder dataset: {where}; expected images as {_FOLDER_LAYOUT}")
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
-        found = f"only one class subfolder ({classes[0].name})" if classes else (
-            "no class subfolders")
-        raise DataError(f"folder dataset: {root} has {found}; expected at least 2 classes as "
-                        f"{_FOLDER_LAYOUT}")
+        found = (
+            f"only one class subfolder ({classes[0].name})" if classes else ("no class subfolders")
+        )
+        raise DataError(
+            f"folder dataset: {root} has {found}; expected at least 2 classes as {_FOLDER_LAYOUT}"
+        )
     images: list[np.ndarray] = []
     labels: list[int] = []
     empty: list[str] = []
@@ -339,7 +380,9 @@ def _load_folder(root: Path | None, size: int, test_fraction: float, seed: int) 
             f"folder dataset: no readable images under {root}; expected {_FOLDER_LAYOUT}"
         )
     if empty:
-        raise DataError(f"folder dataset: class folder(s) {', '.join(empty)} in {root} hold no "
-                        f"readable images; expected {_FOLDER_LAYOUT}")
+        raise DataError(
+            f"folder dataset: class folder(s) {', '.join(empty)} in {root} hold no "
+            f"readable images; expected {_FOLDER_LAYOUT}"
+        )
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return (*split(x, np.asarray(labels), test_fraction, seed), tuple(c.name for c in classes))

@@ -12,7 +12,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("federation.device: 'cuda' was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'")
+        raise ConfigError(
+            "federation.device: 'cuda' was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'"
+        )
     if name not in ("cpu", "cuda"):
         raise ConfigError(f"federation.device: {name!r} is not allowed; allowed: auto, cpu, cuda")
     return torch.device(name)

@@ -26,7 +26,9 @@ class FederatedData:
     train_parts: tuple[np.ndarray, ...]
     test_parts: tuple[np.ndarray, ...]
 
-    def tensors(self, split: str, idx: np.ndarray, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    def tensors(
+        self, split: str, idx: np.ndarray, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised inputs and labels of examples ``idx`` of ``split``, on ``device``."""
         x = self.data.normalize(self.data.images(split, idx)).to(device)
         y = self.data.labels(split, idx).to(device)
@@ -45,7 +47,11 @@ def _federated_data(data_cfg: DataConfig, num_clients: int, seed: int) -> Federa
         max_examples=data_cfg.max_examples or None,
     )
     train_parts = partition(
-        data.train_y.numpy(), num_clients, scheme=data_cfg.partition, alpha=data_cfg.alpha, seed=seed
+        data.train_y.numpy(),
+        num_clients,
+        scheme=data_cfg.partition,
+        alpha=data_cfg.alpha,
+        seed=seed,
     )
     # Local test shards are IID so federated accuracy measures the global model fairly.
     n_test = max(1, min(num_clients, len(data.test_y)))
@@ -64,7 +70,9 @@ def num_local_batches(cfg: Config) -> int:
     return 1 if cfg.federation.protocol == "fedsgd" else cfg.client.local_steps
 
 
-def client_batch_indices(cfg: Config, fed: FederatedData, server_round: int, client: int) -> list[np.ndarray]:
+def client_batch_indices(
+    cfg: Config, fed: FederatedData, server_round: int, client: int
+) -> list[np.ndarray]:
     """Indices (into the train split) of each batch client ``client`` uses in ``server_round``.
 
     One generator, seeded from ``(seed, round, client, "batch")``, draws every batch of
@@ -81,6 +89,12 @@ def client_batch_indices(cfg: Config, fed: FederatedData, server_round: int, cli
         sampler = batch_sampler(build_defenses(cfg.defenses))
         if sampler is not None:
             labels = fed.data.train_y.numpy()[part]
-            return draw_batches(sampler, part, labels, batch_size=bs, num_batches=num_local_batches(cfg),
-                                generator=gen)
+            return draw_batches(
+                sampler,
+                part,
+                labels,
+                batch_size=bs,
+                num_batches=num_local_batches(cfg),
+                generator=gen,
+            )
     return [sample_batch(part, bs, gen) for _ in range(num_local_batches(cfg))]

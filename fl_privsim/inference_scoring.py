@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["InferenceScorer", "SecretSpec", "summarize"]
 
+
 class SecretSpec(Protocol):
     """The public definition of an attack's secret (``FederatedInference.spec`` fits): ``kind``
     (attribute, property, membership), the Adult ``attribute`` it concerns (attribute
@@ -74,7 +75,9 @@ class InferenceScorer:
     def _batches(self, server_round: int, client: int) -> list[np.ndarray]:
         return client_batch_indices(self.cfg, self.fed, server_round, int(client))
 
-    def _target(self, spec: SecretSpec, server_round: int, members: Sequence[int]) -> tuple[int, bool]:
+    def _target(
+        self, spec: SecretSpec, server_round: int, members: Sequence[int]
+    ) -> tuple[int, bool]:
         """Train index of the target, and whether it is in the batch (always, but for membership)."""
         first = int(members[0])
         batches = self._batches(server_round, first)
@@ -96,7 +99,9 @@ class InferenceScorer:
         return x[:, adult_attribute_column(int(x.shape[1]), spec.attribute)].numpy() > 0.5
 
     # ------------------------------------------------------------------ public
-    def knowledge(self, spec: SecretSpec, server_round: int, members: Sequence[int]) -> dict[str, Any]:
+    def knowledge(
+        self, spec: SecretSpec, server_round: int, members: Sequence[int]
+    ) -> dict[str, Any]:
         """The server's knowledge for one observation (keyword arguments of
         :class:`adversaries.inference.federated.ServerKnowledge`): never the secret."""
         aux_x, aux_y = self._aux
@@ -120,14 +125,22 @@ class InferenceScorer:
             return int(is_member)
         return int(self._has_property(spec, np.array([index]))[0])
 
-    def score(self, spec: SecretSpec, score: float, server_round: int, members: Sequence[int]) -> dict[str, float]:
+    def score(
+        self, spec: SecretSpec, score: float, server_round: int, members: Sequence[int]
+    ) -> dict[str, float]:
         """Per-observation values written to ``metrics.jsonl``: the attack's ``score``, the true
         ``secret`` and whether the decision score ≥ 0.5 was ``correct``."""
         s = self.secret(spec, server_round, members)
-        return {"score": float(score), "secret": float(s), "correct": float((score >= 0.5) == bool(s))}
+        return {
+            "score": float(score),
+            "secret": float(s),
+            "correct": float((score >= 0.5) == bool(s)),
+        }
 
 
-def summarize(rows: Sequence[dict[str, float]], *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def summarize(
+    rows: Sequence[dict[str, float]], *, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
     """ROC-AUC, accuracy and advantage with bootstrap CIs over the scored observations
     (``trials``; ``positives`` of them had secret 1). AUC is NaN when only one secret value
     occurred."""
@@ -139,6 +152,14 @@ def summarize(rows: Sequence[dict[str, float]], *, n_boot: int = 1000, seed: int
 
     s, x = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
     m = game_metrics(s, x, n_boot=n_boot, seed=seed)
-    for key in ("auc", "auc_ci", "accuracy", "accuracy_ci", "advantage", "advantage_ci", "tpr_at_1pct_fpr"):
+    for key in (
+        "auc",
+        "auc_ci",
+        "accuracy",
+        "accuracy_ci",
+        "advantage",
+        "advantage_ci",
+        "tpr_at_1pct_fpr",
+    ):
         out[key] = m[key]
     return out

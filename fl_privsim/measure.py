@@ -62,10 +62,23 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "measure": {"kind": "i2f", "seed": 0, "threads": 1, "device": "cpu"},
     "data": {"name": "digits", "root": "", "split": "test"},
     "model": {"name": "lenet", "init": "uniform"},
-    "i2f": {"samples": 16, "first_index": 0, "noise": "gaussian", "scale": 1e-3, "eps": 1.0,
-            "mc_samples": 0, "cg_max_iter": 500},
-    "vinfo": {"target": "label", "samples_per_class": 30, "max_features": 256, "mlp_epochs": 300,
-              "input_components": 16, "input_variance": "per_dim"},
+    "i2f": {
+        "samples": 16,
+        "first_index": 0,
+        "noise": "gaussian",
+        "scale": 1e-3,
+        "eps": 1.0,
+        "mc_samples": 0,
+        "cg_max_iter": 500,
+    },
+    "vinfo": {
+        "target": "label",
+        "samples_per_class": 30,
+        "max_features": 256,
+        "mlp_epochs": 300,
+        "input_components": 16,
+        "input_variance": "per_dim",
+    },
     "sensitivity": {"samples": 8, "first_index": 0, "probes": 16},
     "subspace": {"target": "label", "classes": [0, 1], "samples_per_class": 20, "k": 5},
     "output": {"dir": "runs"},
@@ -84,11 +97,20 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 #: Integer keys and their minimum.
 MINIMUM: dict[str, int] = {
-    "measure.threads": 1, "i2f.samples": 1, "i2f.first_index": 0, "i2f.mc_samples": 0,
-    "i2f.cg_max_iter": 1, "vinfo.samples_per_class": 4, "vinfo.max_features": 1, "vinfo.mlp_epochs": 1,
+    "measure.threads": 1,
+    "i2f.samples": 1,
+    "i2f.first_index": 0,
+    "i2f.mc_samples": 0,
+    "i2f.cg_max_iter": 1,
+    "vinfo.samples_per_class": 4,
+    "vinfo.max_features": 1,
+    "vinfo.mlp_epochs": 1,
     "vinfo.input_components": 1,
-    "sensitivity.samples": 1, "sensitivity.first_index": 0, "sensitivity.probes": 2,
-    "subspace.samples_per_class": 2, "subspace.k": 1,
+    "sensitivity.samples": 1,
+    "sensitivity.first_index": 0,
+    "sensitivity.probes": 2,
+    "subspace.samples_per_class": 2,
+    "subspace.k": 1,
 }
 
 HELP = """\
@@ -127,20 +149,26 @@ def _check_value(full: str, value: Any, default: Any) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
         want = "an integer"
     elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
         want = "a number"
         value = float(value) if ok else value
     elif isinstance(default, str):
         ok = isinstance(value, str)
         want = "a string"
     else:  # list of ints
-        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ok = isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
         want = "a list of integers"
     if not ok:
         raise ConfigError(f"{full}: expected {want}, got {value!r}")
     if full in CHOICES and value not in CHOICES[full]:
-        raise ConfigError(f"{full}: unknown value {value!r}{did_you_mean(value, CHOICES[full])}; "
-                          f"allowed: {', '.join(CHOICES[full])}")
+        raise ConfigError(
+            f"{full}: unknown value {value!r}{did_you_mean(value, CHOICES[full])}; "
+            f"allowed: {', '.join(CHOICES[full])}"
+        )
     if full in MINIMUM and value < MINIMUM[full]:
         raise ConfigError(f"{full}: must be >= {MINIMUM[full]}, got {value}")
     return value
@@ -151,30 +179,44 @@ def validate(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     cfg = copy.deepcopy(DEFAULTS)
     for section, table in data.items():
         if section not in DEFAULTS:
-            raise ConfigError(f"unknown section [{section}]{did_you_mean(section, DEFAULTS)}; "
-                              f"allowed: {', '.join(DEFAULTS)}")
+            raise ConfigError(
+                f"unknown section [{section}]{did_you_mean(section, DEFAULTS)}; "
+                f"allowed: {', '.join(DEFAULTS)}"
+            )
         if not isinstance(table, Mapping):
             raise ConfigError(f"[{section}] must be a table of keys, got {table!r}")
         for key, value in table.items():
             if key not in DEFAULTS[section]:
-                raise ConfigError(f"unknown key {section}.{key}{did_you_mean(key, DEFAULTS[section])}; "
-                                  f"allowed in [{section}]: {', '.join(DEFAULTS[section])}")
+                raise ConfigError(
+                    f"unknown key {section}.{key}{did_you_mean(key, DEFAULTS[section])}; "
+                    f"allowed in [{section}]: {', '.join(DEFAULTS[section])}"
+                )
             cfg[section][key] = _check_value(f"{section}.{key}", value, DEFAULTS[section][key])
     i2f = cfg["i2f"]
     if i2f["scale"] < 0 or (i2f["noise"] == "pruning" and i2f["scale"] > 1):
-        raise ConfigError(f"i2f.scale: must be a variance >= 0 (gaussian, laplace) or a ratio in [0, 1] "
-                          f"(pruning), got {i2f['scale']}")
+        raise ConfigError(
+            f"i2f.scale: must be a variance >= 0 (gaussian, laplace) or a ratio in [0, 1] "
+            f"(pruning), got {i2f['scale']}"
+        )
     if i2f["eps"] < 0:
         raise ConfigError(f"i2f.eps: must be >= 0, got {i2f['eps']}")
     if i2f["noise"] == "pruning" and i2f["mc_samples"] > 0:
-        raise ConfigError("i2f.mc_samples: pruning is deterministic; use mc_samples = 0 with noise = \"pruning\"")
+        raise ConfigError(
+            'i2f.mc_samples: pruning is deterministic; use mc_samples = 0 with noise = "pruning"'
+        )
     sub = cfg["subspace"]
-    if sub["target"] == "label" and (len(sub["classes"]) != 2 or sub["classes"][0] == sub["classes"][1]):
-        raise ConfigError(f"subspace.classes: expected two different class labels, got {sub['classes']}")
+    if sub["target"] == "label" and (
+        len(sub["classes"]) != 2 or sub["classes"][0] == sub["classes"][1]
+    ):
+        raise ConfigError(
+            f"subspace.classes: expected two different class labels, got {sub['classes']}"
+        )
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> dict[str, dict[str, Any]]:
     """The TOML file (if any), then the ``--set`` overrides, validated (:func:`validate`).
 
     Relative ``data.root`` and ``output.dir`` resolve against the file's folder when written in
@@ -189,7 +231,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     for assignment in overrides:
         key = assignment.split("=", 1)[0].strip()
         if "=" in assignment and key.count(".") != 1:
-            raise ConfigError(f"--set {key}: expected SECTION.KEY=VALUE; sections: {', '.join(DEFAULTS)}")
+            raise ConfigError(
+                f"--set {key}: expected SECTION.KEY=VALUE; sections: {', '.join(DEFAULTS)}"
+            )
         apply_override(data, assignment)
         paths.resolve_keys(data, path_keys, under=override_key(assignment))
     return validate(data)
@@ -216,9 +260,13 @@ def make_perturbation(op: Any, noise: str, scale: float, generator: Any) -> Any:
     from adversaries.measures.i2f import pruning_perturbation, sample_noise
 
     if noise == "gaussian":
-        return sample_noise("gaussian", gaussian_sigma(scale), op.d_theta, generator=generator, dtype=op.dtype)
+        return sample_noise(
+            "gaussian", gaussian_sigma(scale), op.d_theta, generator=generator, dtype=op.dtype
+        )
     if noise == "laplace":
-        return sample_noise("laplace", laplace_b(scale), op.d_theta, generator=generator, dtype=op.dtype)
+        return sample_noise(
+            "laplace", laplace_b(scale), op.d_theta, generator=generator, dtype=op.dtype
+        )
     if noise == "pruning":
         return pruning_perturbation(op, scale)
     raise ConfigError(f"unknown noise {noise!r}; allowed: {', '.join(I2F_NOISES)}")
@@ -238,8 +286,13 @@ def _load(cfg: dict[str, dict[str, Any]]) -> tuple[Any, Any, Any]:
     device = resolve_device(cfg["measure"]["device"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg["measure"]["seed"])
-        model = build_model(m["name"], data.input_shape, data.num_classes, init=m["init"],
-                            generator=torch_generator(cfg["measure"]["seed"], "model_init"))
+        model = build_model(
+            m["name"],
+            data.input_shape,
+            data.num_classes,
+            init=m["init"],
+            generator=torch_generator(cfg["measure"]["seed"], "model_init"),
+        )
     return data, model.to(device).eval(), device
 
 
@@ -250,18 +303,24 @@ def _labels(data: Any, split: str) -> Any:
 def _first(data: Any, split: str, first: int, count: int, key: str) -> list[int]:
     n = len(_labels(data, split))
     if first + count > n:
-        raise ConfigError(f"{key}: {count} samples from index {first} need {first + count} {split} "
-                          f"examples; the {split} split has {n}")
+        raise ConfigError(
+            f"{key}: {count} samples from index {first} need {first + count} {split} "
+            f"examples; the {split} split has {n}"
+        )
     return list(range(first, first + count))
 
 
-def _per_class(data: Any, split: str, classes: Sequence[int], per_class: int, key: str) -> list[int]:
+def _per_class(
+    data: Any, split: str, classes: Sequence[int], per_class: int, key: str
+) -> list[int]:
     labels = _labels(data, split)
     out: list[int] = []
     for c in classes:
         idx = (labels == c).nonzero().flatten().tolist()
         if len(idx) < per_class:
-            raise ConfigError(f"{key}: class {c} has {len(idx)} {split} examples, fewer than {per_class}")
+            raise ConfigError(
+                f"{key}: class {c} has {len(idx)} {split} examples, fewer than {per_class}"
+            )
         out += idx[:per_class]
     return sorted(out)
 
@@ -274,8 +333,9 @@ def _batch(data: Any, split: str, idx: list[int], device: Any) -> tuple[Any, Any
 # ----------------------------------------------------------------------------- the measures
 
 
-def _measure_i2f(cfg: dict[str, dict[str, Any]], data: Any, model: Any, device: Any,
-                 out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _measure_i2f(
+    cfg: dict[str, dict[str, Any]], data: Any, model: Any, device: Any, out: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from adversaries.measures.i2f import (
         InversionJacobian,
         i2f_expected,
@@ -292,37 +352,82 @@ def _measure_i2f(cfg: dict[str, dict[str, Any]], data: Any, model: Any, device: 
     for i, index in enumerate(idx):
         xi, yi = x[i : i + 1], y[i : i + 1]
         if c["mc_samples"] > 0:
-            scale = gaussian_sigma(c["scale"]) if c["noise"] == "gaussian" else laplace_b(c["scale"])
-            (e,) = i2f_expected(model, xi, yi, noise=c["noise"], scale=scale, n_draws=c["mc_samples"],
-                                eps=c["eps"], cg_max_iter=c["cg_max_iter"], generator=gen)
-            row = {"index": index, "label": int(yi[0]), "lambda_max": e.lambda_max,
-                   "jdelta_norm": e.jdelta_norm_mean, "lower_bound": e.lower_bound_mean,
-                   "lower_bound_stderr": e.lower_bound_stderr, "exact": e.exact_mean,
-                   "exact_stderr": e.exact_stderr, "cg_converged": e.all_converged}
+            scale = (
+                gaussian_sigma(c["scale"]) if c["noise"] == "gaussian" else laplace_b(c["scale"])
+            )
+            (e,) = i2f_expected(
+                model,
+                xi,
+                yi,
+                noise=c["noise"],
+                scale=scale,
+                n_draws=c["mc_samples"],
+                eps=c["eps"],
+                cg_max_iter=c["cg_max_iter"],
+                generator=gen,
+            )
+            row = {
+                "index": index,
+                "label": int(yi[0]),
+                "lambda_max": e.lambda_max,
+                "jdelta_norm": e.jdelta_norm_mean,
+                "lower_bound": e.lower_bound_mean,
+                "lower_bound_stderr": e.lower_bound_stderr,
+                "exact": e.exact_mean,
+                "exact_stderr": e.exact_stderr,
+                "cg_converged": e.all_converged,
+            }
         else:
             op = InversionJacobian(model, xi, yi)
             lam = max_eigenvalue(op, generator=gen)
             delta = make_perturbation(op, c["noise"], c["scale"], gen)
-            r = i2f_for_operator(op, delta, lambda_max=lam, eps=c["eps"], cg_max_iter=c["cg_max_iter"])
-            row = {"index": index, "label": int(yi[0]), "lambda_max": r.lambda_max,
-                   "jdelta_norm": r.jdelta_norm, "delta_norm": float(delta.double().norm()),
-                   "lower_bound": r.lower_bound, "exact": r.exact, "lower_bound_eps": r.lower_bound_eps,
-                   "cg_iterations": r.cg_iterations, "cg_converged": r.cg_converged}
+            r = i2f_for_operator(
+                op, delta, lambda_max=lam, eps=c["eps"], cg_max_iter=c["cg_max_iter"]
+            )
+            row = {
+                "index": index,
+                "label": int(yi[0]),
+                "lambda_max": r.lambda_max,
+                "jdelta_norm": r.jdelta_norm,
+                "delta_norm": float(delta.double().norm()),
+                "lower_bound": r.lower_bound,
+                "exact": r.exact,
+                "lower_bound_eps": r.lower_bound_eps,
+                "cg_iterations": r.cg_iterations,
+                "cg_converged": r.cg_converged,
+            }
         d_x = int(xi.numel())
         row["lower_bound_rmse"] = row["lower_bound"] / math.sqrt(d_x)
         row["exact_rmse"] = row["exact"] / math.sqrt(d_x) if row["exact"] is not None else None
         rows.append(row)
-        log.info("i2f sample %d/%d (index %d): lb %.4g, exact %.4g", i + 1, len(idx), index,
-                 row["lower_bound"], row["exact"] or math.nan)
-    _histogram(rows, out / "plot.png", title=f"I2F on {cfg['model']['name']} / {cfg['data']['name']}: "
-               f"{c['noise']} {c['scale']:g}", eps=c["eps"])
+        log.info(
+            "i2f sample %d/%d (index %d): lb %.4g, exact %.4g",
+            i + 1,
+            len(idx),
+            index,
+            row["lower_bound"],
+            row["exact"] or math.nan,
+        )
+    _histogram(
+        rows,
+        out / "plot.png",
+        title=f"I2F on {cfg['model']['name']} / {cfg['data']['name']}: {c['noise']} {c['scale']:g}",
+        eps=c["eps"],
+    )
     lbs = [r["lower_bound"] for r in rows]
     exs = [r["exact"] for r in rows if r["exact"] is not None]
     summary = {
-        "samples": len(rows), "noise": c["noise"], "scale": c["scale"], "eps": c["eps"],
-        "mc_samples": c["mc_samples"], "d_x": int(x[0].numel()),
-        "lower_bound_mean": _mean(lbs), "lower_bound_min": min(lbs), "lower_bound_max": max(lbs),
-        "exact_mean": _mean(exs), "lambda_max_mean": _mean([r["lambda_max"] for r in rows]),
+        "samples": len(rows),
+        "noise": c["noise"],
+        "scale": c["scale"],
+        "eps": c["eps"],
+        "mc_samples": c["mc_samples"],
+        "d_x": int(x[0].numel()),
+        "lower_bound_mean": _mean(lbs),
+        "lower_bound_min": min(lbs),
+        "lower_bound_max": max(lbs),
+        "exact_mean": _mean(exs),
+        "lambda_max_mean": _mean([r["lambda_max"] for r in rows]),
         "all_cg_converged": all(bool(r["cg_converged"]) for r in rows),
     }
     return summary, rows
@@ -332,8 +437,9 @@ def _target(labels: Any, target: str) -> Any:
     return labels % 2 if target == "parity" else labels
 
 
-def _measure_vinfo(cfg: dict[str, dict[str, Any]], data: Any, model: Any, device: Any,
-                   out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _measure_vinfo(
+    cfg: dict[str, dict[str, Any]], data: Any, model: Any, device: Any, out: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from adversaries.measures import (
         layer_gaussian_v_information,
         layer_v_information,
@@ -343,81 +449,155 @@ def _measure_vinfo(cfg: dict[str, dict[str, Any]], data: Any, model: Any, device
     from fl_privsim.seeding import torch_generator
 
     c, split = cfg["vinfo"], cfg["data"]["split"]
-    idx = _per_class(data, split, range(data.num_classes), c["samples_per_class"], "vinfo.samples_per_class")
+    idx = _per_class(
+        data, split, range(data.num_classes), c["samples_per_class"], "vinfo.samples_per_class"
+    )
     x, y = _batch(data, split, idx, device)
     grads = {k: v.cpu() for k, v in per_sample_layer_gradients(model, x, y).items()}
     if c["target"] == "input":
         table = layer_gaussian_v_information(
-            grads, x.detach().cpu(), generator=torch_generator(cfg["measure"]["seed"], "split"),
-            max_features=c["max_features"], mlp_epochs=c["mlp_epochs"],
-            target_components=c["input_components"], variance=c["input_variance"])
-        plot_layer_table(table, out / "plot.png", key="v_information", err_key="stderr",
-                         title=f"V-information about the input ({table[0]['target_dim']} PCs) per layer",
-                         ylabel="I_V (nats)")
+            grads,
+            x.detach().cpu(),
+            generator=torch_generator(cfg["measure"]["seed"], "split"),
+            max_features=c["max_features"],
+            mlp_epochs=c["mlp_epochs"],
+            target_components=c["input_components"],
+            variance=c["input_variance"],
+        )
+        plot_layer_table(
+            table,
+            out / "plot.png",
+            key="v_information",
+            err_key="stderr",
+            title=f"V-information about the input ({table[0]['target_dim']} PCs) per layer",
+            ylabel="I_V (nats)",
+        )
         best = max(table, key=lambda r: float(r["v_information"]))  # type: ignore[arg-type]
-        summary = {"samples": len(idx), "target": "input", "input_components": table[0]["target_dim"],
-                   "input_variance": c["input_variance"], "explained_variance": table[0]["explained_variance"],
-                   "h_x": table[0]["h_x"], "layers": len(table), "most_informative_layer": best["layer"],
-                   "max_v_information": best["v_information"],
-                   "max_v_information_per_dim": best["v_information_per_dim"]}
+        summary = {
+            "samples": len(idx),
+            "target": "input",
+            "input_components": table[0]["target_dim"],
+            "input_variance": c["input_variance"],
+            "explained_variance": table[0]["explained_variance"],
+            "h_x": table[0]["h_x"],
+            "layers": len(table),
+            "most_informative_layer": best["layer"],
+            "max_v_information": best["v_information"],
+            "max_v_information_per_dim": best["v_information_per_dim"],
+        }
         return summary, [dict(r) for r in table]
     target = _target(y.cpu(), c["target"])
-    table = layer_v_information(grads, target, generator=torch_generator(cfg["measure"]["seed"], "split"),
-                                max_features=c["max_features"], mlp_epochs=c["mlp_epochs"])
-    plot_layer_table(table, out / "plot.png", key="v_information", err_key="stderr",
-                     title=f"V-information about the {c['target']} per layer", ylabel="I_V (nats)")
+    table = layer_v_information(
+        grads,
+        target,
+        generator=torch_generator(cfg["measure"]["seed"], "split"),
+        max_features=c["max_features"],
+        mlp_epochs=c["mlp_epochs"],
+    )
+    plot_layer_table(
+        table,
+        out / "plot.png",
+        key="v_information",
+        err_key="stderr",
+        title=f"V-information about the {c['target']} per layer",
+        ylabel="I_V (nats)",
+    )
     best = max(table, key=lambda r: float(r["v_information"]))  # type: ignore[arg-type]
-    summary = {"samples": len(idx), "target": c["target"], "h_y": table[0]["h_y"],
-               "layers": len(table), "most_informative_layer": best["layer"],
-               "max_v_information": best["v_information"]}
+    summary = {
+        "samples": len(idx),
+        "target": c["target"],
+        "h_y": table[0]["h_y"],
+        "layers": len(table),
+        "most_informative_layer": best["layer"],
+        "max_v_information": best["v_information"],
+    }
     return summary, [dict(r) for r in table]
 
 
-def _measure_sensitivity(cfg: dict[str, dict[str, Any]], data: Any, model: Any, device: Any,
-                         out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _measure_sensitivity(
+    cfg: dict[str, dict[str, Any]], data: Any, model: Any, device: Any, out: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from adversaries.measures import jacobian_sensitivity, plot_layer_table, summarize_sensitivity
     from fl_privsim.seeding import torch_generator
 
     c, split = cfg["sensitivity"], cfg["data"]["split"]
     idx = _first(data, split, c["first_index"], c["samples"], "sensitivity.samples")
     x, y = _batch(data, split, idx, device)
-    rows = jacobian_sensitivity(model, x, y, n_probes=c["probes"],
-                                generator=torch_generator(cfg["measure"]["seed"], "sampling"))
+    rows = jacobian_sensitivity(
+        model,
+        x,
+        y,
+        n_probes=c["probes"],
+        generator=torch_generator(cfg["measure"]["seed"], "sampling"),
+    )
     table = summarize_sensitivity(rows)
-    plot_layer_table(table, out / "plot.png", key="sensitivity", err_key="sensitivity_stderr",
-                     title="Jacobian sensitivity per layer", ylabel="‖∂g_l/∂x‖_F")
+    plot_layer_table(
+        table,
+        out / "plot.png",
+        key="sensitivity",
+        err_key="sensitivity_stderr",
+        title="Jacobian sensitivity per layer",
+        ylabel="‖∂g_l/∂x‖_F",
+    )
     best = max(table, key=lambda r: float(r["sensitivity"]))
-    summary = {"samples": len(idx), "probes": c["probes"], "layers": len(table),
-               "most_sensitive_layer": best["layer"], "max_sensitivity": best["sensitivity"]}
+    summary = {
+        "samples": len(idx),
+        "probes": c["probes"],
+        "layers": len(table),
+        "most_sensitive_layer": best["layer"],
+        "max_sensitivity": best["sensitivity"],
+    }
     return summary, table
 
 
-def _measure_subspace(cfg: dict[str, dict[str, Any]], data: Any, model: Any, device: Any,
-                      out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _measure_subspace(
+    cfg: dict[str, dict[str, Any]], data: Any, model: Any, device: Any, out: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from adversaries.measures import group_subspace_distance, plot_layer_table
 
     c, split = cfg["subspace"], cfg["data"]["split"]
     classes = c["classes"] if c["target"] == "label" else range(data.num_classes)
     bad = [k for k in classes if not 0 <= k < data.num_classes]
     if bad:
-        raise ConfigError(f"subspace.classes: {bad} are not labels of {cfg['data']['name']} "
-                          f"(0..{data.num_classes - 1})")
+        raise ConfigError(
+            f"subspace.classes: {bad} are not labels of {cfg['data']['name']} "
+            f"(0..{data.num_classes - 1})"
+        )
     idx = _per_class(data, split, classes, c["samples_per_class"], "subspace.samples_per_class")
     x, y = _batch(data, split, idx, device)
     group = _target(y, c["target"])
     results = group_subspace_distance(model, x, y, group, k=c["k"])
-    table = [{k: v for k, v in r.to_dict().items() if k != "angles"}
-             | {"max_angle_deg": math.degrees(max(r.angles)) if r.angles else 0.0} for r in results]
-    plot_layer_table(table, out / "plot.png", key="normalized_distance", err_key=None,
-                     title=f"Gradient subspace distance per layer ({c['target']})", ylabel="distance / √k")
+    table = [
+        {k: v for k, v in r.to_dict().items() if k != "angles"}
+        | {"max_angle_deg": math.degrees(max(r.angles)) if r.angles else 0.0}
+        for r in results
+    ]
+    plot_layer_table(
+        table,
+        out / "plot.png",
+        key="normalized_distance",
+        err_key=None,
+        title=f"Gradient subspace distance per layer ({c['target']})",
+        ylabel="distance / √k",
+    )
     best = max(table, key=lambda r: float(r["normalized_distance"]))
-    summary = {"samples": len(idx), "target": c["target"], "k": c["k"], "layers": len(table),
-               "most_separating_layer": best["layer"], "max_normalized_distance": best["normalized_distance"]}
+    summary = {
+        "samples": len(idx),
+        "target": c["target"],
+        "k": c["k"],
+        "layers": len(table),
+        "most_separating_layer": best["layer"],
+        "max_normalized_distance": best["normalized_distance"],
+    }
     return summary, table
 
 
-MEASURES = {"i2f": _measure_i2f, "vinfo": _measure_vinfo, "sensitivity": _measure_sensitivity,
-            "subspace": _measure_subspace}
+MEASURES = {
+    "i2f": _measure_i2f,
+    "vinfo": _measure_vinfo,
+    "sensitivity": _measure_sensitivity,
+    "subspace": _measure_subspace,
+}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -427,24 +607,39 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _i2f_series(rows: Sequence[Mapping[str, Any]], eps: float | None) -> list[tuple[str, list[float]]]:
+def _i2f_series(
+    rows: Sequence[Mapping[str, Any]], eps: float | None
+) -> list[tuple[str, list[float]]]:
     """The per-sample I2F values, each named with the ε it uses: the ε-regularised value, the
     bound at the same ε (never above it) and the paper's bound at ε = 0."""
     e = "ε" if eps is None else f"ε={eps:g}"
-    same = [r.get("lower_bound_eps") if r.get("lower_bound_eps") is not None else
-            (r["jdelta_norm"] / (r["lambda_max"] + eps) if eps is not None and r["lambda_max"] + eps > 0 else None)
-            for r in rows]
-    return [(f"I2F exact ‖(JJᵀ+εI)⁻¹Jδ‖, {e}", [r["exact"] for r in rows]),
-            (f"bound ‖Jδ‖/(λ_max+ε), {e}", same),
-            ("bound ‖Jδ‖/λ_max, ε=0 (Eq. 5)", [r["lower_bound"] for r in rows])]
+    same = [
+        r.get("lower_bound_eps")
+        if r.get("lower_bound_eps") is not None
+        else (
+            r["jdelta_norm"] / (r["lambda_max"] + eps)
+            if eps is not None and r["lambda_max"] + eps > 0
+            else None
+        )
+        for r in rows
+    ]
+    return [
+        (f"I2F exact ‖(JJᵀ+εI)⁻¹Jδ‖, {e}", [r["exact"] for r in rows]),
+        (f"bound ‖Jδ‖/(λ_max+ε), {e}", same),
+        ("bound ‖Jδ‖/λ_max, ε=0 (Eq. 5)", [r["lower_bound"] for r in rows]),
+    ]
 
 
-def _histogram(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str, eps: float | None = None) -> None:
+def _histogram(
+    rows: Sequence[Mapping[str, Any]], path: Path, *, title: str, eps: float | None = None
+) -> None:
     """Save :func:`histogram_figure` to ``path`` (legend included: ``bbox_inches="tight"``)."""
     histogram_figure(rows, title=title, eps=eps).savefig(path, dpi=100, bbox_inches="tight")
 
 
-def histogram_figure(rows: Sequence[Mapping[str, Any]], *, title: str, eps: float | None = None) -> Any:
+def histogram_figure(
+    rows: Sequence[Mapping[str, Any]], *, title: str, eps: float | None = None
+) -> Any:
     """Histogram of the per-sample I2F values (log x axis, few tick labels, legend right of
     the axes), each series named with its ε (:func:`_i2f_series`); a matplotlib Figure."""
     import numpy as np
@@ -457,21 +652,33 @@ def histogram_figure(rows: Sequence[Mapping[str, Any]], *, title: str, eps: floa
     fig = Figure(figsize=(8.0, 3.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    series = [(label, [v for v in vals if v is not None and v > 0 and math.isfinite(v)])
-              for label, vals in _i2f_series(rows, eps)]
+    series = [
+        (label, [v for v in vals if v is not None and v > 0 and math.isfinite(v)])
+        for label, vals in _i2f_series(rows, eps)
+    ]
     pos = [v for _, vals in series for v in vals]
     if pos:
         lo, hi = 10 ** (math.log10(min(pos)) - 0.05), 10 ** (math.log10(max(pos)) + 0.05)
         bins = np.logspace(math.log10(lo), math.log10(hi), 25)
-        styles = [{"alpha": 0.6}, {"histtype": "step", "linewidth": 1.5},
-                  {"histtype": "step", "linewidth": 1.5, "linestyle": "--"}]
+        styles = [
+            {"alpha": 0.6},
+            {"histtype": "step", "linewidth": 1.5},
+            {"histtype": "step", "linewidth": 1.5, "linestyle": "--"},
+        ]
         for (label, vals), style in zip(series, styles, strict=True):
             if vals:
                 ax.hist(vals, bins=bins, label=label, **style)
         set_log_xticks(ax, lo, hi)
         legend_outside(ax)
     else:
-        ax.text(0.5, 0.5, "no positive I2F value to plot", transform=ax.transAxes, ha="center", va="center")
+        ax.text(
+            0.5,
+            0.5,
+            "no positive I2F value to plot",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+        )
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
     ax.set_xlabel("I2F (input-space L2 norm)")
@@ -489,11 +696,14 @@ def _write_table(rows: Sequence[Mapping[str, Any]], out: Path) -> None:
         writer.writeheader()
         for r in rows:
             writer.writerow({k: r.get(k) for k in header})
-    (out / "table.md").write_text(markdown_table(header, [[r.get(k) for k in header] for r in rows]) + "\n",
-                                  encoding="utf-8")
+    (out / "table.md").write_text(
+        markdown_table(header, [[r.get(k) for k in header] for r in rows]) + "\n", encoding="utf-8"
+    )
 
 
-def run_measure(cfg: dict[str, dict[str, Any]], *, out: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+def run_measure(
+    cfg: dict[str, dict[str, Any]], *, out: str | Path | None = None
+) -> tuple[Path, dict[str, Any]]:
     """Run the measure of a validated config (:func:`load_config`) into a fresh run folder;
     returns the folder and the summary."""
     import tomli_w
@@ -518,9 +728,15 @@ def run_measure(cfg: dict[str, dict[str, Any]], *, out: str | Path | None = None
             if {f.name for f in path.iterdir()} <= {"config.toml", "env.json"}:
                 shutil.rmtree(path, ignore_errors=True)
             raise
-        summary = {"kind": kind, "data": cfg["data"]["name"], "split": cfg["data"]["split"],
-                   "model": cfg["model"]["name"], "init": cfg["model"]["init"], **summary,
-                   "seconds": time.perf_counter() - start}
+        summary = {
+            "kind": kind,
+            "data": cfg["data"]["name"],
+            "split": cfg["data"]["split"],
+            "model": cfg["model"]["name"],
+            "init": cfg["model"]["init"],
+            **summary,
+            "seconds": time.perf_counter() - start,
+        }
     finally:
         torch.set_num_threads(threads)
     _write_table(rows, path)
@@ -542,12 +758,23 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", nargs="?", help="TOML config file (default: i2f on digits)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config key (repeatable)")
-    p.add_argument("--out", help="run folder to create (default: <output.dir>/<UTC time>_measure_KIND)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key (repeatable)",
+    )
+    p.add_argument(
+        "--out", help="run folder to create (default: <output.dir>/<UTC time>_measure_KIND)"
+    )
     p.add_argument("--verbose", action="store_true", help="log progress")
-    p.add_argument("--json", action="store_true",
-                   help="print the summary (summary.json plus run_dir) as JSON instead of the table")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the summary (summary.json plus run_dir) as JSON instead of the table",
+    )
     return p
 
 
@@ -577,64 +804,130 @@ def _num(v: Any, err: Any = None) -> str:
 
 #: Columns of the per-layer tables: (header, key, stderr key).
 LAYER_COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
-    "vinfo": [("I_V (nats)", "v_information", "stderr"), ("H (nats)", "h_y", None), ("decoder", "best_family", None)],
-    "vinfo_input": [("I_V (nats)", "v_information", "stderr"), ("per PC", "v_information_per_dim", None),
-                    ("H_V(X)", "h_x", None)],
-    "sensitivity": [("‖∂g_l/∂x‖_F", "sensitivity", "sensitivity_stderr"),
-                    ("per parameter", "normalized", "normalized_stderr"), ("params", "d_params", None)],
-    "subspace": [("distance/√k", "normalized_distance", None), ("distance", "distance", None),
-                 ("max angle (deg)", "max_angle_deg", None)],
+    "vinfo": [
+        ("I_V (nats)", "v_information", "stderr"),
+        ("H (nats)", "h_y", None),
+        ("decoder", "best_family", None),
+    ],
+    "vinfo_input": [
+        ("I_V (nats)", "v_information", "stderr"),
+        ("per PC", "v_information_per_dim", None),
+        ("H_V(X)", "h_x", None),
+    ],
+    "sensitivity": [
+        ("‖∂g_l/∂x‖_F", "sensitivity", "sensitivity_stderr"),
+        ("per parameter", "normalized", "normalized_stderr"),
+        ("params", "d_params", None),
+    ],
+    "subspace": [
+        ("distance/√k", "normalized_distance", None),
+        ("distance", "distance", None),
+        ("max angle (deg)", "max_angle_deg", None),
+    ],
 }
 
 
 def _grid(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
     """Left-aligned first column, right-aligned others, widths from the content."""
     widths = [max(len(str(r[i])) for r in (header, *body)) for i in range(len(header))]
-    return ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                      for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
-            for r in (header, *body)]
+    return [
+        "  ".join(
+            str(c).ljust(w) if i == 0 else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in (header, *body)
+    ]
 
 
-def format_measure(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *, max_rows: int = 20) -> str:
+def format_measure(
+    summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *, max_rows: int = 20
+) -> str:
     """A short human table of a measure's result (``fl-privsim measure`` prints it)."""
     kind = summary.get("kind")
-    where = (f"{summary.get('model')} / {summary.get('data')} ({summary.get('split')} split, "
-             f"{summary.get('samples')} samples)")
+    where = (
+        f"{summary.get('model')} / {summary.get('data')} ({summary.get('split')} split, "
+        f"{summary.get('samples')} samples)"
+    )
     lines: list[str] = []
     shown = list(rows)[:max_rows]
     if kind == "i2f":
         eps, mc = summary.get("eps"), int(summary.get("mc_samples") or 0)
         draws = f"mean ± stderr over {mc} draws" if mc else "one draw per sample"
-        lines.append(f"I2F on {where}, d_x = {summary.get('d_x')}: {summary.get('noise')} "
-                     f"{'ratio' if summary.get('noise') == 'pruning' else 'variance'} {summary.get('scale'):g}, {draws}")
+        lines.append(
+            f"I2F on {where}, d_x = {summary.get('d_x')}: {summary.get('noise')} "
+            f"{'ratio' if summary.get('noise') == 'pruning' else 'variance'} {summary.get('scale'):g}, {draws}"
+        )
         (_, ex), (_, same), (_, lb) = _i2f_series(shown, eps)
-        header = ["index", "label", "λ_max(JJᵀ)", "‖Jδ‖", f"I2F exact (ε={eps:g})", f"bound (ε={eps:g})",
-                  "bound (ε=0)", "CG"]
-        body = [[f"{int(r['index'])}", f"{int(r['label'])}", _num(r["lambda_max"]), _num(r["jdelta_norm"]),
-                 _num(e, r.get("exact_stderr")), _num(m), _num(b, r.get("lower_bound_stderr")),
-                 "ok" if r.get("cg_converged") else "not converged"]
-                for r, e, m, b in zip(shown, ex, same, lb, strict=True)]
+        header = [
+            "index",
+            "label",
+            "λ_max(JJᵀ)",
+            "‖Jδ‖",
+            f"I2F exact (ε={eps:g})",
+            f"bound (ε={eps:g})",
+            "bound (ε=0)",
+            "CG",
+        ]
+        body = [
+            [
+                f"{int(r['index'])}",
+                f"{int(r['label'])}",
+                _num(r["lambda_max"]),
+                _num(r["jdelta_norm"]),
+                _num(e, r.get("exact_stderr")),
+                _num(m),
+                _num(b, r.get("lower_bound_stderr")),
+                "ok" if r.get("cg_converged") else "not converged",
+            ]
+            for r, e, m, b in zip(shown, ex, same, lb, strict=True)
+        ]
         all_same = [v for v in _i2f_series(rows, eps)[1][1] if v is not None]
-        body.append(["mean", "", _num(summary.get("lambda_max_mean")), "", _num(summary.get("exact_mean")),
-                     _num(_mean(all_same)), _num(summary.get("lower_bound_mean")), ""])
+        body.append(
+            [
+                "mean",
+                "",
+                _num(summary.get("lambda_max_mean")),
+                "",
+                _num(summary.get("exact_mean")),
+                _num(_mean(all_same)),
+                _num(summary.get("lower_bound_mean")),
+                "",
+            ]
+        )
         lines += _grid(header, body)
         lines += textwrap.wrap(
             f"I2F exact = ‖(JJᵀ+εI)⁻¹Jδ‖ at ε = {eps:g}; bound (ε={eps:g}) = ‖Jδ‖/(λ_max+ε) never exceeds it. "
             "bound (ε=0) = ‖Jδ‖/λ_max (Eq. 5) bounds the unregularised I2F (ε = 0), not the "
             f"ε = {eps:g} value, so it can exceed the exact column when λ_max is small next to ε "
-            f"(here mean λ_max = {_num(summary.get('lambda_max_mean'))}).", 100)
+            f"(here mean λ_max = {_num(summary.get('lambda_max_mean'))}).",
+            100,
+        )
     else:
         key = "vinfo_input" if kind == "vinfo" and summary.get("target") == "input" else str(kind)
         columns = LAYER_COLUMNS.get(key, [])
-        about = {"vinfo": f"V-information about the {summary.get('target')}", "sensitivity": "Jacobian sensitivity",
-                 "subspace": f"gradient subspace distance ({summary.get('target')}, k = {summary.get('k')})"}
+        about = {
+            "vinfo": f"V-information about the {summary.get('target')}",
+            "sensitivity": "Jacobian sensitivity",
+            "subspace": f"gradient subspace distance ({summary.get('target')}, k = {summary.get('k')})",
+        }
         lines.append(f"{about.get(str(kind), kind)} per layer, {where}")
-        body = [[str(r.get("layer") or "(root)"), *(_num(r.get(k), r.get(e) if e else None) for _, k, e in columns)]
-                for r in shown]
+        body = [
+            [
+                str(r.get("layer") or "(root)"),
+                *(_num(r.get(k), r.get(e) if e else None) for _, k, e in columns),
+            ]
+            for r in shown
+        ]
         lines += _grid(["layer", *(h for h, _, _ in columns)], body)
-        best = {"vinfo": ("most informative layer", "most_informative_layer", "max_v_information"),
-                "sensitivity": ("most sensitive layer", "most_sensitive_layer", "max_sensitivity"),
-                "subspace": ("most separating layer", "most_separating_layer", "max_normalized_distance")}
+        best = {
+            "vinfo": ("most informative layer", "most_informative_layer", "max_v_information"),
+            "sensitivity": ("most sensitive layer", "most_sensitive_layer", "max_sensitivity"),
+            "subspace": (
+                "most separating layer",
+                "most_separating_layer",
+                "max_normalized_distance",
+            ),
+        }
         if kind in best:
             text, layer, value = best[str(kind)]
             lines.append(f"{text}: {summary.get(layer)} ({_num(summary.get(value))})")

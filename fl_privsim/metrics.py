@@ -29,7 +29,9 @@ MSE_FLOOR = 1e-10
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape or a.dim() != 4:
-        raise ValueError(f"expected two (N, C, H, W) tensors of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"expected two (N, C, H, W) tensors of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -85,7 +87,9 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, window: int = 11, sigma: float = 1
     var_a = blur(a * a) - mu_a**2
     var_b = blur(b * b) - mu_b**2
     cov = blur(a * b) - mu_a * mu_b
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    )
     return s.flatten(1).mean(1)
 
 
@@ -195,7 +199,11 @@ def _avd_terms(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def avd(
-    originals: torch.Tensor, recons: torch.Tensor, *, c1: float = 1.0, c2: float = 0.5,
+    originals: torch.Tensor,
+    recons: torch.Tensor,
+    *,
+    c1: float = 1.0,
+    c2: float = 0.5,
     first_order_only: bool = False,
 ) -> torch.Tensor:
     """Per-image AVD of ``recons`` against ``originals`` (both (N, C, H, W), in [0, 1]).
@@ -210,7 +218,9 @@ def avd(
     """
     _check_pair(originals, recons)
     if min(originals.shape[2:]) < 3:
-        raise ValueError(f"AVD needs images of at least 3x3 pixels, got {tuple(originals.shape[2:])}")
+        raise ValueError(
+            f"AVD needs images of at least 3x3 pixels, got {tuple(originals.shape[2:])}"
+        )
     v0 = originals.double()
     v1 = _quantise_8bit(recons.double().abs())
     a1, a2 = _avd_terms(v0)
@@ -271,7 +281,9 @@ def avd_matched(originals: torch.Tensor, recons: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(((fr - fo[best]) ** 2).sum(1))
 
 
-def attack_success_rate(per_original_mse: torch.Tensor, threshold: float, num_originals: int) -> float:
+def attack_success_rate(
+    per_original_mse: torch.Tensor, threshold: float, num_originals: int
+) -> float:
     """Fraction of ``num_originals`` whose matched reconstruction has MSE <= ``threshold``.
 
     ``per_original_mse`` holds the MSE of each matched original; originals left without a

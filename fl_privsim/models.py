@@ -101,14 +101,24 @@ class CNN6(nn.Module):
     """R-GAP's CNN6 (Zhu & Blaschko, ICLR 2021): bias-free convs with LeakyReLU(0.2)."""
 
     #: (out_channels, kernel, stride, padding) of the six convolutions.
-    LAYERS = ((12, 4, 2, 2), (36, 3, 2, 1), (36, 3, 1, 1), (36, 3, 1, 1), (64, 3, 2, 1), (128, 3, 1, 1))
+    LAYERS = (
+        (12, 4, 2, 2),
+        (36, 3, 2, 1),
+        (36, 3, 1, 1),
+        (36, 3, 1, 1),
+        (64, 3, 2, 1),
+        (128, 3, 1, 1),
+    )
 
     def __init__(self, input_shape: InputShape, num_classes: int) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c = input_shape[0]
         for out, k, s, p in self.LAYERS:
-            layers += [nn.Conv2d(c, out, kernel_size=k, stride=s, padding=p, bias=False), nn.LeakyReLU(0.2)]
+            layers += [
+                nn.Conv2d(c, out, kernel_size=k, stride=s, padding=p, bias=False),
+                nn.LeakyReLU(0.2),
+            ]
             c = out
         self.body = nn.Sequential(*layers)
         self.fc = nn.Linear(_flat_features(self.body, input_shape), num_classes, bias=False)
@@ -157,7 +167,9 @@ MODELS: dict[str, Callable[[InputShape, int], nn.Module]] = {
 INITS = ("default", "uniform", "normal", "kaiming", "xavier")
 
 
-def init_weights(model: nn.Module, scheme: str, generator: torch.Generator | None = None) -> nn.Module:
+def init_weights(
+    model: nn.Module, scheme: str, generator: torch.Generator | None = None
+) -> nn.Module:
     """Re-initialise the weights of every conv and linear layer of ``model`` in place.
 
     ``default`` leaves PyTorch's initialisation. ``uniform``: weights and biases
@@ -194,7 +206,11 @@ def init_weights(model: nn.Module, scheme: str, generator: torch.Generator | Non
 
 
 def build_model(
-    name: str, input_shape: InputShape, num_classes: int, *, init: str = "default",
+    name: str,
+    input_shape: InputShape,
+    num_classes: int,
+    *,
+    init: str = "default",
     generator: torch.Generator | None = None,
 ) -> nn.Module:
     """Build model ``name`` for inputs of ``input_shape`` (C, H, W) and ``num_classes``.
@@ -204,10 +220,14 @@ def build_model(
     vib = name.endswith("_vib") and name[:-4] in MODELS  # VIB variant: clients/defenses/vib.py
     if name not in MODELS and not vib:
         hint = did_you_mean(name, [*MODELS, *(f"{m}_vib" for m in MODELS)])
-        raise ConfigError(f"model.name: unknown model {name!r}{hint}; allowed: {', '.join(MODELS)} "
-                          f"(or any of them + '_vib', with a VIB head)")
+        raise ConfigError(
+            f"model.name: unknown model {name!r}{hint}; allowed: {', '.join(MODELS)} "
+            f"(or any of them + '_vib', with a VIB head)"
+        )
     if len(input_shape) != 3 or min(input_shape) < 1:
-        raise ConfigError(f"model: input shape must be (C, H, W) with positive sizes, got {input_shape}")
+        raise ConfigError(
+            f"model: input shape must be (C, H, W) with positive sizes, got {input_shape}"
+        )
     if num_classes < 2:
         raise ConfigError(f"model: need at least 2 classes, got {num_classes}")
     if vib:

@@ -96,8 +96,10 @@ def partition(
         raise ConfigError(
             f"num_clients ({num_clients}) exceeds the number of training examples ({n})"
         )
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) or not (
-        math.isfinite(alpha) and alpha > 0
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float, np.number))
+        or not (math.isfinite(alpha) and alpha > 0)
     ):
         raise ConfigError(f"partition alpha must be a finite number > 0, got {alpha!r}")
     if not _is_int(min_size) or min_size < 0:

@@ -54,8 +54,13 @@ def resolve_value(value: Any, base: str | Path | None = None) -> Any:
     return str(absolute(value, base))
 
 
-def resolve_keys(data: MutableMapping[str, Any], keys: Iterable[str], base: str | Path | None = None,
-                 *, under: str = "") -> MutableMapping[str, Any]:
+def resolve_keys(
+    data: MutableMapping[str, Any],
+    keys: Iterable[str],
+    base: str | Path | None = None,
+    *,
+    under: str = "",
+) -> MutableMapping[str, Any]:
     """Resolve, in place, the path-valued ``keys`` (dotted: ``data.root``) of a TOML dict
     against ``base`` (default: the current directory). With ``under`` (the key of one
     ``--set``), only the keys at or below it are touched. Absent keys are skipped."""
@@ -80,8 +85,12 @@ def _holds(folder: Path, contains: Sequence[str | tuple[str, ...]]) -> bool:
     return True
 
 
-def suggest_path(path: str | Path, *, original: str | Path | None = None,
-                 contains: Sequence[str | tuple[str, ...]] = ()) -> Path | None:
+def suggest_path(
+    path: str | Path,
+    *,
+    original: str | Path | None = None,
+    contains: Sequence[str | tuple[str, ...]] = (),
+) -> Path | None:
     """An existing path the user probably meant instead of the missing ``path``: the path as
     typed (``original``) relative to the current directory or the repository, or the last
     one to three parts of ``path`` inside the shared data folder (and ``../shared/data``
@@ -92,8 +101,13 @@ def suggest_path(path: str | Path, *, original: str | Path | None = None,
     cands: list[Path] = []
     if original is not None and str(original) and not Path(original).expanduser().is_absolute():
         cands += [Path.cwd() / original, REPO_ROOT / original]
-    bases = (shared_data_dir(), REPO_ROOT.parent / "shared" / "data", Path.cwd(), REPO_ROOT,
-             REPO_ROOT / "experiments")
+    bases = (
+        shared_data_dir(),
+        REPO_ROOT.parent / "shared" / "data",
+        Path.cwd(),
+        REPO_ROOT,
+        REPO_ROOT / "experiments",
+    )
     for k in (1, 2, 3):
         if len(missing.parts) > k:
             tail = Path(*missing.parts[-k:])
@@ -111,9 +125,16 @@ def suggest_path(path: str | Path, *, original: str | Path | None = None,
     return None
 
 
-def missing_path_message(what: str, path: str | Path, *, expect: str = "", original: str | Path | None = None,
-                         contains: Sequence[str | tuple[str, ...]] = (), problem: str = "does not exist",
-                         always_expect: bool = False) -> str:
+def missing_path_message(
+    what: str,
+    path: str | Path,
+    *,
+    expect: str = "",
+    original: str | Path | None = None,
+    contains: Sequence[str | tuple[str, ...]] = (),
+    problem: str = "does not exist",
+    always_expect: bool = False,
+) -> str:
     """One line for a path that is not there: ``"<what> <absolute path> <problem>"``, then a
     path that exists and would work (:func:`suggest_path`), else ``expect`` (what the path
     must be or hold; with ``always_expect``, after the suggestion too)."""

@@ -14,8 +14,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
 #: Most originals (each with its matched reconstructions) drawn in one grid.
 MAX_SHOWN = 32
@@ -158,8 +158,16 @@ def image_grid(
                 else:
                     ax.axis("off")
             if row.images is None and row.note and b == 0:
-                note = ax_row[0].text(0.05, 0.5, row.note, transform=ax_row[0].transAxes, fontsize=7, ha="left",
-                                      va="center", color="darkred")
+                note = ax_row[0].text(
+                    0.05,
+                    0.5,
+                    row.note,
+                    transform=ax_row[0].transAxes,
+                    fontsize=7,
+                    ha="left",
+                    va="center",
+                    color="darkred",
+                )
                 note.set_in_layout(False)  # it runs across the row's empty tiles
             label = row.label
             if layout.blocks > 1:
@@ -210,8 +218,13 @@ def set_log_xticks(ax: plt.Axes, lo: float, hi: float, *, max_ticks: int = 5) ->
 def legend_outside(ax: plt.Axes, **kwargs: object) -> object:
     """The axes' legend right of the axes (never over the data); save the figure with
     ``bbox_inches="tight"`` so it is kept."""
-    opts: dict[str, object] = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0,
-                               "fontsize": 8, "frameon": False}
+    opts: dict[str, object] = {
+        "loc": "upper left",
+        "bbox_to_anchor": (1.02, 1.0),
+        "borderaxespad": 0.0,
+        "fontsize": 8,
+        "frameon": False,
+    }
     return ax.legend(**(opts | kwargs))
 
 

@@ -13,14 +13,19 @@ def configure_logging(verbose: bool) -> None:
     """Log INFO (``verbose``) or WARNING and above to stderr. ``force`` replaces the handler
     that a library may have installed at import (Opacus calls ``basicConfig``), which would
     otherwise make this call a no-op and hide ``--verbose`` progress."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
 
 
 class Progress:
     """Tracks rounds and attack runs and draws ``[####----] round r/R | attacks a/A | acc x``."""
 
-    def __init__(self, *, rounds: int, attacks: int, stream: TextIO | None = None, enabled: bool = True) -> None:
+    def __init__(
+        self, *, rounds: int, attacks: int, stream: TextIO | None = None, enabled: bool = True
+    ) -> None:
         self.rounds = rounds
         self.attacks_total = attacks
         self.stream = stream or sys.stderr

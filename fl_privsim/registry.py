@@ -58,8 +58,10 @@ class Registry(Generic[T]):
                 continue
             try:
                 obj = ep.load()
-            except Exception as exc:  # a broken plugin must not break the built-ins
-                log.warning("could not load %s plugin %r (%s): %s", self.kind, ep.name, ep.value, exc)
+            except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the built-ins
+                log.warning(
+                    "could not load %s plugin %r (%s): %s", self.kind, ep.name, ep.value, exc
+                )
                 continue
             self._items.setdefault(ep.name, obj)
 
@@ -72,8 +74,10 @@ class Registry(Generic[T]):
         """The class registered under ``name``; a clear error lists the known names."""
         self._load_entry_points()
         if name not in self._items:
-            raise ConfigError(f"unknown {self.kind} {name!r}{did_you_mean(name, self.names())}; "
-                              f"known: {', '.join(self.names())}")
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}{did_you_mean(name, self.names())}; "
+                f"known: {', '.join(self.names())}"
+            )
         return self._items[name]
 
     def check_params(self, name: str, params: dict[str, Any]) -> None:
@@ -93,7 +97,9 @@ class Registry(Generic[T]):
                 f"allowed: {', '.join(sorted(accepted)) or '(none)'}"
             )
         missing = [
-            p for p, spec in accepted.items() if spec.default is inspect.Parameter.empty and p not in params
+            p
+            for p, spec in accepted.items()
+            if spec.default is inspect.Parameter.empty and p not in params
         ]
         if missing:
             raise ConfigError(f"{self.kind} {name!r}: missing parameter(s) {', '.join(missing)}")

@@ -99,9 +99,17 @@ class RunFolder:
         }
         atomic_write_text(self.path / "env.json", json.dumps(env, indent=2))
 
-    def log_metric(self, *, round: int, client: int | str | None, source: str, key: str, value: Any) -> None:
+    def log_metric(
+        self, *, round: int, client: int | str | None, source: str, key: str, value: Any
+    ) -> None:
         """Append one metric line to ``metrics.jsonl``."""
-        row = {"round": round, "client": client, "source": source, "key": key, "value": _jsonable(value)}
+        row = {
+            "round": round,
+            "client": client,
+            "source": source,
+            "key": key,
+            "value": _jsonable(value),
+        }
         line = json.dumps(row)
         with self._lock, open(self._metrics, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")

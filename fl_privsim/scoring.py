@@ -96,7 +96,9 @@ class Scorer:
         sizes = [len(p) for p in self.ground_truth_parts(server_round, clients)]
         return np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
 
-    def ground_truth(self, server_round: int, clients: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def ground_truth(
+        self, server_round: int, clients: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images in [0, 1] and labels of what ``clients`` trained on in ``server_round``."""
         idx = self.ground_truth_indices(server_round, clients)
         return self.fed.data.images("train", idx), self.fed.data.labels("train", idx)
@@ -136,11 +138,20 @@ class Scorer:
         matched_labels: torch.Tensor | None = None
         if result.labels is not None:
             values["label_accuracy"] = metrics.label_accuracy(labels, result.labels)
-            if (getattr(result, "labels_per_input", False) and result.inputs is not None
-                    and len(result.labels) == len(result.inputs)):
+            if (
+                getattr(result, "labels_per_input", False)
+                and result.inputs is not None
+                and len(result.labels) == len(result.inputs)
+            ):
                 predicted = result.labels.detach().long().cpu()
                 matched_labels = torch.full((originals.shape[0],), -1, dtype=torch.long)
                 matched_labels[torch.from_numpy(ok)] = predicted[torch.from_numpy(perm[ok])]
         has_match = torch.from_numpy(ok) if result.inputs is not None else None
-        return Score(values=values, originals=originals, matched=matched, labels=labels, has_match=has_match,
-                     matched_labels=matched_labels)
+        return Score(
+            values=values,
+            originals=originals,
+            matched=matched,
+            labels=labels,
+            has_match=has_match,
+            matched_labels=matched_labels,
+        )

@@ -47,9 +47,14 @@ class SecAggSettings:
 
     def as_dict(self) -> dict[str, float | int]:
         """The parameters and the step, for the summary."""
-        return {"num_shares": self.num_shares, "reconstruction_threshold": self.reconstruction_threshold,
-                "max_weight": self.max_weight, "clipping_range": self.clipping_range,
-                "quantization_range": self.quantization_range, "quantization_step": self.quantization_step}
+        return {
+            "num_shares": self.num_shares,
+            "reconstruction_threshold": self.reconstruction_threshold,
+            "max_weight": self.max_weight,
+            "clipping_range": self.clipping_range,
+            "quantization_range": self.quantization_range,
+            "quantization_step": self.quantization_step,
+        }
 
 
 def max_examples_per_client(cfg: Config) -> int:
@@ -64,13 +69,22 @@ def resolve(cfg: Config) -> SecAggSettings:
     ``max_weight`` = :func:`max_examples_per_client`."""
     sa = cfg.federation.secure_aggregation
     shares = sa.num_shares or cfg.federation.clients_per_round
-    threshold = sa.reconstruction_threshold or min(max(2, math.ceil(2 * shares / 3)), max(shares - 1, 1))
-    return SecAggSettings(num_shares=shares, reconstruction_threshold=threshold,
-                          clipping_range=float(sa.clipping_range), quantization_range=int(sa.quantization_range),
-                          max_weight=float(sa.max_weight or max_examples_per_client(cfg)), timeout=float(sa.timeout))
+    threshold = sa.reconstruction_threshold or min(
+        max(2, math.ceil(2 * shares / 3)), max(shares - 1, 1)
+    )
+    return SecAggSettings(
+        num_shares=shares,
+        reconstruction_threshold=threshold,
+        clipping_range=float(sa.clipping_range),
+        quantization_range=int(sa.quantization_range),
+        max_weight=float(sa.max_weight or max_examples_per_client(cfg)),
+        timeout=float(sa.timeout),
+    )
 
 
-def quantization_error_bound(settings: SecAggSettings, num_clients: int, total_examples: int) -> float:
+def quantization_error_bound(
+    settings: SecAggSettings, num_clients: int, total_examples: int
+) -> float:
     """Bound on one entry's error of the revealed mean: ``k · (2C/Q) · W / Σ n`` (each client's
     stochastic rounding moves its scaled entry by less than one step; the sum is divided by
     ``Σ r_i ≈ Σ n / W``)."""
@@ -86,11 +100,16 @@ def _check_modifications(cfg: Config) -> None:
 
     everyone = set(range(cfg.federation.num_clients))
     for i, mod in enumerate(cfg.server.modifications):
-        if MODIFICATIONS.get(mod.name).changes_architecture and mod.targets.clients \
-                and not everyone <= set(mod.targets.clients):
-            raise ConfigError(f"server.modifications[{i}].targets.clients: {mod.name!r} changes the architecture "
-                              "and secure aggregation sums vectors of one shape, so every client of its rounds "
-                              "must get it; set targets.clients = []")
+        if (
+            MODIFICATIONS.get(mod.name).changes_architecture
+            and mod.targets.clients
+            and not everyone <= set(mod.targets.clients)
+        ):
+            raise ConfigError(
+                f"server.modifications[{i}].targets.clients: {mod.name!r} changes the architecture "
+                "and secure aggregation sums vectors of one shape, so every client of its rounds "
+                "must get it; set targets.clients = []"
+            )
 
 
 def check_config(cfg: Config) -> None:
@@ -99,41 +118,63 @@ def check_config(cfg: Config) -> None:
     unsupported = "is not supported with secure aggregation yet"
     _check_modifications(cfg)
     if fed.central_dp.mode != "off":
-        raise ConfigError(f"federation.central_dp.mode: {fed.central_dp.mode!r} {unsupported}; "
-                          f"set {WHERE}.mode = \"off\" or federation.central_dp.mode = \"off\"")
+        raise ConfigError(
+            f"federation.central_dp.mode: {fed.central_dp.mode!r} {unsupported}; "
+            f'set {WHERE}.mode = "off" or federation.central_dp.mode = "off"'
+        )
     for i, atk in enumerate(cfg.attacks):
         if atk.targets.clients:
-            raise ConfigError(f"attacks[{i}].targets.clients: the server sees only the aggregate; "
-                              "set targets = { clients = [], aggregate = true }")
+            raise ConfigError(
+                f"attacks[{i}].targets.clients: the server sees only the aggregate; "
+                "set targets = { clients = [], aggregate = true }"
+            )
     for i, an in enumerate(cfg.analyses):
         if an.targets.clients:
-            raise ConfigError(f"analyses[{i}].targets.clients: the server sees only the aggregate and analyses "
-                              "run on single clients; remove the [[analyses]] entry or set "
-                              f"{WHERE}.mode = \"off\"")
+            raise ConfigError(
+                f"analyses[{i}].targets.clients: the server sees only the aggregate and analyses "
+                "run on single clients; remove the [[analyses]] entry or set "
+                f'{WHERE}.mode = "off"'
+            )
     k = fed.clients_per_round
     if k < 3:  # flwr 1.41: an integer num_shares must be > 2 and cannot exceed the sampled clients
-        raise ConfigError(f"federation.clients_per_round: {k} with secure aggregation; Flower's SecAgg+ needs at "
-                          "least 3 sampled clients (num_shares > 2)")
+        raise ConfigError(
+            f"federation.clients_per_round: {k} with secure aggregation; Flower's SecAgg+ needs at "
+            "least 3 sampled clients (num_shares > 2)"
+        )
     s = resolve(cfg)
     if s.num_shares <= 2:
-        raise ConfigError(f"{WHERE}.num_shares: {s.num_shares} must be greater than 2 "
-                          f"(0 = every sampled client, here {k})")
+        raise ConfigError(
+            f"{WHERE}.num_shares: {s.num_shares} must be greater than 2 "
+            f"(0 = every sampled client, here {k})"
+        )
     if s.num_shares > k:
-        raise ConfigError(f"{WHERE}.num_shares: {s.num_shares} exceeds federation.clients_per_round ({k})")
+        raise ConfigError(
+            f"{WHERE}.num_shares: {s.num_shares} exceeds federation.clients_per_round ({k})"
+        )
     if s.num_shares % 2 == 0 and s.num_shares != k:
-        raise ConfigError(f"{WHERE}.num_shares: {s.num_shares} is even and not the number of sampled clients "
-                          f"({k}); flwr 1.41 then gives clients too few shares; use an odd number or 0")
+        raise ConfigError(
+            f"{WHERE}.num_shares: {s.num_shares} is even and not the number of sampled clients "
+            f"({k}); flwr 1.41 then gives clients too few shares; use an odd number or 0"
+        )
     if s.reconstruction_threshold >= s.num_shares:
-        raise ConfigError(f"{WHERE}.reconstruction_threshold: {s.reconstruction_threshold} must be below "
-                          f"num_shares ({s.num_shares})")
+        raise ConfigError(
+            f"{WHERE}.reconstruction_threshold: {s.reconstruction_threshold} must be below "
+            f"num_shares ({s.num_shares})"
+        )
     if s.reconstruction_threshold < 2:
-        raise ConfigError(f"{WHERE}.reconstruction_threshold: {s.reconstruction_threshold} must be at least 2")
+        raise ConfigError(
+            f"{WHERE}.reconstruction_threshold: {s.reconstruction_threshold} must be at least 2"
+        )
     if k * s.quantization_range >= MODULUS_RANGE:
-        raise ConfigError(f"{WHERE}.quantization_range: {k} clients x {s.quantization_range} levels reach the "
-                          f"modulus 2^32 and the masked sum wraps; lower it below {MODULUS_RANGE // k}")
+        raise ConfigError(
+            f"{WHERE}.quantization_range: {k} clients x {s.quantization_range} levels reach the "
+            f"modulus 2^32 and the masked sum wraps; lower it below {MODULUS_RANGE // k}"
+        )
     total_ratio = k * max_examples_per_client(cfg) / s.max_weight
     if total_ratio >= MODULUS_RANGE / s.quantization_range:
-        raise ConfigError(f"{WHERE}.max_weight: {s.max_weight:g} is too small: the summed weights "
-                          f"({k} x {max_examples_per_client(cfg)} examples / max_weight = {total_ratio:g}) reach "
-                          f"2^32 / quantization_range = {MODULUS_RANGE / s.quantization_range:g} and wrap; "
-                          f"raise it (0 = {max_examples_per_client(cfg)})")
+        raise ConfigError(
+            f"{WHERE}.max_weight: {s.max_weight:g} is too small: the summed weights "
+            f"({k} x {max_examples_per_client(cfg)} examples / max_weight = {total_ratio:g}) reach "
+            f"2^32 / quantization_range = {MODULUS_RANGE / s.quantization_range:g} and wrap; "
+            f"raise it (0 = {max_examples_per_client(cfg)})"
+        )

@@ -41,7 +41,11 @@ def backend_config(cfg: Config, *, verbose: bool = False) -> dict[str, Any]:
     num_gpus = fed.num_gpus_per_client
     if num_gpus == 0 and resolve_device(fed.device).type == "cuda":
         num_gpus = 0.25  # Ray hides GPUs from actors that reserve none
-    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": verbose}
+    init_args: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": logging.ERROR,
+        "log_to_driver": verbose,
+    }
     if fed.ray_address:
         init_args["address"] = fed.ray_address
     else:
@@ -56,7 +60,14 @@ def backend_config(cfg: Config, *, verbose: bool = False) -> dict[str, Any]:
     }
 
 
-def launch(server_app: Any, client_app: Any, *, num_supernodes: int, backend: dict[str, Any], verbose: bool = False) -> None:
+def launch(
+    server_app: Any,
+    client_app: Any,
+    *,
+    num_supernodes: int,
+    backend: dict[str, Any],
+    verbose: bool = False,
+) -> None:
     """Run ``server_app`` against ``num_supernodes`` copies of ``client_app`` on Ray."""
     import warnings
 
@@ -66,7 +77,9 @@ def launch(server_app: Any, client_app: Any, *, num_supernodes: int, backend: di
         warnings.simplefilter("ignore", DeprecationWarning)
         # Ray's notice about a future default; we rely on today's (GPUs hidden from
         # actors that reserve none) and set num_gpus explicitly.
-        warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message="Tip: In future versions of Ray", category=FutureWarning
+        )
         run_simulation(
             server_app=server_app,
             client_app=client_app,
@@ -133,22 +146,37 @@ def check_attack_setups(cfg: Config, fed: Any, model: Any, attacks: list[Any]) -
         return shapes[size]
 
     base = Setup(
-        model=model, input_shape=tuple(fed.data.input_shape), num_classes=int(fed.data.num_classes),
-        protocol=cfg.federation.protocol, batch_size=cfg.client.batch_size,  # type: ignore[arg-type]
+        model=model,
+        input_shape=tuple(fed.data.input_shape),
+        num_classes=int(fed.data.num_classes),
+        protocol=cfg.federation.protocol,
+        batch_size=cfg.client.batch_size,  # type: ignore[arg-type]
         local_steps=cfg.client.local_steps if cfg.federation.protocol == "fedavg" else 1,
-        lr=cfg.client.lr, loss=cfg.client.loss, data_name=cfg.data.name, model_name=cfg.model.name,
-        clients_per_round=cfg.federation.clients_per_round, data_mean=tuple(fed.data.mean),
+        lr=cfg.client.lr,
+        loss=cfg.client.loss,
+        data_name=cfg.data.name,
+        model_name=cfg.model.name,
+        clients_per_round=cfg.federation.clients_per_round,
+        data_mean=tuple(fed.data.mean),
         data_std=tuple(fed.data.std),
     )
     built: dict[str, Any] = {}
     for i, (spec, attack) in enumerate(zip(cfg.attacks, attacks, strict=True)):
         first_round = min(spec.targets.rounds, default=1)
-        setups = [replace(base, batch_size=bs, local_steps=steps) for bs, steps in
-                  sorted({batch_shape(c, first_round) for c in spec.targets.clients})]
+        setups = [
+            replace(base, batch_size=bs, local_steps=steps)
+            for bs, steps in sorted({batch_shape(c, first_round) for c in spec.targets.clients})
+        ]
         if spec.targets.aggregate:
             every = [batch_shape(c, first_round) for c in range(cfg.federation.num_clients)]
-            setups.append(replace(base, aggregate=True, batch_size=min(bs for bs, _ in every),
-                                  local_steps=min(steps for _, steps in every)))
+            setups.append(
+                replace(
+                    base,
+                    aggregate=True,
+                    batch_size=min(bs for bs, _ in every),
+                    local_steps=min(steps for _, steps in every),
+                )
+            )
         for setup in setups:
             try:
                 attack.check_setup(setup)
@@ -184,7 +212,9 @@ def _attack_remedy(attack: Any, setup: Any, index: int, built: dict[str, Any]) -
                     built[name] = build_model(name, with_setup.input_shape, with_setup.num_classes)
                 except Exception:  # noqa: BLE001 - a model that cannot take this data shape
                     built[name] = None
-            if built[name] is not None and passes(replace(with_setup, model=built[name], model_name=name)):
+            if built[name] is not None and passes(
+                replace(with_setup, model=built[name], model_name=name)
+            ):
                 names.append(name)
         return names
 
@@ -221,7 +251,9 @@ def _attack_remedy(attack: Any, setup: Any, index: int, built: dict[str, Any]) -
     return "no registered model meets it with this data and these settings"
 
 
-def check_server_role(cfg: Config, model: Any, input_shape: tuple[int, int, int], num_classes: int) -> None:
+def check_server_role(
+    cfg: Config, model: Any, input_shape: tuple[int, int, int], num_classes: int
+) -> None:
     """Before launch: every modification fits the model, and every attack that reads a
     modification's secrets has that modification in each round it attacks (and, per client,
     for each client it attacks)."""
@@ -231,7 +263,9 @@ def check_server_role(cfg: Config, model: Any, input_shape: tuple[int, int, int]
     mods = cfg.server.modifications
     for i, spec in enumerate(mods):
         try:
-            MODIFICATIONS.create(spec.name, **spec.params).check_model(model, input_shape, num_classes)
+            MODIFICATIONS.create(spec.name, **spec.params).check_model(
+                model, input_shape, num_classes
+            )
         except UserError as exc:
             raise ConfigError(f"server.modifications[{i}] ({spec.name}): {exc}") from None
     for i, attack in enumerate(cfg.attacks):
@@ -239,21 +273,27 @@ def check_server_role(cfg: Config, model: Any, input_shape: tuple[int, int, int]
         if need is None:
             continue
         mine = [m for m in mods if m.name == need]
-        how = (f"add [[server.modifications]] name = {need!r} covering them (with [server] role = \"malicious\")")
+        how = f'add [[server.modifications]] name = {need!r} covering them (with [server] role = "malicious")'
         covered = set().union(*(set(m.targets.rounds) for m in mine)) if mine else set()
         missing = sorted(set(attack.targets.rounds) - covered)
         if missing:
-            raise ConfigError(f"attacks[{i}] ({attack.name}): needs the server modification {need!r} in "
-                              f"round(s) {missing}; {how}")
+            raise ConfigError(
+                f"attacks[{i}] ({attack.name}): needs the server modification {need!r} in "
+                f"round(s) {missing}; {how}"
+            )
         if attack.targets.clients and all(m.targets.clients for m in mine):
             crafted = set().union(*(set(m.targets.clients) for m in mine))
             outside = sorted(set(attack.targets.clients) - crafted)
             if outside:
-                raise ConfigError(f"attacks[{i}] ({attack.name}): client(s) {outside} do not get the {need!r} "
-                                  f"model (server.modifications targets.clients = {sorted(crafted)})")
+                raise ConfigError(
+                    f"attacks[{i}] ({attack.name}): client(s) {outside} do not get the {need!r} "
+                    f"model (server.modifications targets.clients = {sorted(crafted)})"
+                )
 
 
-def run(cfg: Config, *, out: str | Path | None = None, show_progress: bool = True, verbose: bool = False) -> tuple[Path, dict[str, Any]]:
+def run(
+    cfg: Config, *, out: str | Path | None = None, show_progress: bool = True, verbose: bool = False
+) -> tuple[Path, dict[str, Any]]:
     """Run one federation described by ``cfg``; returns the run folder and the summary."""
     prepare_environment()
     validate_before_launch(cfg)
@@ -274,9 +314,17 @@ def run(cfg: Config, *, out: str | Path | None = None, show_progress: bool = Tru
         flwr_log.setLevel(logging.ERROR)
         flwr_log.propagate = False
     try:
-        launch(server_app, client_app, num_supernodes=cfg.federation.num_clients, backend=backend_config(cfg, verbose=verbose), verbose=verbose)
+        launch(
+            server_app,
+            client_app,
+            num_supernodes=cfg.federation.num_clients,
+            backend=backend_config(cfg, verbose=verbose),
+            verbose=verbose,
+        )
     finally:
         progress.close()
     if "summary" not in sink:
-        raise RuntimeError(f"the simulation ended without a summary; see {folder.path / 'metrics.jsonl'}")
+        raise RuntimeError(
+            f"the simulation ended without a summary; see {folder.path / 'metrics.jsonl'}"
+        )
     return folder.path, sink["summary"]

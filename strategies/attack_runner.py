@@ -74,15 +74,22 @@ class AttackRunner:
     save_images: bool = True
     on_attack_done: Callable[[], None] | None = None
     scores: dict[str, list[dict[str, float]]] = field(default_factory=lambda: defaultdict(list))
-    outcomes: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    outcomes: dict[str, dict[str, int]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(int))
+    )
     #: Per label and outcome (``"refused"``/``"failed"``): the distinct reasons, first seen first,
     #: at most :data:`MAX_REASONS` (the summary's ``refused_reasons``/``failed_reasons``).
-    reasons: dict[str, dict[str, list[str]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    reasons: dict[str, dict[str, list[str]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list))
+    )
     #: ``[[analyses]]`` (analyst-side, given the true batch): run after the attacks, same observations.
     analyses: Sequence[AnalysisPlan] = ()
-    analysis_scores: dict[str, list[dict[str, float]]] = field(default_factory=lambda: defaultdict(list))
+    analysis_scores: dict[str, list[dict[str, float]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
     analysis_outcomes: dict[str, dict[str, int]] = field(
-        default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+        default_factory=lambda: defaultdict(lambda: defaultdict(int))
+    )
     analysis_noise: dict[str, str] = field(default_factory=dict)
 
     def targets(self, server_round: int) -> tuple[set[int], bool]:
@@ -128,22 +135,36 @@ class AttackRunner:
                     self._analyse(a, obs, key)
             if self.save_images and rows and scored is not None:
                 try:
-                    self.folder.save_grid(round=server_round, client=key, originals=scored.originals, rows=rows,
-                                          title=self._grid_title(obs), captions=self._label_captions(scored))
+                    self.folder.save_grid(
+                        round=server_round,
+                        client=key,
+                        originals=scored.originals,
+                        rows=rows,
+                        title=self._grid_title(obs),
+                        captions=self._label_captions(scored),
+                    )
                 except Exception:
-                    log.exception("could not save the image grid of round %d, client %s", server_round, key)
+                    log.exception(
+                        "could not save the image grid of round %d, client %s", server_round, key
+                    )
 
     @staticmethod
     def _grid_title(obs: Observation) -> str:
-        who = (f"aggregate of {obs.num_clients} clients" if obs.is_aggregate else f"client {obs.client_id}")
+        who = (
+            f"aggregate of {obs.num_clients} clients"
+            if obs.is_aggregate
+            else f"client {obs.client_id}"
+        )
         return f"round {obs.round}, {who} ({obs.protocol})"
 
     def _label_captions(self, score: Score) -> list[str] | None:
         if score.labels is None:
             return None
         names = getattr(self.scorer.fed.data, "class_names", ())
-        return [f"{names[int(y)]}" if int(y) < len(names) and names[int(y)] else f"label {int(y)}"
-                for y in score.labels]
+        return [
+            f"{names[int(y)]}" if int(y) < len(names) and names[int(y)] else f"label {int(y)}"
+            for y in score.labels
+        ]
 
     def _run_one(
         self, plan: AttackPlan, obs: Observation, label: str, key: int | str
@@ -157,7 +178,9 @@ class AttackRunner:
         t0 = time.perf_counter()
         inference = isinstance(plan.attack, FederatedInference)
         try:
-            if inference:  # the server's own knowledge (aux pool, target's public part), never the secret
+            if (
+                inference
+            ):  # the server's own knowledge (aux pool, target's public part), never the secret
                 knowledge = self.scorer.inference.knowledge(plan.attack.spec, obs.round, members)
                 obs = InferenceObservation.of(obs, ServerKnowledge(**knowledge))
             result = plan.attack(obs, device=self.device, generator=gen)
@@ -165,19 +188,24 @@ class AttackRunner:
             log.warning("%s refused round %d client %s: %s", plan.name, obs.round, key, exc)
             self.outcomes[label]["refused"] += 1
             self._note_reason(label, "refused", str(exc))
-            self.folder.log_metric(round=obs.round, client=key, source=source, key="refused", value=str(exc))
+            self.folder.log_metric(
+                round=obs.round, client=key, source=source, key="refused", value=str(exc)
+            )
             return (None if inference else GridRow(plan.name, None, note=f"refused: {exc}")), None
         except Exception as exc:  # recorded, never fatal
             log.exception("%s failed on round %d client %s", plan.name, obs.round, key)
             self.outcomes[label]["failed"] += 1
             self._note_reason(label, "failed", f"{type(exc).__name__}: {exc}")
-            self.folder.log_metric(round=obs.round, client=key, source=source, key="error", value=repr(exc))
+            self.folder.log_metric(
+                round=obs.round, client=key, source=source, key="error", value=repr(exc)
+            )
             return (None if inference else GridRow(plan.name, None, note=f"failed: {exc!r}")), None
         seconds = time.perf_counter() - t0
         score: Score | None = None
         if inference:
-            score_values = self.scorer.inference.score(plan.attack.spec, float(getattr(result, "score", 0.5)),
-                                                       obs.round, members)
+            score_values = self.scorer.inference.score(
+                plan.attack.spec, float(getattr(result, "score", 0.5)), obs.round, members
+            )
         else:
             score = self.scorer.score(result, obs.round, members)
             score_values = score.values
@@ -210,20 +238,29 @@ class AttackRunner:
             noise = plan.analysis.noise_model(obs.round, size)
             if noise is None:
                 self.analysis_outcomes[plan.name]["skipped"] += 1
-                self.folder.log_metric(round=obs.round, client=key, source=source, key="skipped",
-                                       value="no noise (no noise defense configured, or noise = none)")
+                self.folder.log_metric(
+                    round=obs.round,
+                    client=key,
+                    source=source,
+                    key="skipped",
+                    value="no noise (no noise defense configured, or noise = none)",
+                )
                 return
             self.analysis_noise[plan.name] = f"{noise.kind} {noise.scale:.6g} ({noise.source})"
             images, y = self.scorer.ground_truth(obs.round, [client])
             x = self.scorer.fed.data.normalize(images).to(self.device)
             model = obs.fresh_model(self.device).train()  # the client's mode (local_update trains)
             # the attack stream's keys plus the analysis' position: its own stream, no new purpose id
-            gen = torch_generator(self.seed, obs.round, client, "attack", 1 + list(self.analyses).index(plan))
+            gen = torch_generator(
+                self.seed, obs.round, client, "attack", 1 + list(self.analyses).index(plan)
+            )
             values = plan.analysis(model, x, y.to(self.device), noise, obs.data_std, gen)
         except Exception as exc:  # recorded, never fatal
             log.exception("analysis %s failed on round %d client %s", plan.name, obs.round, key)
             self.analysis_outcomes[plan.name]["failed"] += 1
-            self.folder.log_metric(round=obs.round, client=key, source=source, key="error", value=repr(exc))
+            self.folder.log_metric(
+                round=obs.round, client=key, source=source, key="error", value=repr(exc)
+            )
             return
         for k, v in values.items():
             self.folder.log_metric(round=obs.round, client=key, source=source, key=k, value=v)
@@ -241,13 +278,23 @@ class AttackRunner:
         that refused or failed also has ``refused_reasons``/``failed_reasons``: its distinct
         one-line reasons, first seen first, at most :data:`MAX_REASONS`."""
         out: dict[str, dict[str, Any]] = {}
-        configured = {p.name for p in self.plans if p.clients} | {f"{p.name}@aggregate" for p in self.plans
-                                                                   if p.aggregate}
+        configured = {p.name for p in self.plans if p.clients} | {
+            f"{p.name}@aggregate" for p in self.plans if p.aggregate
+        }
         for label in sorted(set(self.scores) | set(self.outcomes) | configured):
             rows = self.scores.get(label, [])
             entry: dict[str, Any] = {}
-            for k in ("psnr", "ssim", "mse", "avd", "asr", "leakage_rate", "label_accuracy",
-                      "coverage", "seconds"):
+            for k in (
+                "psnr",
+                "ssim",
+                "mse",
+                "avd",
+                "asr",
+                "leakage_rate",
+                "label_accuracy",
+                "coverage",
+                "seconds",
+            ):
                 vals = [r[k] for r in rows if k in r]
                 if vals:
                     entry[k] = float(np.mean(vals))
@@ -257,7 +304,9 @@ class AttackRunner:
                 kept = self.reasons.get(label, {}).get(outcome)
                 if kept:
                     entry[f"{outcome}_reasons"] = list(kept)
-            if any("secret" in r for r in rows):  # inference attacks: AUC etc. over the observations
+            if any(
+                "secret" in r for r in rows
+            ):  # inference attacks: AUC etc. over the observations
                 entry.update(summarize_inference(rows, seed=self.seed))  # type: ignore[arg-type]
             out[label] = entry
         return out
@@ -269,7 +318,11 @@ def _psnr_captions(score: Score) -> list[str]:
     if score.matched is None:
         return []
     values = psnr(score.originals, score.matched)
-    has = score.has_match if score.has_match is not None else torch.ones(len(values), dtype=torch.bool)
+    has = (
+        score.has_match
+        if score.has_match is not None
+        else torch.ones(len(values), dtype=torch.bool)
+    )
     preds = score.matched_labels
     out = []
     for i, (v, h) in enumerate(zip(values, has, strict=True)):

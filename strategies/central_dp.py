@@ -112,7 +112,7 @@ def combined_noise_multiplier(update_multiplier: float, count_stddev: float) -> 
         return 0.0
     if count_stddev <= 0:
         return update_multiplier
-    return (update_multiplier ** -2 + (2 * count_stddev) ** -2) ** -0.5
+    return (update_multiplier**-2 + (2 * count_stddev) ** -2) ** -0.5
 
 
 class CentralAccountant:
@@ -128,7 +128,9 @@ class CentralAccountant:
         Count amplification by sampling (Poisson, rate q); False = no amplification.
     """
 
-    def __init__(self, *, num_clients: int, clients_per_round: int, delta: float, amplification: bool = True) -> None:
+    def __init__(
+        self, *, num_clients: int, clients_per_round: int, delta: float, amplification: bool = True
+    ) -> None:
         from flwr.serverapp import RdpAccountant  # lazy: needs the flwr[dp] extra
 
         self.num_clients = int(num_clients)
@@ -155,9 +157,13 @@ class CentralAccountant:
         if noise_multiplier <= 0 or not math.isfinite(noise_multiplier):
             self.infinite = True
             return
-        self._acc.compose(GaussianPrivacyEvent(noise_multiplier=float(noise_multiplier),
-                                               sample_size=self.clients_per_round,
-                                               population_size=self.num_clients))
+        self._acc.compose(
+            GaussianPrivacyEvent(
+                noise_multiplier=float(noise_multiplier),
+                sample_size=self.clients_per_round,
+                population_size=self.num_clients,
+            )
+        )
 
     @property
     def releases(self) -> int:
@@ -209,31 +215,39 @@ class _UniformMean(FedAvg):
         """Delegate to :class:`FedUpdates`."""
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """Delegate to :class:`FedUpdates`."""
         return self.inner.aggregate_evaluate(server_round, replies)
 
 
-def flower_wrapper(mode: str, strategy: Strategy, settings: CentralDPConfig, num_sampled_clients: int) -> Strategy:
+def flower_wrapper(
+    mode: str, strategy: Strategy, settings: CentralDPConfig, num_sampled_clients: int
+) -> Strategy:
     """Flower's DP wrapper for ``mode`` around ``strategy``, configured from ``settings``."""
     if mode == "server_fixed":
         return DifferentialPrivacyServerSideFixedClipping(
-            strategy, settings.noise_multiplier, settings.clipping_norm, num_sampled_clients)
+            strategy, settings.noise_multiplier, settings.clipping_norm, num_sampled_clients
+        )
     if mode == "client_fixed":
         return DifferentialPrivacyClientSideFixedClipping(
-            strategy, settings.noise_multiplier, settings.clipping_norm, num_sampled_clients)
-    adaptive = dict(
-        initial_clipping_norm=settings.initial_clipping_norm,
-        target_clipped_quantile=settings.target_clipped_quantile,
-        clip_norm_lr=settings.clip_norm_lr,
-        clipped_count_stddev=settings.clipped_count_stddev or None,
-    )
+            strategy, settings.noise_multiplier, settings.clipping_norm, num_sampled_clients
+        )
+    adaptive = {
+        "initial_clipping_norm": settings.initial_clipping_norm,
+        "target_clipped_quantile": settings.target_clipped_quantile,
+        "clip_norm_lr": settings.clip_norm_lr,
+        "clipped_count_stddev": settings.clipped_count_stddev or None,
+    }
     if mode == "server_adaptive":
         return DifferentialPrivacyServerSideAdaptiveClipping(
-            strategy, settings.noise_multiplier, num_sampled_clients, **adaptive)
+            strategy, settings.noise_multiplier, num_sampled_clients, **adaptive
+        )
     if mode == "client_adaptive":
         return DifferentialPrivacyClientSideAdaptiveClipping(
-            strategy, settings.noise_multiplier, num_sampled_clients, **adaptive)
+            strategy, settings.noise_multiplier, num_sampled_clients, **adaptive
+        )
     raise ValueError(f"central DP mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 
@@ -264,9 +278,13 @@ class CentralDP(Strategy):
         Run seed; the noise of round r is drawn from ``(seed, r, "central_dp")``.
     """
 
-    def __init__(self, inner: FedUpdates, *, settings: CentralDPConfig, num_clients: int, seed: int) -> None:
+    def __init__(
+        self, inner: FedUpdates, *, settings: CentralDPConfig, num_clients: int, seed: int
+    ) -> None:
         if settings.mode not in MODES:
-            raise ValueError(f"central DP mode must be one of {', '.join(MODES)}, got {settings.mode!r}")
+            raise ValueError(
+                f"central DP mode must be one of {', '.join(MODES)}, got {settings.mode!r}"
+            )
         self.inner = inner
         self.settings = settings
         self.mode = settings.mode
@@ -275,25 +293,33 @@ class CentralDP(Strategy):
         self.mean = _UniformMean(inner)
         self.dp = flower_wrapper(self.mode, self.mean, settings, self.num_sampled_clients)
         self.accountant = CentralAccountant(
-            num_clients=num_clients, clients_per_round=inner.clients_per_round,
-            delta=settings.delta, amplification=settings.amplification,
+            num_clients=num_clients,
+            clients_per_round=inner.clients_per_round,
+            delta=settings.delta,
+            amplification=settings.amplification,
         )
         self._global: dict[int, ArrayRecord] = {}
         self._keys: list[str] = []
         self._shapes: dict[str, tuple[int, ...]] = {}
         self.epsilon_by_round: dict[int, float] = {}
         if settings.noise_multiplier == 0:
-            log.warning("central DP %s with noise_multiplier 0: updates are clipped, but there is no DP guarantee",
-                        self.mode)
+            log.warning(
+                "central DP %s with noise_multiplier 0: updates are clipped, but there is no DP guarantee",
+                self.mode,
+            )
 
     # ------------------------------------------------------------------ helpers
     def _origin(self, arrays: ArrayRecord) -> ArrayRecord:
         """All-zero ArrayRecord over the floating-point entries of ``arrays`` (update space)."""
         state = arrays.to_numpy_ndarrays()
         keys = list(arrays.keys())
-        self._keys = [k for k, v in zip(keys, state, strict=True) if np.issubdtype(v.dtype, np.floating)]
+        self._keys = [
+            k for k, v in zip(keys, state, strict=True) if np.issubdtype(v.dtype, np.floating)
+        ]
         self._shapes = {k: v.shape for k, v in zip(keys, state, strict=True) if k in self._keys}
-        return ArrayRecord({k: Array(np.zeros(self._shapes[k], dtype=np.float32)) for k in self._keys})
+        return ArrayRecord(
+            {k: Array(np.zeros(self._shapes[k], dtype=np.float32)) for k in self._keys}
+        )
 
     def _to_update_space(self, reply: Message) -> None:
         """Rewrite ``reply`` in place: its update over exactly the origin's keys (missing
@@ -302,12 +328,19 @@ class CentralDP(Strategy):
         update = dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
         extra = sorted(set(update) - set(self._keys))
         if extra:
-            raise ValueError(f"update entries {extra} are not floating-point entries of the global model")
-        reply.content[name] = ArrayRecord({
-            k: Array(np.asarray(update[k], dtype=np.float32).reshape(self._shapes[k])
-                     if k in update else np.zeros(self._shapes[k], dtype=np.float32))
-            for k in self._keys
-        })
+            raise ValueError(
+                f"update entries {extra} are not floating-point entries of the global model"
+            )
+        reply.content[name] = ArrayRecord(
+            {
+                k: Array(
+                    np.asarray(update[k], dtype=np.float32).reshape(self._shapes[k])
+                    if k in update
+                    else np.zeros(self._shapes[k], dtype=np.float32)
+                )
+                for k in self._keys
+            }
+        )
         metrics = next(iter(reply.content.metric_records.values()))
         metrics[WEIGHT_KEY] = 1
 
@@ -322,8 +355,14 @@ class CentralDP(Strategy):
     # ------------------------------------------------------------------ Strategy
     def summary(self) -> None:
         """Log the DP settings and the inner strategy's summary."""
-        log.info("central DP (%s, %r): sigma=%g, m=%d, delta=%g", self.mode, self.dp, self.settings.noise_multiplier,
-                 self.num_sampled_clients, self.settings.delta)
+        log.info(
+            "central DP (%s, %r): sigma=%g, m=%d, delta=%g",
+            self.mode,
+            self.dp,
+            self.settings.noise_multiplier,
+            self.num_sampled_clients,
+            self.settings.delta,
+        )
         self.dp.summary()
 
     def configure_train(
@@ -348,7 +387,9 @@ class CentralDP(Strategy):
         with _seeded_numpy(seed_int(self.seed, server_round, "central_dp")):
             noisy_mean, metrics = self.dp.aggregate_train(server_round, replies)
         if noisy_mean is None or current is None:
-            log.warning("round %d: central DP released nothing (errors or no replies)", server_round)
+            log.warning(
+                "round %d: central DP released nothing (errors or no replies)", server_round
+            )
             return None, metrics
         if metrics is not None and WEIGHT_KEY in metrics:
             del metrics[WEIGHT_KEY]
@@ -356,18 +397,33 @@ class CentralDP(Strategy):
         z = self._update_noise_multiplier()
         noise_std = z * noise_norm / self.num_sampled_clients
         z_eff = z * (noise_norm / clip_norm) * (len(ok) / self.num_sampled_clients)
-        sigma = combined_noise_multiplier(z_eff, self._count_stddev()) if self.mode.endswith("adaptive") else z_eff
+        sigma = (
+            combined_noise_multiplier(z_eff, self._count_stddev())
+            if self.mode.endswith("adaptive")
+            else z_eff
+        )
         self.accountant.step(sigma)
         eps = self.accountant.epsilon()
         self.epsilon_by_round[server_round] = eps
-        values: dict[str, float] = {"clipping_norm": clip_norm, "noise_std": noise_std,
-                                    "noise_multiplier_effective": sigma}
+        values: dict[str, float] = {
+            "clipping_norm": clip_norm,
+            "noise_std": noise_std,
+            "noise_multiplier_effective": sigma,
+        }
         if math.isfinite(eps):
             values["epsilon"] = eps
         if self.inner.metric_sink is not None:
             self.inner.metric_sink(server_round, None, "central_dp", values)
-        log.info("round %d: central DP (%s) C=%.4g noise std=%.4g sigma_eff=%.4g epsilon=%.4g (delta=%g)",
-                 server_round, self.mode, clip_norm, noise_std, sigma, eps, self.settings.delta)
+        log.info(
+            "round %d: central DP (%s) C=%.4g noise std=%.4g sigma_eff=%.4g epsilon=%.4g (delta=%g)",
+            server_round,
+            self.mode,
+            clip_norm,
+            noise_std,
+            sigma,
+            eps,
+            self.settings.delta,
+        )
         return self.inner.apply_update(current, noisy_mean), metrics
 
     def configure_evaluate(
@@ -376,7 +432,9 @@ class CentralDP(Strategy):
         """Delegate (through Flower's wrapper) to :class:`FedUpdates`."""
         return self.dp.configure_evaluate(server_round, arrays, config, grid)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """Delegate (through Flower's wrapper) to :class:`FedUpdates`."""
         return self.dp.aggregate_evaluate(server_round, replies)
 
@@ -390,10 +448,12 @@ class CentralDP(Strategy):
         if self.settings.noise_multiplier <= 0 or acc.infinite:
             reasons.append("no noise (noise_multiplier = 0): the updates are only clipped, ε = ∞")
         if self.settings.amplification and acc.sample_rate < 1:
-            reasons.append(f"the accountant assumes Poisson sampling of clients at q = {acc.clients_per_round}/"
-                           f"{acc.num_clients}, but the simulator draws exactly {acc.clients_per_round} clients "
-                           "without replacement from the run seed (no secret sampling to amplify); set "
-                           "amplification = false in [federation.central_dp] for a proven bound")
+            reasons.append(
+                f"the accountant assumes Poisson sampling of clients at q = {acc.clients_per_round}/"
+                f"{acc.num_clients}, but the simulator draws exactly {acc.clients_per_round} clients "
+                "without replacement from the run seed (no secret sampling to amplify); set "
+                "amplification = false in [federation.central_dp] for a proven bound"
+            )
         return {
             "mode": self.mode,
             "noise_multiplier": self.settings.noise_multiplier,

@@ -102,15 +102,18 @@ def observed_model(sent: Sequence[SentModel | None]) -> SentModel | str | None:
     return root
 
 
-def undecoyed(members: Sequence[int], counts: Sequence[int], sent: dict[int, SentModel]
-              ) -> tuple[tuple[int, ...], int, float]:
+def undecoyed(
+    members: Sequence[int], counts: Sequence[int], sent: dict[int, SentModel]
+) -> tuple[tuple[int, ...], int, float]:
     """The members of an aggregate whose update counts, their examples, and the factor that
     turns the aggregate into their own weighted mean.
 
     Decoys' updates vanish by design (isolation), so the server reads the aggregate as the
     update of the non-decoy members: ``(members, Σ n, Σ n_all / Σ n)``. Without decoys (or with
     decoys only) the members, their total and 1."""
-    keep = [(c, n) for c, n in zip(members, counts, strict=True) if not (c in sent and sent[c].decoy)]
+    keep = [
+        (c, n) for c, n in zip(members, counts, strict=True) if not (c in sent and sent[c].decoy)
+    ]
     total = sum(counts)
     if not keep or len(keep) == len(members):
         return tuple(members), total, 1.0
@@ -136,9 +139,17 @@ class Crafter:
         (SecAgg+), told to the modifications (:class:`adversaries.malicious.ServerView`).
     """
 
-    def __init__(self, plans: Sequence[ModificationPlan], *, info: ModelInfo, public_inputs: torch.Tensor,
-                 public_labels: torch.Tensor, seed: int, update_resolution: float = 0.0,
-                 weight_bound: float = math.inf) -> None:
+    def __init__(
+        self,
+        plans: Sequence[ModificationPlan],
+        *,
+        info: ModelInfo,
+        public_inputs: torch.Tensor,
+        public_labels: torch.Tensor,
+        seed: int,
+        update_resolution: float = 0.0,
+        weight_bound: float = math.inf,
+    ) -> None:
         self.plans = list(plans)
         self.info = info
         self.public_inputs = public_inputs
@@ -148,15 +159,27 @@ class Crafter:
         self.weight_bound = float(weight_bound)
         self.crafted_rounds: dict[int, dict[str, list[int]]] = {}
 
-    def _view(self, server_round: int, sampled: Sequence[int], targets: Sequence[int], index: int) -> ServerView:
+    def _view(
+        self, server_round: int, sampled: Sequence[int], targets: Sequence[int], index: int
+    ) -> ServerView:
         info = self.info
         return ServerView(
-            round=server_round, clients=tuple(sampled), targets=tuple(targets), input_shape=info.input_shape,
-            num_classes=info.num_classes, data_mean=info.data_mean, data_std=info.data_std,
-            protocol=info.protocol, batch_size=info.batch_size, local_steps=info.local_steps, lr=info.lr,
-            public_inputs=self.public_inputs, public_labels=self.public_labels,
+            round=server_round,
+            clients=tuple(sampled),
+            targets=tuple(targets),
+            input_shape=info.input_shape,
+            num_classes=info.num_classes,
+            data_mean=info.data_mean,
+            data_std=info.data_std,
+            protocol=info.protocol,
+            batch_size=info.batch_size,
+            local_steps=info.local_steps,
+            lr=info.lr,
+            public_inputs=self.public_inputs,
+            public_labels=self.public_labels,
             generator=torch_generator(self.seed, server_round, index, "modification"),
-            update_resolution=self.update_resolution, weight_bound=self.weight_bound,
+            update_resolution=self.update_resolution,
+            weight_bound=self.weight_bound,
         )
 
     def craft(self, server_round: int, sampled: Sequence[int]) -> dict[int, SentModel]:
@@ -177,14 +200,20 @@ class Crafter:
             overrides: dict[int, torch.nn.Module] = {}
             for i in chain:
                 plan = self.plans[i]
-                crafted = plan.modification.craft(model, self._view(server_round, sampled, targets[i], i))
+                crafted = plan.modification.craft(
+                    model, self._view(server_round, sampled, targets[i], i)
+                )
                 model, secrets[plan.name] = crafted.model, crafted.secrets
                 arch.update(crafted.arch)
                 overrides.update(crafted.per_client)
             shared = _sent(model, arch, secrets, chain)
             for c, ch in by_client.items():
                 if ch == chain:
-                    out[c] = _sent(overrides[c], arch, secrets, chain, family=shared) if c in overrides else shared
+                    out[c] = (
+                        _sent(overrides[c], arch, secrets, chain, family=shared)
+                        if c in overrides
+                        else shared
+                    )
             for c, m in overrides.items():
                 if c in sampled and c not in by_client:
                     decoys[c] = _sent(m, arch, secrets, chain, family=shared, decoy=True)
@@ -206,8 +235,22 @@ class Crafter:
         }
 
 
-def _sent(model: torch.nn.Module, arch: dict[str, Any], secrets: dict[str, Any], chain: tuple[int, ...],
-          family: SentModel | None = None, decoy: bool = False) -> SentModel:
+def _sent(
+    model: torch.nn.Module,
+    arch: dict[str, Any],
+    secrets: dict[str, Any],
+    chain: tuple[int, ...],
+    family: SentModel | None = None,
+    decoy: bool = False,
+) -> SentModel:
     model = model.eval()
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return SentModel(model=model, state=state, arch=arch, secrets=secrets, plans=chain, family=family, decoy=decoy)
+    return SentModel(
+        model=model,
+        state=state,
+        arch=arch,
+        secrets=secrets,
+        plans=chain,
+        family=family,
+        decoy=decoy,
+    )

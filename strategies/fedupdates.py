@@ -52,10 +52,13 @@ def discover_clients(grid: Grid, *, expected: int, timeout: float = 600.0) -> di
     deadline = time.monotonic() + timeout
     while len(node_ids := sorted(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(node_ids)} of {expected} client nodes connected within {timeout:.0f}s")
+            raise RuntimeError(
+                f"only {len(node_ids)} of {expected} client nodes connected within {timeout:.0f}s"
+            )
         time.sleep(0.2)
     messages = [
-        Message(content=RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY) for nid in node_ids
+        Message(content=RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY)
+        for nid in node_ids
     ]
     mapping: dict[int, int] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
@@ -109,7 +112,7 @@ class FedUpdates(FedAvg):
             fraction_train=clients_per_round / max(n, 1),
             fraction_evaluate=fraction_evaluate,
             min_train_nodes=clients_per_round,
-            min_evaluate_nodes=max(1, int(round(fraction_evaluate * n))) if fraction_evaluate > 0 else 0,
+            min_evaluate_nodes=max(1, round(fraction_evaluate * n)) if fraction_evaluate > 0 else 0,
             min_available_nodes=n,
         )
         if protocol not in ("fedsgd", "fedavg"):
@@ -139,11 +142,19 @@ class FedUpdates(FedAvg):
         return sorted(int(c) for c in rng.choice(clients, size=k, replace=False))
 
     def _messages(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, clients: list[int], kind: str
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        clients: list[int],
+        kind: str,
     ) -> list[Message]:
         config = ConfigRecord({**dict(config), **self.extra_config, "server-round": server_round})
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return [Message(content=record, dst_node_id=self.client_to_node[c], message_type=kind) for c in clients]
+        return [
+            Message(content=record, dst_node_id=self.client_to_node[c], message_type=kind)
+            for c in clients
+        ]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -161,7 +172,7 @@ class FedUpdates(FedAvg):
         """Federated evaluation on a deterministic share of clients."""
         if self.fraction_evaluate == 0.0:
             return []
-        k = max(1, int(round(self.fraction_evaluate * len(self.client_to_node))))
+        k = max(1, round(self.fraction_evaluate * len(self.client_to_node)))
         clients = self.sample_clients(-server_round, k)
         return self._messages(server_round, arrays, config, clients, MessageType.EVALUATE)
 
@@ -183,7 +194,9 @@ class FedUpdates(FedAvg):
                 cid = self.node_to_client.get(msg.metadata.src_node_id)
                 reason = str(msg.error.reason or f"error code {msg.error.code}")
                 kind = "refused" if reason.startswith(REFUSED) else "failed"
-                self.client_errors.append({"round": server_round, "client": cid, "kind": kind, "reason": reason})
+                self.client_errors.append(
+                    {"round": server_round, "client": cid, "kind": kind, "reason": reason}
+                )
                 if self.metric_sink is not None:
                     self.metric_sink(server_round, cid, "client_train", {kind: reason})
             elif self.metric_sink is not None:
@@ -198,8 +211,11 @@ class FedUpdates(FedAvg):
             by_round: dict[str, int] = {}
             for e in rows:
                 by_round[str(e["round"])] = by_round.get(str(e["round"]), 0) + 1
-            out[kind] = {"total": len(rows), "by_round": by_round,
-                         "reasons": sorted({str(e["reason"]) for e in rows})[:10]}
+            out[kind] = {
+                "total": len(rows),
+                "by_round": by_round,
+                "reasons": sorted({str(e["reason"]) for e in rows})[:10],
+            }
         return out
 
     def aggregate_train(
@@ -207,7 +223,9 @@ class FedUpdates(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average the updates (in client order) and apply them to the global model."""
         if server_round in self._fit_started:
-            self.fit_seconds[server_round] = time.perf_counter() - self._fit_started.pop(server_round)
+            self.fit_seconds[server_round] = time.perf_counter() - self._fit_started.pop(
+                server_round
+            )
         replies = self._order(replies)
         self.record_client_metrics(server_round, replies)
         avg, metrics = super().aggregate_train(server_round, replies)
@@ -226,17 +244,25 @@ class FedUpdates(FedAvg):
                 new[name] = value
             elif name in self.param_names:
                 step = upd[name].to(value.dtype)
-                new[name] = value - self.server_lr * step if self.protocol == "fedsgd" else value + self.server_lr * step
+                new[name] = (
+                    value - self.server_lr * step
+                    if self.protocol == "fedsgd"
+                    else value + self.server_lr * step
+                )
             else:
                 new[name] = value + upd[name].to(value.dtype)
         return ArrayRecord(new)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """Weighted mean of the clients' evaluation metrics."""
         return super().aggregate_evaluate(server_round, self._order(replies))
 
 
-def weighted_mean_update(updates: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+def weighted_mean_update(
+    updates: list[dict[str, torch.Tensor]], weights: list[float]
+) -> dict[str, torch.Tensor]:
     """Weighted mean of several updates (what a secure aggregator would reveal)."""
     total = float(sum(weights))
     w = np.asarray(weights, dtype=np.float64) / total

@@ -82,17 +82,34 @@ class HonestButCurious(Strategy):
         """Delegate."""
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """Delegate."""
         return self.inner.aggregate_evaluate(server_round, replies)
 
     # ------------------------------------------------------------------ observations
     def _observation(
-        self, server_round: int, client: int | None, update: dict[str, torch.Tensor], meta: dict, n_examples: int,
-        num_clients: int, members: tuple[int, ...] = (),
+        self,
+        server_round: int,
+        client: int | None,
+        update: dict[str, torch.Tensor],
+        meta: dict,
+        n_examples: int,
+        num_clients: int,
+        members: tuple[int, ...] = (),
     ) -> Observation:
-        return build_observation(self.info, server_round, self._sent[server_round], client, update, meta,
-                                 n_examples, num_clients, members)
+        return build_observation(
+            self.info,
+            server_round,
+            self._sent[server_round],
+            client,
+            update,
+            meta,
+            n_examples,
+            num_clients,
+            members,
+        )
 
     def observations(self, server_round: int, replies: list[Message]) -> list[Observation]:
         """Observations of the targeted clients (and the aggregate) among ``replies``."""
@@ -122,19 +139,35 @@ class HonestButCurious(Strategy):
         return out
 
     def aggregate_observation(
-        self, server_round: int, entries: list[tuple[int | None, dict[str, torch.Tensor], int, dict]]
+        self,
+        server_round: int,
+        entries: list[tuple[int | None, dict[str, torch.Tensor], int, dict]],
     ) -> Observation:
         """The weighted mean of ``entries`` (client id, update, examples, metadata) as one
         observation: all that a server behind secure aggregation would see."""
         agg = weighted_mean_update([e[1] for e in entries], [float(e[2]) for e in entries])
         members = tuple(e[0] for e in entries if e[0] is not None)
-        return self._observation(server_round, None, agg, entries[0][3], sum(e[2] for e in entries),
-                                 len(entries), members)
+        return self._observation(
+            server_round,
+            None,
+            agg,
+            entries[0][3],
+            sum(e[2] for e in entries),
+            len(entries),
+            members,
+        )
 
 
 def build_observation(
-    info: ModelInfo, server_round: int, global_params: dict[str, torch.Tensor], client: int | None,
-    update: dict[str, torch.Tensor], meta: dict, n_examples: int, num_clients: int, members: tuple[int, ...] = (),
+    info: ModelInfo,
+    server_round: int,
+    global_params: dict[str, torch.Tensor],
+    client: int | None,
+    update: dict[str, torch.Tensor],
+    meta: dict,
+    n_examples: int,
+    num_clients: int,
+    members: tuple[int, ...] = (),
 ) -> Observation:
     """One :class:`Observation`: the global parameters sent, the update (of ``client``, or an
     aggregate when ``client`` is None) and the metadata the client(s) declared in ``meta``

@@ -72,11 +72,21 @@ class MaliciousServer(HonestButCurious):
     """
 
     def __init__(
-        self, inner: Strategy, *, info: ModelInfo, observer: Observer, plans: Sequence[ModificationPlan],
-        node_to_client: dict[int, int], public_inputs: torch.Tensor, public_labels: torch.Tensor, seed: int,
+        self,
+        inner: Strategy,
+        *,
+        info: ModelInfo,
+        observer: Observer,
+        plans: Sequence[ModificationPlan],
+        node_to_client: dict[int, int],
+        public_inputs: torch.Tensor,
+        public_labels: torch.Tensor,
+        seed: int,
     ) -> None:
         super().__init__(inner, info=info, observer=observer)
-        self.crafter = Crafter(plans, info=info, public_inputs=public_inputs, public_labels=public_labels, seed=seed)
+        self.crafter = Crafter(
+            plans, info=info, public_inputs=public_inputs, public_labels=public_labels, seed=seed
+        )
         self.plans = self.crafter.plans
         self.node_to_client = dict(node_to_client)
         self._sent_models: dict[int, SentModel] = {}
@@ -108,9 +118,16 @@ class MaliciousServer(HonestButCurious):
                     content[key] = ConfigRecord({**dict(rec), ARCH_KEY: spec_to_text(sent.arch)})
                 else:
                     content[key] = rec
-            out.append(Message(content=content, dst_node_id=msg.metadata.dst_node_id,
-                               message_type=msg.metadata.message_type))
-        log.info("round %d: crafted models sent to clients %s", server_round, sorted(self._sent_models))
+            out.append(
+                Message(
+                    content=content,
+                    dst_node_id=msg.metadata.dst_node_id,
+                    message_type=msg.metadata.message_type,
+                )
+            )
+        log.info(
+            "round %d: crafted models sent to clients %s", server_round, sorted(self._sent_models)
+        )
         return out
 
     # ------------------------------------------------------------------ replies
@@ -124,7 +141,9 @@ class MaliciousServer(HonestButCurious):
             self._feed_modifications(server_round, replies)
         except Exception:  # a modification's bookkeeping must never stop training
             self.failures += 1
-            log.exception("modification feedback of round %d failed; training continues", server_round)
+            log.exception(
+                "modification feedback of round %d failed; training continues", server_round
+            )
         try:
             observations = self.observations(server_round, replies)
             if observations:
@@ -139,7 +158,9 @@ class MaliciousServer(HonestButCurious):
                 continue
             for key, rec in list(msg.content.items()):
                 if isinstance(rec, ArrayRecord):
-                    msg.content[key] = ArrayRecord(honest_update(rec.to_torch_state_dict(), sent.arch))
+                    msg.content[key] = ArrayRecord(
+                        honest_update(rec.to_torch_state_dict(), sent.arch)
+                    )
         return self.inner.aggregate_train(server_round, replies)
 
     def _feed_modifications(self, server_round: int, replies: list[Message]) -> None:
@@ -151,15 +172,23 @@ class MaliciousServer(HonestButCurious):
             metrics = next(iter(msg.content.metric_records.values()))
             meta_rec = msg.content.config_records.get("meta")
             update = next(iter(msg.content.array_records.values())).to_torch_state_dict()
-            entries.append((cid, update, int(metrics.get("num-examples", 0)),
-                            dict(meta_rec) if meta_rec is not None else {}))
+            entries.append(
+                (
+                    cid,
+                    update,
+                    int(metrics.get("num-examples", 0)),
+                    dict(meta_rec) if meta_rec is not None else {},
+                )
+            )
         for i, plan in enumerate(self.plans):
             mine = [e for e in entries if i in self._sent_models[e[0]].plans]
             if mine:
                 plan.modification.observe(self.aggregate_observation(server_round, mine))
 
     def aggregate_observation(
-        self, server_round: int, entries: list[tuple[int | None, dict[str, torch.Tensor], int, dict]]
+        self,
+        server_round: int,
+        entries: list[tuple[int | None, dict[str, torch.Tensor], int, dict]],
     ) -> Observation:
         """The weighted mean of ``entries``, read against the model its members were sent
         (:func:`strategies.crafting.observed_model`): the honest one, one crafted model with its
@@ -171,30 +200,49 @@ class MaliciousServer(HonestButCurious):
         members = tuple(e[0] for e in entries if e[0] is not None)
         total = sum(e[2] for e in entries)
         if chosen == MIXED:
-            mapped = [(c, honest_update(u, s.arch) if s is not None else u, n, meta)
-                      for (c, u, n, meta), s in zip(entries, sent, strict=True)]
+            mapped = [
+                (c, honest_update(u, s.arch) if s is not None else u, n, meta)
+                for (c, u, n, meta), s in zip(entries, sent, strict=True)
+            ]
             obs = super().aggregate_observation(server_round, mapped)
-            return dataclasses.replace(obs, model=self.info.model, global_params=self._sent[server_round],
-                                       server_secrets={})
+            return dataclasses.replace(
+                obs,
+                model=self.info.model,
+                global_params=self._sent[server_round],
+                server_secrets={},
+            )
         assert isinstance(chosen, SentModel)
         agg = weighted_mean_update([e[1] for e in entries], [float(e[2]) for e in entries])
-        kept, total, scale = undecoyed(members, [e[2] for e in entries if e[0] is not None], self._sent_models)
+        kept, total, scale = undecoyed(
+            members, [e[2] for e in entries if e[0] is not None], self._sent_models
+        )
         if scale != 1.0:  # decoys' updates vanish: read the aggregate as the other members' update
             agg = {k: v * scale for k, v in agg.items()}
         obs = super()._observation(server_round, None, agg, entries[0][3], total, len(kept), kept)
-        return dataclasses.replace(obs, model=chosen.model, global_params=chosen.state,
-                                   server_secrets=chosen.secrets)
+        return dataclasses.replace(
+            obs, model=chosen.model, global_params=chosen.state, server_secrets=chosen.secrets
+        )
 
     def _observation(
-        self, server_round: int, client: int | None, update: dict[str, torch.Tensor], meta: dict, n_examples: int,
-        num_clients: int, members: tuple[int, ...] = (),
+        self,
+        server_round: int,
+        client: int | None,
+        update: dict[str, torch.Tensor],
+        meta: dict,
+        n_examples: int,
+        num_clients: int,
+        members: tuple[int, ...] = (),
     ) -> Observation:
         """As the honest server's, with the model, weights and secrets the client was sent."""
-        obs = super()._observation(server_round, client, update, meta, n_examples, num_clients, members)
+        obs = super()._observation(
+            server_round, client, update, meta, n_examples, num_clients, members
+        )
         sent = self._sent_models.get(client) if client is not None else None
         if sent is None:
             return obs
-        return dataclasses.replace(obs, model=sent.model, global_params=sent.state, server_secrets=sent.secrets)
+        return dataclasses.replace(
+            obs, model=sent.model, global_params=sent.state, server_secrets=sent.secrets
+        )
 
     def report(self) -> dict[str, Any]:
         """What the server crafted, for the run summary."""

@@ -112,11 +112,23 @@ class SecAggStrategy(Strategy):
         A malicious server's modifications (``None``: the server sends the honest model).
     """
 
-    def __init__(self, *, initial_state: dict[str, torch.Tensor], make_updates: Callable[[dict[int, int]], FedUpdates],
-                 toml: str, num_clients: int, clients_per_round: int, info: ModelInfo, observer: Observer | None,
-                 evaluate_round: Callable[[int, ArrayRecord], dict[str, float]], sink: MetricSink,
-                 settings: SecAggSettings, fraction_evaluate: float = 0.0, save_dir: Path | None = None,
-                 crafter: Crafter | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        initial_state: dict[str, torch.Tensor],
+        make_updates: Callable[[dict[int, int]], FedUpdates],
+        toml: str,
+        num_clients: int,
+        clients_per_round: int,
+        info: ModelInfo,
+        observer: Observer | None,
+        evaluate_round: Callable[[int, ArrayRecord], dict[str, float]],
+        sink: MetricSink,
+        settings: SecAggSettings,
+        fraction_evaluate: float = 0.0,
+        save_dir: Path | None = None,
+        crafter: Crafter | None = None,
+    ) -> None:
         self.state = {k: v.detach().cpu().clone() for k, v in initial_state.items()}
         self.keys = float_keys(self.state)
         self.make_updates = make_updates
@@ -167,7 +179,9 @@ class SecAggStrategy(Strategy):
     def _discover(self, client_manager: ClientManager) -> FedUpdates:
         if self.updates is None:
             if not client_manager.wait_for(self.num_clients, timeout=600):
-                raise RuntimeError(f"fewer than {self.num_clients} client nodes connected within 600 s")
+                raise RuntimeError(
+                    f"fewer than {self.num_clients} client nodes connected within 600 s"
+                )
             for proxy in client_manager.all().values():
                 if proxy.node_id not in self.node_to_client:
                     res = proxy.get_properties(GetPropertiesIns({}), timeout=None, group_id=None)
@@ -179,8 +193,9 @@ class SecAggStrategy(Strategy):
         by_node = {p.node_id: p for p in client_manager.all().values()}
         return {c: by_node[n] for n, c in self.node_to_client.items() if n in by_node}
 
-    def configure_fit(self, server_round: int, parameters: Parameters,
-                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
         """Send the global model and the run config to this round's deterministic sample."""
         updates = self._discover(client_manager)
         self._note_halted(server_round)
@@ -201,25 +216,45 @@ class SecAggStrategy(Strategy):
         for c in clients:
             if c in sent:
                 state = sent[c].state
-                ins = FitIns(ndarrays_to_parameters([state[k].numpy() for k in float_keys(state)]),
-                             {**config, ARCH_KEY: spec_to_text(sent[c].arch)})
+                ins = FitIns(
+                    ndarrays_to_parameters([state[k].numpy() for k in float_keys(state)]),
+                    {**config, ARCH_KEY: spec_to_text(sent[c].arch)},
+                )
                 self._check_clipping(server_round, c, state)
             else:
                 ins = FitIns(parameters, dict(config))
             out.append((proxies[c], ins))
         return out
 
-    def _check_clipping(self, server_round: int, client: int, state: dict[str, torch.Tensor]) -> None:
+    def _check_clipping(
+        self, server_round: int, client: int, state: dict[str, torch.Tensor]
+    ) -> None:
         """Warn when a crafted model holds parameters SecAgg+ would clip (the server chose them;
         buffers that never change, such as an open bin's bound, only lose their own update)."""
         params = {n for n, _ in self._sent_models[server_round][client].model.named_parameters()}
-        big = max((float(v.abs().max()) for k, v in state.items() if k in params and v.numel()), default=0.0)
+        big = max(
+            (float(v.abs().max()) for k, v in state.items() if k in params and v.numel()),
+            default=0.0,
+        )
         if big > self.settings.clipping_range:
-            log.warning("round %d: the model crafted for client %d holds |w| = %.3g > clipping_range %g; "
-                        "SecAgg+ clips it", server_round, client, big, self.settings.clipping_range)
+            log.warning(
+                "round %d: the model crafted for client %d holds |w| = %.3g > clipping_range %g; "
+                "SecAgg+ clips it",
+                server_round,
+                client,
+                big,
+                self.settings.clipping_range,
+            )
 
-    def record_stage(self, server_round: int, stage: str, before: set[int], after: set[int], errors: list[str],
-                     ok: bool) -> None:
+    def record_stage(
+        self,
+        server_round: int,
+        stage: str,
+        before: set[int],
+        after: set[int],
+        errors: list[str],
+        ok: bool,
+    ) -> None:
         """One SecAgg+ stage's dropouts (from :class:`RecordingSecAggPlusWorkflow`): the clients
         that left, counted per round and listed with the errors they sent as client errors
         (``refused`` when a defense refused the model, else ``failed``)."""
@@ -227,16 +262,24 @@ class SecAggStrategy(Strategy):
         if not dropped and not errors:
             return
         self.stage_dropouts.setdefault(server_round, {})[stage] = dropped
-        log.warning("round %d: SecAgg+ stage %s lost clients %s%s", server_round, stage, dropped,
-                    "" if ok else "; the round halts")
+        log.warning(
+            "round %d: SecAgg+ stage %s lost clients %s%s",
+            server_round,
+            stage,
+            dropped,
+            "" if ok else "; the round halts",
+        )
         if self.updates is None:
             return
         reasons = sorted({_short_reason(e) for e in errors}) or ["dropped without an error"]
-        for i, client in enumerate(dropped):  # Flower's errors do not name their node: pair by order
+        for i, client in enumerate(
+            dropped
+        ):  # Flower's errors do not name their node: pair by order
             reason = reasons[min(i, len(reasons) - 1)]
             kind = "refused" if reason.startswith("refused") else "failed"
-            self.updates.client_errors.append({"round": server_round, "client": client, "kind": kind,
-                                               "reason": reason})
+            self.updates.client_errors.append(
+                {"round": server_round, "client": client, "kind": kind, "reason": reason}
+            )
 
     def halted_rounds(self) -> list[int]:
         """Rounds whose clients were sampled but whose aggregate never reached the strategy."""
@@ -246,9 +289,12 @@ class SecAggStrategy(Strategy):
         if server_round - 1 in self.halted_rounds():
             log.warning("round %d: SecAgg+ halted; the model was not updated", server_round - 1)
 
-    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
-                      failures: list[tuple[ClientProxy, FitRes] | BaseException]) -> tuple[Parameters | None,
-                                                                                          dict[str, Scalar]]:
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Turn the unmasked mean into the update, observe it, apply it."""
         updates = self.updates
         if updates is None or not results:
@@ -261,17 +307,31 @@ class SecAggStrategy(Strategy):
         mean = parameters_to_ndarrays(results[0][1].parameters)
         members, total, meta, channels = self._plaintext(server_round, results)
         self.side_channels[server_round] = channels
-        self.max_error_bound[server_round] = quantization_error_bound(self.settings, len(results), total)
+        self.max_error_bound[server_round] = quantization_error_bound(
+            self.settings, len(results), total
+        )
         sent = self._sent_models.get(server_round, {})
         counts = {self.node_to_client[p.node_id]: int(r.num_examples) for p, r in results}
-        names = ({n for n, p in next(iter(sent.values())).model.named_parameters() if p.requires_grad}
-                 if sent else None)
-        update = self.update_from_mean(server_round, mean, self._reference(server_round, counts, sent), names)
+        names = (
+            {n for n, p in next(iter(sent.values())).model.named_parameters() if p.requires_grad}
+            if sent
+            else None
+        )
+        update = self.update_from_mean(
+            server_round, mean, self._reference(server_round, counts, sent), names
+        )
         if self.save_dir is not None:
             self.save_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"round": server_round, "global": self._sent[server_round], "update": update,
-                        "members": members, "num_examples": total},
-                       self.save_dir / f"round_{server_round:03d}.pt")
+            torch.save(
+                {
+                    "round": server_round,
+                    "global": self._sent[server_round],
+                    "update": update,
+                    "members": members,
+                    "num_examples": total,
+                },
+                self.save_dir / f"round_{server_round:03d}.pt",
+            )
         arch = next((s.arch for s in sent.values()), {})
         chosen = observed_model([sent.get(c) for c in members]) if sent else None
         self._observe(server_round, update, meta, total, members, chosen, counts)
@@ -280,8 +340,9 @@ class SecAggStrategy(Strategy):
         self.state = new.to_torch_state_dict()
         return self.to_parameters(self.state), {}
 
-    def _reference(self, server_round: int, counts: dict[int, int], sent: dict[int, SentModel]
-                   ) -> dict[str, torch.Tensor]:
+    def _reference(
+        self, server_round: int, counts: dict[int, int], sent: dict[int, SentModel]
+    ) -> dict[str, torch.Tensor]:
         """``Σ r_i θ_i / Σ r_i``: the weighted mean of the models the members were sent, with
         SecAgg+'s weights ``r_i = round(n_i / W · Q) / Q`` (the honest global model when
         nobody got a crafted one)."""
@@ -298,23 +359,38 @@ class SecAggStrategy(Strategy):
                 out[k] = out.get(k, 0.0) + state[k].double() * (r / norm)  # type: ignore[operator]
         return out
 
-    def _plaintext(self, server_round: int, results: list[tuple[ClientProxy, FitRes]]
-                   ) -> tuple[tuple[int, ...], int, dict[str, Any], list[dict[str, Any]]]:
+    def _plaintext(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]]
+    ) -> tuple[tuple[int, ...], int, dict[str, Any], list[dict[str, Any]]]:
         """What reaches the server unmasked: example counts and metrics (logged as client_train)."""
         rows = sorted(((self.node_to_client[p.node_id], r) for p, r in results), key=lambda x: x[0])
         channels, meta = [], {}
         for cid, res in rows:
             metrics = dict(res.metrics)
-            declared = {k.removeprefix(META_PREFIX): v for k, v in metrics.items() if k.startswith(META_PREFIX)}
+            declared = {
+                k.removeprefix(META_PREFIX): v
+                for k, v in metrics.items()
+                if k.startswith(META_PREFIX)
+            }
             train = {k: v for k, v in metrics.items() if not k.startswith(META_PREFIX)}
             meta = meta or declared
             self.sink(server_round, cid, "client_train", train)  # type: ignore[arg-type]
-            channels.append({"client": cid, "num_examples": int(res.num_examples), "metric_keys": sorted(metrics)})
+            channels.append(
+                {
+                    "client": cid,
+                    "num_examples": int(res.num_examples),
+                    "metric_keys": sorted(metrics),
+                }
+            )
         return tuple(c for c, _ in rows), sum(int(r.num_examples) for _, r in rows), meta, channels
 
-    def update_from_mean(self, server_round: int, mean: list[np.ndarray],
-                         reference: dict[str, torch.Tensor] | None = None,
-                         param_names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    def update_from_mean(
+        self,
+        server_round: int,
+        mean: list[np.ndarray],
+        reference: dict[str, torch.Tensor] | None = None,
+        param_names: set[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The averaged update behind the unmasked mean model: ``mean − θ`` (FedAvg, buffers), or
         ``θ − mean`` for FedSGD's trainable parameters (the clients took a unit step); ``θ`` is
         ``reference`` (the weighted mean of the models sent, :meth:`_reference`), by default
@@ -331,9 +407,16 @@ class SecAggStrategy(Strategy):
             out[k] = d.to(self.state[k].dtype if k in self.state else torch.float32)
         return out
 
-    def _observe(self, server_round: int, update: dict[str, torch.Tensor], meta: dict[str, Any], total: int,
-                 members: tuple[int, ...], chosen: SentModel | str | None = None,
-                 counts: dict[int, int] | None = None) -> None:
+    def _observe(
+        self,
+        server_round: int,
+        update: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        total: int,
+        members: tuple[int, ...],
+        chosen: SentModel | str | None = None,
+        counts: dict[int, int] | None = None,
+    ) -> None:
         """Hand the aggregate to the attacks (and to the modifications that crafted it). When
         decoys took part, the aggregate is read as the other members' update
         (:func:`strategies.crafting.undecoyed`): rescaled, with those members only."""
@@ -343,17 +426,32 @@ class SecAggStrategy(Strategy):
                 members, total, scale = undecoyed(members, [counts[c] for c in members], sent)
                 if scale != 1.0:
                     update = {k: v * scale for k, v in update.items()}
-            obs = build_observation(self.info, server_round, self._sent[server_round], None, update, meta,
-                                    total, len(members), members)
+            obs = build_observation(
+                self.info,
+                server_round,
+                self._sent[server_round],
+                None,
+                update,
+                meta,
+                total,
+                len(members),
+                members,
+            )
             if isinstance(chosen, SentModel):
-                obs = dataclasses.replace(obs, model=chosen.model, global_params=chosen.state,
-                                          server_secrets=chosen.secrets)
+                obs = dataclasses.replace(
+                    obs,
+                    model=chosen.model,
+                    global_params=chosen.state,
+                    server_secrets=chosen.secrets,
+                )
                 if self.crafter is not None:
                     for i in chosen.plans:
                         self.crafter.plans[i].modification.observe(obs)
             elif chosen == MIXED:
                 arch = next(iter(self._sent_models.get(server_round, {}).values())).arch
-                obs = dataclasses.replace(obs, update=honest_update(update, arch) if arch else update)
+                obs = dataclasses.replace(
+                    obs, update=honest_update(update, arch) if arch else update
+                )
             if self.observer is None:
                 return
             _, want_aggregate = self.observer.targets(server_round)
@@ -363,8 +461,9 @@ class SecAggStrategy(Strategy):
             self.failures += 1
             log.exception("observation of round %d failed; training continues", server_round)
 
-    def configure_evaluate(self, server_round: int, parameters: Parameters,
-                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
         """Federated evaluation (plaintext, not secure-aggregated) on the same share of clients
         as the Message path (:meth:`FedUpdates.configure_evaluate`)."""
         if self.fraction_evaluate == 0.0 or self.updates is None:
@@ -374,9 +473,12 @@ class SecAggStrategy(Strategy):
         ins = EvaluateIns(parameters, {CONFIG_KEY: self.toml, ROUND_KEY: server_round})
         return [(proxies[c], ins) for c in self.updates.sample_clients(-server_round, k)]
 
-    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
-                           failures: list[tuple[ClientProxy, EvaluateRes] | BaseException]
-                           ) -> tuple[float | None, dict[str, Scalar]]:
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
         """Example-weighted mean loss and accuracy of the clients' evaluations."""
         n = sum(r.num_examples for _, r in results)
         if not n:
@@ -385,7 +487,9 @@ class SecAggStrategy(Strategy):
         acc = sum(r.num_examples * float(r.metrics.get("accuracy", 0.0)) for _, r in results) / n
         return loss, {"accuracy": acc, "loss": loss}
 
-    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
         """Central evaluation of the global model (round 0 and after every round)."""
         res = self.evaluate_round(server_round, ArrayRecord(self.to_state(parameters)))
         return float(res["loss"]), dict(res)
@@ -424,29 +528,39 @@ class RecordingSecAggPlusWorkflow(SecAggPlusWorkflow):
         super().__init__(**kwargs)
         self.on_stage = on_stage
 
-    def _recorded(self, name: str, stage: Callable[..., bool], grid: Grid, context: LegacyContext,
-                  state: Any) -> bool:
+    def _recorded(
+        self, name: str, stage: Callable[..., bool], grid: Grid, context: LegacyContext, state: Any
+    ) -> bool:
         before = set(getattr(state, "active_node_ids", set()))
         seen = len(getattr(state, "failures", []))
         ok = stage(grid, context, state)
         cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
         errors = [str(f) for f in getattr(state, "failures", [])[seen:]]
-        self.on_stage(int(cfg[WorkflowKey.CURRENT_ROUND]), name, before, set(getattr(state, "active_node_ids", set())),
-                      errors, ok)
+        self.on_stage(
+            int(cfg[WorkflowKey.CURRENT_ROUND]),
+            name,
+            before,
+            set(getattr(state, "active_node_ids", set())),
+            errors,
+            ok,
+        )
         return ok
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         return self._recorded("share_keys", super().share_keys_stage, grid, context, state)
 
     def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
-        return self._recorded("collect_masked_vectors", super().collect_masked_vectors_stage, grid, context, state)
+        return self._recorded(
+            "collect_masked_vectors", super().collect_masked_vectors_stage, grid, context, state
+        )
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         return self._recorded("unmask", super().unmask_stage, grid, context, state)
 
 
-def run_secagg_server(grid: Grid, context: Context, cfg: Config, folder: RunFolder,
-                      progress: Progress | None = None) -> dict[str, Any]:
+def run_secagg_server(
+    grid: Grid, context: Context, cfg: Config, folder: RunFolder, progress: Progress | None = None
+) -> dict[str, Any]:
     """The whole federation behind SecAgg+ (same data, model, attacks, scorer, evaluation and
     summary keys as :func:`strategies.server_app.run_server`); returns the summary it writes."""
     from strategies import server_app as plain
@@ -463,34 +577,65 @@ def run_secagg_server(grid: Grid, context: Context, cfg: Config, folder: RunFold
     param_names = [n for n, p in model.named_parameters() if p.requires_grad]
 
     def make_updates(node_to_client: dict[int, int]) -> FedUpdates:
-        return FedUpdates(protocol=cfg.federation.protocol, server_lr=cfg.federation.server_lr,
-                          param_names=param_names, clients_per_round=cfg.federation.clients_per_round,
-                          seed=cfg.seed, node_to_client=node_to_client, metric_sink=sink, fraction_evaluate=0.0)
+        return FedUpdates(
+            protocol=cfg.federation.protocol,
+            server_lr=cfg.federation.server_lr,
+            param_names=param_names,
+            clients_per_round=cfg.federation.clients_per_round,
+            seed=cfg.seed,
+            node_to_client=node_to_client,
+            metric_sink=sink,
+            fraction_evaluate=0.0,
+        )
 
     info = plain.model_info(cfg)  # the crafter reads the global model the strategy loads into it
     crafter = None
     if cfg.server.role == "malicious":
         public_x, public_y = plain.public_data(cfg)
-        crafter = Crafter(plain.build_modification_plans(cfg), info=info, public_inputs=public_x,
-                          public_labels=public_y, seed=cfg.seed,
-                          update_resolution=quantization_error_bound(
-                              settings, cfg.federation.clients_per_round,
-                              cfg.federation.clients_per_round * max_examples_per_client(cfg)),
-                          weight_bound=settings.clipping_range)
+        crafter = Crafter(
+            plain.build_modification_plans(cfg),
+            info=info,
+            public_inputs=public_x,
+            public_labels=public_y,
+            seed=cfg.seed,
+            update_resolution=quantization_error_bound(
+                settings,
+                cfg.federation.clients_per_round,
+                cfg.federation.clients_per_round * max_examples_per_client(cfg),
+            ),
+            weight_bound=settings.clipping_range,
+        )
     strategy = SecAggStrategy(
-        initial_state=model.state_dict(), make_updates=make_updates, toml=config_mod.to_toml(cfg),
-        num_clients=cfg.federation.num_clients, clients_per_round=cfg.federation.clients_per_round,
-        info=info, observer=runner if runner.plans else None,
-        evaluate_round=plain.round_evaluator(cfg, device, sink, progress, accuracy), sink=sink, settings=settings,
+        initial_state=model.state_dict(),
+        make_updates=make_updates,
+        toml=config_mod.to_toml(cfg),
+        num_clients=cfg.federation.num_clients,
+        clients_per_round=cfg.federation.clients_per_round,
+        info=info,
+        observer=runner if runner.plans else None,
+        evaluate_round=plain.round_evaluator(cfg, device, sink, progress, accuracy),
+        sink=sink,
+        settings=settings,
         fraction_evaluate=cfg.federation.fraction_evaluate,
-        save_dir=folder.path / "secagg_aggregates" if cfg.federation.secure_aggregation.save_aggregates else None,
+        save_dir=folder.path / "secagg_aggregates"
+        if cfg.federation.secure_aggregation.save_aggregates
+        else None,
         crafter=crafter,
     )
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy)
-    workflow = DefaultWorkflow(fit_workflow=RecordingSecAggPlusWorkflow(
-        on_stage=strategy.record_stage, num_shares=settings.num_shares, reconstruction_threshold=settings.reconstruction_threshold,
-        max_weight=settings.max_weight, clipping_range=settings.clipping_range,
-        quantization_range=settings.quantization_range, timeout=settings.timeout))
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy
+    )
+    workflow = DefaultWorkflow(
+        fit_workflow=RecordingSecAggPlusWorkflow(
+            on_stage=strategy.record_stage,
+            num_shares=settings.num_shares,
+            reconstruction_threshold=settings.reconstruction_threshold,
+            max_weight=settings.max_weight,
+            clipping_range=settings.clipping_range,
+            quantization_range=settings.quantization_range,
+            timeout=settings.timeout,
+        )
+    )
     workflow(grid, legacy)
     federated: dict[int, float] = {}
     for rnd, metrics in legacy.history.metrics_distributed.get("accuracy", []):
@@ -498,16 +643,23 @@ def run_secagg_server(grid: Grid, context: Context, cfg: Config, folder: RunFold
         sink(int(rnd), None, "federated_eval", {"accuracy": float(metrics)})
     summary = plain.summary_base(cfg, runner, accuracy, federated, folder)
     errors = strategy.updates.client_error_report() if strategy.updates is not None else {}
-    summary.update({"observer_failures": strategy.failures, "server": crafter.report() if crafter is not None else {"role": cfg.server.role},
-                    "client_errors": errors, "secure_aggregation": strategy.report(),
-                    "fit_seconds_by_round": {str(r): t for r, t in sorted(strategy.fit_seconds.items())}})
+    summary.update(
+        {
+            "observer_failures": strategy.failures,
+            "server": crafter.report() if crafter is not None else {"role": cfg.server.role},
+            "client_errors": errors,
+            "secure_aggregation": strategy.report(),
+            "fit_seconds_by_round": {str(r): t for r, t in sorted(strategy.fit_seconds.items())},
+        }
+    )
     summary.update(sink.dp_summary(cfg))
     folder.write_summary(summary)
     return summary
 
 
-def make_secagg_server_app(cfg: Config, folder: RunFolder, progress: Progress | None,
-                           sink: dict[str, Any]) -> ServerApp:
+def make_secagg_server_app(
+    cfg: Config, folder: RunFolder, progress: Progress | None, sink: dict[str, Any]
+) -> ServerApp:
     """A workflow-path ServerApp bound to ``cfg`` and ``folder``; the summary lands in ``sink["summary"]``."""
     server = ServerApp()
 

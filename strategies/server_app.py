@@ -54,8 +54,13 @@ def initial_model(cfg: Config) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_int(cfg.seed, "model_init"))
         gen = torch.Generator().manual_seed(seed_int(cfg.seed, "model_init"))
-        return build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes,
-                           init=cfg.model.init, generator=gen)
+        return build_model(
+            cfg.model.name,
+            fed.data.input_shape,
+            fed.data.num_classes,
+            init=cfg.model.init,
+            generator=gen,
+        )
 
 
 def build_plans(cfg: Config) -> list[AttackPlan]:
@@ -75,8 +80,12 @@ def build_plans(cfg: Config) -> list[AttackPlan]:
 def build_modification_plans(cfg: Config) -> list[ModificationPlan]:
     """Instantiate the malicious server's modifications (bad names/params raise ``ConfigError``)."""
     return [
-        ModificationPlan(name=m.name, modification=MODIFICATIONS.create(m.name, **m.params),
-                         rounds=set(m.targets.rounds), clients=set(m.targets.clients))
+        ModificationPlan(
+            name=m.name,
+            modification=MODIFICATIONS.create(m.name, **m.params),
+            rounds=set(m.targets.rounds),
+            clients=set(m.targets.clients),
+        )
         for m in cfg.server.modifications
     ]
 
@@ -91,7 +100,9 @@ def public_data(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     return fed.data.normalize(fed.data.images("test", idx)), fed.data.labels("test", idx)
 
 
-def central_evaluator(cfg: Config, device: torch.device) -> Callable[[ArrayRecord], dict[str, float]]:
+def central_evaluator(
+    cfg: Config, device: torch.device
+) -> Callable[[ArrayRecord], dict[str, float]]:
     """Accuracy and loss of a global model on the whole test split."""
     fed = federated_data(cfg)
     x, y = fed.data.normalize(fed.data.images("test", range(len(fed.data.test_y)))), fed.data.test_y
@@ -119,14 +130,19 @@ class RunSink:
         self.folder = folder
         self.dp: dict[str, float] = {}
 
-    def __call__(self, server_round: int, client: int | None, source: str, values: dict[str, float]) -> None:
+    def __call__(
+        self, server_round: int, client: int | None, source: str, values: dict[str, float]
+    ) -> None:
         """Log ``values`` of ``source`` (client_train, server_eval, ...) for a round and client."""
         for k, v in values.items():
             self.folder.log_metric(round=server_round, client=client, source=source, key=k, value=v)
             if source == "client_train" and k.endswith((".epsilon", ".epsilon_formal", ".delta")):
                 key = k.rsplit(".", 1)[1]
-                self.dp[key] = (min(self.dp.get(key, 1.0), float(v)) if key == "epsilon_formal"
-                                else max(self.dp.get(key, 0.0), float(v)))
+                self.dp[key] = (
+                    min(self.dp.get(key, 1.0), float(v))
+                    if key == "epsilon_formal"
+                    else max(self.dp.get(key, 0.0), float(v))
+                )
 
     def dp_summary(self, cfg: Config) -> dict[str, Any]:
         """Client-side DP: ε(δ) = max over clients; formal only if every client's is (empty if off)."""
@@ -135,11 +151,17 @@ class RunSink:
         accounted = [d for d in build_defenses(cfg.defenses) if isinstance(d, AccountedDefense)]
         reasons = list(dict.fromkeys(r for d in accounted for r in d.not_formal_because))
         delta = self.dp.get("delta") or max((d.delta for d in accounted), default=None)
-        return {"epsilon": self.dp["epsilon"], "epsilon_formal": bool(self.dp.get("epsilon_formal", 1.0)),
-                "epsilon_delta": delta, "epsilon_not_formal_because": reasons}
+        return {
+            "epsilon": self.dp["epsilon"],
+            "epsilon_formal": bool(self.dp.get("epsilon_formal", 1.0)),
+            "epsilon_delta": delta,
+            "epsilon_not_formal_because": reasons,
+        }
 
 
-def build_runner(cfg: Config, folder: RunFolder, device: torch.device, progress: Progress | None) -> AttackRunner:
+def build_runner(
+    cfg: Config, folder: RunFolder, device: torch.device, progress: Progress | None
+) -> AttackRunner:
     """The attack runner of a run: the configured attacks and analyses, scored by the scorer."""
     return AttackRunner(
         plans=build_plans(cfg),
@@ -169,8 +191,13 @@ def model_info(cfg: Config) -> ModelInfo:
     )
 
 
-def round_evaluator(cfg: Config, device: torch.device, sink: RunSink, progress: Progress | None,
-                    accuracy: dict[int, float]) -> Callable[[int, ArrayRecord], dict[str, float]]:
+def round_evaluator(
+    cfg: Config,
+    device: torch.device,
+    sink: RunSink,
+    progress: Progress | None,
+    accuracy: dict[int, float],
+) -> Callable[[int, ArrayRecord], dict[str, float]]:
     """Central evaluation of each round's global model: logs it, fills ``accuracy`` by round."""
     evaluate = central_evaluator(cfg, device)
 
@@ -185,8 +212,13 @@ def round_evaluator(cfg: Config, device: torch.device, sink: RunSink, progress: 
     return evaluate_round
 
 
-def summary_base(cfg: Config, runner: AttackRunner, accuracy: dict[int, float], federated: dict[int, float],
-                 folder: RunFolder) -> dict[str, Any]:
+def summary_base(
+    cfg: Config,
+    runner: AttackRunner,
+    accuracy: dict[int, float],
+    federated: dict[int, float],
+    folder: RunFolder,
+) -> dict[str, Any]:
     """The summary keys every run has (both the Message-API and the SecAgg+ path)."""
     return {
         "name": cfg.name,
@@ -205,11 +237,17 @@ def summary_base(cfg: Config, runner: AttackRunner, accuracy: dict[int, float], 
     }
 
 
-def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | None = None) -> dict[str, Any]:
+def run_server(
+    grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | None = None
+) -> dict[str, Any]:
     """Run the whole federation from the server side; returns the summary it writes."""
-    if cfg.federation.secure_aggregation.mode != "off":  # never train in the clear what asked for SecAgg+
-        raise ConfigError("federation.secure_aggregation.mode: secagg+ runs on Flower's workflow path "
-                          "(strategies.secure_aggregation with clients.secagg_client); use fl-privsim run")
+    if (
+        cfg.federation.secure_aggregation.mode != "off"
+    ):  # never train in the clear what asked for SecAgg+
+        raise ConfigError(
+            "federation.secure_aggregation.mode: secagg+ runs on Flower's workflow path "
+            "(strategies.secure_aggregation with clients.secagg_client); use fl-privsim run"
+        )
     device = resolve_device(cfg.federation.device)
     torch.set_num_threads(cfg.federation.server_threads)
     model = initial_model(cfg)
@@ -227,23 +265,43 @@ def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | 
         fraction_evaluate=cfg.federation.fraction_evaluate,
     )
     # Flower's central DP wrapper, inside the curious server: it sees the updates as sent.
-    central = (CentralDP(inner, settings=cfg.federation.central_dp, num_clients=cfg.federation.num_clients,
-                         seed=cfg.seed) if cfg.federation.central_dp.mode != "off" else None)
+    central = (
+        CentralDP(
+            inner,
+            settings=cfg.federation.central_dp,
+            num_clients=cfg.federation.num_clients,
+            seed=cfg.seed,
+        )
+        if cfg.federation.central_dp.mode != "off"
+        else None
+    )
     trained = central if central is not None else inner
     runner = build_runner(cfg, folder, device, progress)
     if progress is not None:
         progress.attacks_total = runner.planned_runs(
-            cfg.federation.rounds, lambda r: set(inner.sample_clients(r, cfg.federation.clients_per_round))
+            cfg.federation.rounds,
+            lambda r: set(inner.sample_clients(r, cfg.federation.clients_per_round)),
         )
     info = model_info(cfg)
     strategy: Strategy
     if cfg.server.role == "malicious":
         public_x, public_y = public_data(cfg)
-        strategy = MaliciousServer(trained, info=info, observer=runner, plans=build_modification_plans(cfg),
-                                   node_to_client=node_to_client, public_inputs=public_x, public_labels=public_y,
-                                   seed=cfg.seed)
+        strategy = MaliciousServer(
+            trained,
+            info=info,
+            observer=runner,
+            plans=build_modification_plans(cfg),
+            node_to_client=node_to_client,
+            public_inputs=public_x,
+            public_labels=public_y,
+            seed=cfg.seed,
+        )
     else:
-        strategy = HonestButCurious(trained, info=info, observer=runner) if runner.plans or runner.analyses else trained
+        strategy = (
+            HonestButCurious(trained, info=info, observer=runner)
+            if runner.plans or runner.analyses
+            else trained
+        )
     accuracy: dict[int, float] = {}
     evaluate_round = round_evaluator(cfg, device, sink, progress, accuracy)
 
@@ -265,11 +323,15 @@ def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | 
             sink(rnd, None, "federated_eval", dict(rec))
     summary = summary_base(cfg, runner, accuracy, federated, folder)
     summary["fit_seconds_by_round"] = {str(r): t for r, t in sorted(inner.fit_seconds.items())}
-    summary.update({
-        "observer_failures": getattr(strategy, "failures", 0),
-        "server": strategy.report() if isinstance(strategy, MaliciousServer) else {"role": cfg.server.role},
-        "client_errors": inner.client_error_report(),
-    })
+    summary.update(
+        {
+            "observer_failures": getattr(strategy, "failures", 0),
+            "server": strategy.report()
+            if isinstance(strategy, MaliciousServer)
+            else {"role": cfg.server.role},
+            "client_errors": inner.client_error_report(),
+        }
+    )
     summary.update(sink.dp_summary(cfg))
     if central is not None:  # Flower's central DP: ε(δ) of the released models (None without noise)
         report = central.report()
@@ -278,7 +340,9 @@ def run_server(grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | 
     return summary
 
 
-def make_server_app(cfg: Config, folder: RunFolder, progress: Progress | None, sink: dict[str, Any]) -> ServerApp:
+def make_server_app(
+    cfg: Config, folder: RunFolder, progress: Progress | None, sink: dict[str, Any]
+) -> ServerApp:
     """A ServerApp bound to ``cfg`` and ``folder``; the summary lands in ``sink["summary"]``."""
     server = ServerApp()
 

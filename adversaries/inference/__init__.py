@@ -15,5 +15,16 @@ from adversaries.inference.games import GAMES, Game, Observations, Pool, sample_
 from adversaries.inference.metrics import clopper_pearson, game_metrics
 from adversaries.inference.release import Release, flat_per_sample_gradients
 
-__all__ = ["GAMES", "Game", "LossBaseline", "MetaClassifier", "Observations", "Pool", "Release",
-           "clopper_pearson", "flat_per_sample_gradients", "game_metrics", "sample_secrets"]
+__all__ = [
+    "GAMES",
+    "Game",
+    "LossBaseline",
+    "MetaClassifier",
+    "Observations",
+    "Pool",
+    "Release",
+    "clopper_pearson",
+    "flat_per_sample_gradients",
+    "game_metrics",
+    "sample_secrets",
+]

@@ -79,28 +79,44 @@ class MetaClassifier:
         Seed of the classifier.
     """
 
-    def __init__(self, model: nn.Module, *, attack_model: str = "mlp", features: str = "all",
-                 attr_column: int | None = None, alignment: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        attack_model: str = "mlp",
+        features: str = "all",
+        attr_column: int | None = None,
+        alignment: bool = True,
+        seed: int = 0,
+    ) -> None:
         if attack_model not in ATTACK_MODELS:
-            raise ConfigError(f"game.attack_model: {attack_model!r} is not allowed; allowed: "
-                              f"{', '.join(ATTACK_MODELS)}")
+            raise ConfigError(
+                f"game.attack_model: {attack_model!r} is not allowed; allowed: "
+                f"{', '.join(ATTACK_MODELS)}"
+            )
         if features not in FEATURES:
-            raise ConfigError(f"game.features: {features!r} is not allowed; allowed: {', '.join(FEATURES)}")
+            raise ConfigError(
+                f"game.features: {features!r} is not allowed; allowed: {', '.join(FEATURES)}"
+            )
         self.model, self.attack_model, self.features = model, attack_model, features
         self.attr_column, self.alignment, self.seed = attr_column, alignment, seed
         layout = param_layout(model)
         last_module = layout[-1][0].rsplit(".", 1)[0]
         last = [(s, e) for n, _, s, e in layout if n.rsplit(".", 1)[0] == last_module]
-        self._cols = slice(0, layout[-1][3]) if features != "last" else slice(min(s for s, _ in last),
-                                                                             max(e for _, e in last))
+        self._cols = (
+            slice(0, layout[-1][3])
+            if features != "last"
+            else slice(min(s for s, _ in last), max(e for _, e in last))
+        )
         self._clf = None
 
     def _alignment(self, obs: Observations) -> list[torch.Tensor]:
         u = obs.updates
         if obs.user_x is not None and obs.user_y is not None:
             t, m = obs.user_x.shape[:2]
-            g = flat_per_sample_gradients(self.model, obs.user_x.reshape(t * m, *obs.user_x.shape[2:]),
-                                          obs.user_y.reshape(-1)).reshape(t, m, -1)
+            g = flat_per_sample_gradients(
+                self.model, obs.user_x.reshape(t * m, *obs.user_x.shape[2:]), obs.user_y.reshape(-1)
+            ).reshape(t, m, -1)
             cos, proj = _cos_proj(u, g.mean(1))
             per = torch.stack([_cos_proj(u, g[:, j])[0] for j in range(m)], 1)
             return [cos, proj, per.max(1).values, per.mean(1)]
@@ -135,17 +151,25 @@ class MetaClassifier:
         from sklearn.preprocessing import StandardScaler
 
         if self.attack_model == "mlp":
-            clf = MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-3, max_iter=300, random_state=self.seed)
+            clf = MLPClassifier(
+                hidden_layer_sizes=(64,), alpha=1e-3, max_iter=300, random_state=self.seed
+            )
         else:
-            clf = RandomForestClassifier(n_estimators=100, min_samples_leaf=5, random_state=self.seed, n_jobs=1)
+            clf = RandomForestClassifier(
+                n_estimators=100, min_samples_leaf=5, random_state=self.seed, n_jobs=1
+            )
         return make_pipeline(StandardScaler(), clf)
 
     def fit(self, shadow: Observations, shadow_secrets: np.ndarray) -> MetaClassifier:
         """Train on the adversary's own shadow trials (their secrets are the adversary's)."""
         x = self.featurize(shadow)
         self._clf = self.make_classifier().fit(x, np.asarray(shadow_secrets))  # type: ignore[attr-defined]
-        logger.info("meta-classifier %s trained on %d shadow updates, %d features", self.attack_model,
-                    x.shape[0], x.shape[1])
+        logger.info(
+            "meta-classifier %s trained on %d shadow updates, %d features",
+            self.attack_model,
+            x.shape[0],
+            x.shape[1],
+        )
         return self
 
     def score(self, obs: Observations) -> np.ndarray:
@@ -166,7 +190,9 @@ class MultiRound:
 
     def __init__(self, rounds: list[MetaClassifier], *, combine: str = "mean_logit") -> None:
         if combine not in COMBINE:
-            raise ConfigError(f"game.round_combine: {combine!r} is not allowed; allowed: {', '.join(COMBINE)}")
+            raise ConfigError(
+                f"game.round_combine: {combine!r} is not allowed; allowed: {', '.join(COMBINE)}"
+            )
         if not rounds:
             raise ConfigError("game.rounds must be >= 1")
         self.rounds, self.combine = rounds, combine
@@ -183,7 +209,9 @@ class MultiRound:
             for adv, obs in zip(self.rounds, shadows, strict=True):
                 adv.fit(obs, shadow_secrets)
         else:
-            x = np.concatenate([a.featurize(o) for a, o in zip(self.rounds, shadows, strict=True)], axis=1)
+            x = np.concatenate(
+                [a.featurize(o) for a, o in zip(self.rounds, shadows, strict=True)], axis=1
+            )
             self._clf = self.rounds[0].make_classifier().fit(x, np.asarray(shadow_secrets))  # type: ignore[attr-defined]
         return self
 
@@ -218,7 +246,12 @@ class LossBaseline:
         with torch.no_grad():
             base = F.cross_entropy(self.model(obs.target_x), obs.target_y, reduction="none")
             for i in range(len(obs)):
-                p = {n: params[n] - self.lr * obs.updates[i, s:e].reshape(shape) for n, shape, s, e in self.layout}
-                logits = functional_call(self.model, {**params, **p, **buffers}, (obs.target_x[i:i + 1],))
-                out.append(float(base[i] - F.cross_entropy(logits, obs.target_y[i:i + 1])))
+                p = {
+                    n: params[n] - self.lr * obs.updates[i, s:e].reshape(shape)
+                    for n, shape, s, e in self.layout
+                }
+                logits = functional_call(
+                    self.model, {**params, **p, **buffers}, (obs.target_x[i : i + 1],)
+                )
+                out.append(float(base[i] - F.cross_entropy(logits, obs.target_y[i : i + 1])))
         return 1.0 / (1.0 + np.exp(-np.asarray(out) / max(self.lr, 1e-12)))

@@ -65,14 +65,25 @@ from fl_privsim.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AuditScorer", "Canary", "accountant_epsilons", "audit_bound", "craft_canary", "epsilon_lower_bound",
-           "gaussian_epsilon", "run_audit"]
+__all__ = [
+    "AuditScorer",
+    "Canary",
+    "accountant_epsilons",
+    "audit_bound",
+    "craft_canary",
+    "epsilon_lower_bound",
+    "gaussian_epsilon",
+    "run_audit",
+]
 
 
 # ---------------------------------------------------------------------------------------------
 # the bound
 
-def epsilon_lower_bound(tp: int, n_pos: int, fp: int, n_neg: int, delta: float, *, alpha: float = 0.05) -> dict:
+
+def epsilon_lower_bound(
+    tp: int, n_pos: int, fp: int, n_neg: int, delta: float, *, alpha: float = 0.05
+) -> dict:
     """Empirical ε lower bound of one threshold test from its counts (Jagielski et al. 2020).
 
     ``tp`` of ``n_pos`` trials with s = 1 and ``fp`` of ``n_neg`` with s = 0 were called 1.
@@ -95,12 +106,23 @@ def epsilon_lower_bound(tp: int, n_pos: int, fp: int, n_neg: int, delta: float, 
         return max(0.0, math.log(num / den))
 
     eps = max(0.0, safe_log(tpr_lo - delta, fpr_hi), safe_log(1.0 - fpr_hi - delta, 1.0 - tpr_lo))
-    return {"epsilon_lower_bound": eps, "tpr": tp / n_pos, "fpr": fp / n_neg, "tpr_ci": [tpr_lo, tpr_hi],
-            "fpr_ci": [fpr_lo, fpr_hi]}
+    return {
+        "epsilon_lower_bound": eps,
+        "tpr": tp / n_pos,
+        "fpr": fp / n_neg,
+        "tpr_ci": [tpr_lo, tpr_hi],
+        "fpr_ci": [fpr_lo, fpr_hi],
+    }
 
 
-def audit_bound(secrets: np.ndarray, scores: np.ndarray, delta: float, *, alpha: float = 0.05,
-                max_thresholds: int = 200) -> dict[str, Any]:
+def audit_bound(
+    secrets: np.ndarray,
+    scores: np.ndarray,
+    delta: float,
+    *,
+    alpha: float = 0.05,
+    max_thresholds: int = 200,
+) -> dict[str, Any]:
     """ε_lb from a game's scores: the threshold τ is chosen on the first half of the trials
     (the one maximising the bound there, among at most ``max_thresholds`` score quantiles),
     the bound of "ŝ = 1 iff score ≥ τ" is computed on the second half."""
@@ -113,11 +135,22 @@ def audit_bound(secrets: np.ndarray, scores: np.ndarray, delta: float, *, alpha:
 
     def counts(ss: np.ndarray, xs: np.ndarray, tau: float) -> tuple[int, int, int, int]:
         call = xs >= tau
-        return int(np.sum(call & (ss == 1))), int(np.sum(ss == 1)), int(np.sum(call & (ss == 0))), int(np.sum(ss == 0))
+        return (
+            int(np.sum(call & (ss == 1))),
+            int(np.sum(ss == 1)),
+            int(np.sum(call & (ss == 0))),
+            int(np.sum(ss == 0)),
+        )
 
-    cands = np.unique(np.quantile(sel_x, np.linspace(0, 1, max_thresholds))) if sel_x.size else np.array([0.0])
+    cands = (
+        np.unique(np.quantile(sel_x, np.linspace(0, 1, max_thresholds)))
+        if sel_x.size
+        else np.array([0.0])
+    )
     best_tau = 0.0
-    if sel_s.min() != sel_s.max():  # vectorised over thresholds; Clopper–Pearson ends from beta quantiles
+    if (
+        sel_s.min() != sel_s.max()
+    ):  # vectorised over thresholds; Clopper–Pearson ends from beta quantiles
         npos, nneg = int(np.sum(sel_s == 1)), int(np.sum(sel_s == 0))
         call = sel_x[None, :] >= cands[:, None]
         tp, fp = (call & (sel_s == 1)).sum(1), (call & (sel_s == 0)).sum(1)
@@ -126,24 +159,39 @@ def audit_bound(secrets: np.ndarray, scores: np.ndarray, delta: float, *, alpha:
         fpr_hi = np.where(fp == nneg, 1.0, stats.beta.ppf(1 - a2, fp + 1, np.maximum(nneg - fp, 1)))
         with np.errstate(divide="ignore", invalid="ignore"):
             e1 = np.log(np.clip(tpr_lo - delta, 1e-300, None) / fpr_hi)
-            e2 = np.log(np.clip(1 - fpr_hi - delta, 1e-300, None) / np.clip(1 - tpr_lo, 1e-300, None))
+            e2 = np.log(
+                np.clip(1 - fpr_hi - delta, 1e-300, None) / np.clip(1 - tpr_lo, 1e-300, None)
+            )
         best_tau = float(cands[int(np.argmax(np.nan_to_num(np.maximum(e1, e2), nan=-np.inf)))])
     if ev_s.min() == ev_s.max():
         raise ValueError("the evaluation half has one secret only; use more trials")
     out = epsilon_lower_bound(*counts(ev_s, ev_x, best_tau), delta, alpha=alpha)
-    out.update(threshold=best_tau, selection_trials=int(half), evaluation_trials=int(s.size - half),
-               auc=auc_score(s, x), alpha=alpha)
+    out.update(
+        threshold=best_tau,
+        selection_trials=int(half),
+        evaluation_trials=int(s.size - half),
+        auc=auc_score(s, x),
+        alpha=alpha,
+    )
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # the accountant's ε
 
+
 def gaussian_epsilon(mu: float, delta: float) -> float:
     """Exact ε(δ) of the Gaussian mechanism with sensitivity/σ = μ (Balle & Wang, ICML 2018):
     the ε solving Φ(μ/2 − ε/μ) − e^ε·Φ(−μ/2 − ε/μ) = δ (0 when already ≤ δ at ε = 0)."""
+
     def d(eps: float) -> float:
-        return float(stats.norm.cdf(mu / 2 - eps / mu) - math.exp(eps) * stats.norm.cdf(-mu / 2 - eps / mu)) - delta
+        return (
+            float(
+                stats.norm.cdf(mu / 2 - eps / mu)
+                - math.exp(eps) * stats.norm.cdf(-mu / 2 - eps / mu)
+            )
+            - delta
+        )
 
     if d(0.0) <= 0:
         return 0.0
@@ -163,12 +211,16 @@ def accountant_epsilons(sigma: float, delta: float, steps: int = 1) -> dict[str,
             acc.step(noise_multiplier=noise, sample_rate=1.0)
         return acc.epsilon(delta)
 
-    return {"epsilon": rdp(sigma / 2), "epsilon_add_remove": rdp(sigma),
-            "epsilon_exact": gaussian_epsilon(2.0 * math.sqrt(steps) / sigma, delta)}
+    return {
+        "epsilon": rdp(sigma / 2),
+        "epsilon_add_remove": rdp(sigma),
+        "epsilon_exact": gaussian_epsilon(2.0 * math.sqrt(steps) / sigma, delta),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # clipped gradients, the adversary's score, canaries
+
 
 def clip_rows(g: torch.Tensor, c: float) -> torch.Tensor:
     """Flat per-sample clipping to norm ``c`` as Opacus does (factor min(1, C / (‖g‖ + 1e-6)))."""
@@ -178,8 +230,16 @@ def clip_rows(g: torch.Tensor, c: float) -> torch.Tensor:
 class AuditScorer:
     """The white-box adversary's log-likelihood-ratio statistic (module docstring)."""
 
-    def __init__(self, model: nn.Module, *, attr_column: int, max_grad_norm: float, batch_size: int,
-                 clients_per_aggregate: int = 1, aux: Pool | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        attr_column: int,
+        max_grad_norm: float,
+        batch_size: int,
+        clients_per_aggregate: int = 1,
+        aux: Pool | None = None,
+    ) -> None:
         self.model, self.attr, self.c = model, attr_column, float(max_grad_norm)
         self.n = int(batch_size) * int(clients_per_aggregate)
         if aux is not None and self.n > 1:
@@ -198,7 +258,9 @@ class AuditScorer:
         if self.rest is not None:
             v = v - (self.n - 1) * self.rest
         d = c1 - c0
-        stat = ((v * d).sum(1) - 0.5 * (c1.square().sum(1) - c0.square().sum(1))) / (d.norm(dim=1) + 1e-12)
+        stat = ((v * d).sum(1) - 0.5 * (c1.square().sum(1) - c0.square().sum(1))) / (
+            d.norm(dim=1) + 1e-12
+        )
         return stat.detach().to(torch.float64).numpy()
 
 
@@ -212,8 +274,17 @@ class Canary:
     separation: float
 
 
-def craft_canary(model: nn.Module, aux: Pool, *, attr_column: int, max_grad_norm: float, steps: int = 100,
-                 restarts: int = 4, lr: float = 0.1, seed: int = 0) -> Canary:
+def craft_canary(
+    model: nn.Module,
+    aux: Pool,
+    *,
+    attr_column: int,
+    max_grad_norm: float,
+    steps: int = 100,
+    restarts: int = 4,
+    lr: float = 0.1,
+    seed: int = 0,
+) -> Canary:
     """Gradient ascent on the non-sensitive features of ``restarts`` × classes starting records
     (random auxiliary records, each tried with every label) to maximise the separation of the
     clipped per-sample gradients of a = 0 and a = 1; features stay in the auxiliary pool's
@@ -275,19 +346,29 @@ def craft_canary(model: nn.Module, aux: Pool, *, attr_column: int, max_grad_norm
 # ---------------------------------------------------------------------------------------------
 # the audit
 
+
 def _dp_sgd(release: Release) -> Any:
     from clients.defenses.dp_sgd import DPSGD
 
     found = [d for d in release.defenses if isinstance(d, DPSGD)]
     if not found:
-        raise ConfigError("game.audit needs the dp_sgd defense ([[defenses]] name = \"dp_sgd\")")
+        raise ConfigError('game.audit needs the dp_sgd defense ([[defenses]] name = "dp_sgd")')
     if release.protocol != "fedsgd":
-        raise ConfigError("game.audit accounts one DP-SGD step per trial: use game.protocol = \"fedsgd\"")
+        raise ConfigError(
+            'game.audit accounts one DP-SGD step per trial: use game.protocol = "fedsgd"'
+        )
     return found[0]
 
 
-def _canary_play(game: Game, pool: Pool, release: Release, canary: Canary, n_trials: int,
-                 rng: np.random.Generator, stream: int) -> tuple[Observations, np.ndarray]:
+def _canary_play(
+    game: Game,
+    pool: Pool,
+    release: Release,
+    canary: Canary,
+    n_trials: int,
+    rng: np.random.Generator,
+    stream: int,
+) -> tuple[Observations, np.ndarray]:
     """The attribute game with the canary as the target of every trial."""
     secrets = sample_secrets(n_trials, rng)
     n, t = len(pool), n_trials
@@ -299,14 +380,33 @@ def _canary_play(game: Game, pool: Pool, release: Release, canary: Canary, n_tri
     index[:, 0, 0] = n + torch.from_numpy(secrets)
     updates = release.updates(x, y, index, stream=stream)
     masked = canary.x.unsqueeze(0).repeat(t, *([1] * canary.x.dim()))
-    return (Observations(updates=updates.detach(), target_x=masked,
-                         target_y=torch.full((t,), canary.y, dtype=pool.y.dtype)), secrets)
+    return (
+        Observations(
+            updates=updates.detach(),
+            target_x=masked,
+            target_y=torch.full((t,), canary.y, dtype=pool.y.dtype),
+        ),
+        secrets,
+    )
 
 
-def run_audit(model: nn.Module, release: Release, pool: Pool, aux: Pool, *, attr_column: int, trials: int,
-              batch_size: int = 1, clients_per_aggregate: int = 1, seed: int = 0, alpha: float = 0.05,
-              canary_steps: int = 100, canary_restarts: int = 4, natural: bool = True,
-              canary: Canary | None = None) -> dict[str, Any]:
+def run_audit(
+    model: nn.Module,
+    release: Release,
+    pool: Pool,
+    aux: Pool,
+    *,
+    attr_column: int,
+    trials: int,
+    batch_size: int = 1,
+    clients_per_aggregate: int = 1,
+    seed: int = 0,
+    alpha: float = 0.05,
+    canary_steps: int = 100,
+    canary_restarts: int = 4,
+    natural: bool = True,
+    canary: Canary | None = None,
+) -> dict[str, Any]:
     """Audit DP-SGD with natural records and a crafted canary (``canary``, or crafted here with
     :func:`craft_canary`: it depends on θ and C only, so one can serve several σ); returns the accountant's ε
     (:func:`accountant_epsilons`), ``natural`` and ``canary`` (:func:`audit_bound` of each,
@@ -314,30 +414,70 @@ def run_audit(model: nn.Module, release: Release, pool: Pool, aux: Pool, *, attr
     from fl_privsim.seeding import numpy_rng
 
     dp = _dp_sgd(release)
-    game = Game("attribute", batch_size=batch_size, clients_per_aggregate=clients_per_aggregate,
-                attr_column=attr_column)
-    scorer = AuditScorer(model, attr_column=attr_column, max_grad_norm=dp.max_grad_norm, batch_size=batch_size,
-                         clients_per_aggregate=clients_per_aggregate, aux=aux)
+    game = Game(
+        "attribute",
+        batch_size=batch_size,
+        clients_per_aggregate=clients_per_aggregate,
+        attr_column=attr_column,
+    )
+    scorer = AuditScorer(
+        model,
+        attr_column=attr_column,
+        max_grad_norm=dp.max_grad_norm,
+        batch_size=batch_size,
+        clients_per_aggregate=clients_per_aggregate,
+        aux=aux,
+    )
     out: dict[str, Any] = {}
     if natural:
         obs, secrets = game.play(pool, release, trials, numpy_rng(seed, "attack", 20), stream=10)
         scores = scorer.score(obs)
-        out["natural"] = {**audit_bound(secrets, scores, dp.delta, alpha=alpha), "_secrets": secrets,
-                          "_scores": scores}
-    canary = canary or craft_canary(model, aux, attr_column=attr_column, max_grad_norm=dp.max_grad_norm,
-                                    steps=canary_steps, restarts=canary_restarts, seed=seed)
-    obs, secrets = _canary_play(game, pool, release, canary, trials, numpy_rng(seed, "attack", 21), stream=11)
+        out["natural"] = {
+            **audit_bound(secrets, scores, dp.delta, alpha=alpha),
+            "_secrets": secrets,
+            "_scores": scores,
+        }
+    canary = canary or craft_canary(
+        model,
+        aux,
+        attr_column=attr_column,
+        max_grad_norm=dp.max_grad_norm,
+        steps=canary_steps,
+        restarts=canary_restarts,
+        seed=seed,
+    )
+    obs, secrets = _canary_play(
+        game, pool, release, canary, trials, numpy_rng(seed, "attack", 21), stream=11
+    )
     scores = scorer.score(obs)
-    out["canary"] = {**audit_bound(secrets, scores, dp.delta, alpha=alpha), "separation": canary.separation,
-                     "label": canary.y, "_secrets": secrets, "_scores": scores}
+    out["canary"] = {
+        **audit_bound(secrets, scores, dp.delta, alpha=alpha),
+        "separation": canary.separation,
+        "label": canary.y,
+        "_secrets": secrets,
+        "_scores": scores,
+    }
     sigma = float(dp.sigma)
-    out.update(noise_multiplier=sigma, max_grad_norm=float(dp.max_grad_norm), delta=float(dp.delta),
-               **accountant_epsilons(sigma, dp.delta))
+    out.update(
+        noise_multiplier=sigma,
+        max_grad_norm=float(dp.max_grad_norm),
+        delta=float(dp.delta),
+        **accountant_epsilons(sigma, dp.delta),
+    )
     return out
 
 
-def write_audit(cfg: Any, run_dir: Any, model: nn.Module, release: Release, pool: Pool, aux: Pool,
-                attr_column: int, model_accuracy: float, t0: float) -> dict[str, Any]:
+def write_audit(
+    cfg: Any,
+    run_dir: Any,
+    model: nn.Module,
+    release: Release,
+    pool: Pool,
+    aux: Pool,
+    attr_column: int,
+    model_accuracy: float,
+    t0: float,
+) -> dict[str, Any]:
     """``fl-privsim game`` with ``[game] audit = true``: run :func:`run_audit` and write the run
     folder (``summary.json`` with ``epsilon_lower_bound`` (canary), ``epsilon`` and the rest,
     ``natural``/``canary`` details, ``roc.png`` and ``scores.csv`` of the canary trials)."""
@@ -347,29 +487,66 @@ def write_audit(cfg: Any, run_dir: Any, model: nn.Module, release: Release, pool
     from fl_privsim.results import RunFolder, atomic_write_text
 
     g = cfg.game
-    res = run_audit(model, release, pool, aux, attr_column=attr_column, trials=g.trials, batch_size=g.batch_size,
-                    clients_per_aggregate=g.clients_per_aggregate, seed=cfg.seed, alpha=g.audit_alpha,
-                    canary_steps=g.canary_steps)
+    res = run_audit(
+        model,
+        release,
+        pool,
+        aux,
+        attr_column=attr_column,
+        trials=g.trials,
+        batch_size=g.batch_size,
+        clients_per_aggregate=g.clients_per_aggregate,
+        seed=cfg.seed,
+        alpha=g.audit_alpha,
+        canary_steps=g.canary_steps,
+    )
     secrets, scores = res["canary"].pop("_secrets"), res["canary"].pop("_scores")
     res["natural"].pop("_secrets")
     res["natural"].pop("_scores")
     summary: dict[str, Any] = {
-        "game": "attribute", "audit": True, "dataset": cfg.data.name, "attribute": cfg.data.sensitive,
-        "adversary": "white-box likelihood-ratio (audit)", "attack_model": "clipped-gradient projection",
-        "batch_size": g.batch_size, "clients_per_aggregate": g.clients_per_aggregate,
-        "aggregation_size": g.batch_size * g.clients_per_aggregate, "defenses": [dc.name for dc in cfg.defenses],
-        "release_path": "vectorised" if release.fast else "exact", "model_accuracy": model_accuracy,
+        "game": "attribute",
+        "audit": True,
+        "dataset": cfg.data.name,
+        "attribute": cfg.data.sensitive,
+        "adversary": "white-box likelihood-ratio (audit)",
+        "attack_model": "clipped-gradient projection",
+        "batch_size": g.batch_size,
+        "clients_per_aggregate": g.clients_per_aggregate,
+        "aggregation_size": g.batch_size * g.clients_per_aggregate,
+        "defenses": [dc.name for dc in cfg.defenses],
+        "release_path": "vectorised" if release.fast else "exact",
+        "model_accuracy": model_accuracy,
         "epsilon_lower_bound": res["canary"]["epsilon_lower_bound"],
         "epsilon_lower_bound_natural": res["natural"]["epsilon_lower_bound"],
-        **{k: res[k] for k in ("epsilon", "epsilon_add_remove", "epsilon_exact", "noise_multiplier",
-                               "max_grad_norm", "delta")},
-        "natural": res["natural"], "canary": res["canary"],
+        **{
+            k: res[k]
+            for k in (
+                "epsilon",
+                "epsilon_add_remove",
+                "epsilon_exact",
+                "noise_multiplier",
+                "max_grad_norm",
+                "delta",
+            )
+        },
+        "natural": res["natural"],
+        "canary": res["canary"],
         **game_metrics(secrets, scores, threshold=0.0, n_boot=g.bootstrap, seed=cfg.seed),
         "seconds": {"total": time.perf_counter() - t0},
     }
-    save_roc_plot(run_dir / "roc.png", secrets, scores,
-                  title=f"canary audit (dp_sgd, sigma = {res['noise_multiplier']})")
-    atomic_write_text(run_dir / "scores.csv", "trial,secret,score\n" + "".join(
-        f"{i},{int(s)},{float(x):.6g}\n" for i, (s, x) in enumerate(zip(secrets, scores, strict=True))))
+    save_roc_plot(
+        run_dir / "roc.png",
+        secrets,
+        scores,
+        title=f"canary audit (dp_sgd, sigma = {res['noise_multiplier']})",
+    )
+    atomic_write_text(
+        run_dir / "scores.csv",
+        "trial,secret,score\n"
+        + "".join(
+            f"{i},{int(s)},{float(x):.6g}\n"
+            for i, (s, x) in enumerate(zip(secrets, scores, strict=True))
+        ),
+    )
     RunFolder(run_dir).write_summary(summary)
     return summary

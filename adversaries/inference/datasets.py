@@ -64,8 +64,10 @@ class GameData:
     def with_attribute(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Copies of records ``x`` with their sensitive attribute set to ``a`` (0/1)."""
         if self.attr_column is None:
-            raise ConfigError(f"the attribute game needs tabular data with a sensitive attribute (adult); "
-                              f"{self.name} has none")
+            raise ConfigError(
+                f"the attribute game needs tabular data with a sensitive attribute (adult); "
+                f"{self.name} has none"
+            )
         out = x.clone()
         out[:, self.attr_column] = a.to(out.dtype)
         return out
@@ -74,28 +76,50 @@ class GameData:
 def _split_pools(n: int, pool_size: int, aux_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     perm = numpy_rng(seed, "split", 11).permutation(n)
     pool_size, aux_size = min(pool_size, n // 2), min(aux_size, n - min(pool_size, n // 2))
-    return perm[:pool_size], perm[pool_size:pool_size + aux_size]
+    return perm[:pool_size], perm[pool_size : pool_size + aux_size]
 
 
 def load_game_data(
-    name: str, *, root: str | Path | None = None, sensitive: str = "sex", property_class: int = 0,
-    pool_size: int = 4000, aux_size: int = 4000, pretrain_size: int = 4000, aux_attribute_rate: float = 0.0,
-    seed: int = 0, image_size: int = 24,
+    name: str,
+    *,
+    root: str | Path | None = None,
+    sensitive: str = "sex",
+    property_class: int = 0,
+    pool_size: int = 4000,
+    aux_size: int = 4000,
+    pretrain_size: int = 4000,
+    aux_attribute_rate: float = 0.0,
+    seed: int = 0,
+    image_size: int = 24,
 ) -> GameData:
     """Load the pools of a game (see the module docstring; ``utkface``: :mod:`.utkface`,
     whose ``image_size`` is the side of the resized faces)."""
     if name not in GAME_DATASETS:
-        raise ConfigError(f"data.name: {name!r} is not allowed; allowed: {', '.join(GAME_DATASETS)}")
+        raise ConfigError(
+            f"data.name: {name!r} is not allowed; allowed: {', '.join(GAME_DATASETS)}"
+        )
     if name == "utkface":
         from adversaries.inference.utkface import load_utkface_game
 
-        return GameData(**load_utkface_game(root, sensitive=sensitive, pool_size=pool_size, aux_size=aux_size,
-                                            pretrain_size=pretrain_size, aux_attribute_rate=aux_attribute_rate,
-                                            seed=seed, image_size=image_size, shift=_shift))
+        return GameData(
+            **load_utkface_game(
+                root,
+                sensitive=sensitive,
+                pool_size=pool_size,
+                aux_size=aux_size,
+                pretrain_size=pretrain_size,
+                aux_attribute_rate=aux_attribute_rate,
+                seed=seed,
+                image_size=image_size,
+                shift=_shift,
+            )
+        )
     attr_column: int | None = None
     if name == "adult":
         if root is None:
-            raise DataError("adult: set data.root to the folder holding adult.data.gz and adult.test.gz")
+            raise DataError(
+                "adult: set data.root to the folder holding adult.data.gz and adult.test.gz"
+            )
         xtr_np, ytr_np, atr_np, xte_np, yte_np, _, attr_column = load_adult(root, sensitive)
         xtr, ytr, atr = torch.from_numpy(xtr_np), torch.from_numpy(ytr_np), torch.from_numpy(atr_np)
         xte, yte = torch.from_numpy(xte_np), torch.from_numpy(yte_np)
@@ -105,21 +129,43 @@ def load_game_data(
 
         data = load_dataset(name, root=root, seed=seed)
         n = len(data)
-        xtr, ytr = data.normalize(data.images("train", slice(None))), data.labels("train", slice(None))
+        xtr, ytr = (
+            data.normalize(data.images("train", slice(None))),
+            data.labels("train", slice(None)),
+        )
         xte = data.normalize(data.images("test", slice(None)))
         yte = data.labels("test", slice(None))
         if not 0 <= property_class < data.num_classes:
-            raise ConfigError(f"data.property_class: {property_class} is not a class of {name} "
-                              f"(0..{data.num_classes - 1})")
+            raise ConfigError(
+                f"data.property_class: {property_class} is not a class of {name} "
+                f"(0..{data.num_classes - 1})"
+            )
         atr = (ytr == property_class).long()
-        input_shape, num_classes, attribute = data.input_shape, data.num_classes, f"class_{property_class}"
+        input_shape, num_classes, attribute = (
+            data.input_shape,
+            data.num_classes,
+            f"class_{property_class}",
+        )
         logger.info("%s: %d training images for the pools", name, n)
     pool, aux = _split_pools(len(ytr), pool_size, aux_size, seed)
     if aux_attribute_rate > 0:
         aux = _shift(aux, atr.numpy(), aux_attribute_rate, seed)
     keep = numpy_rng(seed, "split", 12).permutation(len(yte))[:pretrain_size]
-    return GameData(name, xtr[pool], ytr[pool], atr[pool], xtr[aux], ytr[aux], atr[aux], xte[keep], yte[keep],
-                    input_shape, num_classes, attr_column, attribute)
+    return GameData(
+        name,
+        xtr[pool],
+        ytr[pool],
+        atr[pool],
+        xtr[aux],
+        ytr[aux],
+        atr[aux],
+        xte[keep],
+        yte[keep],
+        input_shape,
+        num_classes,
+        attr_column,
+        attribute,
+    )
 
 
 def _shift(aux: np.ndarray, a: np.ndarray, rate: float, seed: int) -> np.ndarray:
@@ -128,6 +174,10 @@ def _shift(aux: np.ndarray, a: np.ndarray, rate: float, seed: int) -> np.ndarray
     pos, neg = aux[a[aux] == 1], aux[a[aux] == 0]
     n = int(min(len(pos) / rate, len(neg) / (1 - rate)))
     rng = numpy_rng(seed, "split", 13)
-    out = np.concatenate([rng.choice(pos, int(round(n * rate)), replace=False),
-                          rng.choice(neg, n - int(round(n * rate)), replace=False)])
+    out = np.concatenate(
+        [
+            rng.choice(pos, round(n * rate), replace=False),
+            rng.choice(neg, n - round(n * rate), replace=False),
+        ]
+    )
     return rng.permutation(out)

@@ -68,14 +68,34 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AttributeInference", "FederatedInference", "InferenceObservation", "InferenceResult",
-           "MembershipInference", "PropertyInference", "SecretSpec", "ServerKnowledge", "check_run_config"]
+__all__ = [
+    "AttributeInference",
+    "FederatedInference",
+    "InferenceObservation",
+    "InferenceResult",
+    "MembershipInference",
+    "PropertyInference",
+    "SecretSpec",
+    "ServerKnowledge",
+    "check_run_config",
+]
 
-KINDS: dict[str, str] = {"attribute_inference": "attribute", "property_inference": "property",
-                         "membership_inference": "membership"}
+KINDS: dict[str, str] = {
+    "attribute_inference": "attribute",
+    "property_inference": "property",
+    "membership_inference": "membership",
+}
 #: Datasets the inference attacks support, with their number of classes (0 = known at load).
-CLASS_COUNTS: dict[str, int] = {"adult": 2, "digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10,
-                                "cifar10_npz": 10, "mnist_idx": 10, "folder": 0}
+CLASS_COUNTS: dict[str, int] = {
+    "adult": 2,
+    "digits": 10,
+    "mnist": 10,
+    "fashion_mnist": 10,
+    "cifar10": 10,
+    "cifar10_npz": 10,
+    "mnist_idx": 10,
+    "folder": 0,
+}
 
 
 @dataclass(frozen=True)
@@ -161,12 +181,23 @@ class FederatedInference(Attack):
 
     kind: ClassVar[str] = ""
     name: ClassVar[str] = ""
-    requires = ("the server's auxiliary data (ServerKnowledge), attached by the attack runner",
-                "data.name (and for Adult the model: mlp or linear) fits the params (checked before launch)")
+    requires = (
+        "the server's auxiliary data (ServerKnowledge), attached by the attack runner",
+        "data.name (and for Adult the model: mlp or linear) fits the params (checked before launch)",
+    )
 
-    def __init__(self, *, dataset: str = "", attribute: str = "sex", property: str = "class=0",
-                 shadow_trials: int = 400, aux_size: int = 1000, attack_model: str = "mlp",
-                 features: str = "auto", seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        dataset: str = "",
+        attribute: str = "sex",
+        property: str = "class=0",
+        shadow_trials: int = 400,
+        aux_size: int = 1000,
+        attack_model: str = "mlp",
+        features: str = "auto",
+        seed: int = 0,
+    ) -> None:
         if dataset:
             _check_choice("dataset", dataset, tuple(CLASS_COUNTS))
         _check_choice("attribute", attribute, ADULT_SENSITIVE)
@@ -179,11 +210,25 @@ class FederatedInference(Attack):
         if self.kind == "property":
             property_class = _parse_property(property)
         self.dataset, self.attribute, self.property = dataset, attribute, property
-        self.shadow_trials, self.aux_size, self.attack_model, self.seed = shadow_trials, aux_size, attack_model, seed
-        self.features = features if features != "auto" else ("last" if self.kind == "property" else "alignment")
-        uses_attribute = self.kind == "attribute" or (self.kind == "property" and property_class is None)
-        self.spec = SecretSpec(kind=self.kind, attribute=(property if self.kind == "property" else attribute)
-                               if uses_attribute else None, property_class=property_class)
+        self.shadow_trials, self.aux_size, self.attack_model, self.seed = (
+            shadow_trials,
+            aux_size,
+            attack_model,
+            seed,
+        )
+        self.features = (
+            features if features != "auto" else ("last" if self.kind == "property" else "alignment")
+        )
+        uses_attribute = self.kind == "attribute" or (
+            self.kind == "property" and property_class is None
+        )
+        self.spec = SecretSpec(
+            kind=self.kind,
+            attribute=(property if self.kind == "property" else attribute)
+            if uses_attribute
+            else None,
+            property_class=property_class,
+        )
         self._cache: tuple[tuple, MetaClassifier, float] | None = None
 
     # ------------------------------------------------------------------ validation
@@ -191,20 +236,30 @@ class FederatedInference(Attack):
         """Raise :class:`ConfigError` if the run's data or model does not fit these params
         (``model_name = ""``: the model is unknown and not checked)."""
         if self.dataset and self.dataset != data_name:
-            raise ConfigError(f"params.dataset: {self.dataset!r} does not match data.name = {data_name!r}")
+            raise ConfigError(
+                f"params.dataset: {self.dataset!r} does not match data.name = {data_name!r}"
+            )
         if data_name not in CLASS_COUNTS:
-            raise ConfigError(f"data.name = {data_name!r} is not supported by the inference attacks; "
-                              f"allowed: {', '.join(CLASS_COUNTS)}")
+            raise ConfigError(
+                f"data.name = {data_name!r} is not supported by the inference attacks; "
+                f"allowed: {', '.join(CLASS_COUNTS)}"
+            )
         if self.spec.attribute is not None and data_name != "adult":
             what = "attribute" if self.kind == "attribute" else "property"
-            raise ConfigError(f"params.{what}: {self.spec.attribute!r} needs tabular data with a sensitive "
-                              f"attribute (data.name = 'adult'); with {data_name!r} use property = 'class=K'")
+            raise ConfigError(
+                f"params.{what}: {self.spec.attribute!r} needs tabular data with a sensitive "
+                f"attribute (data.name = 'adult'); with {data_name!r} use property = 'class=K'"
+            )
         k = CLASS_COUNTS[data_name]
         if self.spec.property_class is not None and k and self.spec.property_class >= k:
-            raise ConfigError(f"params.property: class {self.spec.property_class} does not exist in {data_name} "
-                              f"(classes 0..{k - 1})")
+            raise ConfigError(
+                f"params.property: class {self.spec.property_class} does not exist in {data_name} "
+                f"(classes 0..{k - 1})"
+            )
         if data_name == "adult" and model_name and model_name not in ("mlp", "linear"):
-            raise ConfigError(f"model.name: {model_name!r} cannot take tabular rows; allowed: mlp, linear")
+            raise ConfigError(
+                f"model.name: {model_name!r} cannot take tabular rows; allowed: mlp, linear"
+            )
 
     def check_setup(self, setup: Setup) -> None:
         """:meth:`check_run` on the setup's data and model names (skipped while the data is
@@ -221,58 +276,99 @@ class FederatedInference(Attack):
         then :meth:`check_setup` with the knowledge's dataset."""
         k = getattr(obs, "knowledge", None)
         if not isinstance(k, ServerKnowledge):
-            raise ThreatModelError(f"{self.name}: requires {self.requires[0]}; got a bare Observation")
+            raise ThreatModelError(
+                f"{self.name}: requires {self.requires[0]}; got a bare Observation"
+            )
         if self.kind in ("attribute", "membership") and (k.target_x is None or k.target_y is None):
             raise ThreatModelError(f"{self.name}: requires a target record in the server knowledge")
         if self.spec.attribute is not None and k.dataset != "adult":
-            raise ThreatModelError(f"{self.name}: requires adult data for attribute {self.spec.attribute!r}, "
-                                   f"got {k.dataset!r}")
+            raise ThreatModelError(
+                f"{self.name}: requires adult data for attribute {self.spec.attribute!r}, "
+                f"got {k.dataset!r}"
+            )
         if len(k.aux_y) < 2:
             raise ThreatModelError(f"{self.name}: requires at least 2 auxiliary records")
         self.check_setup(dataclasses.replace(Setup.of(obs), data_name=k.dataset))
 
     # ------------------------------------------------------------------ attack
     def _attr_column(self, aux_x: torch.Tensor) -> int | None:
-        return None if self.spec.attribute is None else adult_attribute_column(int(aux_x.shape[1]),
-                                                                               self.spec.attribute)
+        return (
+            None
+            if self.spec.attribute is None
+            else adult_attribute_column(int(aux_x.shape[1]), self.spec.attribute)
+        )
 
     def _pool(self, k: ServerKnowledge, col: int | None) -> Pool:
         x, y = k.aux_x[: self.aux_size], k.aux_y[: self.aux_size]
         if self.kind == "property":
-            a = (x[:, col] > 0.5).long() if col is not None else (y == self.spec.property_class).long()
+            a = (
+                (x[:, col] > 0.5).long()
+                if col is not None
+                else (y == self.spec.property_class).long()
+            )
         elif self.kind == "attribute":
             a = (x[:, col] > 0.5).long()
         else:
             a = torch.zeros_like(y)
         return Pool(x=x, y=y, a=a)
 
-    def _meta(self, obs: InferenceObservation, model: torch.nn.Module) -> tuple[MetaClassifier, float]:
+    def _meta(
+        self, obs: InferenceObservation, model: torch.nn.Module
+    ) -> tuple[MetaClassifier, float]:
         # one classifier per round and declared protocol; the parameter sum guards against a
         # different global model under the same round number (attacks used outside a run)
-        fingerprint = float(sum(float(v.double().sum()) for v in obs.global_params.values() if v.is_floating_point()))
-        key = (obs.round, obs.protocol, obs.batch_size, obs.local_steps, obs.lr, obs.num_clients, fingerprint)
+        fingerprint = float(
+            sum(
+                float(v.double().sum()) for v in obs.global_params.values() if v.is_floating_point()
+            )
+        )
+        key = (
+            obs.round,
+            obs.protocol,
+            obs.batch_size,
+            obs.local_steps,
+            obs.lr,
+            obs.num_clients,
+            fingerprint,
+        )
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[2]
         k = obs.knowledge
         assert k is not None
         col = self._attr_column(k.aux_x)
         pool = self._pool(k, col)
-        release = Release(model, protocol=obs.protocol, lr=obs.lr, local_steps=max(obs.local_steps, 1),
-                          seed=self.seed)
-        game = Game(self.kind, batch_size=max(obs.batch_size, 1), clients_per_aggregate=max(obs.num_clients, 1),
-                    attr_column=col if self.kind == "attribute" else None)
+        release = Release(
+            model,
+            protocol=obs.protocol,
+            lr=obs.lr,
+            local_steps=max(obs.local_steps, 1),
+            seed=self.seed,
+        )
+        game = Game(
+            self.kind,
+            batch_size=max(obs.batch_size, 1),
+            clients_per_aggregate=max(obs.num_clients, 1),
+            attr_column=col if self.kind == "attribute" else None,
+        )
         rng = numpy_rng(self.seed, obs.round, "attack", 5)
         n_val = max(20, self.shadow_trials // 4)
         shadow, secrets = game.play(pool, release, self.shadow_trials + n_val, rng)
         train, val = _split(shadow, self.shadow_trials)
-        meta = MetaClassifier(model, attack_model=self.attack_model, features=self.features,
-                              attr_column=col if self.kind == "attribute" else None, seed=self.seed)
+        meta = MetaClassifier(
+            model,
+            attack_model=self.attack_model,
+            features=self.features,
+            attr_column=col if self.kind == "attribute" else None,
+            seed=self.seed,
+        )
         meta.fit(train, secrets[: self.shadow_trials])
-        val_auc = auc_score(secrets[self.shadow_trials:], meta.score(val))
+        val_auc = auc_score(secrets[self.shadow_trials :], meta.score(val))
         self._cache = (key, meta, val_auc)
         return meta, val_auc
 
-    def run(self, obs: Observation, *, device: torch.device, generator: torch.Generator) -> InferenceResult:
+    def run(
+        self, obs: Observation, *, device: torch.device, generator: torch.Generator
+    ) -> InferenceResult:
         """Train (or reuse) this round's shadow meta-classifier and score the observed update."""
         assert isinstance(obs, InferenceObservation) and obs.knowledge is not None
         t0 = time.perf_counter()
@@ -283,17 +379,27 @@ class FederatedInference(Attack):
         update = torch.cat([obs.update[n].detach().float().cpu().reshape(-1) for n in names])[None]
         k = obs.knowledge
         targeted = self.kind in ("attribute", "membership")  # the shadow games' public knowledge
-        seen = Observations(updates=update, target_x=k.target_x if targeted else None,
-                            target_y=k.target_y if targeted else None)
+        seen = Observations(
+            updates=update,
+            target_x=k.target_x if targeted else None,
+            target_y=k.target_y if targeted else None,
+        )
         # BLAS threads as many as torch's (the server's threads): oversubscribed cores slow
         # scikit-learn's small matrix products down by an order of magnitude
         with threadpool_limits(limits=torch.get_num_threads()):
             meta, val_auc = self._meta(obs, model)
             score = float(meta.score(seen)[0])
-        return InferenceResult(inputs=None, labels=None, score=score,
-                               metrics={"shadow_auc": val_auc, "shadow_trials": float(self.shadow_trials),
-                                        "aux_records": float(min(self.aux_size, len(k.aux_y))),
-                                        "attack_seconds": time.perf_counter() - t0})
+        return InferenceResult(
+            inputs=None,
+            labels=None,
+            score=score,
+            metrics={
+                "shadow_auc": val_auc,
+                "shadow_trials": float(self.shadow_trials),
+                "aux_records": float(min(self.aux_size, len(k.aux_y))),
+                "attack_seconds": time.perf_counter() - t0,
+            },
+        )
 
 
 def _parse_property(prop: str) -> int | None:
@@ -307,14 +413,20 @@ def _parse_property(prop: str) -> int | None:
             value = -1
         if value >= 0:
             return value
-    raise ConfigError(f"params.property: {prop!r} is not allowed; allowed: class=K (K a class index), "
-                      f"{', '.join(ADULT_SENSITIVE)} (adult)")
+    raise ConfigError(
+        f"params.property: {prop!r} is not allowed; allowed: class=K (K a class index), "
+        f"{', '.join(ADULT_SENSITIVE)} (adult)"
+    )
 
 
 def _split(obs: Observations, n: int) -> tuple[Observations, Observations]:
     def part(sl: slice) -> Observations:
-        return Observations(**{f.name: (None if getattr(obs, f.name) is None else getattr(obs, f.name)[sl])
-                               for f in dataclasses.fields(Observations)})
+        return Observations(
+            **{
+                f.name: (None if getattr(obs, f.name) is None else getattr(obs, f.name)[sl])
+                for f in dataclasses.fields(Observations)
+            }
+        )
 
     return part(slice(0, n)), part(slice(n, None))
 

@@ -111,12 +111,15 @@ class Game:
 
     def __post_init__(self) -> None:
         if self.kind not in GAMES:
-            raise ConfigError(f"game.kind: {self.kind!r} is not allowed; allowed: {', '.join(GAMES)}")
+            raise ConfigError(
+                f"game.kind: {self.kind!r} is not allowed; allowed: {', '.join(GAMES)}"
+            )
         if self.batch_size < 1 or self.clients_per_aggregate < 1:
             raise ConfigError("game.batch_size and game.clients_per_aggregate must be >= 1")
 
-    def build(self, pool: Pool, secrets: np.ndarray, rng: np.random.Generator
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def build(
+        self, pool: Pool, secrets: np.ndarray, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """The bank ``(x, y)`` (pool + extra rows), the index ``[T, K, B]`` of each trial's
         client batches into it, and the adversary's public knowledge."""
         t, k, b = len(secrets), self.clients_per_aggregate, self.batch_size
@@ -128,12 +131,23 @@ class Game:
         a = pool.a.numpy()
         pos, neg = np.flatnonzero(a == 1), np.flatnonzero(a == 0)
         if self.kind in ("property", "distributional") and (len(pos) == 0 or len(neg) == 0):
-            raise ConfigError(f"game.kind = {self.kind!r}: the pool needs records with and without the property")
-        if self.kind == "attribute" and self.attr_column is None:  # images: the target is a record with a = s
+            raise ConfigError(
+                f"game.kind = {self.kind!r}: the pool needs records with and without the property"
+            )
+        if (
+            self.kind == "attribute" and self.attr_column is None
+        ):  # images: the target is a record with a = s
             if len(pos) == 0 or len(neg) == 0:
-                raise ConfigError("game.kind = 'attribute': the pool needs records with both attribute values")
-            target = torch.from_numpy(np.where(secrets == 1, pos[rng.integers(0, len(pos), t)],
-                                               neg[rng.integers(0, len(neg), t)]))
+                raise ConfigError(
+                    "game.kind = 'attribute': the pool needs records with both attribute values"
+                )
+            target = torch.from_numpy(
+                np.where(
+                    secrets == 1,
+                    pos[rng.integers(0, len(pos), t)],
+                    neg[rng.integers(0, len(neg), t)],
+                )
+            )
             index[:, 0, 0] = target
             public = {"target_y": pool.y[target]}
         elif self.kind == "attribute":
@@ -148,13 +162,17 @@ class Game:
         elif self.kind == "property":
             no_p = torch.from_numpy(neg[rng.integers(0, len(neg), (t, k, b))])
             index = torch.where(s.view(-1, 1, 1) == 1, index, no_p)
-            index[:, 0, 0] = torch.where(s == 1, torch.from_numpy(pos[rng.integers(0, len(pos), t)]),
-                                         index[:, 0, 0])
+            index[:, 0, 0] = torch.where(
+                s == 1, torch.from_numpy(pos[rng.integers(0, len(pos), t)]), index[:, 0, 0]
+            )
         elif self.kind == "distributional":
             alpha = torch.where(s == 1, self.alpha1, self.alpha0).view(-1, 1, 1)
             has_p = torch.from_numpy(rng.random((t, k, b))) < alpha
-            index = torch.where(has_p, torch.from_numpy(pos[rng.integers(0, len(pos), (t, k, b))]),
-                                torch.from_numpy(neg[rng.integers(0, len(neg), (t, k, b))]))
+            index = torch.where(
+                has_p,
+                torch.from_numpy(pos[rng.integers(0, len(pos), (t, k, b))]),
+                torch.from_numpy(neg[rng.integers(0, len(neg), (t, k, b))]),
+            )
         elif self.kind == "membership":
             target = torch.from_numpy(rng.integers(0, n, t))
             index[:, 0, 0] = torch.where(s == 1, target, index[:, 0, 0])
@@ -170,16 +188,33 @@ class Game:
             public = {"user_x": pool.x[users], "user_y": pool.y[users]}
         return x, y, index, public
 
-    def play(self, pool: Pool, release: Release, n_trials: int, rng: np.random.Generator, *, stream: int = 0,
-             pool_grads: torch.Tensor | None = None) -> tuple[Observations, np.ndarray]:
+    def play(
+        self,
+        pool: Pool,
+        release: Release,
+        n_trials: int,
+        rng: np.random.Generator,
+        *,
+        stream: int = 0,
+        pool_grads: torch.Tensor | None = None,
+    ) -> tuple[Observations, np.ndarray]:
         """Run ``n_trials`` trials: the adversary's :class:`Observations` and, separately, the
         secrets (for scoring only; never put them where an adversary can read them)."""
-        obs, secrets = self.play_rounds(pool, [release], n_trials, rng, stream=stream, pool_grads=pool_grads)
+        obs, secrets = self.play_rounds(
+            pool, [release], n_trials, rng, stream=stream, pool_grads=pool_grads
+        )
         return obs[0], secrets
 
-    def play_rounds(self, pool: Pool, releases: Sequence[Release], n_trials: int, rng: np.random.Generator, *,
-                    stream: int = 0, pool_grads: torch.Tensor | None = None
-                    ) -> tuple[list[Observations], np.ndarray]:
+    def play_rounds(
+        self,
+        pool: Pool,
+        releases: Sequence[Release],
+        n_trials: int,
+        rng: np.random.Generator,
+        *,
+        stream: int = 0,
+        pool_grads: torch.Tensor | None = None,
+    ) -> tuple[list[Observations], np.ndarray]:
         """Multi-round observation: the same trials (secrets and client batches) released by
         each of ``releases`` (the global model of each round, in order). ``pool_grads`` is
         reused for the first release only. Round r uses defense stream ``stream + 16·r``."""
@@ -191,11 +226,20 @@ class Game:
         for r, release in enumerate(releases):
             grads = None
             if release.fast:
-                grads = pool_grads if (pool_grads is not None and r == 0) else flat_per_sample_gradients(
-                    release.model, pool.x, pool.y)
+                grads = (
+                    pool_grads
+                    if (pool_grads is not None and r == 0)
+                    else flat_per_sample_gradients(release.model, pool.x, pool.y)
+                )
                 if x.shape[0] > len(pool):
-                    grads = torch.cat([grads, flat_per_sample_gradients(release.model, x[len(pool):],
-                                                                        y[len(pool):])])
+                    grads = torch.cat(
+                        [
+                            grads,
+                            flat_per_sample_gradients(
+                                release.model, x[len(pool) :], y[len(pool) :]
+                            ),
+                        ]
+                    )
             updates = release.updates(x, y, index, stream=stream + 16 * r, grads=grads)
             out.append(Observations(updates=updates.detach(), **public))
         return out, secrets

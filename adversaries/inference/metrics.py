@@ -21,8 +21,16 @@ from scipy import stats
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["auc_score", "bootstrap_ci", "clopper_pearson", "game_metrics", "roc_curve_points",
-           "roc_figure", "save_roc_plot", "tpr_at_fpr"]
+__all__ = [
+    "auc_score",
+    "bootstrap_ci",
+    "clopper_pearson",
+    "game_metrics",
+    "roc_curve_points",
+    "roc_figure",
+    "save_roc_plot",
+    "tpr_at_fpr",
+]
 
 
 def _check(secrets: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +105,12 @@ def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
 
 
 def bootstrap_ci(
-    secrets: np.ndarray, scores: np.ndarray, statistic: Any, *, n_boot: int = 1000, alpha: float = 0.05,
+    secrets: np.ndarray,
+    scores: np.ndarray,
+    statistic: Any,
+    *,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
     seed: int = 0,
 ) -> tuple[float, float]:
     """Percentile bootstrap (1 − alpha) interval of ``statistic(secrets, scores)``, resampling
@@ -118,8 +131,14 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
-def game_metrics(secrets: np.ndarray, scores: np.ndarray, *, threshold: float = 0.5, n_boot: int = 1000,
-                 seed: int = 0) -> dict[str, Any]:
+def game_metrics(
+    secrets: np.ndarray,
+    scores: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """All metrics of one game with bootstrap CIs: ``auc``, ``accuracy`` (ŝ = 1 when
     score ≥ ``threshold``), ``advantage`` = 2·accuracy − 1, ``tpr_at_1pct_fpr``,
     ``tpr_at_0.1pct_fpr``, each with ``<name>_ci`` = [low, high]; ``accuracy_cp`` is the
@@ -141,7 +160,9 @@ def game_metrics(secrets: np.ndarray, scores: np.ndarray, *, threshold: float = 
     return out
 
 
-def save_roc_plot(path: str | Path, secrets: np.ndarray, scores: np.ndarray, *, title: str = "") -> Path:
+def save_roc_plot(
+    path: str | Path, secrets: np.ndarray, scores: np.ndarray, *, title: str = ""
+) -> Path:
     """Save the ROC curve (linear and log-log panels) as a PNG."""
     fig = roc_figure(secrets, scores, title=title)
     out = Path(path)
@@ -172,7 +193,9 @@ def roc_figure(secrets: np.ndarray, scores: np.ndarray, *, title: str = "") -> A
             ax.set_xlim(1e-3, 1)
             ax.set_ylim(1e-3, 1)
             ax.tick_params(axis="x", pad=7)  # the two 10^-3 labels would meet at the corner
-    legend_outside(axes[1], fontsize=10)  # both panels draw the same two curves: one key, right of them
+    legend_outside(
+        axes[1], fontsize=10
+    )  # both panels draw the same two curves: one key, right of them
     if title:
         fig.suptitle(title)
     fig.tight_layout()

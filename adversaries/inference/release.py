@@ -53,15 +53,20 @@ def param_layout(model: nn.Module) -> list[tuple[str, torch.Size, int, int]]:
     return out
 
 
-def flat_per_sample_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                              chunk: int = 1024) -> torch.Tensor:
+def flat_per_sample_gradients(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, chunk: int = 1024
+) -> torch.Tensor:
     """Per-sample cross-entropy gradients of every trainable parameter, flattened: ``[n, P]``."""
     names = [n for n, _, _, _ in param_layout(model)]
     rows = []
     for i in range(0, int(y.shape[0]), chunk):
-        _, g = per_sample_gradients(model, names, x[i:i + chunk], y[i:i + chunk])
+        _, g = per_sample_gradients(model, names, x[i : i + chunk], y[i : i + chunk])
         rows.append(torch.cat([g[n].reshape(g[n].shape[0], -1) for n in names], dim=1))
-    return torch.cat(rows) if rows else torch.zeros(0, sum(e - s for _, _, s, e in param_layout(model)))
+    return (
+        torch.cat(rows)
+        if rows
+        else torch.zeros(0, sum(e - s for _, _, s, e in param_layout(model)))
+    )
 
 
 @dataclass
@@ -82,18 +87,29 @@ class Release:
 
     def __post_init__(self) -> None:
         if self.protocol not in ("fedsgd", "fedavg"):
-            raise ConfigError(f"game.protocol: {self.protocol!r} is not allowed; allowed: fedsgd, fedavg")
-        if any(isinstance(d, BatchSamplerDefense) or getattr(d, "poisson", False) for d in self.defenses):
-            raise ConfigError("defenses: a game builds its own batches; sampler defenses (identical_labels, "
-                              "dp_sgd with poisson = true) are not supported in games")
+            raise ConfigError(
+                f"game.protocol: {self.protocol!r} is not allowed; allowed: fedsgd, fedavg"
+            )
+        if any(
+            isinstance(d, BatchSamplerDefense) or getattr(d, "poisson", False)
+            for d in self.defenses
+        ):
+            raise ConfigError(
+                "defenses: a game builds its own batches; sampler defenses (identical_labels, "
+                "dp_sgd with poisson = true) are not supported in games"
+            )
         self.layout = param_layout(self.model)
 
     @property
     def fast(self) -> bool:
         """Whether the vectorised path applies (see the module docstring)."""
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
-        return (not self.force_exact and self.protocol == "fedsgd" and not has_bn
-                and not any(isinstance(d, PerSampleDefense) for d in self.defenses))
+        return (
+            not self.force_exact
+            and self.protocol == "fedsgd"
+            and not has_bn
+            and not any(isinstance(d, PerSampleDefense) for d in self.defenses)
+        )
 
     def _generator(self, stream: int, trial: int, client: int) -> torch.Generator:
         g = torch.Generator()
@@ -106,8 +122,15 @@ class Release:
     def _flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([tensors[n].reshape(-1) for n, _, _, _ in self.layout])
 
-    def updates(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, *, stream: int = 0,
-                grads: torch.Tensor | None = None) -> torch.Tensor:
+    def updates(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        index: torch.Tensor,
+        *,
+        stream: int = 0,
+        grads: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Released updates of T trials, ``[T, P]``.
 
         ``x``/``y`` is the bank of records; ``index`` ``[T, K, B]`` picks client k's batch of
@@ -115,7 +138,9 @@ class Release:
         reused when given (fast path only).
         """
         if index.dim() != 3:
-            raise ValueError(f"index must be [trials, clients, batch], got shape {tuple(index.shape)}")
+            raise ValueError(
+                f"index must be [trials, clients, batch], got shape {tuple(index.shape)}"
+            )
         if self.fast:
             if grads is None:
                 grads = flat_per_sample_gradients(self.model, x, y)
@@ -125,8 +150,12 @@ class Release:
     def _fast(self, grads: torch.Tensor, index: torch.Tensor, stream: int) -> torch.Tensor:
         t, k, b = index.shape
         rows = torch.arange(t * k).repeat_interleave(b)
-        w = torch.sparse_coo_tensor(torch.stack([rows, index.reshape(-1)]), torch.full((t * k * b,), 1.0 / b),
-                                    (t * k, grads.shape[0]), check_invariants=False).coalesce()
+        w = torch.sparse_coo_tensor(
+            torch.stack([rows, index.reshape(-1)]),
+            torch.full((t * k * b,), 1.0 / b),
+            (t * k, grads.shape[0]),
+            check_invariants=False,
+        ).coalesce()
         client = torch.sparse.mm(w, grads)  # [T*K, P]: each client's mean gradient
         if self.defenses:
             info = TrainingInfo(self.protocol, float(self.lr), 1, b)
@@ -144,7 +173,9 @@ class Release:
             client = out
         return client.reshape(t, k, -1).mean(dim=1)
 
-    def _exact(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, stream: int) -> torch.Tensor:
+    def _exact(
+        self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, stream: int
+    ) -> torch.Tensor:
         t, k, _ = index.shape
         model = copy.deepcopy(self.model)
         state = copy.deepcopy(model.state_dict())
@@ -154,9 +185,17 @@ class Release:
             for c in range(k):
                 model.load_state_dict(state)
                 idx = index[i, c]
-                batches = [(x[idx], y[idx])] * (1 if self.protocol == "fedsgd" else self.local_steps)
-                res = local_update(model, batches, protocol=self.protocol, lr=self.lr, defenses=self.defenses,
-                                   generator=self._generator(stream, i, c) if self.defenses else None)
+                batches = [(x[idx], y[idx])] * (
+                    1 if self.protocol == "fedsgd" else self.local_steps
+                )
+                res = local_update(
+                    model,
+                    batches,
+                    protocol=self.protocol,
+                    lr=self.lr,
+                    defenses=self.defenses,
+                    generator=self._generator(stream, i, c) if self.defenses else None,
+                )
                 flat = self._flatten(res.update)
                 acc = flat if acc is None else acc + flat
             out.append(acc / k)

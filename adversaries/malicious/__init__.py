@@ -16,7 +16,11 @@ from adversaries.malicious.base import (
 )
 
 #: The modification modules of this package (those not starting with ``_`` and not ``base``).
-MODULES = tuple(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_") and m.name != "base")
+MODULES = tuple(
+    m.name
+    for m in pkgutil.iter_modules(__path__)
+    if not m.name.startswith("_") and m.name != "base"
+)
 
 for _module in MODULES:
     importlib.import_module(f"{__name__}.{_module}")

@@ -106,8 +106,14 @@ class FishedHead(nn.Linear):
     """
 
     def __init__(
-        self, row: torch.Tensor, bias: torch.Tensor, other: torch.Tensor, cols: torch.Tensor,
-        *, train_bias: bool, offset: float = 0.0,
+        self,
+        row: torch.Tensor,
+        bias: torch.Tensor,
+        other: torch.Tensor,
+        cols: torch.Tensor,
+        *,
+        train_bias: bool,
+        offset: float = 0.0,
     ) -> None:
         nn.Module.__init__(self)
         self.in_features = int(row.numel())
@@ -160,9 +166,7 @@ def singled_out_observation(
         others = torch.cat([cls.bias[:t], cls.bias[t + 1 :]])
         other = torch.logsumexp(others.double(), dim=0).to(cls.bias.dtype)
     feature = secrets["mode"] == "feature"
-    cols = (
-        torch.tensor([int(secrets["feature"])]) if feature else torch.arange(cls.in_features)
-    )
+    cols = torch.tensor([int(secrets["feature"])]) if feature else torch.arange(cls.in_features)
     shift = 0.0
     if feature:
         shift = 10.0 * float(secrets.get("feature_scale", 1.0)) + 10.0

@@ -69,7 +69,9 @@ def alone_share(masses: Sequence[float] | torch.Tensor, n: int) -> float:
 
 
 def measurement_direction(
-    measurement: str, input_shape: tuple[int, int, int], data_std: Sequence[float],
+    measurement: str,
+    input_shape: tuple[int, int, int],
+    data_std: Sequence[float],
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Unit vector ``u`` (float64, length C·H·W) of the measurement ``h(x) = u·x`` on a
@@ -95,8 +97,9 @@ def measurement_direction(
         basis = torch.cos(math.pi * (2 * k + 1) / (2 * n))
         u = (basis.view(1, n, 1) if h > 1 else basis.view(1, 1, n)).expand(c, h, w)
     else:
-        raise ValueError(f"measurement must be one of {', '.join(MEASUREMENTS)}, "
-                         f"got {measurement!r}")
+        raise ValueError(
+            f"measurement must be one of {', '.join(MEASUREMENTS)}, got {measurement!r}"
+        )
     u = u.reshape(-1).clone()
     return u / u.norm()
 
@@ -113,8 +116,15 @@ def quantiles(values: torch.Tensor, probs: torch.Tensor, distribution: str) -> t
 
 
 def drift_per_ratio(
-    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, v: torch.Tensor, *,
-    batch_size: int, lr: float, generator: torch.Generator, max_samples: int = 64,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+    max_samples: int = 64,
 ) -> float:
     """How far one record's local SGD step moves another record's measurement, per unit of
     the block's ratio ``R = decoder scale / encoder scale``, in units of the measurement's std.

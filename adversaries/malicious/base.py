@@ -125,7 +125,9 @@ class Modification(ABC):
     #: ``targets.clients`` must name the clients it singles out (e.g. isolation's targets).
     needs_target_clients: ClassVar[bool] = False
 
-    def check_model(self, model: nn.Module, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    def check_model(
+        self, model: nn.Module, input_shape: tuple[int, int, int], num_classes: int
+    ) -> None:
         """Raise :class:`~fl_privsim.errors.ConfigError` when the modification cannot be
         placed in ``model`` (called before the federation starts). Nothing by default."""
 
@@ -140,7 +142,9 @@ class Modification(ABC):
         (e.g. fishing's binary search on a feature) updates its state here. Nothing by default."""
 
 
-MODIFICATIONS: Registry[Modification] = Registry(kind="modification", group="fl_privsim.modifications")
+MODIFICATIONS: Registry[Modification] = Registry(
+    kind="modification", group="fl_privsim.modifications"
+)
 
 
 def register_modification(name: str):

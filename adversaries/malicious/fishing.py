@@ -262,8 +262,14 @@ class Fishing(Modification):
         tau = float(torch.quantile(col, 1.0 - q)) if q < 1.0 else float(col.min()) - 1.0
         with torch.no_grad():
             pen.bias[j] -= tau
-        log.debug("fishing: feature %d of %r, window s > %.4g (q=%.4g, expected %.3g)",
-                  j, pen_name, tau, q, present * q)
+        log.debug(
+            "fishing: feature %d of %r, window s > %.4g (q=%.4g, expected %.3g)",
+            j,
+            pen_name,
+            tau,
+            q,
+            present * q,
+        )
         return {
             "feature_layer": pen_name,
             "feature": j,
@@ -358,8 +364,12 @@ InvertingGradientsAttack` (defaults 300, 0.1, 1e-6, 1, True: see there).
         batch_restarts: bool = True,
     ) -> None:
         self.inverter = InvertingGradientsAttack(
-            iterations=iterations, lr=lr, tv_weight=tv_weight, restarts=restarts,
-            variant="fedsgd", batch_restarts=batch_restarts,
+            iterations=iterations,
+            lr=lr,
+            tv_weight=tv_weight,
+            restarts=restarts,
+            variant="fedsgd",
+            batch_restarts=batch_restarts,
         )
 
     def check_setup(self, setup: Setup) -> None:
@@ -410,11 +420,15 @@ InvertingGradientsAttack` (defaults 300, 0.1, 1e-6, 1, True: see there).
         in_class = class_count(obs, secrets, grads)
         count = window_count(obs, secrets, grads) if secrets["mode"] == "feature" else in_class
         if count < 0.5:
-            log.warning("fishing: about %.2f records reached the fished gradient; "
-                        "nothing to single out", count)
+            log.warning(
+                "fishing: about %.2f records reached the fished gradient; nothing to single out",
+                count,
+            )
         elif count > 1.5:
-            log.warning("fishing: about %.2f records share the fished gradient; "
-                        "the result blends them", count)
+            log.warning(
+                "fishing: about %.2f records share the fished gradient; the result blends them",
+                count,
+            )
         derived = singled_out_observation(obs, secrets, grads)
         res = self.inverter.run(derived, device=device, generator=generator)
         metrics = dict(res.metrics)

@@ -75,8 +75,15 @@ from fl_privsim.architecture import FrontBlock, FrontBlockModel
 from fl_privsim.errors import ConfigError, ThreatModelError
 
 __all__ = [
-    "DISTRIBUTIONS", "MEASUREMENTS", "VARIANTS", "Imprint", "ImprintAttack", "alone_share",
-    "expected_alone_share", "measurement_direction", "recover_bins",
+    "DISTRIBUTIONS",
+    "MEASUREMENTS",
+    "VARIANTS",
+    "Imprint",
+    "ImprintAttack",
+    "alone_share",
+    "expected_alone_share",
+    "measurement_direction",
+    "recover_bins",
 ]
 
 log = logging.getLogger(__name__)
@@ -141,8 +148,14 @@ class Imprint(Modification):
     changes_architecture = True
 
     def __init__(
-        self, *, bins: int = 256, measurement: str = "brightness", variant: str = "cumulative",
-        distribution: str = "gaussian", drift: float = 1.0, ratio: float | None = None,
+        self,
+        *,
+        bins: int = 256,
+        measurement: str = "brightness",
+        variant: str = "cumulative",
+        distribution: str = "gaussian",
+        drift: float = 1.0,
+        ratio: float | None = None,
         perturbation: float = 1e-4,
     ) -> None:
         if isinstance(bins, bool) or not isinstance(bins, int):
@@ -150,13 +163,15 @@ class Imprint(Modification):
         if bins < 2:
             raise ValueError(f"bins must be >= 2, got {bins}")
         if measurement not in MEASUREMENTS:
-            raise ValueError(f"measurement must be one of {', '.join(MEASUREMENTS)}, "
-                             f"got {measurement!r}")
+            raise ValueError(
+                f"measurement must be one of {', '.join(MEASUREMENTS)}, got {measurement!r}"
+            )
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}, "
-                             f"got {distribution!r}")
+            raise ValueError(
+                f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {distribution!r}"
+            )
         if not float(drift) > 0:
             raise ValueError(f"drift must be > 0, got {drift!r}")
         if ratio is not None and not float(ratio) > 0:
@@ -179,11 +194,13 @@ class Imprint(Modification):
         frequency)."""
         shape = tuple(input_shape)
         if len(shape) != 3 or any(int(v) < 1 for v in shape):
-            raise ConfigError(f"imprint: input shape must be (C, H, W) with positive sizes, "
-                              f"got {shape}")
+            raise ConfigError(
+                f"imprint: input shape must be (C, H, W) with positive sizes, got {shape}"
+            )
         if self.measurement == "dct" and int(shape[1]) * int(shape[2]) < 2:
-            raise ConfigError("imprint: measurement 'dct' needs images of at least 2 pixels; "
-                              "use 'brightness'")
+            raise ConfigError(
+                "imprint: measurement 'dct' needs images of at least 2 pixels; use 'brightness'"
+            )
 
     def _offsets(self, hp: torch.Tensor, sigma: float, view: ServerView) -> torch.Tensor:
         """Row offsets ``t`` (float64, increasing) in measurement units."""
@@ -213,9 +230,19 @@ class Imprint(Modification):
         arch = {"front_block": {"rows": secrets["rows"], "activation": block.activation}}
         return Crafted(model=sent, arch=arch, secrets=secrets)
 
-    def _above_rounding(self, model: nn.Module, view: ServerView, u: torch.Tensor, v: torch.Tensor,
-                        t: torch.Tensor, sigma: float, clamp: bool, upper: torch.Tensor, gain: float,
-                        ratio: float) -> float:
+    def _above_rounding(
+        self,
+        model: nn.Module,
+        view: ServerView,
+        u: torch.Tensor,
+        v: torch.Tensor,
+        t: torch.Tensor,
+        sigma: float,
+        clamp: bool,
+        upper: torch.Tensor,
+        gain: float,
+        ratio: float,
+    ) -> float:
         """The ratio ``R = ε/s`` that lifts a bin's bias gradient to :data:`ROUNDING_MARGIN` times
         ``view.update_resolution`` in the revealed mean (FedSGD, secure aggregation).
 
@@ -233,8 +260,9 @@ class Imprint(Modification):
         signals = []
         for start in range(0, n, max(view.batch_size, 1)):
             probe.zero_grad()
-            loss = nn.functional.cross_entropy(probe(x[start:start + view.batch_size]),
-                                               y[start:start + view.batch_size])
+            loss = nn.functional.cross_entropy(
+                probe(x[start : start + view.batch_size]), y[start : start + view.batch_size]
+            )
             loss.backward()
             gb = block.encoder.bias.grad.detach().double()
             db = gb if clamp else torch.cat([gb[:-1] - gb[1:], gb[-1:]])
@@ -247,13 +275,20 @@ class Imprint(Modification):
         # the decoder's weights ε·v must stay well inside what the aggregation clips
         room = view.weight_bound / (4.0 * (gain * ratio) ** 0.5 * float(v.abs().max()))
         if need > room:
-            log.warning("imprint: bins reach only %.3g x the aggregation's rounding: a larger eps would "
-                        "be clipped at %g", ROUNDING_MARGIN * room / need, view.weight_bound)
+            log.warning(
+                "imprint: bins reach only %.3g x the aggregation's rounding: a larger eps would "
+                "be clipped at %g",
+                ROUNDING_MARGIN * room / need,
+                view.weight_bound,
+            )
             need = room
         if need <= 1.0:
             return ratio
-        log.info("imprint: raising eps %.3g-fold so bins clear the aggregation's rounding %.3g",
-                 need, view.update_resolution)
+        log.info(
+            "imprint: raising eps %.3g-fold so bins clear the aggregation's rounding %.3g",
+            need,
+            view.update_resolution,
+        )
         return ratio * need * need
 
     def build_block(self, model: nn.Module, view: ServerView) -> tuple[FrontBlock, dict[str, Any]]:
@@ -289,9 +324,15 @@ class Imprint(Modification):
         if self.ratio is not None:
             ratio = self.ratio
         elif view.protocol == "fedavg":
-            per = drift_per_ratio(model, view.public_inputs, view.public_labels, v,
-                                  batch_size=view.batch_size, lr=view.lr,
-                                  generator=view.generator)
+            per = drift_per_ratio(
+                model,
+                view.public_inputs,
+                view.public_labels,
+                v,
+                batch_size=view.batch_size,
+                lr=view.lr,
+                generator=view.generator,
+            )
             ratio = self.drift * wmed / per if per > 0 else 1.0
         else:
             ratio = 1.0
@@ -308,15 +349,31 @@ class Imprint(Modification):
             ratio = self._above_rounding(model, view, u, v, t, sigma, clamp, upper, gain, ratio)
             s, eps = (gain / ratio) ** 0.5, (gain * ratio) ** 0.5
 
-        block = _filled_block(shape, t, sigma, u, v, clamp, upper, gain, ratio, total_mean=float(total.mean()))
-        log.info("imprint: %s, %d rows, %s/%s, R=%.3g, s=%.3g, eps=%.3g",
-                 self.variant, rows, self.measurement, self.distribution, ratio, s, eps)
+        block = _filled_block(
+            shape, t, sigma, u, v, clamp, upper, gain, ratio, total_mean=float(total.mean())
+        )
+        log.info(
+            "imprint: %s, %d rows, %s/%s, R=%.3g, s=%.3g, eps=%.3g",
+            self.variant,
+            rows,
+            self.measurement,
+            self.distribution,
+            ratio,
+            s,
+            eps,
+        )
         secrets: dict[str, Any] = {
-            "variant": self.variant, "measurement": self.measurement,
-            "distribution": self.distribution, "rows": rows,
+            "variant": self.variant,
+            "measurement": self.measurement,
+            "distribution": self.distribution,
+            "rows": rows,
             "bins": 1 if self.variant == "one_shot" else rows,
-            "direction": u.float(), "boundaries": t.clone(), "sigma": sigma, "ratio": ratio,
-            "encoder_scale": s, "decoder_scale": eps,
+            "direction": u.float(),
+            "boundaries": t.clone(),
+            "sigma": sigma,
+            "ratio": ratio,
+            "encoder_scale": s,
+            "decoder_scale": eps,
         }
         return block, secrets
 
@@ -370,23 +427,33 @@ class ImprintAttack(Attack):
         sec = self.secrets(obs)
         check_block_update(obs, "imprint", int(sec.get("rows", -1)))
         if sec.get("variant") not in VARIANTS:
-            raise ThreatModelError(f"imprint: unknown variant {sec.get('variant')!r} "
-                                   "in the secrets")
+            raise ThreatModelError(
+                f"imprint: unknown variant {sec.get('variant')!r} in the secrets"
+            )
 
     def run(
         self, obs: Observation, *, device: torch.device, generator: torch.Generator
     ) -> AttackResult:
         """Reconstruct every non-empty bin (see the class docstring)."""
         sec = self.secrets(obs)
-        cap = max(1, min(int(obs.num_examples) if obs.num_examples > 0 else 1 << 62,
-                         obs.batch_size * max(obs.local_steps, 1) * max(obs.num_clients, 1)))
-        flat, candidates = recover_bins(obs.update[WEIGHT], obs.update[BIAS], sec["variant"],
-                                        tol=self.tol, cap=cap)
+        cap = max(
+            1,
+            min(
+                int(obs.num_examples) if obs.num_examples > 0 else 1 << 62,
+                obs.batch_size * max(obs.local_steps, 1) * max(obs.num_clients, 1),
+            ),
+        )
+        flat, candidates = recover_bins(
+            obs.update[WEIGHT], obs.update[BIAS], sec["variant"], tol=self.tol, cap=cap
+        )
         x = flat.float().view(-1, *obs.input_shape)
         lo, hi = obs.input_bounds()
         x = torch.maximum(torch.minimum(x, hi), lo)
-        metrics = {"bins": float(obs.update[BIAS].numel()), "nonempty_bins": float(x.shape[0]),
-                   "candidate_bins": float(candidates)}
+        metrics = {
+            "bins": float(obs.update[BIAS].numel()),
+            "nonempty_bins": float(x.shape[0]),
+            "candidate_bins": float(candidates),
+        }
         return AttackResult(inputs=x.to(device), labels=None, metrics=metrics)
 
 
@@ -427,9 +494,18 @@ def recover_bins(
 ROUNDING_MARGIN = 1e3
 
 
-def _filled_block(shape: tuple[int, ...], t: torch.Tensor, sigma: float, u: torch.Tensor, v: torch.Tensor,
-                  clamp: bool, upper: torch.Tensor, gain: float, ratio: float, total_mean: float = 0.0
-                  ) -> FrontBlock:
+def _filled_block(
+    shape: tuple[int, ...],
+    t: torch.Tensor,
+    sigma: float,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    clamp: bool,
+    upper: torch.Tensor,
+    gain: float,
+    ratio: float,
+    total_mean: float = 0.0,
+) -> FrontBlock:
     """The imprint block of rows ``t`` with ``s = √(gain/R)``, ``ε = √(gain·R)`` (module docstring)."""
     rows, d = int(t.numel()), int(u.numel())
     s, eps = (gain / ratio) ** 0.5, (gain * ratio) ** 0.5
@@ -454,4 +530,6 @@ def check_block_update(obs: Observation, who: str, rows: int) -> None:
     d = int(obs.input_shape[0] * obs.input_shape[1] * obs.input_shape[2])
     shape = tuple(obs.update[WEIGHT].shape)
     if shape != (rows, d) or tuple(obs.update[BIAS].shape) != (rows,):
-        raise ThreatModelError(f"{who}: the block's update has shape {shape}, the secrets say ({rows}, {d})")
+        raise ThreatModelError(
+            f"{who}: the block's update has shape {shape}, the secrets say ({rows}, {d})"
+        )

@@ -47,22 +47,30 @@ def dead_layer(model: nn.Module) -> str:
     models) back from the classifier. Raises :class:`ConfigError` when the model has no such
     layer."""
     leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
-    with_params = [i for i, (_, m) in enumerate(leaves) if any(True for _ in m.parameters(recurse=False))]
+    with_params = [
+        i for i, (_, m) in enumerate(leaves) if any(True for _ in m.parameters(recurse=False))
+    ]
     if not with_params or not isinstance(leaves[with_params[-1]][1], nn.Linear):
-        raise ConfigError("isolation: the model's last layer with parameters must be nn.Linear (the classifier)")
+        raise ConfigError(
+            "isolation: the model's last layer with parameters must be nn.Linear (the classifier)"
+        )
     i = with_params[-1] - 1
     while i >= 0 and not isinstance(leaves[i][1], nn.ReLU):
         if any(True for _ in leaves[i][1].parameters(recurse=False)):
             break
         i -= 1
     if i < 1 or not isinstance(leaves[i][1], nn.ReLU):
-        raise ConfigError("isolation: the classifier must read a ReLU through parameter-free layers only; "
-                          "models that meet it: mlp, convnet (model.name)")
+        raise ConfigError(
+            "isolation: the classifier must read a ReLU through parameter-free layers only; "
+            "models that meet it: mlp, convnet (model.name)"
+        )
     name, layer = leaves[i - 1]
     if not isinstance(layer, nn.Linear | nn.Conv2d) or layer.bias is None:
-        raise ConfigError(f"isolation: the ReLU before the classifier must follow nn.Linear or nn.Conv2d with "
-                          f"bias; found {type(layer).__name__} {name!r}; models that meet it: mlp, convnet "
-                          "(model.name)")
+        raise ConfigError(
+            f"isolation: the ReLU before the classifier must follow nn.Linear or nn.Conv2d with "
+            f"bias; found {type(layer).__name__} {name!r}; models that meet it: mlp, convnet "
+            "(model.name)"
+        )
     return name
 
 
@@ -88,7 +96,9 @@ class Isolation(Modification):
 
     needs_target_clients = True
 
-    def check_model(self, model: nn.Module, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    def check_model(
+        self, model: nn.Module, input_shape: tuple[int, int, int], num_classes: int
+    ) -> None:
         """Refuse a model that cannot hold the decoy (see :func:`dead_layer`)."""
         dead_layer(model)
 
@@ -97,5 +107,11 @@ class Isolation(Modification):
         layer = dead_layer(model)
         others = tuple(c for c in view.clients if c not in view.targets)
         fake = decoy(model, layer)
-        secrets: dict[str, Any] = {"targets": list(view.targets), "decoys": list(others), "dead_layer": layer}
-        return Crafted(model=copy.deepcopy(model), secrets=secrets, per_client={c: fake for c in others})
+        secrets: dict[str, Any] = {
+            "targets": list(view.targets),
+            "decoys": list(others),
+            "dead_layer": layer,
+        }
+        return Crafted(
+            model=copy.deepcopy(model), secrets=secrets, per_client={c: fake for c in others}
+        )

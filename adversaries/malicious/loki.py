@@ -74,8 +74,15 @@ from adversaries.malicious.imprint import (
 from fl_privsim.architecture import FrontBlock, FrontBlockModel
 from fl_privsim.errors import ConfigError, ThreatModelError
 
-__all__ = ["AUTO_BINS_PER_RECORD", "OFF_BIAS", "VARIANTS", "Loki", "LokiAttack", "auto_bins",
-           "expected_alone_share"]
+__all__ = [
+    "AUTO_BINS_PER_RECORD",
+    "OFF_BIAS",
+    "VARIANTS",
+    "Loki",
+    "LokiAttack",
+    "auto_bins",
+    "expected_alone_share",
+]
 
 log = logging.getLogger(__name__)
 
@@ -119,20 +126,31 @@ class Loki(Modification):
     changes_architecture: ClassVar[bool] = True
 
     def __init__(
-        self, *, bins_per_client: int = 0, variant: str = "sparse", measurement: str = "brightness",
-        distribution: str = "gaussian", drift: float = 1.0, ratio: float | None = None,
+        self,
+        *,
+        bins_per_client: int = 0,
+        variant: str = "sparse",
+        measurement: str = "brightness",
+        distribution: str = "gaussian",
+        drift: float = 1.0,
+        ratio: float | None = None,
         perturbation: float = 1e-4,
     ) -> None:
         whole = isinstance(bins_per_client, int) and not isinstance(bins_per_client, bool)
         if not whole or bins_per_client < 0 or bins_per_client == 1:
-            raise ValueError(f"bins_per_client must be 0 (auto) or an integer >= 2, got {bins_per_client!r}")
+            raise ValueError(
+                f"bins_per_client must be 0 (auto) or an integer >= 2, got {bins_per_client!r}"
+            )
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         self.bins_per_client = int(bins_per_client)
         self.variant = variant
         self.options: dict[str, Any] = {
-            "measurement": measurement, "distribution": distribution, "drift": drift,
-            "ratio": ratio, "perturbation": perturbation,
+            "measurement": measurement,
+            "distribution": distribution,
+            "drift": drift,
+            "ratio": ratio,
+            "perturbation": perturbation,
         }
         self._imprint(2)  # validates the imprint options (ValueError, one line)
 
@@ -183,19 +201,40 @@ class Loki(Modification):
         for j, client in enumerate(targets):
             block = copy.deepcopy(shared)
             with torch.no_grad():
-                block.encoder.weight[j * k:(j + 1) * k].copy_(one.encoder.weight)
-                block.encoder.bias[j * k:(j + 1) * k].copy_(one.encoder.bias)
+                block.encoder.weight[j * k : (j + 1) * k].copy_(one.encoder.weight)
+                block.encoder.bias[j * k : (j + 1) * k].copy_(one.encoder.bias)
             per_client[client] = FrontBlockModel(block.to(device), copy.deepcopy(honest))
         alone = expected_alone_share(max(view.records_per_update, 1), k)
-        log.info("loki: %d clients x %d bins (%s), %d rows of %d, expected alone share %.3f",
-                 n, k, self.variant, rows, d, alone)
+        log.info(
+            "loki: %d clients x %d bins (%s), %d rows of %d, expected alone share %.3f",
+            n,
+            k,
+            self.variant,
+            rows,
+            d,
+            alone,
+        )
         secrets: dict[str, Any] = {
-            **{key: isec[key] for key in ("measurement", "distribution", "direction", "boundaries",
-                                          "sigma", "ratio", "encoder_scale", "decoder_scale")},
-            "variant": self.variant, "bins_per_client": k, "rows": rows,
+            **{
+                key: isec[key]
+                for key in (
+                    "measurement",
+                    "distribution",
+                    "direction",
+                    "boundaries",
+                    "sigma",
+                    "ratio",
+                    "encoder_scale",
+                    "decoder_scale",
+                )
+            },
+            "variant": self.variant,
+            "bins_per_client": k,
+            "rows": rows,
             "clients": list(targets),
             "blocks": {c: [j * k, (j + 1) * k] for j, c in enumerate(targets)},
-            "expected_alone_share": alone, "off_bias": OFF_BIAS,
+            "expected_alone_share": alone,
+            "off_bias": OFF_BIAS,
         }
         arch = {"front_block": {"rows": rows, "activation": one.activation}}
         first = copy.deepcopy(per_client[targets[0]])
@@ -240,7 +279,11 @@ class LokiAttack(ImprintAttack):
             raise ThreatModelError(f"loki: unknown variant {sec.get('variant')!r} in the secrets")
         k, rows = int(sec.get("bins_per_client", -1)), int(sec.get("rows", -1))
         spans = sorted(tuple(int(v) for v in span) for span in dict(sec.get("blocks", {})).values())
-        if k < 1 or rows != k * len(spans) or spans != [(j * k, (j + 1) * k) for j in range(len(spans))]:
+        if (
+            k < 1
+            or rows != k * len(spans)
+            or spans != [(j * k, (j + 1) * k) for j in range(len(spans))]
+        ):
             raise ThreatModelError(f"loki: the secrets' blocks do not tile {rows} rows of {k}")
         check_block_update(obs, "loki", rows)
 
@@ -255,8 +298,9 @@ class LokiAttack(ImprintAttack):
         gw, gb = obs.update[WEIGHT], obs.update[BIAS]
         parts, candidates, leaking = [], 0, 0
         for start, end in sorted(tuple(int(v) for v in span) for span in sec["blocks"].values()):
-            flat, found = recover_bins(gw[start:end], gb[start:end], sec["variant"],
-                                       tol=self.tol, cap=per_block)
+            flat, found = recover_bins(
+                gw[start:end], gb[start:end], sec["variant"], tol=self.tol, cap=per_block
+            )
             parts.append(flat)
             candidates += found
             leaking += int(flat.shape[0] > 0)
@@ -265,7 +309,11 @@ class LokiAttack(ImprintAttack):
         x = flat.float().view(-1, *obs.input_shape)
         lo, hi = obs.input_bounds()
         x = torch.maximum(torch.minimum(x, hi), lo)
-        metrics = {"blocks": float(len(parts)), "bins": float(gb.numel()),
-                   "nonempty_bins": float(x.shape[0]), "candidate_bins": float(candidates),
-                   "leaking_blocks": float(leaking)}
+        metrics = {
+            "blocks": float(len(parts)),
+            "bins": float(gb.numel()),
+            "nonempty_bins": float(x.shape[0]),
+            "candidate_bins": float(candidates),
+            "leaking_blocks": float(leaking),
+        }
         return AttackResult(inputs=x.to(device), labels=None, metrics=metrics)

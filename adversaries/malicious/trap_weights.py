@@ -189,8 +189,13 @@ class TrapWeights(Modification):
         crafted = copy.deepcopy(model)
         name, layer = _trap_layer(crafted, view.input_shape)  # type: ignore[misc]
         rows, features = layer.weight.shape
-        w = trap_rows(rows, features, sigma=self.sigma, scale_factor=self.scale_factor,
-                      generator=view.generator)
+        w = trap_rows(
+            rows,
+            features,
+            sigma=self.sigma,
+            scale_factor=self.scale_factor,
+            generator=view.generator,
+        )
         mean, std = _normalisation(view.data_mean, view.data_std, view.input_shape)
         b = torch.zeros(rows, dtype=torch.float64)
         rate = math.nan
@@ -320,8 +325,11 @@ class TrapWeightsAttack(Attack):
                 "of the observed model"
             )
         names = obs.param_names()
-        missing = [f"{name}.{p}" for p in ("weight", "bias") if f"{name}.{p}" not in names
-                   or f"{name}.{p}" not in obs.update]
+        missing = [
+            f"{name}.{p}"
+            for p in ("weight", "bias")
+            if f"{name}.{p}" not in names or f"{name}.{p}" not in obs.update
+        ]
         if missing:
             raise ThreatModelError(f"trap_weights: the update lacks {', '.join(missing)}")
 

@@ -60,7 +60,8 @@ def select_layers(model: nn.Module, layers: Sequence[str] | None) -> dict[str, l
 def flatten(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> torch.Tensor:
     """Concatenate ``tensors`` into one vector; ``None`` entries become zeros shaped ``like``."""
     parts = [
-        (t if t is not None else torch.zeros_like(ref)).reshape(-1) for t, ref in zip(tensors, like, strict=True)
+        (t if t is not None else torch.zeros_like(ref)).reshape(-1)
+        for t, ref in zip(tensors, like, strict=True)
     ]
     return torch.cat(parts)
 
@@ -93,10 +94,14 @@ def as_param_vector(
         value = [value[n] for n, _ in named]
     if isinstance(value, torch.Tensor):
         if value.numel() != d_theta:
-            raise ValueError(f"perturbation has {value.numel()} entries, the model {d_theta} parameters")
+            raise ValueError(
+                f"perturbation has {value.numel()} entries, the model {d_theta} parameters"
+            )
         return value.reshape(-1)
     if len(value) != len(params):
-        raise ValueError(f"perturbation has {len(value)} tensors, the model {len(params)} parameters")
+        raise ValueError(
+            f"perturbation has {len(value)} tensors, the model {len(params)} parameters"
+        )
     return flatten(list(value), params)
 
 

@@ -17,7 +17,11 @@ log = logging.getLogger(__name__)
 
 
 def power_iteration(
-    matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, *, tol: float = 1e-6, max_iter: int = 1000
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    v0: torch.Tensor,
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 1000,
 ) -> float:
     """Largest eigenvalue of a PSD operator by power iteration (Rayleigh quotient, stops when
     it changes by less than ``tol`` relatively)."""
@@ -37,7 +41,6 @@ def power_iteration(
     return lam
 
 
-
 @dataclass(frozen=True)
 class CGResult:
     """Result of :func:`conjugate_gradient`: the solution and the true relative residual."""
@@ -49,7 +52,11 @@ class CGResult:
 
 
 def conjugate_gradient(
-    matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, *, tol: float = 1e-6, max_iter: int = 500
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    rhs: torch.Tensor,
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 500,
 ) -> CGResult:
     """Solve ``A b = rhs`` for a symmetric positive (semi-)definite ``A`` given as ``matvec``.
 
@@ -81,5 +88,7 @@ def conjugate_gradient(
     rel = float((rhs - matvec(sol).double()).norm()) / bnorm
     converged = rel <= 10 * tol
     if not converged:
-        log.warning("CG stopped after %d iterations at relative residual %.2e (tol %.0e)", it, rel, tol)
+        log.warning(
+            "CG stopped after %d iterations at relative residual %.2e (tol %.0e)", it, rel, tol
+        )
     return CGResult(sol, it, rel, converged)

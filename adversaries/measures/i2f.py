@@ -77,13 +77,17 @@ class InversionJacobian:
     model's mode (train/eval) is used as is.
     """
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn = default_loss) -> None:
+    def __init__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn = default_loss
+    ) -> None:
         self.params = [p for _, p in trainable_named_params(model)]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.x = x.detach().clone().requires_grad_(True)
         loss = loss_fn(model(self.x), y)
-        self._g_theta = torch.autograd.grad(loss, self.params, create_graph=True, retain_graph=True, allow_unused=True)
+        self._g_theta = torch.autograd.grad(
+            loss, self.params, create_graph=True, retain_graph=True, allow_unused=True
+        )
         (self._g_x,) = torch.autograd.grad(loss, self.x, create_graph=True)
         self.d_x = self.x.numel()
         self.d_theta = sum(p.numel() for p in self.params)
@@ -96,17 +100,25 @@ class InversionJacobian:
     def jvp(self, delta: torch.Tensor) -> torch.Tensor:
         """``J δ = ∇_x ⟨∇_θ L, δ⟩`` for a flat ``δ`` of ``d_θ`` entries; returns ``d_x`` entries."""
         pieces = unflatten(delta.detach().to(device=self.x.device, dtype=self.dtype), self.params)
-        terms = [(g * d).sum() for g, d in zip(self._g_theta, pieces, strict=True) if g is not None and g.requires_grad]
+        terms = [
+            (g * d).sum()
+            for g, d in zip(self._g_theta, pieces, strict=True)
+            if g is not None and g.requires_grad
+        ]
         if not terms:
             return self.x.new_zeros(self.d_x)
-        (out,) = torch.autograd.grad(torch.stack(terms).sum(), self.x, retain_graph=True, allow_unused=True)
+        (out,) = torch.autograd.grad(
+            torch.stack(terms).sum(), self.x, retain_graph=True, allow_unused=True
+        )
         return self.x.new_zeros(self.d_x) if out is None else out.reshape(-1).detach()
 
     def vjp(self, b: torch.Tensor) -> torch.Tensor:
         """``Jᵀ b = ∇_θ ⟨∇_x L, b⟩`` for a flat ``b`` of ``d_x`` entries; returns ``d_θ`` entries."""
         if not self._g_x.requires_grad:
             return self.x.new_zeros(self.d_theta)
-        s = (self._g_x * b.detach().to(device=self.x.device, dtype=self.dtype).view_as(self._g_x)).sum()
+        s = (
+            self._g_x * b.detach().to(device=self.x.device, dtype=self.dtype).view_as(self._g_x)
+        ).sum()
         grads = torch.autograd.grad(s, self.params, retain_graph=True, allow_unused=True)
         return flatten(grads, self.params).detach()
 
@@ -119,20 +131,26 @@ class InversionJacobian:
         return self.vjp(self.jvp(u))
 
 
-def dense_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn = default_loss) -> torch.Tensor:
+def dense_jacobian(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn = default_loss
+) -> torch.Tensor:
     """``J`` materialised (``d_x × d_θ``) by ``torch.autograd.functional.jacobian`` of
     ``x ↦ ∇_θ L(x)``: for tests and tiny models only (memory ``d_x·d_θ``)."""
     params = [p for _, p in trainable_named_params(model)]
 
     def grad_theta(inp: torch.Tensor) -> torch.Tensor:
         loss = loss_fn(model(inp), y)
-        return flatten(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True), params)
+        return flatten(
+            torch.autograd.grad(loss, params, create_graph=True, allow_unused=True), params
+        )
 
     jac = torch.autograd.functional.jacobian(grad_theta, x.detach())  # (d_θ, *x.shape)
     return jac.reshape(jac.shape[0], -1).T.contiguous()
 
 
-def _gram_operator(op: InversionJacobian) -> tuple[Callable[[torch.Tensor], torch.Tensor], int, str]:
+def _gram_operator(
+    op: InversionJacobian,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], int, str]:
     if op.d_x <= op.d_theta:
         return op.gram_input, op.d_x, "input"
     return op.gram_param, op.d_theta, "parameter"
@@ -164,10 +182,21 @@ def max_eigenvalue(
         return power_iteration(mv64, v0, tol=tol, max_iter=max_iter)
     from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
-    lin = LinearOperator((n, n), matvec=lambda v: mv64(torch.from_numpy(np.ascontiguousarray(v).reshape(-1))).numpy(),
-                         dtype=np.float64)
+    lin = LinearOperator(
+        (n, n),
+        matvec=lambda v: mv64(torch.from_numpy(np.ascontiguousarray(v).reshape(-1))).numpy(),
+        dtype=np.float64,
+    )
     try:
-        (lam,) = eigsh(lin, k=1, which="LA", v0=v0.numpy(), tol=tol, maxiter=max_iter, return_eigenvectors=False)
+        (lam,) = eigsh(
+            lin,
+            k=1,
+            which="LA",
+            v0=v0.numpy(),
+            tol=tol,
+            maxiter=max_iter,
+            return_eigenvectors=False,
+        )
         log.debug("lambda_max=%g by Lanczos in %s space (n=%d)", lam, space, n)
         return float(lam)
     except (ArpackNoConvergence, ArpackError) as err:
@@ -188,8 +217,16 @@ def parameter_eigenpairs(
     from scipy.sparse.linalg import LinearOperator, eigsh
 
     n = op.d_theta
-    lin = LinearOperator((n, n), dtype=np.float64, matvec=lambda v: op.gram_param(
-        torch.from_numpy(np.ascontiguousarray(v).reshape(-1)).to(op.dtype)).double().cpu().numpy())
+    lin = LinearOperator(
+        (n, n),
+        dtype=np.float64,
+        matvec=lambda v: (
+            op.gram_param(torch.from_numpy(np.ascontiguousarray(v).reshape(-1)).to(op.dtype))
+            .double()
+            .cpu()
+            .numpy()
+        ),
+    )
     v0 = torch.randn(n, generator=generator, dtype=torch.float64).numpy()
     vals, vecs = eigsh(lin, k=k, which=which, v0=v0)
     order = np.argsort(vals)[::-1].copy()
@@ -214,7 +251,11 @@ class I2FResult:
 
     @property
     def lower_bound_eps(self) -> float:
-        return self.jdelta_norm / (self.lambda_max + self.eps) if self.lambda_max + self.eps > 0 else math.inf
+        return (
+            self.jdelta_norm / (self.lambda_max + self.eps)
+            if self.lambda_max + self.eps > 0
+            else math.inf
+        )
 
     def to_dict(self) -> dict[str, float | int | bool | None]:
         return asdict(self) | {"lower_bound_eps": self.lower_bound_eps}
@@ -240,13 +281,29 @@ def i2f_for_operator(
     lb = jd_norm / lam if lam > 0 else math.inf
     if not exact:
         return I2FResult(lb, None, jd_norm, lam, eps, None, None, None, op.d_x, op.d_theta)
-    cg = conjugate_gradient(lambda v: op.gram_input(v.to(op.dtype)).double() + eps * v, jd, tol=cg_tol,
-                            max_iter=cg_max_iter)
-    return I2FResult(lb, float(cg.solution.norm()), jd_norm, lam, eps, cg.iterations, cg.rel_residual,
-                     cg.converged, op.d_x, op.d_theta)
+    cg = conjugate_gradient(
+        lambda v: op.gram_input(v.to(op.dtype)).double() + eps * v,
+        jd,
+        tol=cg_tol,
+        max_iter=cg_max_iter,
+    )
+    return I2FResult(
+        lb,
+        float(cg.solution.norm()),
+        jd_norm,
+        lam,
+        eps,
+        cg.iterations,
+        cg.rel_residual,
+        cg.converged,
+        op.d_x,
+        op.d_theta,
+    )
 
 
-def _units(x: torch.Tensor, y: torch.Tensor, per_sample: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _units(
+    x: torch.Tensor, y: torch.Tensor, per_sample: bool
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} samples, y {y.shape[0]} labels")
     return [(x[i : i + 1], y[i : i + 1]) for i in range(x.shape[0])] if per_sample else [(x, y)]
@@ -284,13 +341,28 @@ def i2f(
     out = []
     for (xi, yi), di in zip(units, deltas, strict=True):
         op = InversionJacobian(model, xi, yi, loss_fn=loss_fn)
-        out.append(i2f_for_operator(op, di, eps=eps, exact=exact, cg_tol=cg_tol, cg_max_iter=cg_max_iter,
-                                    generator=generator))
+        out.append(
+            i2f_for_operator(
+                op,
+                di,
+                eps=eps,
+                exact=exact,
+                cg_tol=cg_tol,
+                cg_max_iter=cg_max_iter,
+                generator=generator,
+            )
+        )
     return out
 
 
-def sample_noise(kind: str, scale: float, n: int, *, generator: torch.Generator | None = None,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def sample_noise(
+    kind: str,
+    scale: float,
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """``n`` i.i.d. draws: ``"gaussian"`` N(0, scale²) (``scale`` = σ, so the paper's variance
     1e-3 is σ = √1e-3) or ``"laplace"`` Laplace(0, b = scale) = b·(E₁ − E₂), E ~ Exp(1)
     (the convention of ``clients/defenses/transforms.py``)."""
@@ -359,15 +431,34 @@ def i2f_expected(
         op = InversionJacobian(model, xi, yi, loss_fn=loss_fn)
         lam = max_eigenvalue(op, generator=generator)
         runs = [
-            i2f_for_operator(op, sample_noise(noise, scale, op.d_theta, generator=generator, dtype=op.dtype),
-                             lambda_max=lam, eps=eps, exact=exact, cg_tol=cg_tol, cg_max_iter=cg_max_iter)
+            i2f_for_operator(
+                op,
+                sample_noise(noise, scale, op.d_theta, generator=generator, dtype=op.dtype),
+                lambda_max=lam,
+                eps=eps,
+                exact=exact,
+                cg_tol=cg_tol,
+                cg_max_iter=cg_max_iter,
+            )
             for _ in range(n_draws)
         ]
         lb_mean, lb_se = _mean_se([r.lower_bound for r in runs])
         ex_mean, ex_se = _mean_se([r.exact for r in runs]) if exact else (None, None)  # type: ignore[misc]
-        out.append(I2FExpectation(lb_mean, lb_se, ex_mean, ex_se, _mean_se([r.jdelta_norm for r in runs])[0], lam,
-                                  eps, noise, float(scale), n_draws,
-                                  all(bool(r.cg_converged) for r in runs) if exact else None))
+        out.append(
+            I2FExpectation(
+                lb_mean,
+                lb_se,
+                ex_mean,
+                ex_se,
+                _mean_se([r.jdelta_norm for r in runs])[0],
+                lam,
+                eps,
+                noise,
+                float(scale),
+                n_draws,
+                all(bool(r.cg_converged) for r in runs) if exact else None,
+            )
+        )
     return out
 
 
@@ -377,7 +468,7 @@ def pruning_perturbation(op: InversionJacobian, ratio: float) -> torch.Tensor:
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     g0 = op.clean_gradient()
-    k = int(round(ratio * g0.numel()))
+    k = round(ratio * g0.numel())
     delta = torch.zeros_like(g0)
     if k > 0:
         idx = torch.argsort(g0.abs())[:k]

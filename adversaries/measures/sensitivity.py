@@ -69,14 +69,17 @@ def _slices(model: nn.Module, layers: Sequence[str] | None) -> dict[str, torch.T
     }
 
 
-def _probe(kind: str, shape: torch.Size, generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
+def _probe(
+    kind: str, shape: torch.Size, generator: torch.Generator | None, dtype: torch.dtype
+) -> torch.Tensor:
     if kind == "rademacher":
         return (torch.randint(0, 2, shape, generator=generator) * 2 - 1).to(dtype)
     return torch.randn(shape, generator=generator, dtype=dtype)
 
 
-def _forward_jvp(model: nn.Module, loss_fn: LossFn, xi: torch.Tensor, yi: torch.Tensor,
-                 v: torch.Tensor) -> torch.Tensor:
+def _forward_jvp(
+    model: nn.Module, loss_fn: LossFn, xi: torch.Tensor, yi: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
     """``(∂∇_θL/∂x) v`` by ``torch.func.jvp`` over ``torch.func.grad`` (flat, d_θ entries)."""
     from torch.func import functional_call, grad, jvp
 
@@ -111,12 +114,18 @@ def jacobian_sensitivity(
     if n_probes < 2:
         raise ValueError(f"n_probes must be >= 2 (for an error bar), got {n_probes}")
     if probe not in PROBES or method not in METHODS:
-        raise ValueError(f"probe must be in {PROBES} and method in {METHODS}, got {probe!r}, {method!r}")
+        raise ValueError(
+            f"probe must be in {PROBES} and method in {METHODS}, got {probe!r}, {method!r}"
+        )
     slices = _slices(model, layers)
     rows: list[LayerSensitivity] = []
     for i in range(x.shape[0]):
         xi, yi = x[i : i + 1], y[i : i + 1]
-        op = InversionJacobian(model, xi, yi, loss_fn=loss_fn) if method == "double_backward" else None
+        op = (
+            InversionJacobian(model, xi, yi, loss_fn=loss_fn)
+            if method == "double_backward"
+            else None
+        )
         sq = {name: [] for name in slices}
         for _ in range(n_probes):
             v = _probe(probe, xi.shape, generator, xi.dtype)
@@ -129,8 +138,20 @@ def jacobian_sensitivity(
             est, se = float(arr.mean()), float(arr.std(ddof=1) / math.sqrt(arr.size))
             frob = math.sqrt(est)
             frob_se = se / (2 * frob) if frob > 0 else 0.0
-            rows.append(LayerSensitivity(name, i, int(idx.numel()), d_x, est, se, frob, frob_se,
-                                         frob / math.sqrt(idx.numel() * d_x), n_probes))
+            rows.append(
+                LayerSensitivity(
+                    name,
+                    i,
+                    int(idx.numel()),
+                    d_x,
+                    est,
+                    se,
+                    frob,
+                    frob_se,
+                    frob / math.sqrt(idx.numel() * d_x),
+                    n_probes,
+                )
+            )
     return rows
 
 
@@ -149,8 +170,15 @@ def exact_sensitivity(
         jac = dense_jacobian(model, x[i : i + 1], y[i : i + 1], loss_fn=loss_fn)  # (d_x, d_θ)
         for name, idx in slices.items():
             frob = float(jac[:, idx].double().norm())
-            rows.append({"layer": name, "sample": i, "frobenius": frob, "sq_frobenius": frob**2,
-                         "normalized": frob / math.sqrt(idx.numel() * jac.shape[0])})
+            rows.append(
+                {
+                    "layer": name,
+                    "sample": i,
+                    "frobenius": frob,
+                    "sq_frobenius": frob**2,
+                    "normalized": frob / math.sqrt(idx.numel() * jac.shape[0]),
+                }
+            )
     return rows
 
 
@@ -168,7 +196,15 @@ def summarize_sensitivity(rows: Sequence[LayerSensitivity]) -> list[dict[str, fl
         else:
             se = sub[0].frobenius_stderr
             nse = se * sub[0].normalized / sub[0].frobenius if sub[0].frobenius > 0 else 0.0
-        table.append({"layer": layer, "d_params": sub[0].d_params, "n_samples": len(sub),
-                      "sensitivity": float(frob.mean()), "sensitivity_stderr": float(se),
-                      "normalized": float(norm.mean()), "normalized_stderr": float(nse)})
+        table.append(
+            {
+                "layer": layer,
+                "d_params": sub[0].d_params,
+                "n_samples": len(sub),
+                "sensitivity": float(frob.mean()),
+                "sensitivity_stderr": float(se),
+                "normalized": float(norm.mean()),
+                "normalized_stderr": float(nse),
+            }
+        )
     return table

@@ -88,8 +88,17 @@ def layer_subspace_distance(
             continue
         angles = principal_angles(va[:, :kk], vb[:, :kk])
         dist = subspace_distance(angles)
-        out.append(SubspaceResult(layer, kk, tuple(float(t) for t in angles), dist, dist / math.sqrt(kk),
-                                  ga.shape[0], gb.shape[0]))
+        out.append(
+            SubspaceResult(
+                layer,
+                kk,
+                tuple(float(t) for t in angles),
+                dist,
+                dist / math.sqrt(kk),
+                ga.shape[0],
+                gb.shape[0],
+            )
+        )
     return out
 
 

@@ -69,8 +69,9 @@ class VInfoResult:
         return d
 
 
-def standardise_features(xtr: torch.Tensor, xte: torch.Tensor,
-                         max_features: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def standardise_features(
+    xtr: torch.Tensor, xte: torch.Tensor, max_features: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Standardise both splits with the train split's mean and std (constant columns kept
     as is), then project on the train split's top ``max_features`` principal components
     when wider. Shared by the discrete and the Gaussian-decoder V-information."""
@@ -84,11 +85,15 @@ def standardise_features(xtr: torch.Tensor, xte: torch.Tensor,
     return xtr, xte
 
 
-def _fit_logistic(xtr: torch.Tensor, ytr: torch.Tensor, k: int, weight_decay: float, max_iter: int) -> nn.Module:
+def _fit_logistic(
+    xtr: torch.Tensor, ytr: torch.Tensor, k: int, weight_decay: float, max_iter: int
+) -> nn.Module:
     model = nn.Linear(xtr.shape[1], k).double()
     nn.init.zeros_(model.weight)
     nn.init.zeros_(model.bias)
-    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        model.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -100,11 +105,22 @@ def _fit_logistic(xtr: torch.Tensor, ytr: torch.Tensor, k: int, weight_decay: fl
     return model
 
 
-def _fit_mlp(xtr: torch.Tensor, ytr: torch.Tensor, k: int, *, hidden: int, weight_decay: float, epochs: int,
-             lr: float, seed: int) -> nn.Module:
+def _fit_mlp(
+    xtr: torch.Tensor,
+    ytr: torch.Tensor,
+    k: int,
+    *,
+    hidden: int,
+    weight_decay: float,
+    epochs: int,
+    lr: float,
+    seed: int,
+) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = nn.Sequential(nn.Linear(xtr.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, k)).double()
+        model = nn.Sequential(
+            nn.Linear(xtr.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, k)
+        ).double()
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     for _ in range(epochs):
         opt.zero_grad()
@@ -162,8 +178,16 @@ def v_information(
             model = _fit_logistic(xtr, ytr, k, weight_decay, max_iter)
         else:
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-            model = _fit_mlp(xtr, ytr, k, hidden=hidden, weight_decay=weight_decay, epochs=mlp_epochs, lr=mlp_lr,
-                             seed=seed)
+            model = _fit_mlp(
+                xtr,
+                ytr,
+                k,
+                hidden=hidden,
+                weight_decay=weight_decay,
+                epochs=mlp_epochs,
+                lr=mlp_lr,
+                seed=seed,
+            )
         with torch.no_grad():
             per_family[fam] = F.cross_entropy(model(xte), yte, reduction="none")
     best = min(per_family, key=lambda f: float(per_family[f].mean()))
@@ -171,8 +195,19 @@ def v_information(
     se = float(diff.std() / math.sqrt(diff.numel())) if diff.numel() > 1 else math.nan
     h_y, h_yg = float(nll_const.mean()), float(per_family[best].mean())
     log.debug("layer %s: H_V(Y)=%.4f H_V(Y|G)=%.4f (%s)", layer, h_y, h_yg, best)
-    return VInfoResult(layer, h_y, h_yg, h_y - h_yg, se, best, int(tr.numel()), n_test, int(xtr.shape[1]), k,
-                       {f: float(v.mean()) for f, v in per_family.items()})
+    return VInfoResult(
+        layer,
+        h_y,
+        h_yg,
+        h_y - h_yg,
+        se,
+        best,
+        int(tr.numel()),
+        n_test,
+        int(xtr.shape[1]),
+        k,
+        {f: float(v.mean()) for f, v in per_family.items()},
+    )
 
 
 def layer_v_information(
@@ -188,7 +223,9 @@ def layer_v_information(
     n = int(target.shape[0])
     perm = torch.randperm(n, generator=generator)
     return [
-        v_information(feats, target, layer=name, permutation=perm, generator=generator, **kwargs).to_dict()  # type: ignore[arg-type]
+        v_information(
+            feats, target, layer=name, permutation=perm, generator=generator, **kwargs
+        ).to_dict()  # type: ignore[arg-type]
         for name, feats in layer_features.items()
     ]
 

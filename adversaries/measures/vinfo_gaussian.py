@@ -96,10 +96,12 @@ def _pool(var: torch.Tensor, variance: str) -> torch.Tensor:
 
 #: Ridge penalties tried by generalised cross-validation, relative to ``n_train`` (the
 #: features are standardised, so ``XᵀX/n`` has unit diagonal).
-RIDGE_GRID = tuple(10.0 ** k for k in range(-6, 5))
+RIDGE_GRID = tuple(10.0**k for k in range(-6, 5))
 
 
-def _fit_linear(xtr: torch.Tensor, ttr: torch.Tensor, *, variance: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_linear(
+    xtr: torch.Tensor, ttr: torch.Tensor, *, variance: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge weights ``(p, D)`` (features and targets are train-centred, so no intercept)
     and the residual variance ``RSS/(n − tr(H) − 1)``.
 
@@ -141,13 +143,27 @@ class _MLPDecoder(nn.Module):
         return self.net(x)
 
 
-def _fit_mlp(xtr: torch.Tensor, ttr: torch.Tensor, *, hidden: int, weight_decay: float, epochs: int, lr: float,
-             variance: str, seed: int) -> _MLPDecoder:
+def _fit_mlp(
+    xtr: torch.Tensor,
+    ttr: torch.Tensor,
+    *,
+    hidden: int,
+    weight_decay: float,
+    epochs: int,
+    lr: float,
+    variance: str,
+    seed: int,
+) -> _MLPDecoder:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _MLPDecoder(xtr.shape[1], ttr.shape[1], hidden, variance == "shared").double()
-    opt = torch.optim.Adam([{"params": model.net.parameters(), "weight_decay": weight_decay},
-                            {"params": [model.log_var], "weight_decay": 0.0}], lr=lr)
+    opt = torch.optim.Adam(
+        [
+            {"params": model.net.parameters(), "weight_decay": weight_decay},
+            {"params": [model.log_var], "weight_decay": 0.0},
+        ],
+        lr=lr,
+    )
     for _ in range(epochs):
         opt.zero_grad()
         gaussian_nll(ttr, model(xtr), model.log_var.exp()).mean().backward()
@@ -211,8 +227,11 @@ def gaussian_v_information(
     scale = float(ttr.pow(2).mean().sqrt()) or 1.0
     ttr, tte = ttr / scale, tte / scale
     log_jac = d * math.log(scale)
-    nll_null = gaussian_nll(tte, torch.zeros(d, dtype=tte.dtype), _pool(ttr.var(0, correction=0).clamp_min(1e-12),
-                                                                         variance))
+    nll_null = gaussian_nll(
+        tte,
+        torch.zeros(d, dtype=tte.dtype),
+        _pool(ttr.var(0, correction=0).clamp_min(1e-12), variance),
+    )
     per_family: dict[str, torch.Tensor] = {}
     for fam in families:
         if fam == "linear":
@@ -220,8 +239,16 @@ def gaussian_v_information(
             per_family[fam] = gaussian_nll(tte, xte @ w, var)
         else:
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-            model = _fit_mlp(xtr, ttr, hidden=hidden, weight_decay=weight_decay, epochs=mlp_epochs, lr=mlp_lr,
-                             variance=variance, seed=seed)
+            model = _fit_mlp(
+                xtr,
+                ttr,
+                hidden=hidden,
+                weight_decay=weight_decay,
+                epochs=mlp_epochs,
+                lr=mlp_lr,
+                variance=variance,
+                seed=seed,
+            )
             with torch.no_grad():
                 per_family[fam] = gaussian_nll(tte, model(xte), model.log_var.exp())
     best = min(per_family, key=lambda f: float(per_family[f].mean()))
@@ -229,9 +256,22 @@ def gaussian_v_information(
     se = float(diff.std() / math.sqrt(diff.numel())) if diff.numel() > 1 else math.nan
     h_x, h_xg = float(nll_null.mean()) + log_jac, float(per_family[best].mean()) + log_jac
     log.debug("layer %s: H_V(X)=%.4f H_V(X|G)=%.4f (%s)", layer, h_x, h_xg, best)
-    return GaussianVInfoResult(layer, h_x, h_xg, h_x - h_xg, (h_x - h_xg) / d, se, best, int(tr.numel()), n_test,
-                               int(xtr.shape[1]), d, explained, variance,
-                               {f: float(v.mean()) + log_jac for f, v in per_family.items()})
+    return GaussianVInfoResult(
+        layer,
+        h_x,
+        h_xg,
+        h_x - h_xg,
+        (h_x - h_xg) / d,
+        se,
+        best,
+        int(tr.numel()),
+        n_test,
+        int(xtr.shape[1]),
+        d,
+        explained,
+        variance,
+        {f: float(v.mean()) + log_jac for f, v in per_family.items()},
+    )
 
 
 def layer_gaussian_v_information(
@@ -245,7 +285,13 @@ def layer_gaussian_v_information(
     target projection); returns the per-layer table (one dict per layer, module order)."""
     perm = torch.randperm(int(target.shape[0]), generator=generator)
     return [
-        gaussian_v_information(feats, target, layer=name, permutation=perm, generator=generator,  # type: ignore[arg-type]
-                               **kwargs).to_dict()
+        gaussian_v_information(
+            feats,
+            target,
+            layer=name,
+            permutation=perm,
+            generator=generator,  # type: ignore[arg-type]
+            **kwargs,
+        ).to_dict()
         for name, feats in layer_features.items()
     ]

@@ -136,7 +136,11 @@ INITS = ("normal", "uniform")
 
 
 def random_init(
-    shape: tuple[int, ...], *, generator: torch.Generator, device: torch.device, kind: str = "normal"
+    shape: tuple[int, ...],
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+    kind: str = "normal",
 ) -> torch.Tensor:
     """A dummy input drawn on CPU from ``generator`` and moved to ``device``.
 

@@ -31,7 +31,9 @@ EPS = torch.finfo(torch.float64).eps
 DEMIX_LOSSES = ("cross_entropy", "mse")
 
 
-def coefficients(p: torch.Tensor, labels: torch.Tensor, n: int, loss: str = "cross_entropy") -> torch.Tensor:
+def coefficients(
+    p: torch.Tensor, labels: torch.Tensor, n: int, loss: str = "cross_entropy"
+) -> torch.Tensor:
     """``A[n, k] = ∂L/∂z[n, k]`` of the mean loss at softmax outputs ``p`` (N, K) and ``labels``.
 
     ``cross_entropy``: ``(p - y) / N``. ``mse`` (``L = (1/N) Σ_n ‖p_n - y_n‖²``): with
@@ -47,7 +49,9 @@ def coefficients(p: torch.Tensor, labels: torch.Tensor, n: int, loss: str = "cro
     raise ValueError(f"loss must be one of {', '.join(DEMIX_LOSSES)}, got {loss!r}")
 
 
-def loss_counts(grad_b: torch.Tensor, p_mean: torch.Tensor, n: int, loss: str = "cross_entropy") -> torch.Tensor:
+def loss_counts(
+    grad_b: torch.Tensor, p_mean: torch.Tensor, n: int, loss: str = "cross_entropy"
+) -> torch.Tensor:
     """Label counts (int64, CPU, summing to ``n``) from ``∇b`` with every sample's softmax ≈ ``p_mean``.
 
     ``cross_entropy``: :func:`bias_counts`, ``c_k = N (p̄_k - ∇b_k)``. ``mse``: summing
@@ -69,7 +73,12 @@ def loss_counts(grad_b: torch.Tensor, p_mean: torch.Tensor, n: int, loss: str = 
 
 
 def relabel_rows(
-    grad_b: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, n: int, loss: str, max_sweeps: int = 100
+    grad_b: torch.Tensor,
+    p: torch.Tensor,
+    labels: torch.Tensor,
+    n: int,
+    loss: str,
+    max_sweeps: int = 100,
 ) -> torch.Tensor:
     """Row labels (int64, CPU) that make ``Σ_n A(p_n, y_n)`` match ``∇b``, by greedy single changes.
 
@@ -82,7 +91,9 @@ def relabel_rows(
     g_b = grad_b.detach().double().flatten().to(p.device)
     k = p.shape[1]
     every = torch.arange(k, device=p.device).repeat(p.shape[0])
-    rows = coefficients(p.double().repeat_interleave(k, 0), every, n, loss).reshape(p.shape[0], k, k)
+    rows = coefficients(p.double().repeat_interleave(k, 0), every, n, loss).reshape(
+        p.shape[0], k, k
+    )
     lab = labels.to(p.device).clone()
     idx = torch.arange(p.shape[0], device=p.device)
     total = rows[idx, lab].sum(0)

@@ -158,8 +158,10 @@ class AnalyticAttack(Attack):
     requires: ClassVar[tuple[str, ...]] = (
         "first trainable layer is nn.Linear with bias, fed the flattened input",
         "update covers that layer's weight and bias",
-        ("loss is the mean over N = num_targets(obs) equally weighted samples of the `loss` parameter "
-        "(softmax cross-entropy by default)"),
+        (
+            "loss is the mean over N = num_targets(obs) equally weighted samples of the `loss` parameter "
+            "(softmax cross-entropy by default)"
+        ),
         "last nn.Linear outputs the class logits (for labels)",
     )
 
@@ -205,8 +207,10 @@ class AnalyticAttack(Attack):
         (:func:`dense_input_layer`), and the clients' loss (when known) is ``loss``."""
         dense_input_layer(setup.model, setup.input_shape)
         if setup.loss is not None and setup.loss != self.loss:
-            raise ThreatModelError(f"analytic: requires the clients' loss to be its loss parameter "
-                                   f"{self.loss!r}, but client.loss = {setup.loss!r}")
+            raise ThreatModelError(
+                f"analytic: requires the clients' loss to be its loss parameter "
+                f"{self.loss!r}, but client.loss = {setup.loss!r}"
+            )
 
     def check(self, obs: Observation) -> None:
         """:meth:`check_setup`, then refuse an update without that layer's weight and bias."""

@@ -165,7 +165,9 @@ def lbfgs_gradient_matching(
     for steps in range(1, iterations + 1):
         before = evals
         loss = opt.step(closure)
-        finite = math.isfinite(float(loss.detach())) and all(bool(torch.isfinite(v).all()) for v in variables)
+        finite = math.isfinite(float(loss.detach())) and all(
+            bool(torch.isfinite(v).all()) for v in variables
+        )
         if not finite:
             log.warning("%s: L-BFGS diverged after %d steps; keeping the best iterate", name, steps)
             diverged = True
@@ -208,8 +210,9 @@ def check_init(value: object) -> str:
     return str(value)
 
 
-
-def check_logits(model: nn.Module, input_shape: tuple[int, int, int], num_classes: int, attack: str) -> None:
+def check_logits(
+    model: nn.Module, input_shape: tuple[int, int, int], num_classes: int, attack: str
+) -> None:
     """Refuse (:class:`ThreatModelError`) a model that does not output one logit per class for
     inputs of ``input_shape``; runs a private CPU copy in eval mode on two zero inputs."""
     probe = copy.deepcopy(model).to("cpu").eval()
@@ -318,4 +321,6 @@ class DLGAttack(Attack):
             "seconds": time.perf_counter() - start,
         }
         log.debug("dlg: %s", metrics)
-        return AttackResult(inputs=outcome.inputs, labels=labels, metrics=metrics, labels_per_input=True)
+        return AttackResult(
+            inputs=outcome.inputs, labels=labels, metrics=metrics, labels_per_input=True
+        )

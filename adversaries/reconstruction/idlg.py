@@ -123,4 +123,6 @@ class IDLGAttack(Attack):
             "seconds": time.perf_counter() - start,
         }
         log.debug("idlg: %s", metrics)
-        return AttackResult(inputs=outcome.inputs, labels=labels, metrics=metrics, labels_per_input=True)
+        return AttackResult(
+            inputs=outcome.inputs, labels=labels, metrics=metrics, labels_per_input=True
+        )

@@ -68,13 +68,17 @@ class LocalPlan:
 
 
 def _autograd_grads(
-    loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], params: list[torch.Tensor], create_graph: bool
+    loss_fn: Callable[[list[torch.Tensor]], torch.Tensor],
+    params: list[torch.Tensor],
+    create_graph: bool,
 ) -> list[torch.Tensor]:
     return list(torch.autograd.grad(loss_fn(params), params, create_graph=create_graph))
 
 
 def _func_grads(
-    loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], params: list[torch.Tensor], create_graph: bool
+    loss_fn: Callable[[list[torch.Tensor]], torch.Tensor],
+    params: list[torch.Tensor],
+    create_graph: bool,
 ) -> list[torch.Tensor]:
     return list(torch.func.grad(loss_fn)(params))
 
@@ -120,9 +124,11 @@ def trajectory_gradient(
     names = list(names)
     n = x.shape[0]
     grads_of = _func_grads if functional else _autograd_grads
-    start = list(params) if functional else [
-        p if p.requires_grad else p.detach().requires_grad_(True) for p in params
-    ]
+    start = (
+        list(params)
+        if functional
+        else [p if p.requires_grad else p.detach().requires_grad_(True) for p in params]
+    )
     total: list[torch.Tensor] | None = None
     slot = 0
     for _ in range(plan.num_clients):
@@ -136,7 +142,9 @@ def trajectory_gradient(
             else:
                 current = [p - plan.lr * d for p, d in zip(start, delta, strict=True)]
 
-            def loss_fn(ps: list[torch.Tensor], xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
+            def loss_fn(
+                ps: list[torch.Tensor], xb: torch.Tensor = xb, yb: torch.Tensor = yb
+            ) -> torch.Tensor:
                 out = functional_call(model, dict(zip(names, ps, strict=True)), (xb,))
                 return F.cross_entropy(out, yb)
 
@@ -326,8 +334,10 @@ class InvertingGradientsAttack(Attack):
         "last nn.Linear outputs the class logits (for labels)",
         "loss is mean softmax cross-entropy",
         "update covers every trainable parameter",
-        ("fedavg variant: known local_steps >= 1, lr > 0 and batch_size >= 1; plain SGD, "
-        "one fresh mini-batch per step; aggregates average clients with equal weights"),
+        (
+            "fedavg variant: known local_steps >= 1, lr > 0 and batch_size >= 1; plain SGD, "
+            "one fresh mini-batch per step; aggregates average clients with equal weights"
+        ),
     )
 
     def __init__(
@@ -439,11 +449,21 @@ class InvertingGradientsAttack(Attack):
         arrangements = label_arrangements(labels, plan, self.restarts, generator)
         ys = [arrangements[r % len(arrangements)] for r in range(self.restarts)]
         if self.restarts > 1 and self.batch_restarts and not problem.has_batch_norm:
-            batched = self._optimise(torch.func.vmap(problem.functional_step), torch.stack(x0), torch.stack(ys),
-                                     lower, upper, leaf=False, foreach=True)
+            batched = self._optimise(
+                torch.func.vmap(problem.functional_step),
+                torch.stack(x0),
+                torch.stack(ys),
+                lower,
+                upper,
+                leaf=False,
+                foreach=True,
+            )
             xs = list(batched.unbind(0))
         else:
-            xs = [self._optimise(problem.step, x, y, lower, upper) for x, y in zip(x0, ys, strict=True)]
+            xs = [
+                self._optimise(problem.step, x, y, lower, upper)
+                for x, y in zip(x0, ys, strict=True)
+            ]
         objectives = [problem.objective(x, y) for x, y in zip(xs, ys, strict=True)]
         best = min(range(len(xs)), key=lambda i: objectives[i])
         metrics = {
@@ -457,8 +477,12 @@ class InvertingGradientsAttack(Attack):
             "seconds": time.perf_counter() - start,
         }
         log.debug("inverting_gradients (%s): %s", self.resolved_variant(obs), metrics)
-        return AttackResult(inputs=xs[best].detach().clone(), labels=ys[best].clone(), metrics=metrics,
-                            labels_per_input=True)
+        return AttackResult(
+            inputs=xs[best].detach().clone(),
+            labels=ys[best].clone(),
+            metrics=metrics,
+            labels_per_input=True,
+        )
 
     def _schedule(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.MultiStepLR:
         milestones = sorted({int(self.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)})
@@ -509,20 +533,30 @@ class _Problem:
         self.names = obs.param_names()
         self.params = [named[name].detach() for name in self.names]
         norm = torch.sqrt(sum((t.double() ** 2).sum() for t in target))
-        self.unit_target = [t / norm.to(t.dtype).clamp_min(torch.finfo(t.dtype).tiny) for t in target]
+        self.unit_target = [
+            t / norm.to(t.dtype).clamp_min(torch.finfo(t.dtype).tiny) for t in target
+        ]
         self.plan = plan
         self.tv_weight = tv_weight
         self.tiny = torch.finfo(torch.float32).tiny
         # torch.func cannot vmap BatchNorm's double backward ("accessing `data` under vmap")
-        self.has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        self.has_batch_norm = any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+        )
         self._v: list[torch.Tensor] | None = None  # reused buffers for the cosine's gradient
 
     def _update(
         self, x: torch.Tensor, y: torch.Tensor, *, create_graph: bool, functional: bool = False
     ) -> list[torch.Tensor]:
         return trajectory_gradient(
-            self.model, self.names, self.params, x, y, self.plan,
-            create_graph=create_graph, functional=functional,
+            self.model,
+            self.names,
+            self.params,
+            x,
+            y,
+            self.plan,
+            create_graph=create_graph,
+            functional=functional,
         )
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -530,7 +564,9 @@ class _Problem:
         u = self._update(x, y, create_graph=True)
         with torch.no_grad():
             flat = [g.detach().reshape(-1) for g in u]
-            dot = sum(torch.dot(g, t.reshape(-1)) for g, t in zip(flat, self.unit_target, strict=True))
+            dot = sum(
+                torch.dot(g, t.reshape(-1)) for g, t in zip(flat, self.unit_target, strict=True)
+            )
             norm = torch.sqrt(sum(torch.dot(g, g) for g in flat)).clamp_min(self.tiny)
             cos = dot / norm
             if self._v is None:
@@ -555,7 +591,9 @@ class _Problem:
             value = value + self.tv_weight * tv.detach()
         return grad, value
 
-    def functional_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def functional_step(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`step` in ``torch.func`` form (``x`` a plain tensor), for ``vmap``."""
         u, vjp_fn = torch.func.vjp(
             lambda z: self._update(z, y, create_graph=True, functional=True), x

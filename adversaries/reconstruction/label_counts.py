@@ -218,13 +218,18 @@ def dummy_inputs(
     declared per-channel mean and std; ``uniform``: uniform in the box (uniform pixels).
     Drawn on CPU from ``generator``, then moved to ``device``.
     """
-    return _box_inputs(obs.input_shape, obs.input_bounds("cpu"), num, kind=kind,
-                       generator=generator).to(device)
+    return _box_inputs(
+        obs.input_shape, obs.input_bounds("cpu"), num, kind=kind, generator=generator
+    ).to(device)
 
 
 def _box_inputs(
-    input_shape: tuple[int, int, int], bounds: tuple[torch.Tensor, torch.Tensor], num: int, *,
-    kind: str, generator: torch.Generator,
+    input_shape: tuple[int, int, int],
+    bounds: tuple[torch.Tensor, torch.Tensor],
+    num: int,
+    *,
+    kind: str,
+    generator: torch.Generator,
 ) -> torch.Tensor:
     """:func:`dummy_inputs` for an input shape and a (CPU) box ``(lower, upper)``."""
     shape = (num, *input_shape)

@@ -74,7 +74,9 @@ def parse_chain(model: nn.Module, input_shape: tuple[int, int, int]) -> list[_La
     ThreatModelError
         Naming the module and the assumption it breaks.
     """
-    leaves = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if not list(m.children())]
+    leaves = [
+        (n, m) for n, m in model.named_modules(remove_duplicate=False) if not list(m.children())
+    ]
     specs: list[list] = []  # [name, module, slope]
     for name, mod in leaves:
         kind = type(mod).__name__
@@ -115,7 +117,9 @@ def parse_chain(model: nn.Module, input_shape: tuple[int, int, int]) -> list[_La
         try:
             expected = model(x)
         except RuntimeError as exc:
-            raise _refuse(f"inputs of shape {tuple(input_shape)}, but the model fails on them: {exc}") from None
+            raise _refuse(
+                f"inputs of shape {tuple(input_shape)}, but the model fails on them: {exc}"
+            ) from None
         h = x
         for i, (name, mod, slope) in enumerate(specs):
             if isinstance(mod, nn.Linear):
@@ -124,7 +128,9 @@ def parse_chain(model: nn.Module, input_shape: tuple[int, int, int]) -> list[_La
             try:
                 h = mod(h)
             except RuntimeError as exc:
-                raise _refuse(f"{_CHAIN}, but {name!r} does not accept the previous output: {exc}") from None
+                raise _refuse(
+                    f"{_CHAIN}, but {name!r} does not accept the previous output: {exc}"
+                ) from None
             if slope is not None:
                 h = F.leaky_relu(h, slope)
             layers.append(_Layer(i, name, mod, slope, in_shape, tuple(h.shape[1:])))
@@ -176,8 +182,8 @@ def _patch_index(layer: _Layer, device: torch.device) -> torch.Tensor:
     c, h, w = layer.in_shape
     kh, kw, sh, sw, ph, pw, dh, dw, oh, ow = _conv_geometry(layer)
     ar = lambda n: torch.arange(n, device=device)
-    rows = (sh * ar(oh).view(oh, 1, 1, 1, 1) + dh * ar(kh).view(1, 1, 1, kh, 1) - ph)
-    cols = (sw * ar(ow).view(1, ow, 1, 1, 1) + dw * ar(kw).view(1, 1, 1, 1, kw) - pw)
+    rows = sh * ar(oh).view(oh, 1, 1, 1, 1) + dh * ar(kh).view(1, 1, 1, kh, 1) - ph
+    cols = sw * ar(ow).view(1, ow, 1, 1, 1) + dw * ar(kw).view(1, 1, 1, 1, kw) - pw
     chan = ar(c).view(1, 1, c, 1, 1)
     valid = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
     idx = chan * (h * w) + rows * w + cols  # broadcasts to (oh, ow, c, kh, kw)
@@ -277,8 +283,10 @@ class RGAPAttack(Attack):
 
     requires: ClassVar[tuple[str, ...]] = (
         "a single sample: FedSGD batch of 1, or FedAvg with one local step (num_targets == 1)",
-        ("model is a plain chain of bias-free Conv2d/Linear layers with LeakyReLU activations "
-        "(Identity/Flatten allowed; no pooling, normalisation or skip connections)"),
+        (
+            "model is a plain chain of bias-free Conv2d/Linear layers with LeakyReLU activations "
+            "(Identity/Flatten allowed; no pooling, normalisation or skip connections)"
+        ),
         "last nn.Linear outputs the class logits; loss is softmax cross-entropy",
         "every layer has at least as many constraints as unknowns (rank analysis RA-i <= 0)",
         "update covers every trainable parameter",
@@ -286,8 +294,10 @@ class RGAPAttack(Attack):
 
     def __init__(self, *, rank_rtol: float = 1e-6) -> None:
         if not (
-            isinstance(rank_rtol, (int, float)) and not isinstance(rank_rtol, bool)
-            and math.isfinite(rank_rtol) and 0 < rank_rtol < 1
+            isinstance(rank_rtol, (int, float))
+            and not isinstance(rank_rtol, bool)
+            and math.isfinite(rank_rtol)
+            and 0 < rank_rtol < 1
         ):
             raise ValueError(f"rank_rtol must be a number in (0, 1), got {rank_rtol!r}")
         self.rank_rtol = float(rank_rtol)
@@ -349,9 +359,7 @@ class RGAPAttack(Attack):
         layers = parse_chain(obs.fresh_model(device), obs.input_shape)
         grads = [g.detach() for g in obs.gradient()]
         dt = torch.float64
-        weights = {
-            ly.name: ly.module.weight.detach().to(device=device, dtype=dt) for ly in layers
-        }
+        weights = {ly.name: ly.module.weight.detach().to(device=device, dtype=dt) for ly in layers}
         wgrads = {
             ly.name: layer_grads(obs, grads, ly.name)["weight"].to(device=device, dtype=dt)
             for ly in layers
@@ -392,7 +400,11 @@ class RGAPAttack(Attack):
             neg, pos = (c < 0).nonzero().flatten(), (c > 0).nonzero().flatten()
             odd = int(neg[0]) if neg.numel() == 1 else int(pos[0]) if pos.numel() == 1 else None
             if odd is not None and odd != label:
-                log.info("rgap: iDLG label %d disagrees with the rank-one sign pattern; using %d", label, odd)
+                log.info(
+                    "rgap: iDLG label %d disagrees with the rank-one sign pattern; using %d",
+                    label,
+                    odd,
+                )
                 label = odd
         metrics["label_from_rank_one"] = float(label != idlg)
         sign = -1.0 if float(c[label]) > 0 else 1.0  # g_y = c_y / t < 0
@@ -432,7 +444,9 @@ class RGAPAttack(Attack):
         # |t| (the less confident prediction) is the one of an untrained network.
         lt, rel = min(exact) if exact else min(roots, key=lambda r: r[1])
         if len(exact) > 1:
-            log.warning("rgap: the last layer's scale has %d exact roots; taking the smallest", len(exact))
+            log.warning(
+                "rgap: the last layer's scale has %d exact roots; taking the smallest", len(exact)
+            )
         metrics["scale_roots"] = float(len(exact))
         metrics["fc_fit_residual"] = rel
         t = sign * 10.0**lt
@@ -532,5 +546,7 @@ class RGAPAttack(Attack):
         metrics[f"rank_deficit_layer{layer.index}"] = float(n - rank)
         metrics[f"condition_bound_layer{layer.index}"] = cond
         if rank < n:
-            log.warning("rgap: layer %s %r is rank deficient by %d", layer.index, layer.name, n - rank)
+            log.warning(
+                "rgap: layer %s %r is rank deficient by %d", layer.index, layer.name, n - rank
+            )
         return x_img.flatten(), dx.flatten()

@@ -30,7 +30,23 @@ from clients.defenses.base import (
 from clients.defenses.stack import batch_sampler, build_defenses, draw_batches, validate_stack
 
 __all__ = [
-    "DEFENSES", "STAGES", "BatchSamplerDefense", "Defense", "PerSampleDefense", "TensorTransform",
-    "TrainingInfo", "adversarial", "batch_sampler", "build_defenses", "dp_sgd", "draw_batches", "dynamic_dp",
-    "mixing", "register_defense", "soteria", "transforms", "validate_stack", "vib",
+    "DEFENSES",
+    "STAGES",
+    "BatchSamplerDefense",
+    "Defense",
+    "PerSampleDefense",
+    "TensorTransform",
+    "TrainingInfo",
+    "adversarial",
+    "batch_sampler",
+    "build_defenses",
+    "dp_sgd",
+    "draw_batches",
+    "dynamic_dp",
+    "mixing",
+    "register_defense",
+    "soteria",
+    "transforms",
+    "validate_stack",
+    "vib",
 ]

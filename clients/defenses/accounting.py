@@ -34,12 +34,25 @@ from clients.defenses.base import BatchSamplerDefense, PerSampleDefense, Trainin
 
 #: RDP orders: Opacus' defaults (1.1 … 63) and larger ones up to 512 (the orders of the
 #: TF-privacy accountant Wei & Liu used), which matter for large σ and small q.
-ALPHAS: tuple[float, ...] = (*RDPAccountant.DEFAULT_ALPHAS, 80.0, 96.0, 128.0, 192.0, 256.0, 384.0, 512.0)
+ALPHAS: tuple[float, ...] = (
+    *RDPAccountant.DEFAULT_ALPHAS,
+    80.0,
+    96.0,
+    128.0,
+    192.0,
+    256.0,
+    384.0,
+    512.0,
+)
 
 
 @functools.lru_cache(maxsize=4096)
 def _rdp_one_step(q: float, sigma: float) -> tuple[float, ...]:
-    return tuple(np.atleast_1d(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(ALPHAS))).tolist())
+    return tuple(
+        np.atleast_1d(
+            compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(ALPHAS))
+        ).tolist()
+    )
 
 
 def rdp_of_history(history: list[tuple[float, float, int]]) -> np.ndarray:
@@ -63,10 +76,14 @@ class PrivacyAccountant:
     def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
         """Record one step with noise multiplier σ and sampling rate q."""
         if not noise_multiplier > 0:
-            raise ValueError(f"noise_multiplier must be > 0 for accounting, got {noise_multiplier!r}")
+            raise ValueError(
+                f"noise_multiplier must be > 0 for accounting, got {noise_multiplier!r}"
+            )
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-        self.accountant.step(noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate))
+        self.accountant.step(
+            noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate)
+        )
 
     @property
     def steps(self) -> int:
@@ -77,9 +94,13 @@ class PrivacyAccountant:
         """ε(δ) of the composition of every recorded step (0 before the first)."""
         if not self.accountant.history:
             return 0.0
-        with warnings.catch_warnings():  # "optimal order is the largest alpha": ε is then an upper bound
+        with (
+            warnings.catch_warnings()
+        ):  # "optimal order is the largest alpha": ε is then an upper bound
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            eps, _ = get_privacy_spent(orders=list(ALPHAS), rdp=rdp_of_history(self.accountant.history), delta=delta)
+            eps, _ = get_privacy_spent(
+                orders=list(ALPHAS), rdp=rdp_of_history(self.accountant.history), delta=delta
+            )
         return float(eps)
 
     def state_dict(self) -> dict[str, Any]:
@@ -101,8 +122,14 @@ def check_delta(delta: object) -> float:
 
 def check_rate(sample_rate: object) -> float:
     """``sample_rate`` as a float in [0, 1] (0 = derive it from batch and dataset size)."""
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 <= sample_rate <= 1:
-        raise ValueError(f"sample_rate must be a number in [0, 1] (0 = batch_size / dataset size), got {sample_rate!r}")
+    if (
+        isinstance(sample_rate, bool)
+        or not isinstance(sample_rate, (int, float))
+        or not 0 <= sample_rate <= 1
+    ):
+        raise ValueError(
+            f"sample_rate must be a number in [0, 1] (0 = batch_size / dataset size), got {sample_rate!r}"
+        )
     return float(sample_rate)
 
 
@@ -116,7 +143,9 @@ def sampling_rate(sample_rate: float, batch_size: int, dataset_size: int) -> flo
     return 1.0
 
 
-def empty_gradients(model: nn.Module, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def empty_gradients(
+    model: nn.Module, names: list[str]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss 0 and per-sample gradients of shape ``[0, ...]``: an empty Poisson batch (the step
     then sends noise only)."""
     named = dict(model.named_parameters())
@@ -131,12 +160,21 @@ class PoissonSampler(BatchSamplerDefense):
     name = "poisson"
     allows_empty = True
 
-    def sample_batches(self, partition: np.ndarray, labels: np.ndarray, *, batch_size: int,
-                       num_batches: int, generator: torch.Generator) -> list[np.ndarray]:
+    def sample_batches(
+        self,
+        partition: np.ndarray,
+        labels: np.ndarray,
+        *,
+        batch_size: int,
+        num_batches: int,
+        generator: torch.Generator,
+    ) -> list[np.ndarray]:
         partition = np.asarray(partition, dtype=np.int64)
         q = min(1.0, batch_size / max(1, len(partition)))
-        return [partition[(torch.rand(len(partition), generator=generator) < q).numpy()]
-                for _ in range(num_batches)]
+        return [
+            partition[(torch.rand(len(partition), generator=generator) < q).numpy()]
+            for _ in range(num_batches)
+        ]
 
 
 class AccountedDefense(PerSampleDefense):
@@ -171,16 +209,23 @@ class AccountedDefense(PerSampleDefense):
         name = self.name or type(self).__name__
         reasons = []
         if not self.poisson:
-            reasons.append(f"batches are fixed-size draws, not Poisson-sampled; set poisson = true in {name} "
-                           "for a proven bound")
+            reasons.append(
+                f"batches are fixed-size draws, not Poisson-sampled; set poisson = true in {name} "
+                "for a proven bound"
+            )
         elif self.sample_rate > 0:
-            reasons.append(f"sample_rate = {self.sample_rate:g} is set by hand; the Poisson batches are drawn at "
-                           "batch_size / n, and the bound holds only if sample_rate is at least that (leave it 0)")
+            reasons.append(
+                f"sample_rate = {self.sample_rate:g} is set by hand; the Poisson batches are drawn at "
+                "batch_size / n, and the bound holds only if sample_rate is at least that (leave it 0)"
+            )
         if not self.fixed_clipping:
             rule = getattr(self, "clipping", None)
-            reasons.append(f"the clipping bound is not fixed in advance ({name} clipping = {rule!r} computes it "
-                           "from the batch's gradients); use clipping = 'fixed'" if rule else
-                           "the clipping bound is not fixed in advance")
+            reasons.append(
+                f"the clipping bound is not fixed in advance ({name} clipping = {rule!r} computes it "
+                "from the batch's gradients); use clipping = 'fixed'"
+                if rule
+                else "the clipping bound is not fixed in advance"
+            )
         return reasons
 
     @property
@@ -192,8 +237,9 @@ class AccountedDefense(PerSampleDefense):
         """The Poisson sampler when ``poisson`` is on (the client's batch drawing uses it)."""
         return PoissonSampler() if self.poisson else None
 
-    def per_sample_gradients(self, model: nn.Module, names: list[str], x: torch.Tensor,
-                             y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def per_sample_gradients(
+        self, model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if x.shape[0] == 0:
             return empty_gradients(model, names)
         return super().per_sample_gradients(model, names, x, y)
@@ -208,7 +254,9 @@ class AccountedDefense(PerSampleDefense):
     def begin(self, model: nn.Module, info: TrainingInfo) -> None:
         super().begin(model, info)
         self.info = info
-        self.q = sampling_rate(self.sample_rate, info.expected_batch_size or info.batch_size, info.dataset_size)
+        self.q = sampling_rate(
+            self.sample_rate, info.expected_batch_size or info.batch_size, info.dataset_size
+        )
 
     def account(self, noise_multiplier: float) -> None:
         """Record one step of this update with noise multiplier σ (and the update's q)."""
@@ -216,8 +264,13 @@ class AccountedDefense(PerSampleDefense):
 
     def metrics(self) -> dict[str, float]:
         out = super().metrics()
-        out.update(epsilon=self.accountant.epsilon(self.delta), delta=self.delta, steps=float(self.accountant.steps),
-                   sample_rate=self.q, epsilon_formal=float(self.epsilon_formal))
+        out.update(
+            epsilon=self.accountant.epsilon(self.delta),
+            delta=self.delta,
+            steps=float(self.accountant.steps),
+            sample_rate=self.q,
+            epsilon_formal=float(self.epsilon_formal),
+        )
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -38,7 +38,9 @@ from clients.defenses.base import PerSampleDefense, Tensors, register_defense
 OBJECTIVES = ("mean", "max")
 
 
-def project_ball_halfspace(d: torch.Tensor, u: torch.Tensor, radius: float, offset: float) -> torch.Tensor:
+def project_ball_halfspace(
+    d: torch.Tensor, u: torch.Tensor, radius: float, offset: float
+) -> torch.Tensor:
     """Euclidean projection of ``d`` onto {δ : ‖δ‖ ≤ radius, ⟨δ, u⟩ ≥ −offset} (``u`` a unit
     vector, ``offset`` ≥ 0, so the origin is feasible).
 
@@ -82,14 +84,28 @@ class AdversarialPerturbation(PerSampleDefense):
     ``surrogate_confidence_before`` / ``_after`` (the objective at ḡ and at g̃).
     """
 
-    def __init__(self, *, budget: float, steps: int = 20, objective: str = "mean", min_inner: float = 0.1) -> None:
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < math.inf:
-            raise ValueError(f"budget (relative L2 norm of the perturbation) must be a finite number > 0, got {budget!r}")
+    def __init__(
+        self, *, budget: float, steps: int = 20, objective: str = "mean", min_inner: float = 0.1
+    ) -> None:
+        if (
+            isinstance(budget, bool)
+            or not isinstance(budget, (int, float))
+            or not 0 < budget < math.inf
+        ):
+            raise ValueError(
+                f"budget (relative L2 norm of the perturbation) must be a finite number > 0, got {budget!r}"
+            )
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(map(repr, OBJECTIVES))}; got {objective!r}")
-        if isinstance(min_inner, bool) or not isinstance(min_inner, (int, float)) or not 0 < min_inner <= 1:
+            raise ValueError(
+                f"objective must be one of {', '.join(map(repr, OBJECTIVES))}; got {objective!r}"
+            )
+        if (
+            isinstance(min_inner, bool)
+            or not isinstance(min_inner, (int, float))
+            or not 0 < min_inner <= 1
+        ):
             raise ValueError(f"min_inner must be a number in (0, 1], got {min_inner!r}")
         self.budget = float(budget)
         self.steps = steps
@@ -116,7 +132,11 @@ class AdversarialPerturbation(PerSampleDefense):
         radius = self.budget * gnorm
         offset = (1.0 - self.min_inner) * gnorm  # ⟨ḡ+δ, ḡ⟩ ≥ m‖ḡ‖² ⟺ ⟨δ, u⟩ ≥ −(1 − m)‖ḡ‖
         start = torch.randn(gw.shape, generator=generator, dtype=work).to(gw.device)
-        start = start * (radius * float(torch.rand((), generator=generator)) / float(start.norm().clamp_min(1e-30)))
+        start = start * (
+            radius
+            * float(torch.rand((), generator=generator))
+            / float(start.norm().clamp_min(1e-30))
+        )
         delta = project_ball_halfspace(start, u, radius, offset)
         step = 2.5 * radius / self.steps
         best_delta = torch.zeros_like(gw)
@@ -158,6 +178,6 @@ class AdversarialPerturbation(PerSampleDefense):
         for n in names:
             shape = grads[n].shape[1:]
             size = math.prod(shape)
-            out[n] = release[start:start + size].reshape(shape)
+            out[n] = release[start : start + size].reshape(shape)
             start += size
         return out

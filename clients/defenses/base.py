@@ -135,8 +135,9 @@ class Defense:
     #: :meth:`transform_step` (e.g. Soteria, which differentiates the representation in x).
     needs_batch: ClassVar[bool] = False
 
-    def observe_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                      generator: torch.Generator) -> None:
+    def observe_batch(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, generator: torch.Generator
+    ) -> None:
         """Stage ``"step"`` with :attr:`needs_batch`: see the local batch ``(x, y)`` whose
         gradient the next :meth:`transform_step` call receives (the model holds the weights
         that gradient was computed at). Must leave the model's parameters and buffers as it
@@ -231,7 +232,7 @@ class BatchSamplerDefense(Defense):
 DEFENSES: Registry[Defense] = Registry(kind="defense", group="fl_privsim.defenses")
 
 
-def register_defense(name: str):  # noqa: ANN201 - a class decorator
+def register_defense(name: str):
     """Register a :class:`Defense` subclass under ``name`` (and set its :attr:`name`)."""
 
     def deco(cls: type[Defense]) -> type[Defense]:

@@ -48,18 +48,29 @@ from clients.defenses.base import Tensors, TrainingInfo, register_defense
 def _num(name: str, value: object, *, low: float, allow_zero: bool = False) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or not (value > low or (allow_zero and value == 0)):  # type: ignore[operator]
-        raise ValueError(f"{name} must be a finite number > {low}{' (or 0 = off)' if allow_zero else ''}, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{name} must be a finite number > {low}{' (or 0 = off)' if allow_zero else ''}, "
+            f"got {value!r}"
+        )
     return float(value)  # type: ignore[arg-type]
 
 
 @functools.lru_cache(maxsize=64)
-def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int, epochs: float) -> float:
+def noise_for_target(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, epochs: float
+) -> float:
     """σ reaching (target_epsilon, δ) after ``steps`` steps (or ``epochs`` epochs) at rate q,
     by Opacus' ``get_noise_multiplier`` (binary search over its RDP accountant)."""
     horizon = {"steps": steps} if steps else {"epochs": epochs}
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, accountant="rdp", **horizon))
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            accountant="rdp",
+            **horizon,
+        )
+    )
 
 
 @register_defense("dp_sgd")
@@ -93,9 +104,19 @@ class DPSGD(AccountedDefense):
     (1 only with ``poisson = true``).
     """
 
-    def __init__(self, *, max_grad_norm: float = 1.0, noise_multiplier: float = 1.0,
-                 target_epsilon: float = 0.0, steps: int = 0, epochs: float = 0.0, delta: float = 1e-5,
-                 poisson: bool = False, sample_rate: float = 0.0, secure_mode: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        max_grad_norm: float = 1.0,
+        noise_multiplier: float = 1.0,
+        target_epsilon: float = 0.0,
+        steps: int = 0,
+        epochs: float = 0.0,
+        delta: float = 1e-5,
+        poisson: bool = False,
+        sample_rate: float = 0.0,
+        secure_mode: bool = False,
+    ) -> None:
         super().__init__(delta=delta, sample_rate=sample_rate, poisson=poisson)
         self.max_grad_norm = _num("max_grad_norm", max_grad_norm, low=0)
         self.noise_multiplier = _num("noise_multiplier", noise_multiplier, low=0)
@@ -104,7 +125,9 @@ class DPSGD(AccountedDefense):
             raise ValueError(f"steps must be an integer >= 0 (0 = unset), got {steps!r}")
         self.steps, self.epochs = steps, _num("epochs", epochs, low=0, allow_zero=True)
         if self.target_epsilon and (bool(steps) == bool(self.epochs)):
-            raise ValueError("target_epsilon needs exactly one horizon: steps (total local steps) or epochs")
+            raise ValueError(
+                "target_epsilon needs exactly one horizon: steps (total local steps) or epochs"
+            )
         if not isinstance(secure_mode, bool):
             raise ValueError(f"secure_mode must be true or false, got {secure_mode!r}")
         self.secure_mode = secure_mode
@@ -114,21 +137,35 @@ class DPSGD(AccountedDefense):
         super().begin(model, info)
         errors = ModuleValidator.validate(model, strict=False)
         if errors:
-            raise ValueError(f"dp_sgd: the model is not DP-compatible ({errors[0]}); choose a model without "
-                             "BatchNorm (e.g. model.name = 'resnet18_gn', GroupNorm via ModuleValidator.fix)")
+            raise ValueError(
+                f"dp_sgd: the model is not DP-compatible ({errors[0]}); choose a model without "
+                "BatchNorm (e.g. model.name = 'resnet18_gn', GroupNorm via ModuleValidator.fix)"
+            )
         if self.target_epsilon:
-            self.sigma = noise_for_target(self.target_epsilon, self.delta, self.q, self.steps, self.epochs)
+            self.sigma = noise_for_target(
+                self.target_epsilon, self.delta, self.q, self.steps, self.epochs
+            )
         params = [p for p in model.parameters() if p.requires_grad]
-        expected = (info.expected_batch_size or info.batch_size) if self.poisson else info.batch_size
-        self._params = dict(zip([n for n, p in model.named_parameters() if p.requires_grad], params, strict=True))
-        self._optimizer = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=self.sigma,
-                                      max_grad_norm=self.max_grad_norm, expected_batch_size=max(1, expected),
-                                      loss_reduction="mean", secure_mode=self.secure_mode)
+        expected = (
+            (info.expected_batch_size or info.batch_size) if self.poisson else info.batch_size
+        )
+        self._params = dict(
+            zip([n for n, p in model.named_parameters() if p.requires_grad], params, strict=True)
+        )
+        self._optimizer = DPOptimizer(
+            torch.optim.SGD(params, lr=0.0),
+            noise_multiplier=self.sigma,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=max(1, expected),
+            loss_reduction="mean",
+            secure_mode=self.secure_mode,
+        )
         for p in params:
             del p.summed_grad  # set by DPOptimizer; set again around each step only
 
-    def per_sample_gradients(self, model: nn.Module, names: list[str], x: torch.Tensor,
-                             y: torch.Tensor) -> tuple[torch.Tensor, Tensors]:
+    def per_sample_gradients(
+        self, model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, Tensors]:
         if x.shape[0] == 0:  # an empty Poisson batch: no gradient, only noise
             return empty_gradients(model, names)
         named = dict(model.named_parameters())
@@ -150,8 +187,13 @@ class DPSGD(AccountedDefense):
         opt = self._optimizer
         device = next(iter(self._params.values())).device
         # Opacus draws the noise on the parameters' device; derive a generator there from ours.
-        opt.generator = generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(
-            int(torch.randint(0, 2**62, (1,), generator=generator)))
+        opt.generator = (
+            generator
+            if device.type == "cpu"
+            else torch.Generator(device=device).manual_seed(
+                int(torch.randint(0, 2**62, (1,), generator=generator))
+            )
+        )
         for n, p in self._params.items():  # the attributes DPOptimizer reads; removed again below
             p.grad_sample, p.summed_grad = grads[n], None
         try:

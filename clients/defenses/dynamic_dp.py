@@ -86,16 +86,32 @@ class DynamicDP(AccountedDefense):
     ``sample_rate``, ``epsilon_formal`` (1 only with ``poisson`` and ``fixed`` clipping).
     """
 
-    def __init__(self, *, schedule: str = "constant", sigma: float | None = None, horizon: int = 100,
-                 step_unit: str = "round", clipping: str = "fixed", clip_norm: float = 4.0,
-                 clip_min: float = 0.1, clip_max: float = 8.0, clip_scope: str = "flat",
-                 delta: float = 1e-5, sample_rate: float = 0.0, poisson: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        schedule: str = "constant",
+        sigma: float | None = None,
+        horizon: int = 100,
+        step_unit: str = "round",
+        clipping: str = "fixed",
+        clip_norm: float = 4.0,
+        clip_min: float = 0.1,
+        clip_max: float = 8.0,
+        clip_scope: str = "flat",
+        delta: float = 1e-5,
+        sample_rate: float = 0.0,
+        poisson: bool = False,
+    ) -> None:
         super().__init__(delta=delta, sample_rate=sample_rate, poisson=poisson)
         if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
-            raise ValueError(f"horizon must be an integer >= 1 (rounds or iterations), got {horizon!r}")
+            raise ValueError(
+                f"horizon must be an integer >= 1 (rounds or iterations), got {horizon!r}"
+            )
         if not isinstance(schedule, str):
-            raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULE_NAMES))} or a "
-                             f"'pkg.module:function' path; got {schedule!r}")
+            raise ValueError(
+                f"schedule must be one of {', '.join(map(repr, SCHEDULE_NAMES))} or a "
+                f"'pkg.module:function' path; got {schedule!r}"
+            )
         self.schedule_name = schedule
         self.schedule = resolve_schedule(schedule, sigma=sigma)
         self.horizon = horizon
@@ -140,7 +156,9 @@ class DynamicDP(AccountedDefense):
             bounds.append(c)
             factor = (c / (norms + 1e-12)).clamp(max=1.0)
             for n in names:
-                clipped[n] = grads[n] * factor.to(grads[n].dtype).reshape(-1, *([1] * (grads[n].dim() - 1)))
+                clipped[n] = grads[n] * factor.to(grads[n].dtype).reshape(
+                    -1, *([1] * (grads[n].dim() - 1))
+                )
         return clipped, bounds
 
     def reduce_per_sample(self, grads: Tensors, *, generator: torch.Generator) -> Tensors:
@@ -148,10 +166,14 @@ class DynamicDP(AccountedDefense):
         self._step += 1
         batch = self.divisor(next(iter(grads.values())).shape[0])
         clipped, bounds = self.clip(grads)
-        bound_of = dict(zip(grads, bounds * len(grads) if len(bounds) == 1 else bounds, strict=True))
+        bound_of = dict(
+            zip(grads, bounds * len(grads) if len(bounds) == 1 else bounds, strict=True)
+        )
         out: Tensors = {}
         for n, g in clipped.items():
-            noise = torch.normal(0.0, sigma * bound_of[n], g.shape[1:], generator=generator, dtype=g.dtype)
+            noise = torch.normal(
+                0.0, sigma * bound_of[n], g.shape[1:], generator=generator, dtype=g.dtype
+            )
             out[n] = (g.sum(dim=0) + noise.to(g.device)) / batch
         self.account(sigma if len(bounds) == 1 else sigma / math.sqrt(len(bounds)))
         self.record("sigma", sigma)

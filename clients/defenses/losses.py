@@ -69,10 +69,14 @@ def check_loss_config(cfg: Any) -> None:
 
     for i, spec in enumerate(cfg.defenses):
         if issubclass(DEFENSES.get(spec.name), PerSampleDefense):
-            raise ConfigError(f"defenses[{i}].name: {spec.name!r} computes a cross-entropy per sample and "
-                              f"cannot train with client.loss = {loss!r}; use client.loss = 'cross_entropy'")
+            raise ConfigError(
+                f"defenses[{i}].name: {spec.name!r} computes a cross-entropy per sample and "
+                f"cannot train with client.loss = {loss!r}; use client.loss = 'cross_entropy'"
+            )
     for i, atk in enumerate(cfg.attacks):
         if atk.name in LOSS_AWARE_ATTACKS and atk.params.get("loss", "cross_entropy") != loss:
-            raise ConfigError(f"attacks[{i}].params.loss: the clients train with client.loss = {loss!r}; "
-                              f"the {atk.name} attack's threat model needs that loss: set "
-                              f"attacks[{i}].params.loss = {loss!r}")
+            raise ConfigError(
+                f"attacks[{i}].params.loss: the clients train with client.loss = {loss!r}; "
+                f"the {atk.name} attack's threat model needs that loss: set "
+                f"attacks[{i}].params.loss = {loss!r}"
+            )

@@ -45,11 +45,19 @@ class IdenticalLabels(BatchSamplerDefense):
             raise ValueError(f"labels ({len(labels)}) must align with partition ({len(partition)})")
         bs = min(batch_size, len(partition))
         classes, counts = np.unique(labels, return_counts=True)
-        return [self._one(partition, labels, classes, counts, bs, generator) for _ in range(num_batches)]
+        return [
+            self._one(partition, labels, classes, counts, bs, generator) for _ in range(num_batches)
+        ]
 
     @staticmethod
-    def _one(partition: np.ndarray, labels: np.ndarray, classes: np.ndarray, counts: np.ndarray,
-             bs: int, generator: torch.Generator) -> np.ndarray:
+    def _one(
+        partition: np.ndarray,
+        labels: np.ndarray,
+        classes: np.ndarray,
+        counts: np.ndarray,
+        bs: int,
+        generator: torch.Generator,
+    ) -> np.ndarray:
         full = counts >= bs
         if full.any():
             weights = torch.as_tensor(np.where(full, counts, 0), dtype=torch.float64)
@@ -60,4 +68,6 @@ class IdenticalLabels(BatchSamplerDefense):
         members = partition[labels == c]
         others = partition[labels != c]
         fill = others[torch.randperm(len(others), generator=generator)[: bs - len(members)].numpy()]
-        return np.concatenate([members[torch.randperm(len(members), generator=generator).numpy()], fill])
+        return np.concatenate(
+            [members[torch.randperm(len(members), generator=generator).numpy()], fill]
+        )

@@ -107,7 +107,13 @@ log = logging.getLogger(__name__)
 
 #: The checks, in the order they are run and reported.
 CHECKS: tuple[str, ...] = (
-    "nonfinite", "parallel_rows", "balanced_signs", "zero_rows", "dead_rows", "saturated_bias", "few_values",
+    "nonfinite",
+    "parallel_rows",
+    "balanced_signs",
+    "zero_rows",
+    "dead_rows",
+    "saturated_bias",
+    "few_values",
 )
 #: Rows shorter than this are not tested by ``few_values`` (too few entries to say anything)
 #: nor by ``balanced_signs`` (a balanced row of fewer than 16 signs is common by chance).
@@ -160,8 +166,9 @@ class LayerStats:
     min_distinct_share: float = math.nan
 
 
-def _number(name: str, value: object, lo: float, hi: float, *, lo_open: bool = True,
-            hi_open: bool = True) -> float:
+def _number(
+    name: str, value: object, lo: float, hi: float, *, lo_open: bool = True, hi_open: bool = True
+) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         v = float(value)  # type: ignore[arg-type]
@@ -194,10 +201,10 @@ def max_abs_cos(rows: torch.Tensor) -> torch.Tensor:
     m = rows.shape[0]
     out = torch.empty(m, dtype=rows.dtype)
     for start in range(0, m, _CHUNK):
-        block = (rows[start:start + _CHUNK] @ rows.T).abs()
+        block = (rows[start : start + _CHUNK] @ rows.T).abs()
         idx = torch.arange(block.shape[0])
         block[idx, idx + start] = 0.0
-        out[start:start + _CHUNK] = block.max(dim=1).values
+        out[start : start + _CHUNK] = block.max(dim=1).values
     return out
 
 
@@ -254,8 +261,10 @@ class ModelInspector:
             chosen: tuple[str, ...] = CHECKS
         else:
             if not isinstance(checks, (list, tuple)) or not checks:
-                raise ValueError(f"checks must be 'all' or a non-empty list of "
-                                 f"{', '.join(CHECKS)}; got {checks!r}")
+                raise ValueError(
+                    f"checks must be 'all' or a non-empty list of "
+                    f"{', '.join(CHECKS)}; got {checks!r}"
+                )
             bad = [c for c in checks if c not in CHECKS]
             if bad:
                 raise ValueError(f"unknown check {bad[0]!r}; allowed: {', '.join(CHECKS)}")
@@ -281,8 +290,9 @@ class ModelInspector:
         bad += 0 if b is None else int((~torch.isfinite(b)).sum())
         if bad:  # nothing else is meaningful on such a tensor
             if "nonfinite" in self.checks:
-                found.append(Finding("nonfinite", name, f"{bad} NaN or infinite weights/biases",
-                                     float(bad)))
+                found.append(
+                    Finding("nonfinite", name, f"{bad} NaN or infinite weights/biases", float(bad))
+                )
             return found, stats
         norms = rows.to(torch.float64).norm(dim=1)
         top = float(norms.max()) if m else 0.0
@@ -295,15 +305,19 @@ class ModelInspector:
             zeros = int((~nonzero).sum())
             stats.zero_share = zeros / m
             if zeros:
-                detail = (f"{zeros}/{m} rows have (near-)zero weights "
-                          f"(norm <= {self.zero_tol:g} x the largest)")
+                detail = (
+                    f"{zeros}/{m} rows have (near-)zero weights "
+                    f"(norm <= {self.zero_tol:g} x the largest)"
+                )
                 found.append(Finding("zero_rows", name, detail, zeros / m))
         if "dead_rows" in self.checks and b is not None and b.numel() == m:
             reach = norms * math.sqrt(d) * self.bias_ratio  # |w·h| <= ||w|| sqrt(d) ||h||_inf
             dead = int((b + reach < 0).sum())
             if dead:
-                detail = (f"{dead}/{m} rows stay negative for every input within +-{self.bias_ratio:g} per feature "
-                          "(dead after a ReLU)")
+                detail = (
+                    f"{dead}/{m} rows stay negative for every input within +-{self.bias_ratio:g} per feature "
+                    "(dead after a ReLU)"
+                )
                 found.append(Finding("dead_rows", name, detail, dead / m))
         if "saturated_bias" in self.checks and b is not None and m >= 2:
             gap = float(b.max() - b.min())
@@ -311,15 +325,23 @@ class ModelInspector:
             r = gap / scale if scale > 0 else (math.inf if gap > 0 else 0.0)
             stats.bias_ratio = r
             if r > self.bias_ratio:
-                detail = (f"bias gap {gap:.3g} is {r:.3g} x what the weights can move "
-                          f"(threshold {self.bias_ratio:g})")
+                detail = (
+                    f"bias gap {gap:.3g} is {r:.3g} x what the weights can move "
+                    f"(threshold {self.bias_ratio:g})"
+                )
                 found.append(Finding("saturated_bias", name, detail, r))
         if "few_values" in self.checks and d >= MIN_ROW:
             found += self._few_values(name, rows[nonzero], m, stats)
         return found, stats
 
-    def _parallel(self, name: str, rows: torch.Tensor, norms: torch.Tensor, nonzero: torch.Tensor,
-                  stats: LayerStats) -> list[Finding]:
+    def _parallel(
+        self,
+        name: str,
+        rows: torch.Tensor,
+        norms: torch.Tensor,
+        nonzero: torch.Tensor,
+        stats: LayerStats,
+    ) -> list[Finding]:
         live = int(nonzero.sum())
         d = rows.shape[1]
         if live < 2 or d < 2:
@@ -334,8 +356,14 @@ class ModelInspector:
         stats.parallel_share = hits / live
         if hits < 2:
             return []
-        return [Finding("parallel_rows", name, f"{hits}/{live} rows are parallel to another row "
-                        f"(|cos| >= {self.cos_threshold:g})", hits / live)]
+        return [
+            Finding(
+                "parallel_rows",
+                name,
+                f"{hits}/{live} rows are parallel to another row (|cos| >= {self.cos_threshold:g})",
+                hits / live,
+            )
+        ]
 
     def _signs(self, name: str, rows: torch.Tensor, stats: LayerStats) -> list[Finding]:
         pos = (rows > 0).sum(dim=1)
@@ -354,11 +382,19 @@ class ModelInspector:
         stats.balanced_share = balanced / k
         if pvalue >= self.alpha:
             return []
-        return [Finding("balanced_signs", name, f"{balanced}/{k} rows have exactly balanced signs "
-                        f"(chance {p:.3g} each; p-value {pvalue:.2g})", pvalue)]
+        return [
+            Finding(
+                "balanced_signs",
+                name,
+                f"{balanced}/{k} rows have exactly balanced signs "
+                f"(chance {p:.3g} each; p-value {pvalue:.2g})",
+                pvalue,
+            )
+        ]
 
-    def _few_values(self, name: str, rows: torch.Tensor, m: int,
-                    stats: LayerStats) -> list[Finding]:
+    def _few_values(
+        self, name: str, rows: torch.Tensor, m: int, stats: LayerStats
+    ) -> list[Finding]:
         if rows.shape[0] == 0:
             return []
         srt = rows.sort(dim=1).values
@@ -368,9 +404,16 @@ class ModelInspector:
         hits = int((share < self.distinct_share).sum())
         if not hits:
             return []
-        return [Finding("few_values", name, f"{hits}/{m} rows take fewer than "
-                        f"{self.distinct_share:g} x their length distinct values (fewest: "
-                        f"{int(distinct.min())} of {rows.shape[1]})", hits / m)]
+        return [
+            Finding(
+                "few_values",
+                name,
+                f"{hits}/{m} rows take fewer than "
+                f"{self.distinct_share:g} x their length distinct values (fewest: "
+                f"{int(distinct.min())} of {rows.shape[1]})",
+                hits / m,
+            )
+        ]
 
     # ------------------------------------------------------------------ whole model
     def inspect(self, model: nn.Module) -> tuple[list[Finding], list[LayerStats]]:
@@ -434,9 +477,14 @@ class ModelInspection(Defense):
         bias_ratio: float = 10.0,
         distinct_share: float = 0.5,
     ) -> None:
-        self.inspector = ModelInspector(checks=checks, cos_threshold=cos_threshold, alpha=alpha,
-                                        zero_tol=zero_tol, bias_ratio=bias_ratio,
-                                        distinct_share=distinct_share)
+        self.inspector = ModelInspector(
+            checks=checks,
+            cos_threshold=cos_threshold,
+            alpha=alpha,
+            zero_tol=zero_tol,
+            bias_ratio=bias_ratio,
+            distinct_share=distinct_share,
+        )
 
     def begin(self, model: nn.Module, info: TrainingInfo) -> None:
         super().begin(model, info)

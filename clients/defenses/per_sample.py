@@ -35,7 +35,9 @@ def per_sample_gradients(
         out = functional_call(model, {**p, **frozen, **buffers}, (xi.unsqueeze(0),))
         return F.cross_entropy(out, yi.unsqueeze(0))
 
-    grads, losses = vmap(grad_and_value(loss_one), in_dims=(None, 0, 0), randomness="different")(params, x, y)
+    grads, losses = vmap(grad_and_value(loss_one), in_dims=(None, 0, 0), randomness="different")(
+        params, x, y
+    )
     return losses.mean(), grads
 
 

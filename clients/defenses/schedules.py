@@ -80,8 +80,11 @@ def resolve_schedule(schedule: str, *, sigma: float | None = None) -> Schedule:
     needs ``sigma`` (> 0). Raises ``ValueError`` naming the allowed values.
     """
     if schedule == "constant":
-        if sigma is None or not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool)) \
-                or not 0 < sigma < math.inf:
+        if (
+            sigma is None
+            or not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool))
+            or not 0 < sigma < math.inf
+        ):
             raise ValueError(f"schedule 'constant' needs sigma, a finite number > 0; got {sigma!r}")
         value = float(sigma)
         return lambda t, horizon: value
@@ -89,13 +92,17 @@ def resolve_schedule(schedule: str, *, sigma: float | None = None) -> Schedule:
         return SCHEDULES[schedule]
     if isinstance(schedule, str) and ":" in schedule:
         return _load_dotted(schedule)
-    raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULE_NAMES))} or a "
-                     f"'pkg.module:function' path; got {schedule!r}")
+    raise ValueError(
+        f"schedule must be one of {', '.join(map(repr, SCHEDULE_NAMES))} or a "
+        f"'pkg.module:function' path; got {schedule!r}"
+    )
 
 
 def sigma_at(fn: Schedule, t: int, horizon: int) -> float:
     """``fn(t, horizon)`` checked to be a finite number > 0."""
     value = fn(int(t), int(horizon))
     if not isinstance(value, (int, float)) or not 0 < float(value) < math.inf:
-        raise ValueError(f"noise schedule gave σ = {value!r} at t = {t} (T = {horizon}); σ must be finite and > 0")
+        raise ValueError(
+            f"noise schedule gave σ = {value!r} at t = {t} (T = {horizon}); σ must be finite and > 0"
+        )
     return float(value)

@@ -75,8 +75,10 @@ def _resolve_layer(model: nn.Module, layer: str) -> tuple[str, nn.Linear]:
         mod = modules.get(layer)
         if not isinstance(mod, nn.Linear):
             linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-            raise ConfigError(f"soteria: layer {layer!r} is not an nn.Linear of the model; "
-                             f"allowed: {', '.join(map(repr, linears)) or 'none'}")
+            raise ConfigError(
+                f"soteria: layer {layer!r} is not an nn.Linear of the model; "
+                f"allowed: {', '.join(map(repr, linears)) or 'none'}"
+            )
         return layer, mod
     for name, mod in modules.items():
         if isinstance(mod, nn.Linear):
@@ -99,7 +101,9 @@ def preserved_state(model: nn.Module, device: torch.device) -> Iterator[None]:
                     b.copy_(saved[n])
 
 
-def representation(model: nn.Module, layer: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def representation(
+    model: nn.Module, layer: nn.Linear, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x', r)``: a differentiable copy of ``x`` and the input ``r`` of ``layer`` reshaped
     ``[B, P, in_features]`` (``P`` positions), from a forward pass of ``model`` in its current
     mode (wrap it in :func:`preserved_state` to keep buffers and RNG)."""
@@ -131,12 +135,13 @@ def input_sensitivity_exact(r: torch.Tensor, x: torch.Tensor, *, chunk: int = 64
         eye = torch.zeros(len(idx), *r.shape, dtype=r.dtype, device=r.device)
         eye[torch.arange(len(idx)), :, :, idx] = 1.0
         (g,) = torch.autograd.grad(r, x, eye, retain_graph=True, is_grads_batched=True)
-        out[:, start:start + len(idx)] = g.reshape(len(idx), b, -1).norm(dim=2).T
+        out[:, start : start + len(idx)] = g.reshape(len(idx), b, -1).norm(dim=2).T
     return out
 
 
-def input_sensitivity_hutchinson(r: torch.Tensor, x: torch.Tensor, *, probes: int,
-                                 generator: torch.Generator) -> torch.Tensor:
+def input_sensitivity_hutchinson(
+    r: torch.Tensor, x: torch.Tensor, *, probes: int, generator: torch.Generator
+) -> torch.Tensor:
     """``[B, m]``: unbiased estimate of ``‖∂r_{b,j}/∂x_b‖²`` averaged over ``probes`` Gaussian
     probes ``v`` (``E[(J v)²] = diag(J Jᵀ)``), square-rooted."""
     u = torch.zeros_like(r, requires_grad=True)
@@ -184,17 +189,30 @@ class Soteria(Defense):
     exclusive: ClassVar[bool] = True
     needs_batch: ClassVar[bool] = True
 
-    def __init__(self, *, pruning_ratio: float = 0.8, layer: str = "", method: str = "auto",
-                 probes: int = 32, max_exact_width: int = 1024) -> None:
+    def __init__(
+        self,
+        *,
+        pruning_ratio: float = 0.8,
+        layer: str = "",
+        method: str = "auto",
+        probes: int = 32,
+        max_exact_width: int = 1024,
+    ) -> None:
         self.pruning_ratio = _number("pruning_ratio", pruning_ratio, 0.0, 1.0)
         if not isinstance(layer, str):
-            raise ValueError(f"layer must be a module name (string; empty = first nn.Linear), got {layer!r}")
+            raise ValueError(
+                f"layer must be a module name (string; empty = first nn.Linear), got {layer!r}"
+            )
         if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+            raise ValueError(
+                f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}"
+            )
         self.layer = layer
         self.method = method
         self.probes = int(_number("probes", probes, 1, 1e6, integer=True))
-        self.max_exact_width = int(_number("max_exact_width", max_exact_width, 1, 1e9, integer=True))
+        self.max_exact_width = int(
+            _number("max_exact_width", max_exact_width, 1, 1e9, integer=True)
+        )
         self._mask: torch.Tensor | None = None
 
     def check_model(self, model: nn.Module) -> None:
@@ -209,10 +227,14 @@ class Soteria(Defense):
             raise ValueError(f"soteria: the weight of layer {name!r} is not trainable")
         self._mask = None
 
-    def column_mask(self, model: nn.Module, x: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
+    def column_mask(
+        self, model: nn.Module, x: torch.Tensor, *, generator: torch.Generator
+    ) -> torch.Tensor:
         """``[in_features]`` boolean: ``True`` for the columns to zero on batch ``x``."""
         if not x.is_floating_point():
-            raise ValueError("soteria needs floating-point inputs (it differentiates the representation in x)")
+            raise ValueError(
+                "soteria needs floating-point inputs (it differentiates the representation in x)"
+            )
         if x.shape[0] == 0:  # an empty Poisson batch: the gradient is noise only, nothing to hide
             return torch.zeros(self._module.in_features, dtype=torch.bool, device=x.device)
         with preserved_state(model, x.device):
@@ -224,15 +246,16 @@ class Soteria(Defense):
             else:
                 sens = input_sensitivity_hutchinson(r, xg, probes=self.probes, generator=generator)
             ratios = representation_ratios(r, sens.detach())
-        n_zero = min(m, int(math.floor(self.pruning_ratio * m + 0.5)))
+        n_zero = min(m, math.floor(self.pruning_ratio * m + 0.5))
         mask = torch.zeros(m, dtype=torch.bool, device=ratios.device)
         if n_zero:
             # smallest ratios first; stable sort breaks ties by position
             mask[torch.sort(ratios, stable=True).indices[:n_zero]] = True
         return mask
 
-    def observe_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                      generator: torch.Generator) -> None:
+    def observe_batch(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, generator: torch.Generator
+    ) -> None:
         self._mask = self.column_mask(model, x, generator=generator)
 
     def transform_step(self, grads: Tensors, *, generator: torch.Generator) -> Tensors:

@@ -43,11 +43,16 @@ def validate_stack(defenses: Sequence[Defense]) -> None:
     """Raise :class:`ConfigError` when ``defenses`` (in declared order) break a stacking rule."""
     for i, d in enumerate(defenses):
         if d.stage not in STAGES:
-            raise ConfigError(f"{_label(i, d)}: stage {d.stage!r} is not one of {', '.join(STAGES)}")
+            raise ConfigError(
+                f"{_label(i, d)}: stage {d.stage!r} is not one of {', '.join(STAGES)}"
+            )
     for j, d in enumerate(defenses):
         for i in range(j):
             e = defenses[i]
-            if "inspect" in (d.role, e.role):  # inspection runs in begin(), before any training: anywhere
+            if "inspect" in (
+                d.role,
+                e.role,
+            ):  # inspection runs in begin(), before any training: anywhere
                 continue
             where = f"{_label(j, d)} after {_label(i, e)}"
             if STAGES.index(d.stage) < STAGES.index(e.stage):
@@ -56,14 +61,20 @@ def validate_stack(defenses: Sequence[Defense]) -> None:
                     f"in execution order ({' → '.join(STAGES)})"
                 )
             if e.stage == "sampler" and _provided_sampler(d) is not None:
-                raise ConfigError(f"{where}: {d.name} samples its own batches (poisson = true); it cannot "
-                                  f"be combined with the sampler {e.name or type(e).__name__}")
+                raise ConfigError(
+                    f"{where}: {d.name} samples its own batches (poisson = true); it cannot "
+                    f"be combined with the sampler {e.name or type(e).__name__}"
+                )
             if d.stage != e.stage:
                 continue
             if d.exclusive and type(d) is type(e):
-                raise ConfigError(f"{where}: at most one {d.name or type(d).__name__} per {d.stage!r} stage")
+                raise ConfigError(
+                    f"{where}: at most one {d.name or type(d).__name__} per {d.stage!r} stage"
+                )
             if e.stage in ("sampler", "per_sample"):
-                raise ConfigError(f"{where}: at most one {e.stage!r} defense (both would replace the same step)")
+                raise ConfigError(
+                    f"{where}: at most one {e.stage!r} defense (both would replace the same step)"
+                )
             if e.role == "sign" and d.role != "quantize":
                 raise ConfigError(
                     f"{where}: after signsgd only quantization may follow (the sign already discards "
@@ -90,8 +101,10 @@ def build_defenses(specs: Iterable[Any]) -> list[Defense]:
     for i, spec in enumerate(specs):
         name, params = _fields(spec)
         if not name:
-            raise ConfigError(f"defenses[{i}].name: every [[defenses]] entry needs a name; known: "
-                              f"{', '.join(DEFENSES.names())}")
+            raise ConfigError(
+                f"defenses[{i}].name: every [[defenses]] entry needs a name; known: "
+                f"{', '.join(DEFENSES.names())}"
+            )
         try:
             defense = DEFENSES.create(name, **params)
         except UserError as exc:
@@ -124,17 +137,25 @@ def batch_sampler(defenses: Sequence[Defense]) -> BatchSamplerDefense | None:
 
 
 def draw_batches(
-    sampler: BatchSamplerDefense, partition: np.ndarray, labels: np.ndarray, *, batch_size: int,
-    num_batches: int, generator: torch.Generator,
+    sampler: BatchSamplerDefense,
+    partition: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int,
+    num_batches: int,
+    generator: torch.Generator,
 ) -> list[np.ndarray]:
     """Call ``sampler`` and check what it returns (sizes, membership in the partition)."""
-    batches = sampler.sample_batches(partition, labels, batch_size=batch_size, num_batches=num_batches,
-                                     generator=generator)
+    batches = sampler.sample_batches(
+        partition, labels, batch_size=batch_size, num_batches=num_batches, generator=generator
+    )
     allowed = set(np.asarray(partition).tolist())
     allows_empty = bool(getattr(sampler, "allows_empty", False))  # Poisson batches may be empty
     if len(batches) != num_batches:
         raise ValueError(f"{sampler.name}: returned {len(batches)} batches, expected {num_batches}")
     for b in batches:
         if (len(b) == 0 and not allows_empty) or not set(np.asarray(b).tolist()) <= allowed:
-            raise ValueError(f"{sampler.name}: a batch is empty or has indices outside the partition")
+            raise ValueError(
+                f"{sampler.name}: a batch is empty or has indices outside the partition"
+            )
     return [np.asarray(b, dtype=np.int64) for b in batches]

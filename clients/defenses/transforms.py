@@ -23,7 +23,7 @@ def _choice(param: str, value: object, allowed: tuple[str, ...]) -> str:
 
 def num_zeroed(ratio: float, numel: int) -> int:
     """Entries pruning zeroes in a tensor of ``numel`` entries: ``round(ratio * numel)``."""
-    return min(numel, int(math.floor(ratio * numel + 0.5)))
+    return min(numel, math.floor(ratio * numel + 0.5))
 
 
 @register_defense("pruning")
@@ -49,7 +49,11 @@ class Pruning(TensorTransform):
 
     def __init__(self, *, ratio: float, scope: str = "layer", apply_to: str = "update") -> None:
         super().__init__(apply_to=apply_to)
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+        if (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, (int, float))
+            or not 0.0 <= ratio <= 1.0
+        ):
             raise ValueError(f"ratio (fraction zeroed) must be a number in [0, 1], got {ratio!r}")
         self.ratio = float(ratio)
         self.scope = _choice("scope", scope, ("layer", "global"))
@@ -65,14 +69,21 @@ class Pruning(TensorTransform):
     def masks(self, tensors: Tensors) -> dict[str, torch.Tensor]:
         """The boolean keep-mask of each tensor."""
         if self.scope == "layer":
-            return {n: self._keep_mask(t.detach().reshape(-1), num_zeroed(self.ratio, t.numel())).reshape(t.shape)
-                    for n, t in tensors.items()}
+            return {
+                n: self._keep_mask(
+                    t.detach().reshape(-1), num_zeroed(self.ratio, t.numel())
+                ).reshape(t.shape)
+                for n, t in tensors.items()
+            }
         if not tensors:
             return {}
         flat = torch.cat([t.detach().reshape(-1) for t in tensors.values()])
         mask = self._keep_mask(flat, num_zeroed(self.ratio, flat.numel()))
         sizes = [t.numel() for t in tensors.values()]
-        return {n: m.reshape(t.shape) for (n, t), m in zip(tensors.items(), mask.split(sizes), strict=True)}
+        return {
+            n: m.reshape(t.shape)
+            for (n, t), m in zip(tensors.items(), mask.split(sizes), strict=True)
+        }
 
     def transform(self, tensors: Tensors, *, generator: torch.Generator) -> Tensors:
         masks = self.masks(tensors)
@@ -158,7 +169,9 @@ class Quantization(TensorTransform):
 
     def transform(self, tensors: Tensors, *, generator: torch.Generator) -> Tensors:
         out = {n: self.quantize(t) for n, t in tensors.items()}
-        err = max((float((out[n] - t).abs().max()) for n, t in tensors.items() if t.numel()), default=0.0)
+        err = max(
+            (float((out[n] - t).abs().max()) for n, t in tensors.items() if t.numel()), default=0.0
+        )
         self.record("max_abs_error", err)
         return out
 
@@ -184,14 +197,22 @@ class AdditiveNoise(TensorTransform):
     ‖noise‖ / ‖update‖.
     """
 
-    def __init__(self, *, scale: float, distribution: str = "gaussian", apply_to: str = "update") -> None:
+    def __init__(
+        self, *, scale: float, distribution: str = "gaussian", apply_to: str = "update"
+    ) -> None:
         super().__init__(apply_to=apply_to)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not 0 < scale < math.inf
+        ):
             raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
         self.scale = float(scale)
         self.distribution = _choice("distribution", distribution, ("gaussian", "laplace"))
 
-    def sample(self, shape: torch.Size, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    def sample(
+        self, shape: torch.Size, dtype: torch.dtype, generator: torch.Generator
+    ) -> torch.Tensor:
         """Noise of ``shape`` from ``generator`` (CPU)."""
         if self.distribution == "gaussian":
             return torch.randn(shape, generator=generator, dtype=dtype) * self.scale

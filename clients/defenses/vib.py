@@ -53,7 +53,9 @@ class VIBHead(nn.Module):
     ``self.kl_sink`` is a list, each forward appends the per-example KL(q(z|h) ‖ N(0, I)).
     """
 
-    def __init__(self, in_features: int, num_classes: int, *, z_dim: int = VIB_DIM, bias: bool = True) -> None:
+    def __init__(
+        self, in_features: int, num_classes: int, *, z_dim: int = VIB_DIM, bias: bool = True
+    ) -> None:
         super().__init__()
         self.z_dim = int(z_dim)
         self.encoder = nn.Linear(in_features, 2 * self.z_dim)
@@ -88,25 +90,33 @@ def vib_heads(model: nn.Module) -> list[VIBHead]:
     return [m for m in model.modules() if isinstance(m, VIBHead)]
 
 
-def build_vib_model(base: str, input_shape: tuple[int, int, int], num_classes: int, *,
-                    z_dim: int = VIB_DIM) -> nn.Module:
+def build_vib_model(
+    base: str, input_shape: tuple[int, int, int], num_classes: int, *, z_dim: int = VIB_DIM
+) -> nn.Module:
     """Model ``base`` of :data:`fl_privsim.models.MODELS` with its last ``nn.Linear`` (the
     layer producing the logits) replaced by a :class:`VIBHead` of the same input width."""
     from fl_privsim.errors import ConfigError
     from fl_privsim.models import MODELS
 
     if base not in MODELS:
-        raise ConfigError(f"model.name: unknown model {base + SUFFIX!r}; allowed: "
-                          f"{', '.join(list(MODELS) + [m + SUFFIX for m in MODELS])}")
+        raise ConfigError(
+            f"model.name: unknown model {base + SUFFIX!r}; allowed: "
+            f"{', '.join(list(MODELS) + [m + SUFFIX for m in MODELS])}"
+        )
     model = MODELS[base](tuple(int(v) for v in input_shape), int(num_classes))
     last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not last or last[-1][1].out_features != num_classes:
-        raise ConfigError(f"model.name: {base!r} has no final linear layer to the {num_classes} logits; "
-                          f"it has no VIB variant")
+        raise ConfigError(
+            f"model.name: {base!r} has no final linear layer to the {num_classes} logits; "
+            f"it has no VIB variant"
+        )
     name, lin = last[-1]
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    setattr(parent, name.rpartition(".")[2], VIBHead(lin.in_features, num_classes, z_dim=z_dim,
-                                                      bias=lin.bias is not None))
+    setattr(
+        parent,
+        name.rpartition(".")[2],
+        VIBHead(lin.in_features, num_classes, z_dim=z_dim, bias=lin.bias is not None),
+    )
     return model
 
 
@@ -137,8 +147,10 @@ class VIB(PerSampleDefense):
         """The model's single :class:`VIBHead`; a ``ValueError`` naming the fix otherwise."""
         heads = vib_heads(model)
         if len(heads) != 1:
-            raise ValueError(f"the vib defense needs a model with one VIBHead (model.name = '<base>_vib', e.g. "
-                             f"'mlp_vib'); {type(model).__name__} has {len(heads)}")
+            raise ValueError(
+                f"the vib defense needs a model with one VIBHead (model.name = '<base>_vib', e.g. "
+                f"'mlp_vib'); {type(model).__name__} has {len(heads)}"
+            )
         return heads[0]
 
     def begin(self, model: nn.Module, info: TrainingInfo) -> None:
@@ -148,18 +160,26 @@ class VIB(PerSampleDefense):
     def per_sample_gradients(
         self, model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, Tensors]:
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+        if any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()
+        ):
             raise ValueError("per-sample gradients need a model without BatchNorm (use GroupNorm)")
         head = self.head_of(model)
         named = dict(model.named_parameters())
         params = {n: named[n].detach() for n in names}
         frozen = {n: p.detach() for n, p in named.items() if n not in params}
         buffers = {n: b.detach() for n, b in model.named_buffers()}
-        noise = torch.randn(int(y.shape[0]), head.z_dim, dtype=x.dtype if x.is_floating_point() else None,
-                            device=x.device)
+        noise = torch.randn(
+            int(y.shape[0]),
+            head.z_dim,
+            dtype=x.dtype if x.is_floating_point() else None,
+            device=x.device,
+        )
         beta = self.beta
 
-        def loss_one(p: Tensors, xi: torch.Tensor, yi: torch.Tensor, ei: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        def loss_one(
+            p: Tensors, xi: torch.Tensor, yi: torch.Tensor, ei: torch.Tensor
+        ) -> tuple[torch.Tensor, Any]:
             sink: list[torch.Tensor] = []
             head.kl_sink, head.noise = sink, ei.unsqueeze(0)
             try:
@@ -170,8 +190,9 @@ class VIB(PerSampleDefense):
             kl = sink[0].mean()
             return ce + beta * kl, (ce.detach(), kl.detach())
 
-        grads, (losses, (ce, kl)) = vmap(grad_and_value(loss_one, has_aux=True), in_dims=(None, 0, 0, 0),
-                                         randomness="different")(params, x, y, noise)
+        grads, (losses, (ce, kl)) = vmap(
+            grad_and_value(loss_one, has_aux=True), in_dims=(None, 0, 0, 0), randomness="different"
+        )(params, x, y, noise)
         self.record("ce", float(ce.mean()))
         self.record("kl", float(kl.mean()))
         return losses.mean(), grads

@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def _rss_kib_total() -> int:
-    out = subprocess.run(["ps", "-eo", "rss="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-eo", "rss="], capture_output=True, text=True, check=True).stdout
     return sum(int(v) for v in out.split())
 
 
@@ -41,7 +41,9 @@ def main(argv: list[str]) -> int:
     summary = json.loads((out / "summary.json").read_text())
     best = max((v.get("psnr", 0.0), k) for k, v in summary["attacks"].items())
     print(f"wall time            {wall:7.1f} s   (target < 180 s; ratio {wall / 180:.2f})")
-    print(f"peak total RSS       {peak / 1024:7.0f} MiB (target < 4096 MiB; ratio {peak / 1024 / 4096:.2f})")
+    print(
+        f"peak total RSS       {peak / 1024:7.0f} MiB (target < 4096 MiB; ratio {peak / 1024 / 4096:.2f})"
+    )
     print(f"best mean PSNR       {best[0]:7.2f} dB  ({best[1]}; target >= 20 dB)")
     print(f"final test accuracy  {summary['final_accuracy']:.4f}")
     return 0

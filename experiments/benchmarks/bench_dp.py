@@ -38,8 +38,16 @@ def time_update(model_name: str, variant: str, batches: list, seed: int) -> floa
     model = build_model(model_name, (1, 28, 28), 10)
     defenses = build_defenses(VARIANTS[variant])
     start = time.process_time()
-    res = local_update(model, batches, protocol="fedavg", lr=0.05, defenses=defenses,
-                       generator=torch.Generator().manual_seed(seed), server_round=1, dataset_size=6000)
+    res = local_update(
+        model,
+        batches,
+        protocol="fedavg",
+        lr=0.05,
+        defenses=defenses,
+        generator=torch.Generator().manual_seed(seed),
+        server_round=1,
+        dataset_size=6000,
+    )
     res.metrics  # noqa: B018  (ε is computed inside local_update already)
     return (time.process_time() - start) / len(batches)
 
@@ -53,10 +61,23 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(args.batch, 1, 28, 28, generator=gen), torch.randint(0, 10, (args.batch,), generator=gen))
-               for _ in range(args.steps)]
-    log.info("%-8s %-11s %10s %8s   (B=%d, %d steps, %d reps, CPU ms per step, median)",
-             "model", "variant", "ms/step", "ratio", args.batch, args.steps, args.reps)
+    batches = [
+        (
+            torch.randn(args.batch, 1, 28, 28, generator=gen),
+            torch.randint(0, 10, (args.batch,), generator=gen),
+        )
+        for _ in range(args.steps)
+    ]
+    log.info(
+        "%-8s %-11s %10s %8s   (B=%d, %d steps, %d reps, CPU ms per step, median)",
+        "model",
+        "variant",
+        "ms/step",
+        "ratio",
+        args.batch,
+        args.steps,
+        args.reps,
+    )
     for model_name in ("mlp", "convnet"):
         for v in VARIANTS:  # warm-up (lazy imports, allocator)
             time_update(model_name, v, batches[:1], 0)

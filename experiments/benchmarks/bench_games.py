@@ -28,15 +28,23 @@ log = logging.getLogger("bench_games")
 
 
 def case(root: str, overrides: list[str]) -> dict:
-    cfg = load_game_config(None, [f'data.root="{root}"', 'data.name="adult"', 'game.kind="attribute"', *overrides])
+    cfg = load_game_config(
+        None, [f'data.root="{root}"', 'data.name="adult"', 'game.kind="attribute"', *overrides]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         _, s = run_game(cfg, out=Path(tmp) / "run")
         wall = time.perf_counter() - start
-    row = {"overrides": overrides, "wall_s": round(wall, 2), "auc": round(s["auc"], 4),
-           "auc_ci": [round(v, 4) for v in s["auc_ci"]], "accuracy": s["accuracy"],
-           "tpr_at_1pct_fpr": s["tpr_at_1pct_fpr"], "release_path": s["release_path"],
-           "seconds": {k: round(v, 2) for k, v in s["seconds"].items()}}
+    row = {
+        "overrides": overrides,
+        "wall_s": round(wall, 2),
+        "auc": round(s["auc"], 4),
+        "auc_ci": [round(v, 4) for v in s["auc_ci"]],
+        "accuracy": s["accuracy"],
+        "tpr_at_1pct_fpr": s["tpr_at_1pct_fpr"],
+        "release_path": s["release_path"],
+        "seconds": {k: round(v, 2) for k, v in s["seconds"].items()},
+    }
     log.info("%s", json.dumps(row))
     return row
 
@@ -48,8 +56,12 @@ def main() -> None:
     ap.add_argument("--features", nargs="+", default=["alignment", "last"])
     ap.add_argument("--attack-models", nargs="+", default=["mlp"])
     ap.add_argument("--trials", type=int, default=1000)
-    ap.add_argument("--exact", action="store_true", help="also time the literal local_update loop (batch 8)")
-    ap.add_argument("--dp", action="store_true", help="also run a dp_sgd case (exact path, 200 trials)")
+    ap.add_argument(
+        "--exact", action="store_true", help="also time the literal local_update loop (batch 8)"
+    )
+    ap.add_argument(
+        "--dp", action="store_true", help="also run a dp_sgd case (exact path, 200 trials)"
+    )
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -60,15 +72,40 @@ def main() -> None:
     for model in args.attack_models:
         for feat in args.features:
             for b in args.batches:
-                rows.append(case(args.root, [*base, f"game.batch_size={b}", f'game.features="{feat}"',
-                                             f'game.attack_model="{model}"']))
+                rows.append(
+                    case(
+                        args.root,
+                        [
+                            *base,
+                            f"game.batch_size={b}",
+                            f'game.features="{feat}"',
+                            f'game.attack_model="{model}"',
+                        ],
+                    )
+                )
     if args.exact:
-        rows.append(case(args.root, [*base, "game.batch_size=8", 'game.features="alignment"', "game.exact=true"]))
+        rows.append(
+            case(
+                args.root,
+                [*base, "game.batch_size=8", 'game.features="alignment"', "game.exact=true"],
+            )
+        )
     if args.dp:
         dp = ['defenses=[{name="dp_sgd", params={noise_multiplier=1.0, max_grad_norm=1.0}}]']
         for adv in ("static", "adaptive"):
-            rows.append(case(args.root, ["game.trials=200", "game.shadow_trials=200", "game.batch_size=8",
-                                         'game.features="alignment"', f'game.adversary="{adv}"', *dp]))
+            rows.append(
+                case(
+                    args.root,
+                    [
+                        "game.trials=200",
+                        "game.shadow_trials=200",
+                        "game.batch_size=8",
+                        'game.features="alignment"',
+                        f'game.adversary="{adv}"',
+                        *dp,
+                    ],
+                )
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

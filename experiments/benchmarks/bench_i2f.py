@@ -31,8 +31,13 @@ from fl_privsim.models import build_model
 
 log = logging.getLogger("bench_i2f")
 
-SHAPES = {"lenet": (1, 28, 28), "convnet": (3, 32, 32), "resnet18": (3, 32, 32), "mlp": (1, 28, 28),
-          "cnn6": (3, 32, 32)}
+SHAPES = {
+    "lenet": (1, 28, 28),
+    "convnet": (3, 32, 32),
+    "resnet18": (3, 32, 32),
+    "mlp": (1, 28, 28),
+    "cnn6": (3, 32, 32),
+}
 
 
 def time_lower_bound(name: str, seed: int) -> tuple[float, float, int, float]:
@@ -74,10 +79,16 @@ def main() -> None:
     torch.set_num_threads(1)
     for name in args.models.split(","):
         runs = [time_lower_bound(name, seed) for seed in range(args.reps)]
-        log.info("%-9s %s  wall %.2f s  cpu %.2f s (median of %d)  JJᵀv products %s  I2F_lb %s", name,
-                 "×".join(map(str, SHAPES[name])), statistics.median(r[0] for r in runs),
-                 statistics.median(r[1] for r in runs), args.reps, [r[2] for r in runs],
-                 [f"{r[3]:.3g}" for r in runs])
+        log.info(
+            "%-9s %s  wall %.2f s  cpu %.2f s (median of %d)  JJᵀv products %s  I2F_lb %s",
+            name,
+            "×".join(map(str, SHAPES[name])),
+            statistics.median(r[0] for r in runs),
+            statistics.median(r[1] for r in runs),
+            args.reps,
+            [r[2] for r in runs],
+            [f"{r[3]:.3g}" for r in runs],
+        )
 
 
 if __name__ == "__main__":

@@ -80,8 +80,12 @@ def reference_update(model, names, params, x, y, obs, create_graph):
     b = obs.batch_size
     current = list(params)
     for i in range(obs.local_steps):
-        out = torch.func.functional_call(model, dict(zip(names, current)), (x[i * b : (i + 1) * b],))
-        grads = torch.autograd.grad(F.cross_entropy(out, y[i * b : (i + 1) * b]), current, create_graph=True)
+        out = torch.func.functional_call(
+            model, dict(zip(names, current)), (x[i * b : (i + 1) * b],)
+        )
+        grads = torch.autograd.grad(
+            F.cross_entropy(out, y[i * b : (i + 1) * b]), current, create_graph=True
+        )
         current = [p - obs.lr * g for p, g in zip(current, grads)]
     return [c - p for c, p in zip(current, params)]
 
@@ -122,7 +126,9 @@ def reference_attack(obs: Observation, *, iterations, lr, tv_weight, restarts, g
             sched.step()
             with torch.no_grad():
                 x.copy_(torch.maximum(torch.minimum(x, upper), lower))
-        final = float(reference_objective(model, names, params, x, y, obs, target, tv_weight).detach())
+        final = float(
+            reference_objective(model, names, params, x, y, obs, target, tv_weight).detach()
+        )
         finals.append(final if math.isfinite(final) else math.inf)
     return min(finals), sum(finals) / len(finals), max(finals)
 
@@ -131,7 +137,9 @@ def reference_attack(obs: Observation, *, iterations, lr, tv_weight, restarts, g
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="convnet")
     parser.add_argument("--batch", type=int, default=1, help="images per step")
     parser.add_argument("--restarts", type=int, default=4)
@@ -156,7 +164,12 @@ def main() -> None:
     obs = client_observation(
         model, batches, protocol=args.protocol, lr=args.local_lr, mean=mean, std=std, num_classes=10
     )
-    common = {"iterations": args.iterations, "lr": 0.1, "tv_weight": args.tv_weight, "restarts": args.restarts}
+    common = {
+        "iterations": args.iterations,
+        "lr": 0.1,
+        "tv_weight": args.tv_weight,
+        "restarts": args.restarts,
+    }
 
     def run_reference() -> tuple[float, float, float]:
         return reference_attack(obs, generator=torch.Generator().manual_seed(args.seed), **common)
@@ -166,11 +179,19 @@ def main() -> None:
 
         def run() -> tuple[float, float, float]:
             metrics = attack(obs, generator=torch.Generator().manual_seed(args.seed)).metrics
-            return metrics["final_loss"], metrics["mean_restart_loss"], metrics["worst_restart_loss"]
+            return (
+                metrics["final_loss"],
+                metrics["mean_restart_loss"],
+                metrics["worst_restart_loss"],
+            )
 
         return run
 
-    runs = {"reference": run_reference, "project_batched": run_project(True), "project_sequential": run_project(False)}
+    runs = {
+        "reference": run_reference,
+        "project_batched": run_project(True),
+        "project_sequential": run_project(False),
+    }
     if args.restarts == 1:
         del runs["project_batched"]  # the same code path as sequential
     speed: dict[str, list[float]] = defaultdict(list)
@@ -191,7 +212,9 @@ def main() -> None:
                 "final loss best/mean/worst " + " / ".join(f"{v:.4g}" for v in loss[name])
             )
     ref = statistics.median(speed["reference"])
-    print("median restart-iterations per CPU second, ratio to the reference, final loss (best/mean/worst restart):")
+    print(
+        "median restart-iterations per CPU second, ratio to the reference, final loss (best/mean/worst restart):"
+    )
     for name in runs:
         med = statistics.median(speed[name])
         print(

@@ -101,7 +101,12 @@ def _case(source: str, n: int, m: int, impl: str, queue: mp.Queue) -> None:
     avd_matched = _old_avd_matched if impl == "old" else metrics.avd_matched
     ssim = _old_ssim if impl == "old" else metrics.ssim
     warm_o, warm_r = _data("random", 4, 4, seed=1)  # first-call set-up of torch/scipy, untimed
-    match(warm_o, warm_r), avd_matched(warm_o, warm_r), ssim(warm_o, warm_r), metrics.psnr(warm_o, warm_r)
+    (
+        match(warm_o, warm_r),
+        avd_matched(warm_o, warm_r),
+        ssim(warm_o, warm_r),
+        metrics.psnr(warm_o, warm_r),
+    )
     before = _rss_mib()
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -118,10 +123,16 @@ def _case(source: str, n: int, m: int, impl: str, queue: mp.Queue) -> None:
     p = metrics.psnr(o, mt)
     times["ssim+psnr"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
-    queue.put({
-        "times": times, "peak_mib": _peak_mib() - before, "perm": perm, "avd": avd.numpy(),
-        "ssim": float(s.mean()), "psnr": float(p.mean()),
-    })
+    queue.put(
+        {
+            "times": times,
+            "peak_mib": _peak_mib() - before,
+            "perm": perm,
+            "avd": avd.numpy(),
+            "ssim": float(s.mean()),
+            "psnr": float(p.mean()),
+        }
+    )
 
 
 def run_case(source: str, n: int, m: int, impl: str) -> dict:
@@ -137,18 +148,25 @@ def run_case(source: str, n: int, m: int, impl: str) -> dict:
 
 def _line(label: str, r: dict) -> str:
     t = r["times"]
-    return (f"{label:<34} match {t['match']:7.3f} s  avd {t['avd']:7.3f} s  "
-            f"ssim+psnr {t['ssim+psnr']:6.3f} s  "
-            f"total {t['total']:7.3f} s  peak +{r['peak_mib']:7.0f} MiB  (psnr {r['psnr']:.1f} dB, "
-            f"ssim {r['ssim']:.3f})")
+    return (
+        f"{label:<34} match {t['match']:7.3f} s  avd {t['avd']:7.3f} s  "
+        f"ssim+psnr {t['ssim+psnr']:6.3f} s  "
+        f"total {t['total']:7.3f} s  peak +{r['peak_mib']:7.0f} MiB  (psnr {r['psnr']:.1f} dB, "
+        f"ssim {r['ssim']:.3f})"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="originals (default 1000)")
     parser.add_argument("--m", type=int, default=1000, help="reconstructions (default 1000)")
-    parser.add_argument("--old-n", type=int, nargs="+", default=[64, 128],
-                        help="sizes N = M at which to compare with the former implementation")
+    parser.add_argument(
+        "--old-n",
+        type=int,
+        nargs="+",
+        default=[64, 128],
+        help="sizes N = M at which to compare with the former implementation",
+    )
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, images 3x32x32")
     sources = ["random"] + (["cifar"] if CIFAR.exists() else [])
@@ -161,14 +179,18 @@ def main() -> None:
     for k in args.old_n:
         old = run_case("random", k, k, "old")
         new = run_case("random", k, k, "new")
-        same = (np.array_equal(old["perm"], new["perm"])
-                and np.allclose(old["avd"], new["avd"], atol=1e-12)
-                and abs(old["ssim"] - new["ssim"]) < 1e-12)
+        same = (
+            np.array_equal(old["perm"], new["perm"])
+            and np.allclose(old["avd"], new["avd"], atol=1e-12)
+            and abs(old["ssim"] - new["ssim"]) < 1e-12
+        )
         print(_line(f"random N=M={k} old", old))
         print(_line(f"random N=M={k} new", new))
         ratio = old["times"]["total"] / new["times"]["total"]
-        print(f"{'':<34} old/new total time {ratio:.1f}x, peak memory {old['peak_mib']:.0f} / "
-              f"{max(new['peak_mib'], 1):.0f} MiB, same matching, AVD and SSIM: {same}")
+        print(
+            f"{'':<34} old/new total time {ratio:.1f}x, peak memory {old['peak_mib']:.0f} / "
+            f"{max(new['peak_mib'], 1):.0f} MiB, same matching, AVD and SSIM: {same}"
+        )
 
 
 if __name__ == "__main__":

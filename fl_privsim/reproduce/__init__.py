@@ -30,7 +30,9 @@ __all__ = [
 
 #: Every module of this package except ``base`` (and ``_private`` ones) holds reproductions.
 MODULES = tuple(
-    m.name for m in pkgutil.iter_modules(__path__) if m.name != "base" and not m.name.startswith("_")
+    m.name
+    for m in pkgutil.iter_modules(__path__)
+    if m.name != "base" and not m.name.startswith("_")
 )
 
 for _module in MODULES:

@@ -44,8 +44,17 @@ _LOSS_ID = {"cross_entropy": 1, "mse": 2}
 RECOVERED_DB = 40.0
 
 
-def _attack_cells(model: torch.nn.Module, data: ImageData, kind: str, n: int, loss: str, s: dict[str, Any],
-                  seed: int, device: torch.device, stage: int) -> dict[str, list[float]]:
+def _attack_cells(
+    model: torch.nn.Module,
+    data: ImageData,
+    kind: str,
+    n: int,
+    loss: str,
+    s: dict[str, Any],
+    seed: int,
+    device: torch.device,
+    stage: int,
+) -> dict[str, list[float]]:
     """Scores of the analytic attack on ``mixing_trials`` batches of ``kind`` through ``model``."""
     attack = ATTACKS.create("analytic", loss=loss)
     naive = ATTACKS.create("analytic") if loss != "cross_entropy" else None
@@ -55,26 +64,35 @@ def _attack_cells(model: torch.nn.Module, data: ImageData, kind: str, n: int, lo
         idx = _draw_batch(data, "test", kind, n, gen)
         raw, y = data.images("test", idx), data.labels("test", idx)
         x = data.normalize(raw)
-        obs = observation(model, x, y, [], data, torch_generator(seed, "defense", n, t), 1, 0, loss=loss)
+        obs = observation(
+            model, x, y, [], data, torch_generator(seed, "defense", n, t), 1, 0, loss=loss
+        )
         res = attack(obs, device=device, generator=torch_generator(seed, "attack", n, t))
         rec = data.denormalize(res.inputs.detach().cpu()).clamp(0, 1)
         _, mean_psnr, _, avd = score(raw, rec, 0.01)
         per = psnr(raw, rec[torch.as_tensor(match_reconstructions(raw, rec))])
         with torch.no_grad():
             p_true = F.softmax(model(x).double(), dim=1)
-        vals = {"psnr": mean_psnr, "avd": avd, "recovered": float((per >= RECOVERED_DB).double().mean()),
-                "label_acc": label_accuracy(y, res.labels),
-                "log10_cond_true": math.log10(condition_number(coefficients(p_true, y, n, loss)))}
+        vals = {
+            "psnr": mean_psnr,
+            "avd": avd,
+            "recovered": float((per >= RECOVERED_DB).double().mean()),
+            "label_acc": label_accuracy(y, res.labels),
+            "log10_cond_true": math.log10(condition_number(coefficients(p_true, y, n, loss))),
+        }
         if naive is not None:
             wrong = naive(obs, device=device, generator=torch_generator(seed, "attack", n, t))
-            vals["psnr_assume_ce"] = score(raw, data.denormalize(wrong.inputs.detach().cpu()).clamp(0, 1), 0.01)[1]
+            vals["psnr_assume_ce"] = score(
+                raw, data.denormalize(wrong.inputs.detach().cpu()).clamp(0, 1), 0.01
+            )[1]
         for k, v in vals.items():
             out.setdefault(k, []).append(v)
     return out
 
 
-def mixing_loss_table(s: dict[str, Any], setup: Setup, seed: int, device: torch.device
-                      ) -> tuple[dict[str, Any], str]:
+def mixing_loss_table(
+    s: dict[str, Any], setup: Setup, seed: int, device: torch.device
+) -> tuple[dict[str, Any], str]:
     """Run the loss × kind × N grid (module docstring); summary entries and a markdown table."""
     data = setup.data
     summary: dict[str, Any] = {}
@@ -87,7 +105,17 @@ def mixing_loss_table(s: dict[str, Any], setup: Setup, seed: int, device: torch.
                 init = _model(s["mixing_model"], data, seed_int(seed, "model_init", n))
                 stats: dict[str, tuple[float, float]] = {}
                 for stage, model in (("init", init), ("trained", trained)):
-                    vals = _attack_cells(model, data, kind, int(n), loss, s, seed, device, 1 if stage == "init" else 2)
+                    vals = _attack_cells(
+                        model,
+                        data,
+                        kind,
+                        int(n),
+                        loss,
+                        s,
+                        seed,
+                        device,
+                        1 if stage == "init" else 2,
+                    )
                     for k, v in vals.items():
                         arr = np.asarray(v, dtype=np.float64)
                         stats[f"{stage}_{k}"] = (float(np.nanmean(arr)), float(np.nanstd(arr)))
@@ -98,18 +126,42 @@ def mixing_loss_table(s: dict[str, Any], setup: Setup, seed: int, device: torch.
                     summary[f"mixing_{k}_std_{key}"] = sd
                 log.info("defenses mixing_loss: %s done (acc %.3f)", key, cell["accuracy"])
 
-                def pm(k: str, fmt: str = ".1f") -> str:
+                def pm(k: str, fmt: str = ".1f", stats: dict = stats) -> str:
                     m, sd = stats.get(k, (float("nan"), float("nan")))
                     return "-" if not math.isfinite(m) else f"{m:{fmt}} ± {sd:{fmt}}"
 
-                rows.append([loss, kind, n, f"{cell['accuracy']:.3f}",
-                             pm("init_psnr"), pm("init_avd", ".3f"), f"{stats['init_recovered'][0]:.2f}",
-                             pm("trained_psnr"), pm("trained_avd", ".3f"), f"{stats['trained_recovered'][0]:.2f}",
-                             f"{stats['trained_label_acc'][0]:.2f}", f"{stats['trained_log10_cond_true'][0]:.2f}",
-                             pm("trained_psnr_assume_ce")])
-    header = ["loss", "batch labels", "N", "test acc", "PSNR init", "AVD init", "recovered init",
-              "PSNR trained", "AVD trained", "recovered trained", "label acc trained", "log10 cond(A_true) trained",
-              "PSNR trained, attacker assumes CE"]
+                rows.append(
+                    [
+                        loss,
+                        kind,
+                        n,
+                        f"{cell['accuracy']:.3f}",
+                        pm("init_psnr"),
+                        pm("init_avd", ".3f"),
+                        f"{stats['init_recovered'][0]:.2f}",
+                        pm("trained_psnr"),
+                        pm("trained_avd", ".3f"),
+                        f"{stats['trained_recovered'][0]:.2f}",
+                        f"{stats['trained_label_acc'][0]:.2f}",
+                        f"{stats['trained_log10_cond_true'][0]:.2f}",
+                        pm("trained_psnr_assume_ce"),
+                    ]
+                )
+    header = [
+        "loss",
+        "batch labels",
+        "N",
+        "test acc",
+        "PSNR init",
+        "AVD init",
+        "recovered init",
+        "PSNR trained",
+        "AVD trained",
+        "recovered trained",
+        "label acc trained",
+        "log10 cond(A_true) trained",
+        "PSNR trained, attacker assumes CE",
+    ]
     table = markdown_table(header, rows)
     table += (
         f"\n\nMNIST, model `{s['mixing_model']}` (softmax regression), seed {seed}. Accuracy: offline FedAvg "

@@ -44,8 +44,16 @@ log = logging.getLogger(__name__)
 
 SCHEDULES = ("linear", "staircase", "exponential", "cyclic")
 #: Every row the reproduction knows, in table order (``rows`` picks among them).
-ROWS = ("none", "dp_fixed", *(f"dynamic_{s}" for s in SCHEDULES), "pruning", "signsgd",
-        "quantization", "noise", "identical_labels")
+ROWS = (
+    "none",
+    "dp_fixed",
+    *(f"dynamic_{s}" for s in SCHEDULES),
+    "pruning",
+    "signsgd",
+    "quantization",
+    "noise",
+    "identical_labels",
+)
 #: Integer ids of the rows in seed keys (never renumber).
 ROW_ID = {name: i + 1 for i, name in enumerate(ROWS)}
 
@@ -62,8 +70,11 @@ def epsilon(sigmas: list[float], q: float, steps_per_round: int, delta: float) -
 def bisect_scale(base: list[float], q: float, steps: int, delta: float, target: float) -> float:
     """The factor a with ε(a·base) = target (ε falls as a grows), to 1e-4 relative in ε:
     a bracket by doubling, then regula falsi (Illinois) on log ε against log a."""
+
     def g(log_a: float) -> float:
-        return math.log(epsilon([math.exp(log_a) * s for s in base], q, steps, delta)) - math.log(target)
+        return math.log(epsilon([math.exp(log_a) * s for s in base], q, steps, delta)) - math.log(
+            target
+        )
 
     lo, hi = 0.0, 0.0
     g_lo = g_hi = g(0.0)
@@ -102,18 +113,37 @@ def specs(row: str, s: dict[str, Any], sigma_fixed: float) -> list[dict[str, Any
     if row == "none":
         return []
     if row == "dp_fixed":
-        return [{"name": "dp_sgd", "params": {"noise_multiplier": sigma_fixed, "max_grad_norm": s["clip_norm"],
-                                              "delta": s["delta"]}}]
+        return [
+            {
+                "name": "dp_sgd",
+                "params": {
+                    "noise_multiplier": sigma_fixed,
+                    "max_grad_norm": s["clip_norm"],
+                    "delta": s["delta"],
+                },
+            }
+        ]
     if row.startswith("dynamic_"):
-        return [{"name": "dynamic_dp", "params": {"schedule": row.removeprefix("dynamic_"),
-                                                  "horizon": max(1, s["rounds"] - 1), "clipping": "fixed",
-                                                  "clip_norm": s["clip_norm"], "delta": s["delta"]}}]
+        return [
+            {
+                "name": "dynamic_dp",
+                "params": {
+                    "schedule": row.removeprefix("dynamic_"),
+                    "horizon": max(1, s["rounds"] - 1),
+                    "clipping": "fixed",
+                    "clip_norm": s["clip_norm"],
+                    "delta": s["delta"],
+                },
+            }
+        ]
     if row == "pruning":
         return [{"name": "pruning", "params": {"ratio": s["pruning_ratio"]}}]
     if row == "signsgd":
         return [{"name": "signsgd", "params": {"scale": "l1"}}]
     if row == "quantization":
-        return [{"name": "quantization", "params": {"dtype": "int", "bits": s["quantization_bits"]}}]
+        return [
+            {"name": "quantization", "params": {"dtype": "int", "bits": s["quantization_bits"]}}
+        ]
     if row == "noise":
         return [{"name": "noise", "params": {"scale": s["noise_scale"]}}]
     if row == "identical_labels":
@@ -139,31 +169,51 @@ def calibrate(s: dict[str, Any]) -> tuple[float, float, dict[str, float]]:
     """q, the fixed σ and the schedule factors giving final ε = ``target_epsilon``."""
     q = s["batch_size"] / s["examples_per_client"]
     horizon = max(1, s["rounds"] - 1)
-    sigma_fixed = bisect_scale([1.0] * s["rounds"], q, s["local_steps"], s["delta"], s["target_epsilon"])
+    sigma_fixed = bisect_scale(
+        [1.0] * s["rounds"], q, s["local_steps"], s["delta"], s["target_epsilon"]
+    )
     scales: dict[str, float] = {}
     for sched in SCHEDULES:
         fn = resolve_schedule(sched)
         base = [fn(t, horizon) for t in range(s["rounds"])]
-        scales[f"dynamic_{sched}"] = bisect_scale(base, q, s["local_steps"], s["delta"], s["target_epsilon"])
+        scales[f"dynamic_{sched}"] = bisect_scale(
+            base, q, s["local_steps"], s["delta"], s["target_epsilon"]
+        )
     return q, sigma_fixed, scales
 
 
-def prepare(s: dict[str, Any], data: ImageData, seed: int, calibration: tuple[float, float, dict[str, float]]
-            ) -> Setup:
+def prepare(
+    s: dict[str, Any],
+    data: ImageData,
+    seed: int,
+    calibration: tuple[float, float, dict[str, float]],
+) -> Setup:
     """IID client shares and the test subset of ``data`` for one seed."""
     labels = data.labels("train", slice(None)).numpy()
     n_train = s["clients"] * s["examples_per_client"]
     if len(labels) < n_train:
-        raise ConfigError(f"defenses: {data.name} has {len(labels)} train images, need {n_train} "
-                          "(clients × examples_per_client)")
+        raise ConfigError(
+            f"defenses: {data.name} has {len(labels)} train images, need {n_train} "
+            "(clients × examples_per_client)"
+        )
     order = torch.randperm(len(labels), generator=torch_generator(seed, "partition")).numpy()
     per = s["examples_per_client"]
-    parts = [order[c * per:(c + 1) * per] for c in range(s["clients"])]
+    parts = [order[c * per : (c + 1) * per] for c in range(s["clients"])]
     n_all = data.labels("test", slice(None)).numel()
-    test_idx = torch.randperm(n_all, generator=torch_generator(seed, "split"))[:min(s["test_examples"], n_all)]
+    test_idx = torch.randperm(n_all, generator=torch_generator(seed, "split"))[
+        : min(s["test_examples"], n_all)
+    ]
     q, sigma_fixed, scales = calibration
-    return Setup(data, labels, parts, data.normalize(data.images("test", test_idx)), data.labels("test", test_idx),
-                 q, sigma_fixed, scales)
+    return Setup(
+        data,
+        labels,
+        parts,
+        data.normalize(data.images("test", test_idx)),
+        data.labels("test", test_idx),
+        q,
+        sigma_fixed,
+        scales,
+    )
 
 
 def build(row: str, s: dict[str, Any], setup: Setup) -> list[Any]:
@@ -172,16 +222,21 @@ def build(row: str, s: dict[str, Any], setup: Setup) -> list[Any]:
     if row.startswith("dynamic_"):
         base = resolve_schedule(row.removeprefix("dynamic_"))
         a = setup.scales[row]
-        stack[0].schedule = lambda t, T, _f=base, _a=a: _a * _f(t, T)  # the calibrated σ_t = a·s(t, T)
+        stack[0].schedule = lambda t, T, _f=base, _a=a: (
+            _a * _f(t, T)
+        )  # the calibrated σ_t = a·s(t, T)
     return stack
 
 
-def draw(stack: list[Any], part: np.ndarray, labels: np.ndarray, bs: int, n: int,
-         gen: torch.Generator) -> list[np.ndarray]:
+def draw(
+    stack: list[Any], part: np.ndarray, labels: np.ndarray, bs: int, n: int, gen: torch.Generator
+) -> list[np.ndarray]:
     """``n`` batches of ``bs`` indices from ``part`` (the stack's sampler, else uniform)."""
     sampler = batch_sampler(stack)
     if sampler is not None:
-        return draw_batches(sampler, part, labels[part], batch_size=bs, num_batches=n, generator=gen)
+        return draw_batches(
+            sampler, part, labels[part], batch_size=bs, num_batches=n, generator=gen
+        )
     return [part[torch.randperm(len(part), generator=gen)[:bs].numpy()] for _ in range(n)]
 
 
@@ -194,23 +249,52 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y).double().mean())
 
 
-def observation(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, stack: list[Any], data: ImageData,
-                gen: torch.Generator, rnd: int, dataset_size: int, loss: str = "cross_entropy") -> Observation:
+def observation(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    stack: list[Any],
+    data: ImageData,
+    gen: torch.Generator,
+    rnd: int,
+    dataset_size: int,
+    loss: str = "cross_entropy",
+) -> Observation:
     """A defended FedSGD observation, built as :func:`fl_privsim.offline.client_observation`."""
     global_params = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    res = local_update(copy.deepcopy(model), [(x, y)], protocol="fedsgd", lr=0.1, defenses=stack,
-                       generator=gen, server_round=rnd, dataset_size=dataset_size,
-                       expected_batch_size=int(x.shape[0]), loss=loss)
+    res = local_update(
+        copy.deepcopy(model),
+        [(x, y)],
+        protocol="fedsgd",
+        lr=0.1,
+        defenses=stack,
+        generator=gen,
+        server_round=rnd,
+        dataset_size=dataset_size,
+        expected_batch_size=int(x.shape[0]),
+        loss=loss,
+    )
     return Observation(
-        round=rnd, client_id=0, protocol="fedsgd", model=copy.deepcopy(model), global_params=global_params,
-        update=res.update, batch_size=int(x.shape[0]), local_steps=1, lr=0.1,
-        num_examples=res.num_examples, input_shape=tuple(int(v) for v in x.shape[1:]),  # type: ignore[arg-type]
-        num_classes=data.num_classes, data_mean=tuple(float(m) for m in data.mean),
+        round=rnd,
+        client_id=0,
+        protocol="fedsgd",
+        model=copy.deepcopy(model),
+        global_params=global_params,
+        update=res.update,
+        batch_size=int(x.shape[0]),
+        local_steps=1,
+        lr=0.1,
+        num_examples=res.num_examples,
+        input_shape=tuple(int(v) for v in x.shape[1:]),  # type: ignore[arg-type]
+        num_classes=data.num_classes,
+        data_mean=tuple(float(m) for m in data.mean),
         data_std=tuple(float(v) for v in data.std),
     )
 
 
-def score(raw: torch.Tensor, rec: torch.Tensor, threshold: float) -> tuple[float, float, float, float]:
+def score(
+    raw: torch.Tensor, rec: torch.Tensor, threshold: float
+) -> tuple[float, float, float, float]:
     """ASR, mean PSNR, mean SSIM (after matching) and mean AVD (Eloul et al.'s matching)."""
     perm = match_reconstructions(raw, rec)
     ok = perm >= 0
@@ -219,11 +303,17 @@ def score(raw: torch.Tensor, rec: torch.Tensor, threshold: float) -> tuple[float
     if o.shape[0] == 0:
         return 0.0, float("nan"), float("nan"), float("nan")
     asr = attack_success_rate(mse(o, m), threshold, raw.shape[0])
-    return asr, float(psnr(o, m).mean()), float(ssim(o, m).mean()), float(avd_matched(raw, rec).mean())
+    return (
+        asr,
+        float(psnr(o, m).mean()),
+        float(ssim(o, m).mean()),
+        float(avd_matched(raw, rec).mean()),
+    )
 
 
-def train_row(row: str, s: dict[str, Any], setup: Setup, seed: int, *, loss: str = "cross_entropy"
-              ) -> tuple[dict[str, Any], torch.nn.Module]:
+def train_row(
+    row: str, s: dict[str, Any], setup: Setup, seed: int, *, loss: str = "cross_entropy"
+) -> tuple[dict[str, Any], torch.nn.Module]:
     """Offline FedAvg with ``row``'s stacks; the cell's training metrics and the global model
     of round ``attack_round`` (before that round's updates)."""
     t0 = time.perf_counter()
@@ -242,47 +332,92 @@ def train_row(row: str, s: dict[str, Any], setup: Setup, seed: int, *, loss: str
             attack_model = copy.deepcopy(model)
         updates = []
         for c, part in enumerate(setup.parts):
-            idx = draw(stacks[c], part, setup.labels, s["batch_size"], s["local_steps"], gen("batch", rid, rnd, c))
-            batches = [(data.normalize(data.images("train", torch.as_tensor(i))),
-                        data.labels("train", torch.as_tensor(i))) for i in idx]
-            res = local_update(copy.deepcopy(model), batches, protocol="fedavg", lr=s["lr"], defenses=stacks[c],
-                               generator=gen("defense", rid, rnd, c), server_round=rnd, dataset_size=len(part),
-                               expected_batch_size=s["batch_size"], loss=loss)
+            idx = draw(
+                stacks[c],
+                part,
+                setup.labels,
+                s["batch_size"],
+                s["local_steps"],
+                gen("batch", rid, rnd, c),
+            )
+            batches = [
+                (
+                    data.normalize(data.images("train", torch.as_tensor(i))),
+                    data.labels("train", torch.as_tensor(i)),
+                )
+                for i in idx
+            ]
+            res = local_update(
+                copy.deepcopy(model),
+                batches,
+                protocol="fedavg",
+                lr=s["lr"],
+                defenses=stacks[c],
+                generator=gen("defense", rid, rnd, c),
+                server_round=rnd,
+                dataset_size=len(part),
+                expected_batch_size=s["batch_size"],
+                loss=loss,
+            )
             updates.append(res.update)
             losses.append(res.loss)
             if rnd == s["rounds"]:
                 eps += [v for k, v in res.metrics.items() if k.endswith(".epsilon")]
-            sigmas += [v for k, v in res.metrics.items() if k.endswith((".sigma", ".noise_multiplier"))]
+            sigmas += [
+                v for k, v in res.metrics.items() if k.endswith((".sigma", ".noise_multiplier"))
+            ]
         with torch.no_grad():
             for name, p in model.state_dict().items():
                 p.add_(sum(u[name] for u in updates) / len(updates))
-    cell = {"accuracy": accuracy(model, setup.x_test, setup.y_test), "epsilon": max(eps) if eps else None,
-            "final_loss": float(np.mean(losses[-len(setup.parts):])), "train_seconds": time.perf_counter() - t0,
-            "sigma_mean": float(np.mean(sigmas)) if sigmas else None}
+    cell = {
+        "accuracy": accuracy(model, setup.x_test, setup.y_test),
+        "epsilon": max(eps) if eps else None,
+        "final_loss": float(np.mean(losses[-len(setup.parts) :])),
+        "train_seconds": time.perf_counter() - t0,
+        "sigma_mean": float(np.mean(sigmas)) if sigmas else None,
+    }
     return cell, attack_model
 
 
-def attack_row(row: str, s: dict[str, Any], setup: Setup, seed: int, attack_model: torch.nn.Module,
-               device: torch.device) -> dict[str, float | None]:
+def attack_row(
+    row: str,
+    s: dict[str, Any],
+    setup: Setup,
+    seed: int,
+    attack_model: torch.nn.Module,
+    device: torch.device,
+) -> dict[str, float | None]:
     """iDLG (batch 1) and analytic (batch ``analytic_batch``) on client 0's defended FedSGD
     gradient at ``attack_round``; ``attack_trials`` each; ASR, PSNR, SSIM per attack."""
     rid, data, part = ROW_ID[row], setup.data, setup.parts[0]
     gen = functools.partial(torch_generator, seed)
-    attacks = (("idlg", ATTACKS.create("idlg", iterations=s["idlg_iterations"]), 1),
-               ("analytic", ATTACKS.create("analytic"), s["analytic_batch"]))
+    attacks = (
+        ("idlg", ATTACKS.create("idlg", iterations=s["idlg_iterations"]), 1),
+        ("analytic", ATTACKS.create("analytic"), s["analytic_batch"]),
+    )
     scores: dict[str, list[tuple[float, float, float, float]]] = {"idlg": [], "analytic": []}
     for trial in range(s["attack_trials"]):
         for name, attack, bs in attacks:
             stack = build(row, s, setup)
-            idx = torch.as_tensor(draw(stack, part, setup.labels, bs, 1, gen("attack", rid, trial, bs))[0])
+            idx = torch.as_tensor(
+                draw(stack, part, setup.labels, bs, 1, gen("attack", rid, trial, bs))[0]
+            )
             raw = data.images("train", idx)
-            obs = observation(attack_model, data.normalize(raw), data.labels("train", idx), stack, data,
-                              gen("defense", rid, trial, bs), s["attack_round"], len(part))
+            obs = observation(
+                attack_model,
+                data.normalize(raw),
+                data.labels("train", idx),
+                stack,
+                data,
+                gen("defense", rid, trial, bs),
+                s["attack_round"],
+                len(part),
+            )
             try:
                 out = attack(obs, device=device, generator=gen("attack", rid, trial, bs, 1))
                 rec = data.denormalize(out.inputs.detach().cpu()).clamp(0, 1)
                 scores[name].append(score(raw, rec, s["asr_mse"]))
-            except Exception as exc:  # a defended update the attack refuses counts as a failure
+            except Exception as exc:  # noqa: BLE001 - a refused defended update counts as a failure
                 log.info("defenses: %s on %s failed: %s", name, row, exc)
                 scores[name].append((0.0, float("nan"), float("nan"), float("nan")))
     cell: dict[str, float | None] = {}
@@ -290,5 +425,7 @@ def attack_row(row: str, s: dict[str, Any], setup: Setup, seed: int, attack_mode
         arr = np.asarray(vals, dtype=np.float64)
         cell[f"{name}_asr"] = float(arr[:, 0].mean())
         for j, key in ((1, "psnr"), (2, "ssim")):
-            cell[f"{name}_{key}"] = float(np.nanmean(arr[:, j])) if np.isfinite(arr[:, j]).any() else None
+            cell[f"{name}_{key}"] = (
+                float(np.nanmean(arr[:, j])) if np.isfinite(arr[:, j]).any() else None
+            )
     return cell

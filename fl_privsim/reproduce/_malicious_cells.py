@@ -62,20 +62,35 @@ def draw_records(data: ImageData, cell: Cell, seed: int) -> list[np.ndarray]:
         raise ValueError(f"{cell.records} records asked, the train split has {n}")
     order = numpy_rng(seed, 0, "batch").permutation(n)
     per = cell.batch * cell.steps
-    return [np.sort(order[c * per:(c + 1) * per]) for c in range(cell.clients)]
+    return [np.sort(order[c * per : (c + 1) * per]) for c in range(cell.clients)]
 
 
-def observe(data: ImageData, cell: Cell, seed: int, public: tuple[torch.Tensor, torch.Tensor],
-            device: torch.device) -> tuple[Observation, list[np.ndarray], torch.nn.Module]:
+def observe(
+    data: ImageData,
+    cell: Cell,
+    seed: int,
+    public: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
+) -> tuple[Observation, list[np.ndarray], torch.nn.Module]:
     """Craft the model, let every client train on it, and return the server's observation."""
     model = honest_model(data, cell.model, seed)
     mod = MODIFICATIONS.create(cell.modification, **cell.params)
     mod.check_model(model, data.input_shape, data.num_classes)
     view = ServerView(
-        round=1, clients=tuple(range(cell.clients)), targets=tuple(range(cell.clients)),
-        input_shape=data.input_shape, num_classes=data.num_classes, data_mean=data.mean, data_std=data.std,
-        protocol=cell.protocol, batch_size=cell.batch, local_steps=cell.steps, lr=cell.lr,
-        public_inputs=public[0], public_labels=public[1], generator=torch_generator(seed, 1, 0, "modification"),
+        round=1,
+        clients=tuple(range(cell.clients)),
+        targets=tuple(range(cell.clients)),
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        data_mean=data.mean,
+        data_std=data.std,
+        protocol=cell.protocol,
+        batch_size=cell.batch,
+        local_steps=cell.steps,
+        lr=cell.lr,
+        public_inputs=public[0],
+        public_labels=public[1],
+        generator=torch_generator(seed, 1, 0, "modification"),
     )
     crafted = mod.craft(model, view)
     sent = crafted.model.to(device)
@@ -84,18 +99,30 @@ def observe(data: ImageData, cell: Cell, seed: int, public: tuple[torch.Tensor, 
     for c, idx in enumerate(parts):
         x = data.normalize(data.images("train", idx)).to(device)
         y = data.labels("train", idx).to(device)
-        batches = [(x[s * cell.batch:(s + 1) * cell.batch], y[s * cell.batch:(s + 1) * cell.batch])
-                   for s in range(cell.steps)]
-        observations.append(client_observation(copy.deepcopy(sent), batches, protocol=cell.protocol, lr=cell.lr,
-                                               mean=data.mean, std=data.std, num_classes=data.num_classes,
-                                               client_id=c))
+        batches = [
+            (x[s * cell.batch : (s + 1) * cell.batch], y[s * cell.batch : (s + 1) * cell.batch])
+            for s in range(cell.steps)
+        ]
+        observations.append(
+            client_observation(
+                copy.deepcopy(sent),
+                batches,
+                protocol=cell.protocol,
+                lr=cell.lr,
+                mean=data.mean,
+                std=data.std,
+                num_classes=data.num_classes,
+                client_id=c,
+            )
+        )
     obs = observations[0] if cell.clients == 1 else aggregate_observation(observations)
     obs = dataclasses.replace(obs, server_secrets={cell.modification: crafted.secrets})
     return obs, parts, sent
 
 
-def score(data: ImageData, parts: Sequence[np.ndarray], inputs: torch.Tensor | None,
-          threshold: float) -> dict[str, float]:
+def score(
+    data: ImageData, parts: Sequence[np.ndarray], inputs: torch.Tensor | None, threshold: float
+) -> dict[str, float]:
     """asr (share of records whose one-to-one matched reconstruction has MSE ≤ threshold),
     leakage rate (share of clients with at least one such record), mean PSNR of the matched
     records, and how many reconstructions the attack returned."""
@@ -107,15 +134,23 @@ def score(data: ImageData, parts: Sequence[np.ndarray], inputs: torch.Tensor | N
     perm = match_reconstructions(originals, recon)
     ok = perm >= 0
     per = torch.full((len(originals),), float("inf"), dtype=torch.float64)
-    per[torch.from_numpy(ok)] = mse(originals[torch.from_numpy(ok)], recon[torch.from_numpy(perm[ok])])
+    per[torch.from_numpy(ok)] = mse(
+        originals[torch.from_numpy(ok)], recon[torch.from_numpy(perm[ok])]
+    )
     hit = (per <= threshold).numpy()
     leaked = [bool(hit[owner == c].any()) for c in range(len(parts))]
     matched_psnr = psnr(originals[torch.from_numpy(ok)], recon[torch.from_numpy(perm[ok])])
-    return {"asr": float(hit.mean()), "leakage_rate": float(np.mean(leaked)),
-            "psnr": float(matched_psnr.mean()), "reconstructions": float(recon.shape[0])}
+    return {
+        "asr": float(hit.mean()),
+        "leakage_rate": float(np.mean(leaked)),
+        "psnr": float(matched_psnr.mean()),
+        "reconstructions": float(recon.shape[0]),
+    }
 
 
-def realised_alone_share(sent: torch.nn.Module, data: ImageData, parts: Sequence[np.ndarray], device: torch.device) -> float:
+def realised_alone_share(
+    sent: torch.nn.Module, data: ImageData, parts: Sequence[np.ndarray], device: torch.device
+) -> float:
     """Share of the observed records that were alone in their imprint bin (from the truth:
     the bin of a record is the number of the block's rows it activates, the rows' offsets
     being sorted)."""
@@ -127,13 +162,20 @@ def realised_alone_share(sent: torch.nn.Module, data: ImageData, parts: Sequence
     return float((counts[inverse] == 1).mean())
 
 
-def run_cell(data: ImageData, cell: Cell, seed: int, public: tuple[torch.Tensor, torch.Tensor],
-             device: torch.device, threshold: float) -> dict[str, Any]:
+def run_cell(
+    data: ImageData,
+    cell: Cell,
+    seed: int,
+    public: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
+    threshold: float,
+) -> dict[str, Any]:
     """Observation, attack and scores of one cell and seed."""
     t0 = time.perf_counter()
     obs, parts, sent = observe(data, cell, seed, public, device)
-    result = ATTACKS.create(cell.attack, **cell.attack_params)(obs, device=device,
-                                                               generator=torch_generator(seed, 1, -1, "attack"))
+    result = ATTACKS.create(cell.attack, **cell.attack_params)(
+        obs, device=device, generator=torch_generator(seed, 1, -1, "attack")
+    )
     row: dict[str, Any] = {**dataclasses.asdict(cell), "records": cell.records, "seed": seed}
     row.update(score(data, parts, result.inputs, threshold))
     if cell.modification == "imprint":

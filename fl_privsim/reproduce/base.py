@@ -66,10 +66,15 @@ class ReproContext:
         if not path.is_absolute():
             path = shared_data_dir() / relative
         if not path.exists():
-            raise DataError(missing_path_message(
-                "the reproduction's data", path,
-                expect=f"put the shared data folder (with {head}/ in it) at ../shared/data beside the "
-                       "repository, or set FL_PRIVSIM_SHARED_DATA to it", always_expect=True))
+            raise DataError(
+                missing_path_message(
+                    "the reproduction's data",
+                    path,
+                    expect=f"put the shared data folder (with {head}/ in it) at ../shared/data beside the "
+                    "repository, or set FL_PRIVSIM_SHARED_DATA to it",
+                    always_expect=True,
+                )
+            )
         return path
 
 
@@ -110,7 +115,9 @@ def get(name: str) -> Reproduction:
     """The reproduction ``name``; :class:`ConfigError` listing the known ones otherwise."""
     if name not in REPRODUCTIONS:
         known = ", ".join(sorted(REPRODUCTIONS)) or "none"
-        raise ConfigError(f"unknown reproduction {name!r}{did_you_mean(name, REPRODUCTIONS)}; known: {known}")
+        raise ConfigError(
+            f"unknown reproduction {name!r}{did_you_mean(name, REPRODUCTIONS)}; known: {known}"
+        )
     return REPRODUCTIONS[name]
 
 
@@ -185,9 +192,13 @@ def resolve_settings(
                 )
             settings[key] = _coerce(repro.name, key, value, allowed[key])
     if settings["device"] not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"{repro.name}.device: expected auto, cpu or cuda, got {settings['device']!r}")
+        raise ConfigError(
+            f"{repro.name}.device: expected auto, cpu or cuda, got {settings['device']!r}"
+        )
     if settings["threads"] < 1:
-        raise ConfigError(f"{repro.name}.threads: expected an integer >= 1, got {settings['threads']}")
+        raise ConfigError(
+            f"{repro.name}.threads: expected an integer >= 1, got {settings['threads']}"
+        )
     return settings
 
 
@@ -207,11 +218,15 @@ def run_reproduction(
     path = make_run_dir(parent, f"reproduce_{name}", out)
     folder = RunFolder(path)
     atomic_write_text(path / "settings.toml", tomli_w.dumps(settings))
-    folder.write_env(seed=settings["seed"], device=str(device), extra={"reproduction": name, "quick": quick})
+    folder.write_env(
+        seed=settings["seed"], device=str(device), extra={"reproduction": name, "quick": quick}
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(settings["threads"])
     try:
-        result = repro.run(settings, ReproContext(folder=folder, device=device, seed=settings["seed"]))
+        result = repro.run(
+            settings, ReproContext(folder=folder, device=device, seed=settings["seed"])
+        )
     except UserError:
         # e.g. missing shared data: leave no half-made folder behind (it holds only our files)
         if {f.name for f in path.iterdir()} <= {"settings.toml", "env.json"}:

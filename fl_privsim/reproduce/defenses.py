@@ -71,14 +71,26 @@ PAPER = {
     "none": "attacks succeed",
     "dp_fixed": "loses accuracy; still vulnerable (fixed σ)",
     **{f"dynamic_{s}": "higher accuracy than fixed σ at equal ε; attacks fail" for s in SCHEDULES},
-    "pruning": "-", "signsgd": "-", "quantization": "-", "noise": "-",
+    "pruning": "-",
+    "signsgd": "-",
+    "quantization": "-",
+    "noise": "-",
     "identical_labels": "analytic de-mixing fails (Eloul et al.)",
 }
 #: Dataset name in ``datasets`` -> (loader, folder in the shared data).
 DATASETS = {"mnist": ("mnist_idx", "mnist"), "cifar10": ("cifar10_npz", "cifar10")}
 #: Settings a ``cifar10_<key>`` entry overrides for CIFAR-10.
-PER_DATASET = ("rows", "model", "clients", "examples_per_client", "test_examples", "rounds", "local_steps",
-               "batch_size", "attack_round")
+PER_DATASET = (
+    "rows",
+    "model",
+    "clients",
+    "examples_per_client",
+    "test_examples",
+    "rounds",
+    "local_steps",
+    "batch_size",
+    "attack_round",
+)
 
 DEFAULTS: dict[str, Any] = {
     "datasets": ["mnist", "cifar10"],
@@ -150,8 +162,16 @@ def _check(s: dict[str, Any], where: str) -> None:
         raise ConfigError(f"defenses.{where}rows: unknown row(s) {bad}; allowed: {', '.join(ROWS)}")
     if not 1 <= s["attack_round"] <= s["rounds"]:
         raise ConfigError(f"defenses.{where}attack_round must lie in 1..{where}rounds")
-    for key in ("clients", "examples_per_client", "rounds", "local_steps", "batch_size", "attack_trials",
-                "analytic_batch", "test_examples"):
+    for key in (
+        "clients",
+        "examples_per_client",
+        "rounds",
+        "local_steps",
+        "batch_size",
+        "attack_trials",
+        "analytic_batch",
+        "test_examples",
+    ):
         if s[key] < 1:
             raise ConfigError(f"defenses.{where if key in PER_DATASET else ''}{key} must be >= 1")
 
@@ -164,15 +184,23 @@ def _fmt(vals: list[float | None], fmt: str) -> str:
     return f"{m:{fmt}}" if len(vals) == 1 else f"{m:{fmt}} ± {sd:{fmt}}"
 
 
-def _dataset_table(dataset: str, s: dict[str, Any], seeds: list[int], ctx: ReproContext,
-                   summary: dict[str, Any]) -> str:
+def _dataset_table(
+    dataset: str, s: dict[str, Any], seeds: list[int], ctx: ReproContext, summary: dict[str, Any]
+) -> str:
     loader, folder = DATASETS[dataset]
     n_train = s["clients"] * s["examples_per_client"]
     calibration = calibrate(s)
     q, sigma_fixed, scales = calibration
-    log.info("defenses %s: q=%.4f, fixed σ=%.3f, schedule factors %s", dataset, q, sigma_fixed, scales)
-    summary.update({f"{dataset}_sample_rate": q, f"{dataset}_sigma_fixed": sigma_fixed,
-                    **{f"{dataset}_schedule_factor_{k}": v for k, v in scales.items()}})
+    log.info(
+        "defenses %s: q=%.4f, fixed σ=%.3f, schedule factors %s", dataset, q, sigma_fixed, scales
+    )
+    summary.update(
+        {
+            f"{dataset}_sample_rate": q,
+            f"{dataset}_sigma_fixed": sigma_fixed,
+            **{f"{dataset}_schedule_factor_{k}": v for k, v in scales.items()},
+        }
+    )
     cells: dict[str, list[dict[str, Any]]] = {row: [] for row in s["rows"]}
     setups = []
     for seed in seeds:
@@ -186,8 +214,15 @@ def _dataset_table(dataset: str, s: dict[str, Any], seeds: list[int], ctx: Repro
             cell.update(attack_row(row, s, setup, seed, attack_model, ctx.device))
             cell["seconds"] = time.perf_counter() - t0
             cells[row].append(cell)
-            log.info("defenses %s seed %d: %s done in %.1f s (acc %.3f, eps %s)", dataset, seed, row,
-                     cell["seconds"], cell["accuracy"], cell["epsilon"])
+            log.info(
+                "defenses %s seed %d: %s done in %.1f s (acc %.3f, eps %s)",
+                dataset,
+                seed,
+                row,
+                cell["seconds"],
+                cell["accuracy"],
+                cell["epsilon"],
+            )
     table_rows = []
     for row, runs in cells.items():
         for key in runs[0]:
@@ -196,22 +231,39 @@ def _dataset_table(dataset: str, s: dict[str, Any], seeds: list[int], ctx: Repro
             summary[f"{dataset}_{key}_{row}"] = float(np.mean(finite)) if finite else None
             summary[f"{dataset}_{key}_std_{row}"] = float(np.std(finite)) if finite else None
         eps = [r["epsilon"] for r in runs]
-        table_rows.append([
-            row, _fmt([r["accuracy"] for r in runs], ".3f"),
-            "∞ (no DP)" if all(e is None for e in eps) else _fmt(eps, ".2f"),
-            _fmt([r["sigma_mean"] for r in runs], ".2f"),
-            *(_fmt([r[f"{a}_{m}"] for r in runs], f) for a in ("idlg", "analytic")
-              for m, f in (("asr", ".2f"), ("psnr", ".1f"), ("ssim", ".3f"))),
-            PAPER[row],
-        ])
-    header = ["defense", "test acc", f"ε (δ={s['delta']:g})", "mean σ_t", "iDLG ASR", "iDLG PSNR",
-              "iDLG SSIM", f"analytic ASR (B={s['analytic_batch']})", "analytic PSNR", "analytic SSIM",
-              "paper (qualitative)"]
+        table_rows.append(
+            [
+                row,
+                _fmt([r["accuracy"] for r in runs], ".3f"),
+                "∞ (no DP)" if all(e is None for e in eps) else _fmt(eps, ".2f"),
+                _fmt([r["sigma_mean"] for r in runs], ".2f"),
+                *(
+                    _fmt([r[f"{a}_{m}"] for r in runs], f)
+                    for a in ("idlg", "analytic")
+                    for m, f in (("asr", ".2f"), ("psnr", ".1f"), ("ssim", ".3f"))
+                ),
+                PAPER[row],
+            ]
+        )
+    header = [
+        "defense",
+        "test acc",
+        f"ε (δ={s['delta']:g})",
+        "mean σ_t",
+        "iDLG ASR",
+        "iDLG PSNR",
+        "iDLG SSIM",
+        f"analytic ASR (B={s['analytic_batch']})",
+        "analytic PSNR",
+        "analytic SSIM",
+        "paper (qualitative)",
+    ]
     n_test = int(setups[0][1].y_test.numel())
     horizon = max(1, s["rounds"] - 1)
     name = {"mnist": "MNIST", "cifar10": "CIFAR-10 (932/846 subset)"}[dataset]
     return (
-        f"### {name}\n\n" + markdown_table(header, table_rows)
+        f"### {name}\n\n"
+        + markdown_table(header, table_rows)
         + f"\n\n{name}, seeds {seeds} (mean ± std over seeds), {s['clients']} clients × "
         f"{s['examples_per_client']} train images (IID), FedAvg {s['rounds']} rounds × {s['local_steps']} local "
         f"steps, batch {s['batch_size']}, lr {s['lr']}, model `{s['model']}`; test accuracy on {n_test} test "
@@ -244,11 +296,19 @@ def accuracy_figure(summary: dict[str, Any], datasets: list[str]) -> Any:
         rows = [r for r in ROWS if summary.get(f"{d}_accuracy_{r}") is not None]
         means = [summary[f"{d}_accuracy_{r}"] for r in rows]
         stds = [summary.get(f"{d}_accuracy_std_{r}") or 0.0 for r in rows]
-        colors = ["tab:red" if r in ("dp_fixed",) else "tab:orange" if r.startswith("dynamic_") else "tab:gray"
-                  for r in rows]
+        colors = [
+            "tab:red"
+            if r in ("dp_fixed",)
+            else "tab:orange"
+            if r.startswith("dynamic_")
+            else "tab:gray"
+            for r in rows
+        ]
         ax.bar(range(len(rows)), means, yerr=stds, color=colors, capsize=3)
         # vertical names: at 60° the boxes of neighbouring long names (dyn_exponential) overlap
-        ax.set_xticks(range(len(rows)), [r.replace("dynamic_", "dyn_") for r in rows], rotation=90, fontsize=7)
+        ax.set_xticks(
+            range(len(rows)), [r.replace("dynamic_", "dyn_") for r in rows], rotation=90, fontsize=7
+        )
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{d}: mean ± std over seeds (DP rows at equal ε)", fontsize=9)
     fig.tight_layout()
@@ -260,7 +320,9 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
     datasets = list(settings["datasets"])
     bad = sorted(set(datasets) - set(DATASETS))
     if bad:
-        raise ConfigError(f"defenses.datasets: unknown dataset(s) {bad}; allowed: {', '.join(DATASETS)}")
+        raise ConfigError(
+            f"defenses.datasets: unknown dataset(s) {bad}; allowed: {', '.join(DATASETS)}"
+        )
     if settings["num_seeds"] < 1:
         raise ConfigError("defenses.num_seeds must be >= 1")
     per = {d: dataset_settings(settings, d) for d in datasets}
@@ -284,12 +346,18 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
     if settings["mixing_loss"]:
         t0 = time.perf_counter()
         s = per.get("mnist", dataset_settings(settings, "mnist"))
-        data = load_dataset("mnist_idx", root=ctx.data("mnist"), seed=seeds[0],
-                            max_examples=s["clients"] * s["examples_per_client"])
+        data = load_dataset(
+            "mnist_idx",
+            root=ctx.data("mnist"),
+            seed=seeds[0],
+            max_examples=s["clients"] * s["examples_per_client"],
+        )
         setup = prepare(s, data, seeds[0], (0.0, 0.0, {}))  # rows none / identical_labels: no DP
         mix_summary, mix_table = mixing_loss_table(s, setup, seeds[0], ctx.device)
         summary.update(mix_summary)
-        parts.append("### mixing_loss (Eloul et al.: loss choice × identical labels)\n\n" + mix_table)
+        parts.append(
+            "### mixing_loss (Eloul et al.: loss choice × identical labels)\n\n" + mix_table
+        )
         summary["mixing_loss_seconds"] = time.perf_counter() - t0
     summary["seconds_total"] = time.perf_counter() - start
     plot_accuracy(summary, datasets, ctx.path / "accuracy.png")

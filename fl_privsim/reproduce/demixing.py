@@ -73,7 +73,9 @@ DEFAULTS: dict[str, Any] = {
 QUICK: dict[str, Any] = {"batch_sizes": [2, 8], "trials": 2}
 
 
-def _draw_batch(data: ImageData, split: str, kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+def _draw_batch(
+    data: ImageData, split: str, kind: str, n: int, gen: torch.Generator
+) -> torch.Tensor:
     """Indices of one batch of ``kind`` (see the module docstring)."""
     labels = data.labels(split, slice(None))
     k = data.num_classes
@@ -90,7 +92,9 @@ def _draw_batch(data: ImageData, split: str, kind: str, n: int, gen: torch.Gener
         pool = torch.nonzero(labels == c).flatten()
         need = int((classes == c).sum())
         if pool.numel() < need:
-            raise ConfigError(f"demixing: class {int(c)} has only {pool.numel()} images, need {need}")
+            raise ConfigError(
+                f"demixing: class {int(c)} has only {pool.numel()} images, need {need}"
+            )
         picked += pool[torch.randperm(pool.numel(), generator=gen)[:need]].tolist()
     order = torch.randperm(len(picked), generator=gen)
     return torch.tensor(picked)[order]
@@ -148,7 +152,12 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
                 x = data.normalize(raw)
                 model = _model(settings["model"], data, model_seed)
                 obs = client_observation(
-                    model, [(x, y)], protocol="fedsgd", lr=0.1, mean=data.mean, std=data.std,
+                    model,
+                    [(x, y)],
+                    protocol="fedsgd",
+                    lr=0.1,
+                    mean=data.mean,
+                    std=data.std,
                     num_classes=k,
                 )
                 start = time.perf_counter()
@@ -191,28 +200,40 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
                 summary[f"{key}_{kind}_b{n}"] = mean
                 if key in ("psnr", "ssim", "avd"):
                     summary[f"{key}_std_{kind}_b{n}"] = std
-            rows.append([
-                kind,
-                n,
-                f"{stats['distinct'][0]:.1f}",
-                f"{stats['psnr'][0]:.1f} ± {stats['psnr'][1]:.1f}",
-                f"{stats['ssim'][0]:.3f} ± {stats['ssim'][1]:.3f}",
-                f"{stats['avd'][0]:.4f} ± {stats['avd'][1]:.4f}",
-                f"{stats['recovered'][0]:.2f}",
-                f"{stats['label_acc'][0]:.3f} ± {stats['label_acc'][1]:.3f}",
-                f"{stats['llg_acc'][0]:.3f}",
-                f"{stats['log10_cond'][0]:.2f} ± {stats['log10_cond'][1]:.2f}",
-                f"{stats['log10_cond_true'][0]:.2f}",
-                f"{stats['residual'][0]:.2g}",
-                PAPER[kind],
-                _agrees(kind, n, k, stats["recovered"][0]),
-            ])
+            rows.append(
+                [
+                    kind,
+                    n,
+                    f"{stats['distinct'][0]:.1f}",
+                    f"{stats['psnr'][0]:.1f} ± {stats['psnr'][1]:.1f}",
+                    f"{stats['ssim'][0]:.3f} ± {stats['ssim'][1]:.3f}",
+                    f"{stats['avd'][0]:.4f} ± {stats['avd'][1]:.4f}",
+                    f"{stats['recovered'][0]:.2f}",
+                    f"{stats['label_acc'][0]:.3f} ± {stats['label_acc'][1]:.3f}",
+                    f"{stats['llg_acc'][0]:.3f}",
+                    f"{stats['log10_cond'][0]:.2f} ± {stats['log10_cond'][1]:.2f}",
+                    f"{stats['log10_cond_true'][0]:.2f}",
+                    f"{stats['residual'][0]:.2g}",
+                    PAPER[kind],
+                    _agrees(kind, n, k, stats["recovered"][0]),
+                ]
+            )
     summary["seconds_per_update_mean"] = float(np.mean(seconds))
     summary["seconds_per_update_max"] = float(np.max(seconds))
     header = [
-        "batch kind", "N", "distinct labels", "PSNR (dB)", "SSIM", "AVD",
-        f"recovered (≥{RECOVERED_DB:.0f} dB)", "label acc (analytic)", "label acc (llg)",
-        "log10 cond(Â)", "log10 cond(A_true)", "gradient residual", "paper (qualitative; no numbers in methods.md)",
+        "batch kind",
+        "N",
+        "distinct labels",
+        "PSNR (dB)",
+        "SSIM",
+        "AVD",
+        f"recovered (≥{RECOVERED_DB:.0f} dB)",
+        "label acc (analytic)",
+        "label acc (llg)",
+        "log10 cond(Â)",
+        "log10 cond(A_true)",
+        "gradient residual",
+        "paper (qualitative; no numbers in methods.md)",
         "ours agrees",
     ]
     table = markdown_table(header, rows)
@@ -243,7 +264,9 @@ def _plots(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    avd_figure(cells, kinds, sizes, num_classes).savefig(ctx.path / "avd_vs_batch.png", dpi=120, bbox_inches="tight")
+    avd_figure(cells, kinds, sizes, num_classes).savefig(
+        ctx.path / "avd_vs_batch.png", dpi=120, bbox_inches="tight"
+    )
 
     if not examples:
         return
@@ -265,8 +288,12 @@ def _plots(
     plt.close(fig)
 
 
-def avd_figure(cells: dict[tuple[str, int], dict[str, list[float]]], kinds: list[str], sizes: list[int],
-               num_classes: int) -> Any:
+def avd_figure(
+    cells: dict[tuple[str, int], dict[str, list[float]]],
+    kinds: list[str],
+    sizes: list[int],
+    num_classes: int,
+) -> Any:
     """AVD against the batch size, one line per batch kind (``avd_vs_batch.png``; a matplotlib
     ``Figure`` on an Agg canvas)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -35,6 +35,7 @@ instead of DGL/GS with Adam for 24k iterations; the label is inferred; few sampl
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -89,8 +90,11 @@ def exact_i2f(lam: torch.Tensor, u: torch.Tensor, jdelta: torch.Tensor) -> float
 
 def log_slope(x: list[float], y: list[float]) -> float:
     """Least-squares slope of ``log y`` on ``log x`` (NaN with < 2 usable points)."""
-    pts = [(math.log(a), math.log(b)) for a, b in zip(x, y, strict=True)
-           if a > 0 and b > 0 and math.isfinite(a) and math.isfinite(b)]
+    pts = [
+        (math.log(a), math.log(b))
+        for a, b in zip(x, y, strict=True)
+        if a > 0 and b > 0 and math.isfinite(a) and math.isfinite(b)
+    ]
     if len(pts) < 2:
         return math.nan
     mx = sum(p[0] for p in pts) / len(pts)
@@ -115,15 +119,24 @@ def _rmse(attack_inputs: torch.Tensor, x: torch.Tensor) -> float:
 def _lenet(data: Any, init: str, ctx: ReproContext) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_int(ctx.seed, "model_init"))
-        return build_model("lenet", data.input_shape, data.num_classes, init=init,
-                           generator=ctx.generator("model_init")).to(ctx.device)
+        return build_model(
+            "lenet",
+            data.input_shape,
+            data.num_classes,
+            init=init,
+            generator=ctx.generator("model_init"),
+        ).to(ctx.device)
 
 
-def _plot(eig: list[dict[str, Any]], init_rows: list[dict[str, Any]], inits: list[str], path: Any) -> None:
+def _plot(
+    eig: list[dict[str, Any]], init_rows: list[dict[str, Any]], inits: list[str], path: Any
+) -> None:
     eigen_init_figure(eig, init_rows, inits).savefig(path, bbox_inches="tight")
 
 
-def eigen_init_figure(eig: list[dict[str, Any]], init_rows: list[dict[str, Any]], inits: list[str]) -> Any:
+def eigen_init_figure(
+    eig: list[dict[str, Any]], init_rows: list[dict[str, Any]], inits: list[str]
+) -> Any:
     """(a) iDLG RMSE against μ per sample, (b) median RMSE / I2F per init (``eigen_init.png``;
     a matplotlib ``Figure`` on an Agg canvas)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -149,8 +162,12 @@ def eigen_init_figure(eig: list[dict[str, Any]], init_rows: list[dict[str, Any]]
     ax = fig.add_subplot(1, 2, 2)
     for j, key in enumerate(("rmse", "lb_rmse", "svd_rmse")):
         meds = [_median([r[key] for r in init_rows if r["init"] == init]) for init in inits]
-        ax.bar([i + 0.27 * (j - 1) for i in range(len(inits))], meds, width=0.27,
-               label={"rmse": "iDLG RMSE", "lb_rmse": "I2F_lb", "svd_rmse": "I2F (ε=0)"}[key])
+        ax.bar(
+            [i + 0.27 * (j - 1) for i in range(len(inits))],
+            meds,
+            width=0.27,
+            label={"rmse": "iDLG RMSE", "lb_rmse": "I2F_lb", "svd_rmse": "I2F (ε=0)"}[key],
+        )
     ax.set_xticks(range(len(inits)), inits)
     ax.set_yscale("log")
     ax.set_title("(b) median over samples, Gaussian δ")
@@ -165,8 +182,10 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
     k, ndir, c = settings["k"], settings["directions"], settings["delta_norm"]
     inits = list(settings["inits"])
     if count < 1 or first < 0 or iters < 1 or k < 2 or not 2 <= ndir <= k or c <= 0:
-        raise ConfigError("i2f_eigen_init: samples, iterations >= 1; first_index >= 0; k >= directions >= 2; "
-                          "delta_norm > 0")
+        raise ConfigError(
+            "i2f_eigen_init: samples, iterations >= 1; first_index >= 0; k >= directions >= 2; "
+            "delta_norm > 0"
+        )
     if settings["noise_var"] < 0 or settings["eps"] < 0:
         raise ConfigError("i2f_eigen_init: noise_var and eps must be >= 0")
     for init in [settings["init"], *inits]:
@@ -176,17 +195,32 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
     split = settings["split"]
     n_split = int(data.labels(split, slice(None)).numel())
     if first + count > n_split:
-        raise ConfigError(f"i2f_eigen_init: samples {first}..{first + count - 1} exceed the {n_split} {split} images")
+        raise ConfigError(
+            f"i2f_eigen_init: samples {first}..{first + count - 1} exceed the {n_split} {split} images"
+        )
     attack = ATTACKS.create("idlg", iterations=iters)
     d_x = math.prod(data.input_shape)
     root = math.sqrt(d_x)
     picks = sorted({round(i * (k - 1) / (ndir - 1)) for i in range(ndir)})
-    samples = [(index, data.normalize(data.images(split, [index])).to(ctx.device),
-                data.labels(split, [index]).to(ctx.device)) for index in range(first, first + count)]
+    samples = [
+        (
+            index,
+            data.normalize(data.images(split, [index])).to(ctx.device),
+            data.labels(split, [index]).to(ctx.device),
+        )
+        for index in range(first, first + count)
+    ]
 
     def observe(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Any:
-        return client_observation(model, [(x, y)], protocol="fedsgd", lr=0.1, mean=data.mean, std=data.std,
-                                  num_classes=data.num_classes)
+        return client_observation(
+            model,
+            [(x, y)],
+            protocol="fedsgd",
+            lr=0.1,
+            mean=data.mean,
+            std=data.std,
+            num_classes=data.num_classes,
+        )
 
     # ---- (a) eigenvector directions -------------------------------------------------------------
     start = time.perf_counter()
@@ -199,24 +233,43 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
         vals, vecs = parameter_eigenpairs(op, k, generator=ctx.generator(i, "defense"))
         lam, u = spectrum(dense_jacobian_rows(op))
         eig_check.append(float(((vals - lam[:k]).abs() / lam[:k]).max()))
-        rand = torch.randn(op.d_theta, generator=ctx.generator(i, 1, "defense"), dtype=torch.float64)
+        rand = torch.randn(
+            op.d_theta, generator=ctx.generator(i, 1, "defense"), dtype=torch.float64
+        )
         cases = [("eigen", j, float(vals[j]), vecs[:, j]) for j in picks]
         cases.append(("random", -1, math.nan, rand / rand.norm()))
         for kind, rank, mu, v in cases:
             delta = (c * v).to(op.dtype)
             r = i2f_for_operator(op, delta, lambda_max=float(vals[0]), eps=settings["eps"])
-            res = attack(_noisy(obs, delta), device=ctx.device, generator=ctx.generator(i, "attack"))
+            res = attack(
+                _noisy(obs, delta), device=ctx.device, generator=ctx.generator(i, "attack")
+            )
             rec = {
-                "index": index, "label": int(y[0]), "kind": kind, "rank": rank, "mu": mu,
+                "index": index,
+                "label": int(y[0]),
+                "kind": kind,
+                "rank": rank,
+                "mu": mu,
                 "i2f_pred": c / math.sqrt(mu) if kind == "eigen" else math.nan,
-                "i2f_svd": exact_i2f(lam, u, op.jvp(delta)), "lb": r.lower_bound, "exact_eps": r.exact,
-                "rmse": _rmse(res.inputs, x), "label_correct": int(res.labels[0]) == int(y[0]),
+                "i2f_svd": exact_i2f(lam, u, op.jvp(delta)),
+                "lb": r.lower_bound,
+                "exact_eps": r.exact,
+                "rmse": _rmse(res.inputs, x),
+                "label_correct": int(res.labels[0]) == int(y[0]),
                 "attack_seconds": float(res.metrics.get("seconds", math.nan)),
             }
             rec["i2f_rmse"] = rec["i2f_svd"] / root
             eig.append(rec)
-            ctx.log.info("i2f_eigen_init (a) %d/%d %s rank %d mu %.3g: I2F %.3g rmse %.3g", i + 1, count, kind,
-                         rank, mu, rec["i2f_rmse"], rec["rmse"])
+            ctx.log.info(
+                "i2f_eigen_init (a) %d/%d %s rank %d mu %.3g: I2F %.3g rmse %.3g",
+                i + 1,
+                count,
+                kind,
+                rank,
+                mu,
+                rec["i2f_rmse"],
+                rec["rmse"],
+            )
     seconds_a = time.perf_counter() - start
 
     # ---- (b) initialisation sweep ---------------------------------------------------------------
@@ -228,21 +281,44 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
             obs = observe(model, x, y)
             op = InversionJacobian(model, x, y)
             lam, u = spectrum(dense_jacobian_rows(op))
-            delta = make_perturbation(op, "gaussian", settings["noise_var"], ctx.generator(i, "defense"))
+            delta = make_perturbation(
+                op, "gaussian", settings["noise_var"], ctx.generator(i, "defense")
+            )
             r = i2f_for_operator(op, delta, lambda_max=float(lam[0]), eps=settings["eps"])
-            res = attack(_noisy(obs, delta), device=ctx.device, generator=ctx.generator(i, "attack"))
+            res = attack(
+                _noisy(obs, delta), device=ctx.device, generator=ctx.generator(i, "attack")
+            )
             svd = exact_i2f(lam, u, op.jvp(delta))
-            init_rows.append({
-                "init": init, "index": index, "lambda_max": float(lam[0]), "lambda_min": float(lam[-1]),
-                "rank": int(lam.numel()), "trace": float(lam.sum()), "grad_norm": float(op.clean_gradient().norm()),
-                "jdelta_norm": r.jdelta_norm, "lb_rmse": r.lower_bound / root,
-                "exact_eps_rmse": (r.exact or math.nan) / root, "svd_rmse": svd / root,
-                "rmse": _rmse(res.inputs, x), "label_correct": int(res.labels[0]) == int(y[0]),
-            })
-            ctx.log.info("i2f_eigen_init (b) %s %d/%d: lmax %.3g lb %.3g rmse %.3g", init, i + 1, count, lam,
-                         init_rows[-1]["lb_rmse"], init_rows[-1]["rmse"])
+            init_rows.append(
+                {
+                    "init": init,
+                    "index": index,
+                    "lambda_max": float(lam[0]),
+                    "lambda_min": float(lam[-1]),
+                    "rank": int(lam.numel()),
+                    "trace": float(lam.sum()),
+                    "grad_norm": float(op.clean_gradient().norm()),
+                    "jdelta_norm": r.jdelta_norm,
+                    "lb_rmse": r.lower_bound / root,
+                    "exact_eps_rmse": (r.exact or math.nan) / root,
+                    "svd_rmse": svd / root,
+                    "rmse": _rmse(res.inputs, x),
+                    "label_correct": int(res.labels[0]) == int(y[0]),
+                }
+            )
+            ctx.log.info(
+                "i2f_eigen_init (b) %s %d/%d: lmax %.3g lb %.3g rmse %.3g",
+                init,
+                i + 1,
+                count,
+                lam,
+                init_rows[-1]["lb_rmse"],
+                init_rows[-1]["rmse"],
+            )
     seconds_b = time.perf_counter() - start
-    (ctx.path / "samples.json").write_text(json.dumps({"eigen": eig, "init": init_rows}, indent=1, default=str))
+    (ctx.path / "samples.json").write_text(
+        json.dumps({"eigen": eig, "init": init_rows}, indent=1, default=str)
+    )
     _plot(eig, init_rows, inits, ctx.path / "eigen_init.png")
 
     # ---- summaries ------------------------------------------------------------------------------
@@ -250,24 +326,52 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
     for index, _, _ in samples:
         sub = [r for r in eig if r["index"] == index and r["kind"] == "eigen"]
         big, small = sub[0], sub[-1]  # picks ascend in rank: largest μ first
-        per_sample.append({
-            "index": index, "spearman_mu_rmse": spearman([r["mu"] for r in sub], [r["rmse"] for r in sub]),
-            "small_beats_large": small["rmse"] > big["rmse"],
-            "slope": log_slope([r["mu"] for r in sub], [r["rmse"] for r in sub]),
-        })
+        per_sample.append(
+            {
+                "index": index,
+                "spearman_mu_rmse": spearman([r["mu"] for r in sub], [r["rmse"] for r in sub]),
+                "small_beats_large": small["rmse"] > big["rmse"],
+                "slope": log_slope([r["mu"] for r in sub], [r["rmse"] for r in sub]),
+            }
+        )
     eig_rows = []
     for j in picks:
         sub = [r for r in eig if r["kind"] == "eigen" and r["rank"] == j]
-        eig_rows.append([f"eigen #{j + 1} of {k}", _median([r["mu"] for r in sub]),
-                         _median([r["i2f_pred"] / root for r in sub]), _median([r["i2f_rmse"] for r in sub]),
-                         _median([r["rmse"] for r in sub]), _median([r["rmse"] / (r["i2f_pred"] / root) for r in sub]),
-                         sum(r["label_correct"] for r in sub) / len(sub)])
+        eig_rows.append(
+            [
+                f"eigen #{j + 1} of {k}",
+                _median([r["mu"] for r in sub]),
+                _median([r["i2f_pred"] / root for r in sub]),
+                _median([r["i2f_rmse"] for r in sub]),
+                _median([r["rmse"] for r in sub]),
+                _median([r["rmse"] / (r["i2f_pred"] / root) for r in sub]),
+                sum(r["label_correct"] for r in sub) / len(sub),
+            ]
+        )
     sub = [r for r in eig if r["kind"] == "random"]
-    eig_rows.append(["random direction", None, None, _median([r["i2f_rmse"] for r in sub]),
-                     _median([r["rmse"] for r in sub]), None, sum(r["label_correct"] for r in sub) / len(sub)])
+    eig_rows.append(
+        [
+            "random direction",
+            None,
+            None,
+            _median([r["i2f_rmse"] for r in sub]),
+            _median([r["rmse"] for r in sub]),
+            None,
+            sum(r["label_correct"] for r in sub) / len(sub),
+        ]
+    )
     table_a = markdown_table(
-        [f"δ = {c:g}·v (same ‖δ‖)", "median μ", "median I2F = c/√μ (RMSE units)", "median I2F (ε=0, eigh)",
-         "median iDLG RMSE", "median RMSE / I2F", "label acc."], eig_rows)
+        [
+            f"δ = {c:g}·v (same ‖δ‖)",
+            "median μ",
+            "median I2F = c/√μ (RMSE units)",
+            "median I2F (ε=0, eigh)",
+            "median iDLG RMSE",
+            "median RMSE / I2F",
+            "label acc.",
+        ],
+        eig_rows,
+    )
     frac_small = sum(p["small_beats_large"] for p in per_sample) / len(per_sample)
     rho_med = _median([p["spearman_mu_rmse"] for p in per_sample])
     slope_med = _median([p["slope"] for p in per_sample])
@@ -275,14 +379,36 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
     def med(init: str, key: str) -> float:
         return _median([r[key] for r in init_rows if r["init"] == init])
 
-    init_table_rows = [[init, med(init, "lambda_max"), med(init, "lambda_min"), med(init, "trace"),
-                        med(init, "grad_norm"), med(init, "lb_rmse"), med(init, "exact_eps_rmse"),
-                        med(init, "svd_rmse"), med(init, "rmse"),
-                        sum(r["label_correct"] for r in init_rows if r["init"] == init) / count] for init in inits]
+    init_table_rows = [
+        [
+            init,
+            med(init, "lambda_max"),
+            med(init, "lambda_min"),
+            med(init, "trace"),
+            med(init, "grad_norm"),
+            med(init, "lb_rmse"),
+            med(init, "exact_eps_rmse"),
+            med(init, "svd_rmse"),
+            med(init, "rmse"),
+            sum(r["label_correct"] for r in init_rows if r["init"] == init) / count,
+        ]
+        for init in inits
+    ]
     table_b = markdown_table(
-        ["init", "median λ_max(JJᵀ)", "median λ_min (non-zero)", "median tr(JJᵀ)", "median ‖g₀‖",
-         "median I2F_lb", f"median I2F_ε (ε={settings['eps']:g})", "median I2F (ε=0, eigh)", "median iDLG RMSE",
-         "label acc."], init_table_rows)
+        [
+            "init",
+            "median λ_max(JJᵀ)",
+            "median λ_min (non-zero)",
+            "median tr(JJᵀ)",
+            "median ‖g₀‖",
+            "median I2F_lb",
+            f"median I2F_ε (ε={settings['eps']:g})",
+            "median I2F (ε=0, eigh)",
+            "median iDLG RMSE",
+            "label acc.",
+        ],
+        init_table_rows,
+    )
     order_rmse = sorted(inits, key=lambda n: med(n, "rmse"))  # riskiest (smallest error) first
     order_lb = sorted(inits, key=lambda n: med(n, "lb_rmse"))
     order_svd = sorted(inits, key=lambda n: med(n, "svd_rmse"))
@@ -295,19 +421,33 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
         groups = [["uniform"], ["normal"], ["kaiming", "xavier"]]  # kaiming/xavier tie in the paper
         levels = [[rank[n] for n in g if n in rank] for g in groups]
         levels = [lv for lv in levels if lv]
-        return all(max(a) < min(b) for a, b in zip(levels, levels[1:], strict=False))
+        return all(max(a) < min(b) for a, b in itertools.pairwise(levels))
 
     summary: dict[str, Any] = {
-        "samples": count, "iterations": iters, "init": settings["init"], "k": k, "directions": [j + 1 for j in picks],
-        "delta_norm": c, "noise_var": settings["noise_var"], "eps": settings["eps"], "inits": inits,
-        "eigen_spearman_mu_rmse_median": rho_med, "eigen_small_beats_large_fraction": frac_small,
-        "eigen_log_slope_median": slope_med, "eigen_claim_holds": frac_small > 0.5 and not rho_med >= 0,  # ρ is NaN with < 3 directions
+        "samples": count,
+        "iterations": iters,
+        "init": settings["init"],
+        "k": k,
+        "directions": [j + 1 for j in picks],
+        "delta_norm": c,
+        "noise_var": settings["noise_var"],
+        "eps": settings["eps"],
+        "inits": inits,
+        "eigen_spearman_mu_rmse_median": rho_med,
+        "eigen_small_beats_large_fraction": frac_small,
+        "eigen_log_slope_median": slope_med,
+        "eigen_claim_holds": frac_small > 0.5 and not rho_med >= 0,  # ρ is NaN with < 3 directions
         "eigsh_vs_svd_max_relerr": max(eig_check),
-        "init_order_by_rmse": order_rmse, "init_order_by_i2f_lb": order_lb, "init_order_by_i2f_svd": order_svd,
-        "init_claim_holds_rmse": paper_order_holds(order_rmse), "init_claim_holds_i2f_lb": paper_order_holds(order_lb),
-        "init_median_rmse": {n: med(n, "rmse") for n in inits}, "init_median_i2f_lb": {n: med(n, "lb_rmse") for n in inits},
+        "init_order_by_rmse": order_rmse,
+        "init_order_by_i2f_lb": order_lb,
+        "init_order_by_i2f_svd": order_svd,
+        "init_claim_holds_rmse": paper_order_holds(order_rmse),
+        "init_claim_holds_i2f_lb": paper_order_holds(order_lb),
+        "init_median_rmse": {n: med(n, "rmse") for n in inits},
+        "init_median_i2f_lb": {n: med(n, "lb_rmse") for n in inits},
         "init_median_lambda_max": {n: med(n, "lambda_max") for n in inits},
-        "seconds_eigen": seconds_a, "seconds_init": seconds_b,
+        "seconds_eigen": seconds_a,
+        "seconds_init": seconds_b,
     }
     notes_a = (
         f"(a) LeNet (sigmoid, init `{settings['init']}`), MNIST {split} images {first}..{first + count - 1}, FedSGD "
@@ -329,7 +469,7 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
         f"sample's settings). Paper: DGL/GS with Adam for 24k iterations, 5-100 images; here {count} samples. "
         f"Seed {ctx.seed}; {seconds_a:.0f} s + {seconds_b:.0f} s."
     )
-    table = "\n\n".join([table_a, notes_a, table_b, notes_b, notes])
+    table = f"{table_a}\n\n{notes_a}\n\n{table_b}\n\n{notes_b}\n\n{notes}"
     return ReproResult(summary=summary, table=table)
 
 
@@ -350,7 +490,13 @@ register(
             "eps": 1.0,
             "inits": list(PAPER_INIT_ORDER),
         },
-        quick={"samples": 1, "iterations": 2, "k": 6, "directions": 2, "inits": ["uniform", "xavier"]},
+        quick={
+            "samples": 1,
+            "iterations": 2,
+            "k": 6,
+            "directions": 2,
+            "inits": ["uniform", "xavier"],
+        },
         run=run,
     )
 )

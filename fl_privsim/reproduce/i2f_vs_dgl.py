@@ -69,7 +69,14 @@ TARGET_SPEARMAN = 0.8
 #: Attacks the reproduction can run, and the suffix of their summary keys / record fields.
 ATTACK_SUFFIX = {"idlg": "", "inverting_gradients": "_ig"}
 ATTACK_LABEL = {"idlg": "iDLG (L2)", "inverting_gradients": "Inverting Gradients"}
-NOISES = ["gaussian:1e-5", "gaussian:1e-4", "gaussian:1e-3", "gaussian:1e-2", "laplace:1e-3", "pruning:0.4"]
+NOISES = [
+    "gaussian:1e-5",
+    "gaussian:1e-4",
+    "gaussian:1e-3",
+    "gaussian:1e-2",
+    "laplace:1e-3",
+    "pruning:0.4",
+]
 
 
 def parse_noise(text: str) -> tuple[str, float]:
@@ -79,9 +86,16 @@ def parse_noise(text: str) -> tuple[str, float]:
         scale = float(value)
     except ValueError:
         scale = math.nan
-    if kind not in I2F_NOISES or not math.isfinite(scale) or scale < 0 or (kind == "pruning" and scale > 1):
-        raise ConfigError(f"i2f_vs_dgl.noises: bad entry {text!r}; expected KIND:VALUE with KIND one of "
-                          f"{', '.join(I2F_NOISES)} and VALUE a variance >= 0 (pruning: a ratio in [0, 1])")
+    if (
+        kind not in I2F_NOISES
+        or not math.isfinite(scale)
+        or scale < 0
+        or (kind == "pruning" and scale > 1)
+    ):
+        raise ConfigError(
+            f"i2f_vs_dgl.noises: bad entry {text!r}; expected KIND:VALUE with KIND one of "
+            f"{', '.join(I2F_NOISES)} and VALUE a variance >= 0 (pruning: a ratio in [0, 1])"
+        )
     return kind, scale
 
 
@@ -112,7 +126,9 @@ def _noisy(obs: Observation, delta: torch.Tensor) -> Observation:
     return dataclasses.replace(obs, update=update)
 
 
-def _scatter(records: list[dict[str, Any]], settings: list[str], attacks: list[str], path: Path) -> None:
+def _scatter(
+    records: list[dict[str, Any]], settings: list[str], attacks: list[str], path: Path
+) -> None:
     """One row of two log-log panels (I2F_lb, I2F_ε vs RMSE) per attack."""
     scatter_figure(records, settings, attacks).savefig(path, bbox_inches="tight")
 
@@ -132,32 +148,49 @@ def scatter_figure(records: list[dict[str, Any]], settings: list[str], attacks: 
         for j, key in enumerate(("lb_rmse", "exact_rmse")):
             ax = fig.add_subplot(len(attacks), 2, 2 * a + j + 1)
             row.append(ax)
-            for si, s in enumerate(settings):  # one colour per setting in every panel: one key per row
-                pts = [(r[key], r[rkey]) for r in records if r["setting"] == s
-                       and r[key] > 0 and math.isfinite(r[rkey]) and r[rkey] > 0]
+            for si, s in enumerate(
+                settings
+            ):  # one colour per setting in every panel: one key per row
+                pts = [
+                    (r[key], r[rkey])
+                    for r in records
+                    if r["setting"] == s and r[key] > 0 and math.isfinite(r[rkey]) and r[rkey] > 0
+                ]
                 if pts:
-                    ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, color=f"C{si % 10}", label=s)
+                    ax.scatter(
+                        [p[0] for p in pts], [p[1] for p in pts], s=14, color=f"C{si % 10}", label=s
+                    )
             lo_hi = [v for r in records for v in (r[key], r[rkey]) if v > 0 and math.isfinite(v)]
             if lo_hi:
-                ax.plot([min(lo_hi), max(lo_hi)], [min(lo_hi), max(lo_hi)], "k--", lw=0.8, label="y = x")
+                ax.plot(
+                    [min(lo_hi), max(lo_hi)], [min(lo_hi), max(lo_hi)], "k--", lw=0.8, label="y = x"
+                )
             ax.set_xscale("log")
             ax.set_yscale("log")
-            ax.set_xlabel("I2F lower bound (RMSE units)" if key == "lb_rmse" else "I2F regularised (RMSE units)")
+            ax.set_xlabel(
+                "I2F lower bound (RMSE units)"
+                if key == "lb_rmse"
+                else "I2F regularised (RMSE units)"
+            )
             ax.set_ylabel(f"{ATTACK_LABEL[attack]} RMSE (normalised input)", fontsize=8)
         shared_legend_outside(row, fontsize=7)  # the row's settings, right of its second panel
     fig.tight_layout()
     return fig
 
 
-def _attack_error(attack: Any, obs: Observation, x: torch.Tensor, y: torch.Tensor, ctx: ReproContext,
-                  i: int) -> dict[str, Any]:
+def _attack_error(
+    attack: Any, obs: Observation, x: torch.Tensor, y: torch.Tensor, ctx: ReproContext, i: int
+) -> dict[str, Any]:
     """RMSE (normalised input space), label correctness and cost of one attack run."""
     res = attack(obs, device=ctx.device, generator=ctx.generator(i, "attack"))
     err = (res.inputs.detach().to(x.device) - x).double()
     l2 = float(err.norm()) if torch.isfinite(err).all() else math.inf
-    return {"rmse": l2 / math.sqrt(x[0].numel()), "label_correct": int(res.labels[0]) == int(y[0]),
-            "attack_loss": float(res.metrics.get("final_loss", math.nan)),
-            "attack_seconds": float(res.metrics.get("seconds", math.nan))}
+    return {
+        "rmse": l2 / math.sqrt(x[0].numel()),
+        "label_correct": int(res.labels[0]) == int(y[0]),
+        "attack_loss": float(res.metrics.get("final_loss", math.nan)),
+        "attack_seconds": float(res.metrics.get("seconds", math.nan)),
+    }
 
 
 def _stats(sub: list[dict[str, Any]], sfx: str) -> dict[str, float]:
@@ -179,29 +212,47 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
     count, first, iters = settings["samples"], settings["first_index"], settings["iterations"]
     ig_iters = settings["ig_iterations"]
     if count < 1 or first < 0 or iters < 1 or ig_iters < 1 or settings["eps"] < 0:
-        raise ConfigError("i2f_vs_dgl: samples, iterations and ig_iterations must be >= 1, first_index and "
-                          "eps >= 0")
+        raise ConfigError(
+            "i2f_vs_dgl: samples, iterations and ig_iterations must be >= 1, first_index and "
+            "eps >= 0"
+        )
     attacks = list(dict.fromkeys(settings["attacks"]))
     bad = [a for a in attacks if a not in ATTACK_SUFFIX]
     if bad or not attacks:
-        raise ConfigError(f"i2f_vs_dgl.attacks: unknown {bad or attacks!r}; allowed: a non-empty list of "
-                          f"{', '.join(ATTACK_SUFFIX)}")
+        raise ConfigError(
+            f"i2f_vs_dgl.attacks: unknown {bad or attacks!r}; allowed: a non-empty list of "
+            f"{', '.join(ATTACK_SUFFIX)}"
+        )
     if not (math.isfinite(settings["ig_tv_weight"]) and settings["ig_tv_weight"] >= 0):
-        raise ConfigError(f"i2f_vs_dgl.ig_tv_weight: must be a number >= 0, got {settings['ig_tv_weight']}")
+        raise ConfigError(
+            f"i2f_vs_dgl.ig_tv_weight: must be a number >= 0, got {settings['ig_tv_weight']}"
+        )
     if settings["init"] not in INITS:
-        raise ConfigError(f"i2f_vs_dgl.init: unknown {settings['init']!r}; allowed: {', '.join(INITS)}")
+        raise ConfigError(
+            f"i2f_vs_dgl.init: unknown {settings['init']!r}; allowed: {', '.join(INITS)}"
+        )
     data = load_dataset("mnist_idx", root=ctx.data("mnist"), seed=ctx.seed)
     split = settings["split"]
     n_split = int(data.labels(split, slice(None)).numel())
     if first + count > n_split:
-        raise ConfigError(f"i2f_vs_dgl: samples {first}..{first + count - 1} exceed the {n_split} {split} images")
+        raise ConfigError(
+            f"i2f_vs_dgl: samples {first}..{first + count - 1} exceed the {n_split} {split} images"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_int(ctx.seed, "model_init"))
-        model = build_model("lenet", data.input_shape, data.num_classes, init=settings["init"],
-                            generator=ctx.generator("model_init")).to(ctx.device)
-    runners = {"idlg": lambda: ATTACKS.create("idlg", iterations=iters),
-               "inverting_gradients": lambda: ATTACKS.create("inverting_gradients", iterations=ig_iters,
-                                                             tv_weight=settings["ig_tv_weight"])}
+        model = build_model(
+            "lenet",
+            data.input_shape,
+            data.num_classes,
+            init=settings["init"],
+            generator=ctx.generator("model_init"),
+        ).to(ctx.device)
+    runners = {
+        "idlg": lambda: ATTACKS.create("idlg", iterations=iters),
+        "inverting_gradients": lambda: ATTACKS.create(
+            "inverting_gradients", iterations=ig_iters, tv_weight=settings["ig_tv_weight"]
+        ),
+    }
     objs = {a: runners[a]() for a in attacks}
     d_x = math.prod(data.input_shape)
     start = time.perf_counter()
@@ -210,36 +261,69 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
     for i, index in enumerate(range(first, first + count)):
         x = data.normalize(data.images(split, [index])).to(ctx.device)
         y = data.labels(split, [index]).to(ctx.device)
-        obs = client_observation(model, [(x, y)], protocol="fedsgd", lr=0.1, mean=data.mean, std=data.std,
-                                 num_classes=data.num_classes)
+        obs = client_observation(
+            model,
+            [(x, y)],
+            protocol="fedsgd",
+            lr=0.1,
+            mean=data.mean,
+            std=data.std,
+            num_classes=data.num_classes,
+        )
         op = InversionJacobian(model, x, y)
         lam = max_eigenvalue(op, generator=ctx.generator(i, "defense"))
         for j, (name, kind, scale) in enumerate(noises):
             delta = make_perturbation(op, kind, scale, ctx.generator(i, j, "defense"))
             r = i2f_for_operator(op, delta, lambda_max=lam, eps=settings["eps"])
             rec: dict[str, Any] = {
-                "index": index, "label": int(y[0]), "setting": name, "lambda_max": lam,
-                "delta_norm": float(delta.double().norm()), "jdelta_norm": r.jdelta_norm,
-                "lb": r.lower_bound, "exact": r.exact, "lb_rmse": r.lower_bound / math.sqrt(d_x),
-                "exact_rmse": (r.exact or math.nan) / math.sqrt(d_x), "cg_converged": r.cg_converged,
+                "index": index,
+                "label": int(y[0]),
+                "setting": name,
+                "lambda_max": lam,
+                "delta_norm": float(delta.double().norm()),
+                "jdelta_norm": r.jdelta_norm,
+                "lb": r.lower_bound,
+                "exact": r.exact,
+                "lb_rmse": r.lower_bound / math.sqrt(d_x),
+                "exact_rmse": (r.exact or math.nan) / math.sqrt(d_x),
+                "cg_converged": r.cg_converged,
             }
             noisy = _noisy(obs, delta)
             for a in attacks:
                 t_a = time.perf_counter()
-                rec.update({k + ATTACK_SUFFIX[a]: v for k, v in _attack_error(objs[a], noisy, x, y, ctx, i).items()})
+                rec.update(
+                    {
+                        k + ATTACK_SUFFIX[a]: v
+                        for k, v in _attack_error(objs[a], noisy, x, y, ctx, i).items()
+                    }
+                )
                 seconds_by_attack[a] += time.perf_counter() - t_a
             records.append(rec)
-            ctx.log.info("i2f_vs_dgl %d/%d %s: lb %.3g exact %.3g %s", i + 1, count, name, rec["lb_rmse"],
-                         rec["exact_rmse"], ", ".join(f"rmse{ATTACK_SUFFIX[a]} {rec['rmse' + ATTACK_SUFFIX[a]]:.3g}"
-                                                      for a in attacks))
+            ctx.log.info(
+                "i2f_vs_dgl %d/%d %s: lb %.3g exact %.3g %s",
+                i + 1,
+                count,
+                name,
+                rec["lb_rmse"],
+                rec["exact_rmse"],
+                ", ".join(
+                    f"rmse{ATTACK_SUFFIX[a]} {rec['rmse' + ATTACK_SUFFIX[a]]:.3g}" for a in attacks
+                ),
+            )
     seconds = time.perf_counter() - start
     (ctx.path / "samples.json").write_text(json.dumps(records, indent=1, default=str))
     names = [n for n, _, _ in noises]
     _scatter(records, names, attacks, ctx.path / "i2f_vs_rmse.png")
 
     summary: dict[str, Any] = {
-        "samples": count, "iterations": iters, "ig_iterations": ig_iters, "ig_tv_weight": settings["ig_tv_weight"],
-        "eps": settings["eps"], "init": settings["init"], "settings": names, "attacks": attacks,
+        "samples": count,
+        "iterations": iters,
+        "ig_iterations": ig_iters,
+        "ig_tv_weight": settings["ig_tv_weight"],
+        "eps": settings["eps"],
+        "init": settings["init"],
+        "settings": names,
+        "attacks": attacks,
     }
     table_rows: list[list[Any]] = []
     per_attack: dict[str, tuple[dict[str, dict[str, float]], dict[str, float]]] = {}
@@ -248,33 +332,65 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
         per = {n: _stats([r for r in records if r["setting"] == n], sfx) for n in names}
         pooled = _stats(records, sfx)
         per_attack[a] = (per, pooled)
-        summary.update({
-            f"spearman_lb{sfx}": {n: per[n]["spearman_lb"] for n in names},
-            f"spearman_exact{sfx}": {n: per[n]["spearman_exact"] for n in names},
-            f"lower_bound_holds{sfx}": {n: per[n]["lower_bound_holds"] for n in names},
-            f"rmse_median{sfx}": {n: per[n]["rmse_median"] for n in names},
-            f"spearman_lb_pooled{sfx}": pooled["spearman_lb"], f"spearman_exact_pooled{sfx}": pooled["spearman_exact"],
-            f"lower_bound_holds_all{sfx}": pooled["lower_bound_holds"],
-            f"seconds_attack{sfx}": seconds_by_attack[a],
-        })
+        summary.update(
+            {
+                f"spearman_lb{sfx}": {n: per[n]["spearman_lb"] for n in names},
+                f"spearman_exact{sfx}": {n: per[n]["spearman_exact"] for n in names},
+                f"lower_bound_holds{sfx}": {n: per[n]["lower_bound_holds"] for n in names},
+                f"rmse_median{sfx}": {n: per[n]["rmse_median"] for n in names},
+                f"spearman_lb_pooled{sfx}": pooled["spearman_lb"],
+                f"spearman_exact_pooled{sfx}": pooled["spearman_exact"],
+                f"lower_bound_holds_all{sfx}": pooled["lower_bound_holds"],
+                f"seconds_attack{sfx}": seconds_by_attack[a],
+            }
+        )
     for n in [*names, None]:
         for a in attacks:
             per, pooled = per_attack[a]
             st = per[n] if n is not None else pooled
-            aim = f"ρ ≥ {TARGET_SPEARMAN:g}, bound holds" if n is not None else "tracks RMSE (headline figure)"
-            table_rows.append([n if n is not None else "pooled (all settings)", ATTACK_LABEL[a], st["spearman_lb"],
-                               st["spearman_exact"], st["lower_bound_holds"], st["rmse_median"], st["lb_median"],
-                               st["exact_median"], st["label_accuracy"], aim])
-    summary.update({"all_cg_converged": all(bool(r["cg_converged"]) for r in records), "seconds": seconds})
+            aim = (
+                f"ρ ≥ {TARGET_SPEARMAN:g}, bound holds"
+                if n is not None
+                else "tracks RMSE (headline figure)"
+            )
+            table_rows.append(
+                [
+                    n if n is not None else "pooled (all settings)",
+                    ATTACK_LABEL[a],
+                    st["spearman_lb"],
+                    st["spearman_exact"],
+                    st["lower_bound_holds"],
+                    st["rmse_median"],
+                    st["lb_median"],
+                    st["exact_median"],
+                    st["label_accuracy"],
+                    aim,
+                ]
+            )
+    summary.update(
+        {"all_cg_converged": all(bool(r["cg_converged"]) for r in records), "seconds": seconds}
+    )
     table = markdown_table(
-        ["noise (variance; pruning ratio)", "attack", "Spearman ρ (RMSE, I2F_lb)", "Spearman ρ (RMSE, I2F_ε)",
-         "fraction I2F_lb ≤ RMSE", "median RMSE", "median I2F_lb", "median I2F_ε", "label acc.", "paper (aim)"],
+        [
+            "noise (variance; pruning ratio)",
+            "attack",
+            "Spearman ρ (RMSE, I2F_lb)",
+            "Spearman ρ (RMSE, I2F_ε)",
+            "fraction I2F_lb ≤ RMSE",
+            "median RMSE",
+            "median I2F_lb",
+            "median I2F_ε",
+            "label acc.",
+            "paper (aim)",
+        ],
         table_rows,
     )
-    described = {"idlg": f"`idlg` (inferred label, L-BFGS L2 gradient matching, {iters} steps of up to 20 inner "
-                         "iterations)",
-                 "inverting_gradients": f"`inverting_gradients` (inferred label, cosine matching + TV "
-                                        f"{settings['ig_tv_weight']:g}, signed Adam lr 0.1, {ig_iters} steps)"}
+    described = {
+        "idlg": f"`idlg` (inferred label, L-BFGS L2 gradient matching, {iters} steps of up to 20 inner "
+        "iterations)",
+        "inverting_gradients": f"`inverting_gradients` (inferred label, cosine matching + TV "
+        f"{settings['ig_tv_weight']:g}, signed Adam lr 0.1, {ig_iters} steps)",
+    }
     notes = (
         f"LeNet (sigmoid `lenet`, init `{settings['init']}`, one model for all samples), MNIST {split} images "
         f"{first}..{first + count - 1} (../shared/data/mnist, t10k files), FedSGD batch 1. Attacks: "
@@ -284,7 +400,8 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
         "values are variances (Laplace b = √(var/2)); pruning zeroes the given fraction of smallest-|g| entries. "
         f"Paper: DGL with Adam lr 1e-4, 24k iterations, 5-100 images; we use {count} samples. "
         f"Seed {ctx.seed}, {seconds:.0f} s ("
-        + ", ".join(f"{a} {seconds_by_attack[a]:.0f} s" for a in attacks) + ")."
+        + ", ".join(f"{a} {seconds_by_attack[a]:.0f} s" for a in attacks)
+        + ")."
     )
     return ReproResult(summary=summary, table=table + "\n\n" + notes)
 
@@ -293,7 +410,7 @@ register(
     Reproduction(
         name="i2f_vs_dgl",
         title="I2F lower bound / regularised value vs iDLG and Inverting Gradients RMSE under noise, LeNet / MNIST "
-              "(Zhang et al., NeurIPS 2023)",
+        "(Zhang et al., NeurIPS 2023)",
         defaults={
             "samples": 16,
             "split": "test",

@@ -77,8 +77,12 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
     trials, iterations = settings["trials"], settings["iterations"]
     check_trials = min(settings["check_trials"], trials)
     attacks = {
-        "dlg": ATTACKS.create("dlg", iterations=iterations, lr=settings["lr"], init=settings["init"]),
-        "idlg": ATTACKS.create("idlg", iterations=iterations, lr=settings["lr"], init=settings["init"]),
+        "dlg": ATTACKS.create(
+            "dlg", iterations=iterations, lr=settings["lr"], init=settings["init"]
+        ),
+        "idlg": ATTACKS.create(
+            "idlg", iterations=iterations, lr=settings["lr"], init=settings["init"]
+        ),
     }
     if settings["normalize"]:
         mean, std = data.mean, data.std
@@ -94,15 +98,23 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
     start = time.perf_counter()
     for trial in range(trials):
         model = build_model(
-            "lenet", shape, classes, init="uniform",
+            "lenet",
+            shape,
+            classes,
+            init="uniform",
             generator=ctx.generator(trial, "model_init"),
         ).train()
         index = int(torch.randint(len(data), (1,), generator=ctx.generator(trial, "sampling")))
         raw = data.images("train", [index])
         label = data.labels("train", [index])
         obs = client_observation(
-            model, [(to_input(raw), label)], protocol="fedsgd", lr=1.0,
-            mean=mean, std=std, num_classes=classes,
+            model,
+            [(to_input(raw), label)],
+            protocol="fedsgd",
+            lr=1.0,
+            mean=mean,
+            std=std,
+            num_classes=classes,
         )
         rec: dict[str, Any] = {"trial": trial, "index": index, "label": int(label[0])}
         for name, attack in attacks.items():
@@ -129,8 +141,15 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
         records.append(rec)
         ctx.log.info(
             "idlg_labels trial %d/%d: label %d, dlg %d (%.1f dB, %.1fs), idlg %d (%.1f dB, %.1fs)",
-            trial + 1, trials, rec["label"], rec["dlg"]["label"], rec["dlg"]["psnr"],
-            rec["dlg"]["seconds"], rec["idlg"]["label"], rec["idlg"]["psnr"], rec["idlg"]["seconds"],
+            trial + 1,
+            trials,
+            rec["label"],
+            rec["dlg"]["label"],
+            rec["dlg"]["psnr"],
+            rec["dlg"]["seconds"],
+            rec["idlg"]["label"],
+            rec["idlg"]["psnr"],
+            rec["idlg"]["seconds"],
         )
     elapsed = time.perf_counter() - start
     (ctx.path / "trials.json").write_text(json.dumps(records, indent=1))
@@ -140,8 +159,10 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
         image_grid(
             ctx.path / "reconstructions.png",
             torch.cat(originals),
-            [(f"DLG ({iterations})", torch.cat(recons["dlg"])),
-             (f"iDLG ({iterations})", torch.cat(recons["idlg"]))],
+            [
+                (f"DLG ({iterations})", torch.cat(recons["dlg"])),
+                (f"iDLG ({iterations})", torch.cat(recons["idlg"])),
+            ],
         )
 
     summary: dict[str, Any] = {"trials": trials, "iterations": iterations}
@@ -154,28 +175,32 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
         secs = [r[name]["seconds"] for r in records]
         steps = [r[name]["iterations"] for r in records]
         acc = correct / trials
-        summary.update({
-            f"label_accuracy_{name}": acc,
-            f"label_accuracy_{name}_ci_low": lo,
-            f"label_accuracy_{name}_ci_high": hi,
-            f"psnr_{name}": _mean(psnrs),
-            f"psnr_{name}_median": _median(psnrs),
-            f"ssim_{name}": _mean(ssims),
-            f"recovered_{name}": _mean([float(p > settings["recovered_psnr"]) for p in psnrs]),
-            f"seconds_{name}": _mean(secs),
-            f"steps_{name}": _mean(steps),
-        })
-        rows.append([
-            title,
-            f"{100 * acc:.1f}% ({correct}/{trials}) [{100 * lo:.1f}, {100 * hi:.1f}]",
-            f"{100 * PAPER[name]:.1f}%",
-            _mean(psnrs),
-            _median(psnrs),
-            _mean(ssims),
-            f"{100 * summary[f'recovered_{name}']:.0f}%",
-            _mean(steps),
-            _mean(secs),
-        ])
+        summary.update(
+            {
+                f"label_accuracy_{name}": acc,
+                f"label_accuracy_{name}_ci_low": lo,
+                f"label_accuracy_{name}_ci_high": hi,
+                f"psnr_{name}": _mean(psnrs),
+                f"psnr_{name}_median": _median(psnrs),
+                f"ssim_{name}": _mean(ssims),
+                f"recovered_{name}": _mean([float(p > settings["recovered_psnr"]) for p in psnrs]),
+                f"seconds_{name}": _mean(secs),
+                f"steps_{name}": _mean(steps),
+            }
+        )
+        rows.append(
+            [
+                title,
+                f"{100 * acc:.1f}% ({correct}/{trials}) [{100 * lo:.1f}, {100 * hi:.1f}]",
+                f"{100 * PAPER[name]:.1f}%",
+                _mean(psnrs),
+                _median(psnrs),
+                _mean(ssims),
+                f"{100 * summary[f'recovered_{name}']:.0f}%",
+                _mean(steps),
+                _mean(secs),
+            ]
+        )
     table = markdown_table(
         [
             "Method",
@@ -193,8 +218,11 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
     notes = [
         "",
         "MNIST 28x28 (t10k files), "
-        + ("normalised inputs ((x - mean) / std)" if settings["normalize"]
-           else "raw pixels in [0, 1] as in the paper's code")
+        + (
+            "normalised inputs ((x - mean) / std)"
+            if settings["normalize"]
+            else "raw pixels in [0, 1] as in the paper's code"
+        )
         + f", sigmoid `lenet` with weights U(-0.5, 0.5), FedSGD batch 1, {trials} trials (fresh seeded model and image each), seed {ctx.seed}. "
         f"L-BFGS lr {settings['lr']:g}, **{iterations} step() calls** (paper: 300; torch's default "
         f"20 inner iterations per step), dummy start `{settings['init']}`; both attacks stop early "
@@ -207,13 +235,15 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
         agree = sum(r["dlg"]["label"] == r["dlg_check"]["label"] for r in records[:check_trials])
         short = sum(r["dlg"]["correct"] for r in records[:check_trials])
         full = sum(r["dlg_check"]["correct"] for r in records[:check_trials])
-        summary.update({
-            "check_trials": check_trials,
-            "check_iterations": settings["check_iterations"],
-            "check_label_agreement": agree / check_trials,
-            "check_label_accuracy_dlg": short / check_trials,
-            "check_label_accuracy_dlg_full": full / check_trials,
-        })
+        summary.update(
+            {
+                "check_trials": check_trials,
+                "check_iterations": settings["check_iterations"],
+                "check_label_agreement": agree / check_trials,
+                "check_label_accuracy_dlg": short / check_trials,
+                "check_label_accuracy_dlg_full": full / check_trials,
+            }
+        )
         notes.append(
             f"Iteration check: on the first {check_trials} trials DLG's labels at {iterations} and "
             f"at {settings['check_iterations']} L-BFGS steps agree on {agree}/{check_trials} "

@@ -50,13 +50,21 @@ DEFENSES5 = ("pruning", "signsgd", "adversarial_perturbation", "vib", "dp_sgd")
 
 
 def _defense_specs(name: str, s: dict[str, Any]) -> list[dict[str, Any]]:
-    params = {"none": None, "pruning": {"ratio": s["pruning_ratio"]}, "signsgd": {},
-              "adversarial_perturbation": {"budget": s["adv_budget"], "steps": s["adv_steps"]},
-              "vib": {"beta": s["vib_beta"]},
-              "dp_sgd": {"noise_multiplier": s["dp_noise_multiplier"], "max_grad_norm": s["dp_max_grad_norm"]}}
+    params = {
+        "none": None,
+        "pruning": {"ratio": s["pruning_ratio"]},
+        "signsgd": {},
+        "adversarial_perturbation": {"budget": s["adv_budget"], "steps": s["adv_steps"]},
+        "vib": {"beta": s["vib_beta"]},
+        "dp_sgd": {
+            "noise_multiplier": s["dp_noise_multiplier"],
+            "max_grad_norm": s["dp_max_grad_norm"],
+        },
+    }
     if name not in params:
-        raise ConfigError(f"inference_aggregation.defenses: {name!r} is not allowed; allowed: "
-                          f"{', '.join(params)}")
+        raise ConfigError(
+            f"inference_aggregation.defenses: {name!r} is not allowed; allowed: {', '.join(params)}"
+        )
     return [] if name == "none" else [{"name": name, "params": params[name]}]
 
 
@@ -71,17 +79,38 @@ class _Setup:
 
         sens = s["adult_sensitive"] if name == "adult" else s["utkface_sensitive"]
         pool = s["adult_pool"] if name == "adult" else s["utkface_pool"]
-        self.cfg = load_game_config(None, [f'data.name="{name}"', f'data.sensitive="{sens}"',
-                                           f"model.width={s['width']}", f"model.pretrain_steps={s['pretrain_steps']}",
-                                           f"seed={s['seed']}"])
-        self.data = load_game_data(name, root=ctx.data(name), sensitive=sens, pool_size=pool, aux_size=pool,
-                                   seed=s["seed"], image_size=s["image_size"])
+        self.cfg = load_game_config(
+            None,
+            [
+                f'data.name="{name}"',
+                f'data.sensitive="{sens}"',
+                f"model.width={s['width']}",
+                f"model.pretrain_steps={s['pretrain_steps']}",
+                f"seed={s['seed']}",
+            ],
+        )
+        self.data = load_game_data(
+            name,
+            root=ctx.data(name),
+            sensitive=sens,
+            pool_size=pool,
+            aux_size=pool,
+            seed=s["seed"],
+            image_size=s["image_size"],
+        )
         d = self.data
-        self.model = _trajectory(_build_model(self.cfg, d.input_shape, d.num_classes), d.x_pre, d.y_pre,
-                                 [s["pretrain_steps"]], s["seed"])[s["pretrain_steps"]]
+        self.model = _trajectory(
+            _build_model(self.cfg, d.input_shape, d.num_classes),
+            d.x_pre,
+            d.y_pre,
+            [s["pretrain_steps"]],
+            s["seed"],
+        )[s["pretrain_steps"]]
         self.pool, self.aux = Pool(d.x_pool, d.y_pool, d.a_pool), Pool(d.x_aux, d.y_aux, d.a_aux)
-        self.grads = {"pool": flat_per_sample_gradients(self.model, d.x_pool, d.y_pool),
-                      "aux": flat_per_sample_gradients(self.model, d.x_aux, d.y_aux)}
+        self.grads = {
+            "pool": flat_per_sample_gradients(self.model, d.x_pool, d.y_pool),
+            "aux": flat_per_sample_gradients(self.model, d.x_aux, d.y_aux),
+        }
         with torch.no_grad():
             self.accuracy = float((self.model(d.x_pre).argmax(1) == d.y_pre).float().mean())
         self.s, self.name, self._vib = s, name, None
@@ -94,22 +123,43 @@ class _Setup:
             from fl_privsim.game import _build_model
             from fl_privsim.seeding import torch_generator
 
-            cfg = dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, name="mlp_vib"))
+            cfg = dataclasses.replace(
+                self.cfg, model=dataclasses.replace(self.cfg.model, name="mlp_vib")
+            )
             model, d = _build_model(cfg, self.data.input_shape, self.data.num_classes), self.data
             gen = torch_generator(self.s["seed"], "batch", 998)
-            batches = [(d.x_pre[i], d.y_pre[i]) for i in
-                       (torch.randint(0, int(d.y_pre.shape[0]), (64,), generator=gen)
-                        for _ in range(self.s["pretrain_steps"]))]
-            local_update(model, batches, protocol="fedavg", lr=0.1,
-                         defenses=build_defenses(_defense_specs("vib", self.s)), generator=gen)
+            batches = [
+                (d.x_pre[i], d.y_pre[i])
+                for i in (
+                    torch.randint(0, int(d.y_pre.shape[0]), (64,), generator=gen)
+                    for _ in range(self.s["pretrain_steps"])
+                )
+            ]
+            local_update(
+                model,
+                batches,
+                protocol="fedavg",
+                lr=0.1,
+                defenses=build_defenses(_defense_specs("vib", self.s)),
+                generator=gen,
+            )
             for p in model.parameters():
                 p.requires_grad_(True)
             self._vib = model
         return self._vib
 
 
-def _play(setup: _Setup, kind: str, batch: int, clients: int, defense: str, trials: int, shadow_trials: int,
-          key: int, adversaries: tuple[str, ...] = ("adaptive",)) -> dict[str, dict[str, Any]]:
+def _play(
+    setup: _Setup,
+    kind: str,
+    batch: int,
+    clients: int,
+    defense: str,
+    trials: int,
+    shadow_trials: int,
+    key: int,
+    adversaries: tuple[str, ...] = ("adaptive",),
+) -> dict[str, dict[str, Any]]:
     """One game; returns the metrics of each adversary (static/adaptive share the challenge)."""
     from adversaries.inference import Game, MetaClassifier, Release
     from adversaries.inference.metrics import game_metrics
@@ -119,20 +169,48 @@ def _play(setup: _Setup, kind: str, batch: int, clients: int, defense: str, tria
     s, d = setup.s, setup.data
     model = setup.vib_model() if defense == "vib" else setup.model
     reuse = model is setup.model
-    game = Game(kind, batch_size=batch, clients_per_aggregate=clients, alpha0=s["alpha0"], alpha1=s["alpha1"],
-                user_records=s["user_records"], attr_column=d.attr_column)
+    game = Game(
+        kind,
+        batch_size=batch,
+        clients_per_aggregate=clients,
+        alpha0=s["alpha0"],
+        alpha1=s["alpha1"],
+        user_records=s["user_records"],
+        attr_column=d.attr_column,
+    )
     specs = _defense_specs(defense, s)
     release = Release(model, defenses=build_defenses(specs), seed=s["seed"])
-    obs, secrets = game.play(setup.pool, release, trials, numpy_rng(s["seed"], "attack", 2, key), stream=0,
-                             pool_grads=setup.grads["pool"] if reuse else None)
+    obs, secrets = game.play(
+        setup.pool,
+        release,
+        trials,
+        numpy_rng(s["seed"], "attack", 2, key),
+        stream=0,
+        pool_grads=setup.grads["pool"] if reuse else None,
+    )
     out = {}
     for adv in adversaries:
-        shadow = Release(model, defenses=build_defenses(specs) if adv == "adaptive" else [], seed=s["seed"] + 1)
-        sobs, ssec = game.play(setup.aux, shadow, shadow_trials, numpy_rng(s["seed"], "attack", 1, key), stream=1,
-                               pool_grads=setup.grads["aux"] if reuse else None)
-        clf = MetaClassifier(model, attack_model=s["attack_model"], features=s["features"],
-                             attr_column=d.attr_column if kind == "attribute" else None, seed=s["seed"])
-        m = game_metrics(secrets, clf.fit(sobs, ssec).score(obs), n_boot=s["bootstrap"], seed=s["seed"])
+        shadow = Release(
+            model, defenses=build_defenses(specs) if adv == "adaptive" else [], seed=s["seed"] + 1
+        )
+        sobs, ssec = game.play(
+            setup.aux,
+            shadow,
+            shadow_trials,
+            numpy_rng(s["seed"], "attack", 1, key),
+            stream=1,
+            pool_grads=setup.grads["aux"] if reuse else None,
+        )
+        clf = MetaClassifier(
+            model,
+            attack_model=s["attack_model"],
+            features=s["features"],
+            attr_column=d.attr_column if kind == "attribute" else None,
+            seed=s["seed"],
+        )
+        m = game_metrics(
+            secrets, clf.fit(sobs, ssec).score(obs), n_boot=s["bootstrap"], seed=s["seed"]
+        )
         out[adv] = {k: m[k] for k in ("auc", "auc_ci", "advantage", "tpr_at_1pct_fpr", "trials")}
     return out
 
@@ -142,14 +220,20 @@ def _write_csv(path: Any, rows: list[dict[str, Any]]) -> None:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         for r in rows:
-            w.writerow({k: (f"{v[0]:.4f};{v[1]:.4f}" if isinstance(v, list) else v) for k, v in r.items()})
+            w.writerow(
+                {k: (f"{v[0]:.4f};{v[1]:.4f}" if isinstance(v, list) else v) for k, v in r.items()}
+            )
 
 
-def _plot_sweep(path: Any, rows: list[dict[str, Any]], axis: str, datasets: list[str], games: list[str]) -> None:
+def _plot_sweep(
+    path: Any, rows: list[dict[str, Any]], axis: str, datasets: list[str], games: list[str]
+) -> None:
     sweep_figure(rows, axis, datasets, games).savefig(path, dpi=90, bbox_inches="tight")
 
 
-def sweep_figure(rows: list[dict[str, Any]], axis: str, datasets: list[str], games: list[str]) -> Any:
+def sweep_figure(
+    rows: list[dict[str, Any]], axis: str, datasets: list[str], games: list[str]
+) -> Any:
     """AUC against ``axis`` (batch size or clients), one panel per dataset, one line per game
     (a matplotlib ``Figure`` on an Agg canvas)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -162,8 +246,11 @@ def sweep_figure(rows: list[dict[str, Any]], axis: str, datasets: list[str], gam
     axes = fig.subplots(1, len(datasets), squeeze=False)
     for ax, ds in zip(axes[0], datasets, strict=True):
         for g, kind in enumerate(games):
-            pts = sorted((r[axis], r["auc"], r["auc_ci"]) for r in rows
-                         if r["dataset"] == ds and r["game"] == kind and r["sweep"] == axis)
+            pts = sorted(
+                (r[axis], r["auc"], r["auc_ci"])
+                for r in rows
+                if r["dataset"] == ds and r["game"] == kind and r["sweep"] == axis
+            )
             if not pts:
                 continue
             xs = [p[0] for p in pts]
@@ -176,7 +263,9 @@ def sweep_figure(rows: list[dict[str, Any]], axis: str, datasets: list[str], gam
         ax.set_xlabel("batch size" if axis == "batch_size" else "clients per aggregate")
         ax.set_ylabel("attack ROC-AUC (95% bootstrap CI)")
         ax.set_title(ds)
-    shared_legend_outside(axes[0], fontsize=8)  # one colour per game in every panel: one key, on the right
+    shared_legend_outside(
+        axes[0], fontsize=8
+    )  # one colour per game in every panel: one key, on the right
     fig.tight_layout()
     return fig
 
@@ -201,11 +290,18 @@ def defenses_figure(rows: list[dict[str, Any]]) -> Any:
         sub = [r for r in rows if r["dataset"] == ds and r["game"] == kind]
         names = list(dict.fromkeys(r["defense"] for r in sub))
         for j, adv in enumerate(("static", "adaptive")):
-            ys = [next((r["auc"] for r in sub if r["defense"] == n and r["adversary"] == adv), np.nan) for n in names]
+            ys = [
+                next((r["auc"] for r in sub if r["defense"] == n and r["adversary"] == adv), np.nan)
+                for n in names
+            ]
             ax.bar(np.arange(len(names)) + (j - 0.5) * 0.4, ys, 0.4, label=adv)
         ax.axhline(0.5, color="k", ls="--", lw=0.8)
-        ax.set_xticks(np.arange(len(names)), [n.replace("adversarial_perturbation", "adv_pert") for n in names],
-                      rotation=60, fontsize=7)
+        ax.set_xticks(
+            np.arange(len(names)),
+            [n.replace("adversarial_perturbation", "adv_pert") for n in names],
+            rotation=60,
+            fontsize=7,
+        )
         ax.set_ylim(0.3, 1.0)
         ax.set_title(f"{kind} ({ds})", fontsize=9)
     axes[0][0].set_ylabel("attack ROC-AUC")
@@ -215,16 +311,33 @@ def defenses_figure(rows: list[dict[str, Any]]) -> Any:
 
 
 def _check(s: dict[str, Any]) -> None:
-    for key, allowed in (("datasets", ("adult", "utkface")), ("games", GAMES4), ("defense_games", GAMES4),
-                         ("defense_datasets", ("adult", "utkface")), ("defenses", ("none", *DEFENSES5))):
+    for key, allowed in (
+        ("datasets", ("adult", "utkface")),
+        ("games", GAMES4),
+        ("defense_games", GAMES4),
+        ("defense_datasets", ("adult", "utkface")),
+        ("defenses", ("none", *DEFENSES5)),
+    ):
         bad = [v for v in s[key] if v not in allowed]
         if bad:
-            raise ConfigError(f"inference_aggregation.{key}: {bad[0]!r} is not allowed; allowed: {', '.join(allowed)}")
-    for key in ("batch_sizes", "clients", "clients_batch_size", "defense_batch_size", "trials", "shadow_trials",
-                "defense_trials", "defense_shadow_trials"):
+            raise ConfigError(
+                f"inference_aggregation.{key}: {bad[0]!r} is not allowed; allowed: {', '.join(allowed)}"
+            )
+    for key in (
+        "batch_sizes",
+        "clients",
+        "clients_batch_size",
+        "defense_batch_size",
+        "trials",
+        "shadow_trials",
+        "defense_trials",
+        "defense_shadow_trials",
+    ):
         vals = s[key] if isinstance(s[key], list) else [s[key]]
         if any(v < 1 for v in vals):
-            raise ConfigError(f"inference_aggregation.{key}: every value must be >= 1, got {s[key]}")
+            raise ConfigError(
+                f"inference_aggregation.{key}: every value must be >= 1, got {s[key]}"
+            )
 
 
 def run(s: dict[str, Any], ctx: ReproContext) -> ReproResult:
@@ -236,7 +349,9 @@ def run(s: dict[str, Any], ctx: ReproContext) -> ReproResult:
     def setup(name: str) -> _Setup:
         if name not in setups:
             setups[name] = _Setup(name, s, ctx)
-            ctx.log.info("%s: model accuracy %.3f on the pretraining split", name, setups[name].accuracy)
+            ctx.log.info(
+                "%s: model accuracy %.3f on the pretraining split", name, setups[name].accuracy
+            )
         return setups[name]
 
     agg: list[dict[str, Any]] = []
@@ -246,6 +361,7 @@ def run(s: dict[str, Any], ctx: ReproContext) -> ReproResult:
     def done(row: dict[str, Any]) -> None:
         with open(progress, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
+
     for ds in s["datasets"]:
         for kind in s["games"]:
             points = [("batch_size", b, 1) for b in s["batch_sizes"]]
@@ -254,12 +370,26 @@ def run(s: dict[str, Any], ctx: ReproContext) -> ReproResult:
             for sweep, b, k in points:
                 key += 1
                 t = time.perf_counter()
-                if (b, k) not in seen:  # a clients-sweep point equal to a batch-sweep point is reused
-                    seen[b, k] = _play(setup(ds), kind, b, k, "none", s["trials"], s["shadow_trials"],
-                                       key)["adaptive"]
+                if (
+                    b,
+                    k,
+                ) not in seen:  # a clients-sweep point equal to a batch-sweep point is reused
+                    seen[b, k] = _play(
+                        setup(ds), kind, b, k, "none", s["trials"], s["shadow_trials"], key
+                    )["adaptive"]
                 m = seen[b, k]
-                agg.append({"sweep": sweep, "dataset": ds, "game": kind, "batch_size": b, "clients": k,
-                            "aggregation_size": b * k, **m, "seconds": round(time.perf_counter() - t, 2)})
+                agg.append(
+                    {
+                        "sweep": sweep,
+                        "dataset": ds,
+                        "game": kind,
+                        "batch_size": b,
+                        "clients": k,
+                        "aggregation_size": b * k,
+                        **m,
+                        "seconds": round(time.perf_counter() - t, 2),
+                    }
+                )
                 done(agg[-1])
                 ctx.log.info("%s %s b=%d K=%d: AUC %.3f", ds, kind, b, k, m["auc"])
     t_agg = time.perf_counter()
@@ -270,14 +400,36 @@ def run(s: dict[str, Any], ctx: ReproContext) -> ReproResult:
                 key += 1
                 t = time.perf_counter()
                 advs = ("adaptive",) if defense == "none" else ("static", "adaptive")
-                res = _play(setup(ds), kind, s["defense_batch_size"], 1, defense, s["defense_trials"],
-                            s["defense_shadow_trials"], key, advs)
+                res = _play(
+                    setup(ds),
+                    kind,
+                    s["defense_batch_size"],
+                    1,
+                    defense,
+                    s["defense_trials"],
+                    s["defense_shadow_trials"],
+                    key,
+                    advs,
+                )
                 for adv, m in res.items():
-                    dfn.append({"dataset": ds, "game": kind, "defense": defense,
-                                "adversary": "-" if defense == "none" else adv, **m,
-                                "seconds": round(time.perf_counter() - t, 2)})
+                    dfn.append(
+                        {
+                            "dataset": ds,
+                            "game": kind,
+                            "defense": defense,
+                            "adversary": "-" if defense == "none" else adv,
+                            **m,
+                            "seconds": round(time.perf_counter() - t, 2),
+                        }
+                    )
                     done(dfn[-1])
-                ctx.log.info("%s %s %s: %s", ds, kind, defense, {a: round(m["auc"], 3) for a, m in res.items()})
+                ctx.log.info(
+                    "%s %s %s: %s",
+                    ds,
+                    kind,
+                    defense,
+                    {a: round(m["auc"], 3) for a, m in res.items()},
+                )
     t_def = time.perf_counter()
     p = ctx.path
     for stem, rows in (("aggregation", agg), ("defenses", dfn)):
@@ -288,8 +440,11 @@ def run(s: dict[str, Any], ctx: ReproContext) -> ReproResult:
         _plot_sweep(p / "auc_vs_batch.png", agg, "batch_size", s["datasets"], s["games"])
         _plot_sweep(p / "auc_vs_clients.png", agg, "clients", s["datasets"], s["games"])
     if dfn:
-        _plot_defenses(p / "defenses.png", [r if r["defense"] != "none" else {**r, "adversary": "static"} for r in dfn]
-                       + [{**r, "adversary": "adaptive"} for r in dfn if r["defense"] == "none"])
+        _plot_defenses(
+            p / "defenses.png",
+            [r if r["defense"] != "none" else {**r, "adversary": "static"} for r in dfn]
+            + [{**r, "adversary": "adaptive"} for r in dfn if r["defense"] == "none"],
+        )
 
     def ci(r: dict[str, Any]) -> str:
         return f"{r['auc']:.3f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}]"
@@ -298,29 +453,73 @@ def run(s: dict[str, Any], ctx: ReproContext) -> ReproResult:
     for sweep in ("batch_size", "clients"):
         sub = [r for r in agg if r["sweep"] == sweep]
         cols = sorted({r[sweep] for r in sub})
-        rows = [[ds, kind] + [next((ci(r) for r in sub if r["dataset"] == ds and r["game"] == kind
-                                    and r[sweep] == c), None) for c in cols]
-                for ds in s["datasets"] for kind in s["games"]]
+        rows = [
+            [ds, kind]
+            + [
+                next(
+                    (
+                        ci(r)
+                        for r in sub
+                        if r["dataset"] == ds and r["game"] == kind and r[sweep] == c
+                    ),
+                    None,
+                )
+                for c in cols
+            ]
+            for ds in s["datasets"]
+            for kind in s["games"]
+        ]
         label = "batch" if sweep == "batch_size" else f"K (batch {s['clients_batch_size']})"
         if sub:
-            lines += [markdown_table(["dataset", "game"] + [f"{label} {c}" for c in cols], rows), ""]
+            lines += [
+                markdown_table(["dataset", "game"] + [f"{label} {c}" for c in cols], rows),
+                "",
+            ]
     if dfn:
-        lines += [f"### Defenses at batch {s['defense_batch_size']}, 1 client (AUC, static / adaptive)", ""]
+        lines += [
+            f"### Defenses at batch {s['defense_batch_size']}, 1 client (AUC, static / adaptive)",
+            "",
+        ]
         rows = []
         for ds in s["defense_datasets"]:
             for kind in s["defense_games"]:
                 for defense in s["defenses"]:
-                    sub = {r["adversary"]: r for r in dfn if (r["dataset"], r["game"], r["defense"]) == (ds, kind,
-                                                                                                       defense)}
-                    rows.append([ds, kind, defense, ci(sub["static"]) if "static" in sub else None,
-                                 ci(sub.get("adaptive", sub.get("-")))])
-        lines += [markdown_table(["dataset", "game", "defense", "static AUC", "adaptive AUC"], rows), ""]
-    max_auc = {ds: max((r["auc"] for r in agg if r["dataset"] == ds and r["aggregation_size"] >= 64),
-                       default=None) for ds in s["datasets"]}
-    summary = {"aggregation_points": len(agg), "defense_points": len(dfn),
-               "model_accuracy": {k: v.accuracy for k, v in setups.items()},
-               "max_auc_at_aggregation_64_plus": max_auc,
-               "seconds": {"aggregation": t_agg - t0, "defenses": t_def - t_agg, "total": time.perf_counter() - t0}}
+                    sub = {
+                        r["adversary"]: r
+                        for r in dfn
+                        if (r["dataset"], r["game"], r["defense"]) == (ds, kind, defense)
+                    }
+                    rows.append(
+                        [
+                            ds,
+                            kind,
+                            defense,
+                            ci(sub["static"]) if "static" in sub else None,
+                            ci(sub.get("adaptive", sub.get("-"))),
+                        ]
+                    )
+        lines += [
+            markdown_table(["dataset", "game", "defense", "static AUC", "adaptive AUC"], rows),
+            "",
+        ]
+    max_auc = {
+        ds: max(
+            (r["auc"] for r in agg if r["dataset"] == ds and r["aggregation_size"] >= 64),
+            default=None,
+        )
+        for ds in s["datasets"]
+    }
+    summary = {
+        "aggregation_points": len(agg),
+        "defense_points": len(dfn),
+        "model_accuracy": {k: v.accuracy for k, v in setups.items()},
+        "max_auc_at_aggregation_64_plus": max_auc,
+        "seconds": {
+            "aggregation": t_agg - t0,
+            "defenses": t_def - t_agg,
+            "total": time.perf_counter() - t0,
+        },
+    }
     return ReproResult(summary=summary, table="\n".join(lines))
 
 
@@ -329,21 +528,53 @@ register(
         name="inference_aggregation",
         title="Inference-game AUC vs aggregation size and five defenses, static vs adaptive (Li et al. 2024)",
         defaults={
-            "datasets": ["adult", "utkface"], "games": list(GAMES4),
-            "batch_sizes": [1, 4, 16, 64, 256], "clients": [1, 5, 10, 50], "clients_batch_size": 4,
-            "trials": 300, "shadow_trials": 500,
-            "defense_datasets": ["adult", "utkface"], "defense_games": ["attribute"],
-            "defenses": ["none", *DEFENSES5], "defense_batch_size": 4,
-            "defense_trials": 150, "defense_shadow_trials": 200,
-            "pruning_ratio": 0.9, "adv_budget": 0.5, "adv_steps": 5, "vib_beta": 0.01,
-            "dp_noise_multiplier": 1.0, "dp_max_grad_norm": 1.0,
-            "width": 32, "pretrain_steps": 200, "image_size": 24, "adult_pool": 4000, "utkface_pool": 600,
-            "adult_sensitive": "sex", "utkface_sensitive": "gender", "alpha0": 0.25, "alpha1": 0.5,
-            "user_records": 8, "features": "last", "attack_model": "mlp", "bootstrap": 200,
+            "datasets": ["adult", "utkface"],
+            "games": list(GAMES4),
+            "batch_sizes": [1, 4, 16, 64, 256],
+            "clients": [1, 5, 10, 50],
+            "clients_batch_size": 4,
+            "trials": 300,
+            "shadow_trials": 500,
+            "defense_datasets": ["adult", "utkface"],
+            "defense_games": ["attribute"],
+            "defenses": ["none", *DEFENSES5],
+            "defense_batch_size": 4,
+            "defense_trials": 150,
+            "defense_shadow_trials": 200,
+            "pruning_ratio": 0.9,
+            "adv_budget": 0.5,
+            "adv_steps": 5,
+            "vib_beta": 0.01,
+            "dp_noise_multiplier": 1.0,
+            "dp_max_grad_norm": 1.0,
+            "width": 32,
+            "pretrain_steps": 200,
+            "image_size": 24,
+            "adult_pool": 4000,
+            "utkface_pool": 600,
+            "adult_sensitive": "sex",
+            "utkface_sensitive": "gender",
+            "alpha0": 0.25,
+            "alpha1": 0.5,
+            "user_records": 8,
+            "features": "last",
+            "attack_model": "mlp",
+            "bootstrap": 200,
         },
-        quick={"batch_sizes": [1, 16], "clients": [1, 5], "trials": 60, "shadow_trials": 80, "defense_trials": 40,
-               "defense_shadow_trials": 60, "defense_games": ["attribute"], "adv_steps": 2, "pretrain_steps": 20,
-               "bootstrap": 20, "adult_pool": 400, "utkface_pool": 200},
+        quick={
+            "batch_sizes": [1, 16],
+            "clients": [1, 5],
+            "trials": 60,
+            "shadow_trials": 80,
+            "defense_trials": 40,
+            "defense_shadow_trials": 60,
+            "defense_games": ["attribute"],
+            "adv_steps": 2,
+            "pretrain_steps": 20,
+            "bootstrap": 20,
+            "adult_pool": 400,
+            "utkface_pool": 200,
+        },
         run=run,
     )
 )

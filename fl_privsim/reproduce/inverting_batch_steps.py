@@ -96,12 +96,16 @@ def _check(settings: dict[str, Any]) -> None:
             )
     for key in ("batch_sizes", "local_steps"):
         if any(v < 1 for v in settings[key]):
-            raise ConfigError(f"inverting_batch_steps.{key}: values must be >= 1, got {settings[key]}")
+            raise ConfigError(
+                f"inverting_batch_steps.{key}: values must be >= 1, got {settings[key]}"
+            )
     for key in ("fedavg_batch_size", "images_per_cell", "restarts"):
         if settings[key] < 1:
             raise ConfigError(f"inverting_batch_steps.{key}: must be >= 1, got {settings[key]}")
     if not settings["local_lr"] > 0:
-        raise ConfigError(f"inverting_batch_steps.local_lr: must be > 0, got {settings['local_lr']}")
+        raise ConfigError(
+            f"inverting_batch_steps.local_lr: must be > 0, got {settings['local_lr']}"
+        )
 
 
 def _cells(settings: dict[str, Any]) -> list[tuple[str, int, int, int]]:
@@ -145,14 +149,24 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
                 labels = data.labels("train", idx)
                 x = data.normalize(raw)
                 torch.manual_seed(seed_int(ctx.seed, "model_init", m, trial))
-                model = build_model(model_name, data.input_shape, data.num_classes).to(device).train()
+                model = (
+                    build_model(model_name, data.input_shape, data.num_classes).to(device).train()
+                )
                 batches = [
-                    (x[i * per_step : (i + 1) * per_step].to(device), labels[i * per_step : (i + 1) * per_step].to(device))
+                    (
+                        x[i * per_step : (i + 1) * per_step].to(device),
+                        labels[i * per_step : (i + 1) * per_step].to(device),
+                    )
                     for i in range(steps)
                 ]
                 obs = client_observation(
-                    model, batches, protocol=protocol, lr=settings["local_lr"], mean=data.mean,
-                    std=data.std, num_classes=data.num_classes,
+                    model,
+                    batches,
+                    protocol=protocol,
+                    lr=settings["local_lr"],
+                    mean=data.mean,
+                    std=data.std,
+                    num_classes=data.num_classes,
                 )
                 t0 = time.perf_counter()
                 res = attack(obs, device=device, generator=ctx.generator("attack", m, c, trial))
@@ -162,9 +176,13 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
                 scores += psnr(raw.double(), rec[perm]).tolist()
                 label_acc.append(label_accuracy(labels, res.labels.cpu()))
                 ctx.log.info(
-                    "inverting_batch_steps %s %s=%d trial %d: PSNR %s (%.1fs)", model_name,
-                    "batch" if protocol == "fedsgd" else "steps", value, trial,
-                    [round(s, 2) for s in scores[-n_update:]], time.perf_counter() - t0,
+                    "inverting_batch_steps %s %s=%d trial %d: PSNR %s (%.1fs)",
+                    model_name,
+                    "batch" if protocol == "fedsgd" else "steps",
+                    value,
+                    trial,
+                    [round(s, 2) for s in scores[-n_update:]],
+                    time.perf_counter() - t0,
                 )
             key = f"psnr_{model_name}_" + (f"b{value}" if protocol == "fedsgd" else f"steps{value}")
             mean, std = float(np.mean(scores)), float(np.std(scores))
@@ -175,17 +193,29 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
             summary[key.replace("psnr_", "seconds_")] = seconds
             curves.setdefault((model_name, protocol), []).append((value, mean, std))
             setting = (
-                f"FedSGD, batch {value}" if protocol == "fedsgd"
+                f"FedSGD, batch {value}"
+                if protocol == "fedsgd"
                 else f"FedAvg, {value} step(s) × {per_step} image(s), lr {settings['local_lr']:g}"
             )
-            rows.append([
-                model_name, setting, len(scores), f"{mean:.2f} ± {std:.2f}", float(np.max(scores)),
-                float(np.mean(label_acc)), f"{iterations} (paper {PAPER_ITERATIONS}; CLI {PAPER_CLI_ITERATIONS})",
-                round(seconds, 1), PAPER.get((model_name, protocol, value)),
-            ])
+            rows.append(
+                [
+                    model_name,
+                    setting,
+                    len(scores),
+                    f"{mean:.2f} ± {std:.2f}",
+                    float(np.max(scores)),
+                    float(np.mean(label_acc)),
+                    f"{iterations} (paper {PAPER_ITERATIONS}; CLI {PAPER_CLI_ITERATIONS})",
+                    round(seconds, 1),
+                    PAPER.get((model_name, protocol, value)),
+                ]
+            )
     # What "no information" scores: every image replaced by the per-channel dataset mean
-    n_base = max(max(settings["batch_sizes"]), max(settings["local_steps"]) * settings["fedavg_batch_size"],
-                 settings["images_per_cell"])
+    n_base = max(
+        max(settings["batch_sizes"]),
+        max(settings["local_steps"]) * settings["fedavg_batch_size"],
+        settings["images_per_cell"],
+    )
     base_raw = data.images("train", order[:n_base]).double()
     flat = torch.tensor(data.mean, dtype=torch.float64).view(1, -1, 1, 1).expand_as(base_raw)
     summary["psnr_mean_image_baseline"] = float(psnr(base_raw, flat).mean())
@@ -193,25 +223,40 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
     for model_name, iterations in zip(settings["models"], settings["iterations"], strict=True):
         summary[f"iterations_{model_name}"] = iterations
     _plot(curves, ctx)
-    header = ["model", "setting", "images", "PSNR dB (mean ± std)", "max", "label acc",
-              "iterations (ours vs paper)", "attack s", "paper reference"]
-    table = "\n\n".join([
-        "## Inverting Gradients: PSNR vs batch size (FedSGD) and local steps (FedAvg), CIFAR-10",
-        markdown_table(header, rows),
-        PAPER_NOTE,
-        f"Untrained seeded models; tv_weight {dict(zip(settings['models'], settings['tv_weights'], strict=True))}; "
-        f"restarts {settings['restarts']}; attack lr {settings['attack_lr']}. Iterations per model: "
-        + ", ".join(f"{m} {it} ({PAPER_ITERATIONS / it:.0f}× fewer than the paper's {PAPER_ITERATIONS})"
-                    for m, it in zip(settings["models"], settings["iterations"], strict=True))
-        + " (CPU budget), so absolute PSNRs are not converged. Baseline: replacing every image by "
-        f"the dataset's mean colour scores {summary['psnr_mean_image_baseline']:.2f} dB on these images; "
-        "cells near it recovered no more than the average colour.",
-    ])
+    header = [
+        "model",
+        "setting",
+        "images",
+        "PSNR dB (mean ± std)",
+        "max",
+        "label acc",
+        "iterations (ours vs paper)",
+        "attack s",
+        "paper reference",
+    ]
+    table = "\n\n".join(
+        [
+            "## Inverting Gradients: PSNR vs batch size (FedSGD) and local steps (FedAvg), CIFAR-10",
+            markdown_table(header, rows),
+            PAPER_NOTE,
+            f"Untrained seeded models; tv_weight {dict(zip(settings['models'], settings['tv_weights'], strict=True))}; "
+            f"restarts {settings['restarts']}; attack lr {settings['attack_lr']}. Iterations per model: "
+            + ", ".join(
+                f"{m} {it} ({PAPER_ITERATIONS / it:.0f}× fewer than the paper's {PAPER_ITERATIONS})"
+                for m, it in zip(settings["models"], settings["iterations"], strict=True)
+            )
+            + " (CPU budget), so absolute PSNRs are not converged. Baseline: replacing every image by "
+            f"the dataset's mean colour scores {summary['psnr_mean_image_baseline']:.2f} dB on these images; "
+            "cells near it recovered no more than the average colour.",
+        ]
+    )
     return ReproResult(summary=summary, table=table)
 
 
 def _plot(curves: dict[tuple[str, str], list[tuple[int, float, float]]], ctx: ReproContext) -> None:
-    psnr_figure(curves).savefig(ctx.path / "psnr_vs_batch_and_steps.png", dpi=120, bbox_inches="tight")
+    psnr_figure(curves).savefig(
+        ctx.path / "psnr_vs_batch_and_steps.png", dpi=120, bbox_inches="tight"
+    )
 
 
 def psnr_figure(curves: dict[tuple[str, str], list[tuple[int, float, float]]]) -> Any:
@@ -225,14 +270,20 @@ def psnr_figure(curves: dict[tuple[str, str], list[tuple[int, float, float]]]) -
     fig = Figure(figsize=(10.2, 3.5))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
-    colour = {m: f"C{i % 10}" for i, m in enumerate(sorted({m for m, _ in curves}))}  # the same in both panels
-    for ax, protocol, xlabel in ((axes[0], "fedsgd", "batch size (FedSGD)"),
-                                 (axes[1], "fedavg", "local steps (FedAvg)")):
+    colour = {
+        m: f"C{i % 10}" for i, m in enumerate(sorted({m for m, _ in curves}))
+    }  # the same in both panels
+    for ax, protocol, xlabel in (
+        (axes[0], "fedsgd", "batch size (FedSGD)"),
+        (axes[1], "fedavg", "local steps (FedAvg)"),
+    ):
         for (model_name, proto), points in sorted(curves.items()):
             if proto != protocol:
                 continue
             xs, ms, ss = zip(*points, strict=True)
-            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, color=colour[model_name], label=model_name)
+            ax.errorbar(
+                xs, ms, yerr=ss, marker="o", capsize=3, color=colour[model_name], label=model_name
+            )
         ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("PSNR (dB)")

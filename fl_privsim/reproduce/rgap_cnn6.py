@@ -61,7 +61,9 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
     shape, classes = data.input_shape, data.num_classes
     split, first, count = settings["split"], settings["first_index"], settings["images"]
     if count < 1 or first < 0:
-        raise ConfigError(f"rgap_cnn6: images must be >= 1 and first_index >= 0, got {count} and {first}")
+        raise ConfigError(
+            f"rgap_cnn6: images must be >= 1 and first_index >= 0, got {count} and {first}"
+        )
     indices = list(range(first, first + count))
     attack = ATTACKS.create("rgap", rank_rtol=settings["rank_rtol"])
 
@@ -71,13 +73,22 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed_int(ctx.seed, i, "model_init"))
             model = build_model(
-                "cnn6", shape, classes, init=settings["init"], generator=ctx.generator(i, "model_init")
+                "cnn6",
+                shape,
+                classes,
+                init=settings["init"],
+                generator=ctx.generator(i, "model_init"),
             ).to(ctx.device)
         raw = data.images(split, [index])
         label = data.labels(split, [index])
         obs = client_observation(
-            model, [(data.normalize(raw).to(ctx.device), label.to(ctx.device))],
-            protocol="fedsgd", lr=0.1, mean=data.mean, std=data.std, num_classes=classes,
+            model,
+            [(data.normalize(raw).to(ctx.device), label.to(ctx.device))],
+            protocol="fedsgd",
+            lr=0.1,
+            mean=data.mean,
+            std=data.std,
+            num_classes=classes,
         )
         res = attack(obs, device=ctx.device, generator=ctx.generator(i, "attack"))
         pixels = data.denormalize(res.inputs.detach().cpu()).clamp(0, 1)
@@ -89,7 +100,9 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
             "psnr": float(psnr(raw, pixels)[0]),
             "ssim": float(ssim(raw, pixels)[0]),
             "max_abs_error": float((raw.double() - pixels.double()).abs().max()),
-            "psnr_uncapped": float(-10.0 * torch.log10(((raw.double() - pixels.double()) ** 2).mean())),
+            "psnr_uncapped": float(
+                -10.0 * torch.log10(((raw.double() - pixels.double()) ** 2).mean())
+            ),
             **{k: float(v) for k, v in res.metrics.items()},
         }
         records.append(rec)
@@ -97,12 +110,20 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
         recons.append(pixels)
         ctx.log.info(
             "rgap_cnn6 %d/%d: image %d, label %d -> %d, PSNR %.1f dB, %.1f s",
-            i + 1, count, index, rec["label"], pred, rec["psnr"], rec["seconds"],
+            i + 1,
+            count,
+            index,
+            rec["label"],
+            pred,
+            rec["psnr"],
+            rec["seconds"],
         )
     (ctx.path / "images.json").write_text(json.dumps(records, indent=1))
     from fl_privsim.plots import image_grid
 
-    image_grid(ctx.path / "reconstructions.png", torch.cat(originals), [("R-GAP", torch.cat(recons))])
+    image_grid(
+        ctx.path / "reconstructions.png", torch.cat(originals), [("R-GAP", torch.cat(recons))]
+    )
 
     psnrs = [r["psnr"] for r in records]
     true = torch.tensor([r["label"] for r in records])
@@ -119,26 +140,56 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
         "rank_deficit_total": sum(r["rank_deficit_total"] for r in records),
     }
     rows = [
-        [r["index"], r["label"], r["predicted"], r["psnr"], r["psnr_uncapped"], r["ssim"],
-         r["max_abs_error"], int(r["rank_deficit_total"]), r["seconds"]]
+        [
+            r["index"],
+            r["label"],
+            r["predicted"],
+            r["psnr"],
+            r["psnr_uncapped"],
+            r["ssim"],
+            r["max_abs_error"],
+            int(r["rank_deficit_total"]),
+            r["seconds"],
+        ]
         for r in records
     ]
-    rows.append(["all: mean (error: max, deficit: sum)", "-",
-                 f"{100 * summary['label_accuracy']:.0f}% correct", summary["psnr_mean"],
-                 summary["psnr_uncapped_mean"], summary["ssim_mean"], summary["max_abs_error"],
-                 int(summary["rank_deficit_total"]), summary["seconds_mean"]])
+    rows.append(
+        [
+            "all: mean (error: max, deficit: sum)",
+            "-",
+            f"{100 * summary['label_accuracy']:.0f}% correct",
+            summary["psnr_mean"],
+            summary["psnr_uncapped_mean"],
+            summary["ssim_mean"],
+            summary["max_abs_error"],
+            int(summary["rank_deficit_total"]),
+            summary["seconds_mean"],
+        ]
+    )
     per_image = markdown_table(
-        [f"CIFAR-10 {split} image", "label", "R-GAP label", "PSNR (dB)", "PSNR, no cap (dB)", "SSIM",
-         "max abs error", "rank deficit", "seconds"],
+        [
+            f"CIFAR-10 {split} image",
+            "label",
+            "R-GAP label",
+            "PSNR (dB)",
+            "PSNR, no cap (dB)",
+            "SSIM",
+            "max abs error",
+            "rank deficit",
+            "seconds",
+        ],
         rows,
     )
     compare = markdown_table(
         ["", "ours (mean / min)", "R-GAP paper", "breaching reproduction"],
         [
-            ["PSNR (dB)", f"{summary['psnr_mean']:.2f} / {summary['psnr_min']:.2f}",
-             f"> {PAPER_TARGET_PSNR:g} (essentially exact)", f"{BREACHING_PSNR:.2f} (one image)"],
-            ["label accuracy", f"{100 * summary['label_accuracy']:.0f}%",
-             "- (label given)", "-"],
+            [
+                "PSNR (dB)",
+                f"{summary['psnr_mean']:.2f} / {summary['psnr_min']:.2f}",
+                f"> {PAPER_TARGET_PSNR:g} (essentially exact)",
+                f"{BREACHING_PSNR:.2f} (one image)",
+            ],
+            ["label accuracy", f"{100 * summary['label_accuracy']:.0f}%", "- (label given)", "-"],
         ],
     )
     notes = (

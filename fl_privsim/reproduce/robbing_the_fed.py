@@ -57,40 +57,90 @@ DEFAULTS: dict[str, Any] = {
 }
 
 QUICK: dict[str, Any] = {
-    "seeds": 1, "batch_sizes": [64], "bin_counts": [256], "fedavg_batch_sizes": [16],
-    "aggregate_batch_sizes": [8], "trap_batch_sizes": [64], "fishing": False, "inspection": False,
+    "seeds": 1,
+    "batch_sizes": [64],
+    "bin_counts": [256],
+    "fedavg_batch_sizes": [16],
+    "aggregate_batch_sizes": [8],
+    "trap_batch_sizes": [64],
+    "fishing": False,
+    "inspection": False,
 }
 
 
 def _cells(s: dict[str, Any]) -> list[tuple[str, Cell]]:
     m, k = s["model"], s["bins"]
-    out = [("imprint vs batch", Cell("imprint", {"bins": k}, "imprint", m, "fedsgd", 1, b))
-           for b in s["batch_sizes"]]
-    out += [("imprint vs bins", Cell("imprint", {"bins": kk}, "imprint", m, "fedsgd", 1, 64))
-            for kk in s["bin_counts"]]
-    out += [("imprint fedavg", Cell("imprint", {"bins": k}, "imprint", m, "fedavg", 1, b, s["fedavg_steps"]))
-            for b in s["fedavg_batch_sizes"]]
-    out += [("imprint aggregate", Cell("imprint", {"bins": s["aggregate_bins"]}, "imprint", m, "fedsgd",
-                                       s["aggregate_clients"], b)) for b in s["aggregate_batch_sizes"]]
-    out += [("trap weights", Cell("trap_weights", {}, "trap_weights", "mlp", "fedsgd", 1, b))
-            for b in s["trap_batch_sizes"]]
+    out = [
+        ("imprint vs batch", Cell("imprint", {"bins": k}, "imprint", m, "fedsgd", 1, b))
+        for b in s["batch_sizes"]
+    ]
+    out += [
+        ("imprint vs bins", Cell("imprint", {"bins": kk}, "imprint", m, "fedsgd", 1, 64))
+        for kk in s["bin_counts"]
+    ]
+    out += [
+        (
+            "imprint fedavg",
+            Cell("imprint", {"bins": k}, "imprint", m, "fedavg", 1, b, s["fedavg_steps"]),
+        )
+        for b in s["fedavg_batch_sizes"]
+    ]
+    out += [
+        (
+            "imprint aggregate",
+            Cell(
+                "imprint",
+                {"bins": s["aggregate_bins"]},
+                "imprint",
+                m,
+                "fedsgd",
+                s["aggregate_clients"],
+                b,
+            ),
+        )
+        for b in s["aggregate_batch_sizes"]
+    ]
+    out += [
+        ("trap weights", Cell("trap_weights", {}, "trap_weights", "mlp", "fedsgd", 1, b))
+        for b in s["trap_batch_sizes"]
+    ]
     return out
 
 
 def _summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        key = (r["group"], r["modification"], r["model"], r["protocol"], r["clients"], r["batch"], r["steps"],
-               json.dumps(r["params"], sort_keys=True))
+        key = (
+            r["group"],
+            r["modification"],
+            r["model"],
+            r["protocol"],
+            r["clients"],
+            r["batch"],
+            r["steps"],
+            json.dumps(r["params"], sort_keys=True),
+        )
         groups.setdefault(key, []).append(r)
     out = []
     for (group, mod, model, protocol, clients, batch, steps, params), rs in groups.items():
         bins = json.loads(params).get("bins")
         n = rs[0]["records"]
-        entry = {"group": group, "modification": mod, "model": model, "protocol": protocol, "clients": clients,
-                 "batch": batch, "steps": steps, "records": n, "bins": bins, "seeds": len(rs)}
+        entry = {
+            "group": group,
+            "modification": mod,
+            "model": model,
+            "protocol": protocol,
+            "clients": clients,
+            "batch": batch,
+            "steps": steps,
+            "records": n,
+            "bins": bins,
+            "seeds": len(rs),
+        }
         for key in ("asr", "leakage_rate", "alone_share", "seconds", "reconstructions"):
-            vals = [r[key] for r in rs if key in r and r[key] is not None and not math.isnan(r[key])]
+            vals = [
+                r[key] for r in rs if key in r and r[key] is not None and not math.isnan(r[key])
+            ]
             if vals:
                 entry[key] = float(np.mean(vals))
                 entry[f"{key}_std"] = float(np.std(vals))
@@ -115,21 +165,43 @@ def asr_figure(summary: list[dict[str, Any]]) -> Any:
     fig = Figure(figsize=(12.5, 4))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
-    for group, ax, xkey in (("imprint vs batch", axes[0], "records"), ("imprint vs bins", axes[1], "bins")):
+    for group, ax, xkey in (
+        ("imprint vs batch", axes[0], "records"),
+        ("imprint vs bins", axes[1], "bins"),
+    ):
         rows = sorted((r for r in summary if r["group"] == group), key=lambda r: r[xkey])
         if not rows:
             continue
         xs = [r[xkey] for r in rows]
-        ax.errorbar(xs, [r["asr"] for r in rows], yerr=[r.get("asr_std", 0) for r in rows], marker="o",
-                    color="C0", label="asr at 30 dB (measured)")
-        ax.plot(xs, [r.get("expected_alone", np.nan) for r in rows], "k--", label="expected alone (1-1/k)^(n-1)")
-        ax.plot(xs, [r.get("alone_share", np.nan) for r in rows], "g:", marker="x", label="really alone (truth)")
+        ax.errorbar(
+            xs,
+            [r["asr"] for r in rows],
+            yerr=[r.get("asr_std", 0) for r in rows],
+            marker="o",
+            color="C0",
+            label="asr at 30 dB (measured)",
+        )
+        ax.plot(
+            xs,
+            [r.get("expected_alone", np.nan) for r in rows],
+            "k--",
+            label="expected alone (1-1/k)^(n-1)",
+        )
+        ax.plot(
+            xs,
+            [r.get("alone_share", np.nan) for r in rows],
+            "g:",
+            marker="x",
+            label="really alone (truth)",
+        )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("records in the update" if xkey == "records" else "bins")
         ax.set_ylabel("share of records")
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{group} (FedSGD, one client)")
-    shared_legend_outside(list(axes), fontsize=7)  # the same three series in both panels: one key, on the right
+    shared_legend_outside(
+        list(axes), fontsize=7
+    )  # the same three series in both panels: one key, on the right
     fig.tight_layout()
     return fig
 
@@ -137,16 +209,25 @@ def asr_figure(summary: list[dict[str, Any]]) -> Any:
 def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
     """Every cell × seed (see the module docstring); the inspection rates when asked."""
     data = load_dataset("cifar10_npz", root=ctx.data("cifar10"))
-    public = (data.normalize(data.images("test", np.arange(len(data.test_y)))), data.labels("test", np.arange(
-        len(data.test_y))))
+    public = (
+        data.normalize(data.images("test", np.arange(len(data.test_y)))),
+        data.labels("test", np.arange(len(data.test_y))),
+    )
     rows: list[dict[str, Any]] = []
     for group, cell in _cells(settings):
         for seed in range(ctx.seed, ctx.seed + settings["seeds"]):
             row = run_cell(data, cell, seed, public, ctx.device, settings["threshold"])
             row["group"] = group
             rows.append(row)
-            ctx.log.info("%s %s batch %d bins %s seed %d: asr %.3f", group, cell.protocol, cell.batch,
-                         cell.params.get("bins"), seed, row["asr"])
+            ctx.log.info(
+                "%s %s batch %d bins %s seed %d: asr %.3f",
+                group,
+                cell.protocol,
+                cell.batch,
+                cell.params.get("bins"),
+                seed,
+                row["asr"],
+            )
     summary = _summarise(rows)
     (ctx.path / "cells.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
     _plot(summary, ctx)
@@ -162,28 +243,55 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
 
         extra["inspection"] = inspection_table(settings, ctx)
         tables.append(extra["inspection"]["table"])
-    return ReproResult(summary={"cells": summary, **{k: {kk: vv for kk, vv in v.items() if kk != "table"}
-                                                     for k, v in extra.items()}},
-                       table="\n\n".join(tables))
+    return ReproResult(
+        summary={
+            "cells": summary,
+            **{k: {kk: vv for kk, vv in v.items() if kk != "table"} for k, v in extra.items()},
+        },
+        table="\n\n".join(tables),
+    )
 
 
 def _table(summary: list[dict[str, Any]]) -> str:
-    header = ["setting", "protocol", "clients × batch × steps", "records", "bins", "expected alone",
-              "really alone", "asr @30 dB", "leakage rate", "s / cell"]
+    header = [
+        "setting",
+        "protocol",
+        "clients × batch × steps",
+        "records",
+        "bins",
+        "expected alone",
+        "really alone",
+        "asr @30 dB",
+        "leakage rate",
+        "s / cell",
+    ]
     rows = []
     for r in summary:
         asr = f"{r['asr']:.3f} ± {r.get('asr_std', 0):.3f}"
-        rows.append([r["group"], r["protocol"], f"{r['clients']} × {r['batch']} × {r['steps']}", r["records"],
-                     r["bins"] if r["bins"] else "-", r.get("expected_alone"), r.get("alone_share"), asr,
-                     r.get("leakage_rate"), r.get("seconds")])
+        rows.append(
+            [
+                r["group"],
+                r["protocol"],
+                f"{r['clients']} × {r['batch']} × {r['steps']}",
+                r["records"],
+                r["bins"] if r["bins"] else "-",
+                r.get("expected_alone"),
+                r.get("alone_share"),
+                asr,
+                r.get("leakage_rate"),
+                r.get("seconds"),
+            ]
+        )
     return markdown_table(header, rows)
 
 
-register(Reproduction(
-    name="robbing_the_fed",
-    title="malicious server on CIFAR-10: imprint asr vs batch size, bins, FedAvg and a 10-client aggregate "
-          "(beside the expected share alone in its bin), trap weights, fishing, and model_inspection rates",
-    defaults=DEFAULTS,
-    quick=QUICK,
-    run=run,
-))
+register(
+    Reproduction(
+        name="robbing_the_fed",
+        title="malicious server on CIFAR-10: imprint asr vs batch size, bins, FedAvg and a 10-client aggregate "
+        "(beside the expected share alone in its bin), trap weights, fishing, and model_inspection rates",
+        defaults=DEFAULTS,
+        quick=QUICK,
+        run=run,
+    )
+)

@@ -48,13 +48,22 @@ QUICK: dict[str, Any] = {"clients": [3], "batch": 4, "bins": 128}
 ASR20 = 0.01  # MSE of 20 dB, the project's default success threshold
 
 
-def _overrides(ctx: ReproContext, n: int, settings: dict[str, Any], kind: str, secagg: bool = True) -> list[str]:
+def _overrides(
+    ctx: ReproContext, n: int, settings: dict[str, Any], kind: str, secagg: bool = True
+) -> list[str]:
     batch = 1 if kind in ("isolation", "honest_b1") else settings["batch"]
     out = [
-        'data.name="mnist_idx"', f'data.root="{ctx.data("mnist").as_posix()}"', 'model.name="mlp"',
-        'federation.protocol="fedsgd"', f"federation.num_clients={n}", f"federation.clients_per_round={n}",
-        "federation.rounds=1", "federation.fraction_evaluate=0.0", f"client.batch_size={batch}",
-        f"seed={ctx.seed}", f'federation.device="{ctx.device.type}"',
+        'data.name="mnist_idx"',
+        f'data.root="{ctx.data("mnist").as_posix()}"',
+        'model.name="mlp"',
+        'federation.protocol="fedsgd"',
+        f"federation.num_clients={n}",
+        f"federation.clients_per_round={n}",
+        "federation.rounds=1",
+        "federation.fraction_evaluate=0.0",
+        f"client.batch_size={batch}",
+        f"seed={ctx.seed}",
+        f'federation.device="{ctx.device.type}"',
         f"scoring.asr_mse_threshold={ASR20 if kind == 'honest_b1' else settings['threshold']}",
         f'federation.secure_aggregation.mode="{"secagg+" if secagg else "off"}"',
     ]
@@ -63,12 +72,16 @@ def _overrides(ctx: ReproContext, n: int, settings: dict[str, Any], kind: str, s
     if kind in ("isolation", "imprint", "loki"):
         params = f", params={{bins={settings['bins']}}}" if kind == "imprint" else ""
         who = ", clients=[0]" if kind == "isolation" else ""
-        out += ['server.role="malicious"',
-                f'server.modifications=[{{name="{kind}"{params}, targets={{rounds=[1]{who}}}}}]']
+        out += [
+            'server.role="malicious"',
+            f'server.modifications=[{{name="{kind}"{params}, targets={{rounds=[1]{who}}}}}]',
+        ]
     return out
 
 
-def _cell(ctx: ReproContext, n: int, settings: dict[str, Any], kind: str, secagg: bool = True) -> dict[str, Any]:
+def _cell(
+    ctx: ReproContext, n: int, settings: dict[str, Any], kind: str, secagg: bool = True
+) -> dict[str, Any]:
     from fl_privsim import config as config_mod
     from fl_privsim.simulation import run
 
@@ -77,16 +90,32 @@ def _cell(ctx: ReproContext, n: int, settings: dict[str, Any], kind: str, secagg
     t0 = time.perf_counter()
     _, summary = run(cfg, out=out, show_progress=False)
     scores = next(iter(summary["attacks"].values()), {})
-    row = {"kind": kind, "clients": n, "secagg": secagg, "batch": cfg.client.batch_size,
-           "run_seconds": time.perf_counter() - t0,
-           "fit_seconds": summary.get("fit_seconds_by_round", {}).get("1"),
-           **{k: scores.get(k) for k in ("psnr", "asr", "leakage_rate", "coverage")}}
-    ctx.log.info("%s N=%d secagg=%s: %s", kind, n, secagg, {k: row[k] for k in ("psnr", "asr", "fit_seconds")})
+    row = {
+        "kind": kind,
+        "clients": n,
+        "secagg": secagg,
+        "batch": cfg.client.batch_size,
+        "run_seconds": time.perf_counter() - t0,
+        "fit_seconds": summary.get("fit_seconds_by_round", {}).get("1"),
+        **{k: scores.get(k) for k in ("psnr", "asr", "leakage_rate", "coverage")},
+    }
+    ctx.log.info(
+        "%s N=%d secagg=%s: %s",
+        kind,
+        n,
+        secagg,
+        {k: row[k] for k in ("psnr", "asr", "fit_seconds")},
+    )
     return row
 
 
-def masked_upload_bytes(num_entries: int, num_arrays: int = 1, clipping_range: float = 8.0,
-                        quantization_range: int = 2**22, modulus_range: int = 2**32) -> int:
+def masked_upload_bytes(
+    num_entries: int,
+    num_arrays: int = 1,
+    clipping_range: float = 8.0,
+    quantization_range: int = 2**22,
+    modulus_range: int = 2**32,
+) -> int:
     """Bytes of the masked vector one SecAgg+ client uploads for a model of ``num_entries``
     floats in ``num_arrays`` arrays, built with flwr 1.41's own quantisation and mask code."""
     from flwr.common import ndarray_to_bytes
@@ -98,7 +127,10 @@ def masked_upload_bytes(num_entries: int, num_arrays: int = 1, clipping_range: f
     from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
     from flwr.common.typing import NDArray
 
-    sizes = [num_entries // num_arrays + (1 if i < num_entries % num_arrays else 0) for i in range(num_arrays)]
+    sizes = [
+        num_entries // num_arrays + (1 if i < num_entries % num_arrays else 0)
+        for i in range(num_arrays)
+    ]
     params: list[NDArray] = [np.zeros(s, dtype=np.float32) for s in sizes]
     q = factor_combine(1, quantize(params, clipping_range, quantization_range))
     mask = pseudo_rand_gen(b"\x00" * 32, modulus_range, [a.shape for a in q])
@@ -115,7 +147,9 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
     (ctx.path / "cells.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     costs = _costs(rows, settings)
     _figure(rows).savefig(ctx.path / "secure_aggregation.png", dpi=110, bbox_inches="tight")
-    return ReproResult(summary={"cells": rows, "costs": costs}, table=_table(rows) + "\n\n" + _cost_table(costs))
+    return ReproResult(
+        summary={"cells": rows, "costs": costs}, table=_table(rows) + "\n\n" + _cost_table(costs)
+    )
 
 
 def _costs(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -130,24 +164,63 @@ def _costs(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[dict[st
     for n in settings["clients"]:
         get = {(r["kind"], r["secagg"]): r for r in rows if r["clients"] == n}
         secagg, plain = get.get(("honest", True), {}), get.get(("honest", False), {})
-        out.append({"clients": n, "fit_seconds_secagg": secagg.get("fit_seconds"),
-                    "fit_seconds_plain": plain.get("fit_seconds"),
-                    "upload_bytes_secagg": secagg_bytes, "upload_bytes_plain": plain_bytes})
+        out.append(
+            {
+                "clients": n,
+                "fit_seconds_secagg": secagg.get("fit_seconds"),
+                "fit_seconds_plain": plain.get("fit_seconds"),
+                "upload_bytes_secagg": secagg_bytes,
+                "upload_bytes_plain": plain_bytes,
+            }
+        )
     return out
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    header = ["N clients", "attack on the SecAgg+ mean", "batch", "PSNR dB", "ASR", "leakage rate", "paper"]
-    names = {"isolation": "isolation + analytic (client 0's record)", "honest_b1": "honest server, analytic (ASR @20 dB)",
-             "imprint": "imprint (ASR @30 dB)", "loki": "loki (ASR @30 dB)", "honest": "honest server, analytic (ASR @30 dB)"}
+    header = [
+        "N clients",
+        "attack on the SecAgg+ mean",
+        "batch",
+        "PSNR dB",
+        "ASR",
+        "leakage rate",
+        "paper",
+    ]
+    names = {
+        "isolation": "isolation + analytic (client 0's record)",
+        "honest_b1": "honest server, analytic (ASR @20 dB)",
+        "imprint": "imprint (ASR @30 dB)",
+        "loki": "loki (ASR @30 dB)",
+        "honest": "honest server, analytic (ASR @30 dB)",
+    }
     paper = {"loki": "76–86 % at N = 100"}
-    return markdown_table(header, [[r["clients"], names[r["kind"]], r["batch"], r["psnr"], r["asr"], r["leakage_rate"],
-                                    paper.get(r["kind"], "-")] for r in rows if r["secagg"]])
+    return markdown_table(
+        header,
+        [
+            [
+                r["clients"],
+                names[r["kind"]],
+                r["batch"],
+                r["psnr"],
+                r["asr"],
+                r["leakage_rate"],
+                paper.get(r["kind"], "-"),
+            ]
+            for r in rows
+            if r["secagg"]
+        ],
+    )
 
 
 def _cost_table(costs: list[dict[str, Any]]) -> str:
-    header = ["N clients", "fit stage s (SecAgg+)", "fit stage s (plain)", "ratio", "upload B/client (SecAgg+)",
-              "upload B/client (plain)"]
+    header = [
+        "N clients",
+        "fit stage s (SecAgg+)",
+        "fit stage s (plain)",
+        "ratio",
+        "upload B/client (SecAgg+)",
+        "upload B/client (plain)",
+    ]
     rows = []
     for c in costs:
         a, b = c["fit_seconds_secagg"], c["fit_seconds_plain"]
@@ -169,11 +242,18 @@ def _figure(rows: list[dict[str, Any]]) -> Any:
     left, right = fig.subplots(1, 2)
 
     def series(kind: str, key: str) -> tuple[list[int], list[float]]:
-        rs = sorted((r for r in rows if r["kind"] == kind and r["secagg"]), key=lambda r: r["clients"])
+        rs = sorted(
+            (r for r in rows if r["kind"] == kind and r["secagg"]), key=lambda r: r["clients"]
+        )
         return [r["clients"] for r in rs], [r[key] if r[key] is not None else math.nan for r in rs]
 
     left.plot(*series("isolation", "psnr"), "o-", color="C3", label="isolation: target's PSNR")
-    left.plot(*series("honest_b1", "psnr"), "s--", color="C0", label="honest server: PSNR of matched records")
+    left.plot(
+        *series("honest_b1", "psnr"),
+        "s--",
+        color="C0",
+        label="honest server: PSNR of matched records",
+    )
     left.set_ylabel("PSNR dB (batch 1)")
     right.plot(*series("imprint", "asr"), "o-", color="C2", label="imprint ASR @30 dB")
     right.plot(*series("loki", "asr"), "^-", color="C1", label="loki ASR @30 dB")
@@ -192,13 +272,15 @@ def _figure(rows: list[dict[str, Any]]) -> Any:
     return fig
 
 
-register(Reproduction(
-    name="secure_aggregation",
-    title="malicious servers through Flower's real SecAgg+ (isolation, imprint, loki) against the honest "
-          "attack on the same mean, and SecAgg+'s cost per round",
-    defaults=DEFAULTS,
-    quick=QUICK,
-    run=run,
-))
+register(
+    Reproduction(
+        name="secure_aggregation",
+        title="malicious servers through Flower's real SecAgg+ (isolation, imprint, loki) against the honest "
+        "attack on the same mean, and SecAgg+'s cost per round",
+        defaults=DEFAULTS,
+        quick=QUICK,
+        run=run,
+    )
+)
 
 __all__ = ["DEFAULTS", "QUICK", "masked_upload_bytes", "run"]

@@ -16,13 +16,21 @@ pytestmark = pytest.mark.e2e
 
 BASE = {
     "name": "defense_e2e",
-    "federation": {"num_clients": 2, "clients_per_round": 2, "rounds": 1, "device": "cpu",
-                   "fraction_evaluate": 0.0},
+    "federation": {
+        "num_clients": 2,
+        "clients_per_round": 2,
+        "rounds": 1,
+        "device": "cpu",
+        "fraction_evaluate": 0.0,
+    },
     "client": {"batch_size": 4},
     "attacks": [{"name": "analytic", "targets": {"rounds": [1], "clients": [0, 1]}}],
     "output": {"save_images": False},
 }
-DEFENSES = [{"name": "pruning", "params": {"ratio": 0.9}}, {"name": "noise", "params": {"scale": 0.01}}]
+DEFENSES = [
+    {"name": "pruning", "params": {"ratio": 0.9}},
+    {"name": "noise", "params": {"scale": 0.01}},
+]
 
 
 def _client_rows(path):
@@ -32,9 +40,15 @@ def _client_rows(path):
 
 def test_pruning_and_noise_lower_the_analytic_attacks_psnr(tmp_path) -> None:
     plain_path, plain = run(config_mod.from_dict(BASE), out=tmp_path / "plain", show_progress=False)
-    defended_path, defended = run(config_mod.from_dict({**BASE, "defenses": DEFENSES}), out=tmp_path / "defended",
-                                  show_progress=False)
-    psnr_plain, psnr_def = plain["attacks"]["analytic"]["psnr"], defended["attacks"]["analytic"]["psnr"]
+    defended_path, defended = run(
+        config_mod.from_dict({**BASE, "defenses": DEFENSES}),
+        out=tmp_path / "defended",
+        show_progress=False,
+    )
+    psnr_plain, psnr_def = (
+        plain["attacks"]["analytic"]["psnr"],
+        defended["attacks"]["analytic"]["psnr"],
+    )
     # Undefended, the first dense layer gives the inputs back exactly (the foundation's e2e test);
     # with 90% of each layer's entries zeroed and noise on the rest, the ratio ∇W_k/∇b_k is
     # mostly 0 or noise, far from any image.
@@ -43,7 +57,11 @@ def test_pruning_and_noise_lower_the_analytic_attacks_psnr(tmp_path) -> None:
     assert psnr_def < 20  # below the scorer's ASR threshold (MSE 0.01): no image recovered
     assert defended["attacks"]["analytic"]["asr"] < plain["attacks"]["analytic"]["asr"]
 
-    kept = [r["value"] for r in _client_rows(defended_path) if r["key"] == "defense0.pruning.kept_fraction"]
+    kept = [
+        r["value"]
+        for r in _client_rows(defended_path)
+        if r["key"] == "defense0.pruning.kept_fraction"
+    ]
     assert len(kept) == 2 and all(abs(k - 0.1) < 0.01 for k in kept)
     assert not any(r["key"].startswith("defense") for r in _client_rows(plain_path))
 
@@ -63,8 +81,12 @@ def test_entry_point_plugin_runs_inside_ray_workers(tmp_path, monkeypatch) -> No
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setattr(DEFENSES, "_entry_points_loaded", False)
     monkeypatch.setattr(DEFENSES, "_items", dict(DEFENSES._items))
-    cfg = config_mod.from_dict({**BASE, "defenses": [{"name": "clip_update", "params": {"max_norm": 1e-3}}]})
+    cfg = config_mod.from_dict(
+        {**BASE, "defenses": [{"name": "clip_update", "params": {"max_norm": 1e-3}}]}
+    )
     path, summary = run(cfg, out=tmp_path / "plugin", show_progress=False)
-    factors = [r["value"] for r in _client_rows(path) if r["key"] == "defense0.clip_update.clip_factor"]
+    factors = [
+        r["value"] for r in _client_rows(path) if r["key"] == "defense0.clip_update.clip_factor"
+    ]
     assert len(factors) == 2 and all(0 < f < 1 for f in factors)
     assert summary["attacks"]["analytic"]["attacked"] == 2

@@ -34,9 +34,13 @@ class RecordUpdate(Attack):
     def __init__(self, *, path: str) -> None:
         self.path = path
 
-    def run(self, obs: Observation, *, device: torch.device, generator: torch.Generator) -> AttackResult:
-        torch.save({k: v.detach().cpu() for k, v in obs.update.items()},
-                   Path(self.path) / f"round{obs.round}_client{obs.client_id}.pt")
+    def run(
+        self, obs: Observation, *, device: torch.device, generator: torch.Generator
+    ) -> AttackResult:
+        torch.save(
+            {k: v.detach().cpu() for k, v in obs.update.items()},
+            Path(self.path) / f"round{obs.round}_client{obs.client_id}.pt",
+        )
         return AttackResult(inputs=None, labels=None)
 
 
@@ -44,8 +48,13 @@ BASE = {
     "name": "defenses_all_e2e",
     "data": {"name": "digits"},
     "model": {"name": "mlp"},
-    "federation": {"num_clients": 2, "clients_per_round": 2, "rounds": 1, "device": "cpu",
-                   "fraction_evaluate": 0.0},
+    "federation": {
+        "num_clients": 2,
+        "clients_per_round": 2,
+        "rounds": 1,
+        "device": "cpu",
+        "fraction_evaluate": 0.0,
+    },
     "client": {"batch_size": 4},
     "output": {"save_images": False},
 }
@@ -59,14 +68,22 @@ def federate(tmp_path_factory):
     ATTACKS._items["record_update"] = RecordUpdate
     root = tmp_path_factory.mktemp("defenses_all")
 
-    def go(name: str, defenses: list[dict], *, model: str = "mlp") -> tuple[Path, dict, dict[int, dict]]:
+    def go(
+        name: str, defenses: list[dict], *, model: str = "mlp"
+    ) -> tuple[Path, dict, dict[int, dict]]:
         rec = root / f"{name}_updates"
         rec.mkdir()
-        cfg = config_mod.from_dict({
-            **BASE, "model": {"name": model}, "defenses": defenses,
-            "attacks": [{"name": "analytic", "targets": TARGETS},
-                        {"name": "record_update", "params": {"path": str(rec)}, "targets": TARGETS}],
-        })
+        cfg = config_mod.from_dict(
+            {
+                **BASE,
+                "model": {"name": model},
+                "defenses": defenses,
+                "attacks": [
+                    {"name": "analytic", "targets": TARGETS},
+                    {"name": "record_update", "params": {"path": str(rec)}, "targets": TARGETS},
+                ],
+            }
+        )
         path, summary = run(cfg, out=root / name, show_progress=False)
         updates = {c: torch.load(rec / f"round1_client{c}.pt") for c in (0, 1)}
         return path, summary, updates
@@ -111,7 +128,9 @@ def test_signsgd_sends_signs_only(federate, baseline) -> None:
 
 
 def test_quantization_sends_a_4bit_grid(federate, baseline) -> None:
-    path, summary, updates = federate("quantization", [{"name": "quantization", "params": {"bits": 4}}])
+    path, summary, updates = federate(
+        "quantization", [{"name": "quantization", "params": {"bits": 4}}]
+    )
     for c, update in updates.items():
         for name, t in _weights(update).items():
             step = float(t.abs().max()) / 7  # L = 2^(4-1) - 1 levels per side
@@ -120,13 +139,20 @@ def test_quantization_sends_a_4bit_grid(federate, baseline) -> None:
             assert t.unique().numel() <= 15, name
             # within half a step of the undefended value
             assert float((t - baseline[1][c][name]).abs().max()) <= step / 2 + 1e-6
-    errors = [v for (c, k), v in _client_metrics(path).items() if k == "defense0.quantization.max_abs_error"]
+    errors = [
+        v
+        for (c, k), v in _client_metrics(path).items()
+        if k == "defense0.quantization.max_abs_error"
+    ]
     assert len(errors) == 2 and all(e > 0 for e in errors)
     _lower_psnr(summary, baseline)
 
 
 def test_dynamic_dp_reports_epsilon_and_noises_the_update(federate, baseline) -> None:
-    spec = {"name": "dynamic_dp", "params": {"schedule": "linear", "clipping": "fixed", "clip_norm": 1.0}}
+    spec = {
+        "name": "dynamic_dp",
+        "params": {"schedule": "linear", "clipping": "fixed", "clip_norm": 1.0},
+    }
     path, summary, updates = federate("dynamic_dp", [spec])
     metrics = _client_metrics(path)
     eps = [metrics[(c, "defense0.dynamic_dp.epsilon")] for c in (0, 1)]
@@ -152,13 +178,17 @@ def test_adversarial_perturbation_stays_in_budget(federate, baseline) -> None:
         sent = torch.cat([update[n].flatten() for n in _weights(update)])
         # what the server got is the undefended gradient plus the reported perturbation
         assert float((sent - plain).norm() / plain.norm()) == pytest.approx(rel, rel=1e-3)
-        assert metrics[(c, "defense0.adversarial_perturbation.surrogate_confidence_after")] <= \
-            metrics[(c, "defense0.adversarial_perturbation.surrogate_confidence_before")]
+        assert (
+            metrics[(c, "defense0.adversarial_perturbation.surrogate_confidence_after")]
+            <= metrics[(c, "defense0.adversarial_perturbation.surrogate_confidence_before")]
+        )
     _lower_psnr(summary, baseline)
 
 
 def test_soteria_zeroes_first_layer_columns(federate, baseline) -> None:
-    path, summary, updates = federate("soteria", [{"name": "soteria", "params": {"pruning_ratio": 0.8}}])
+    path, summary, updates = federate(
+        "soteria", [{"name": "soteria", "params": {"pruning_ratio": 0.8}}]
+    )
     metrics = _client_metrics(path)
     for c, update in updates.items():
         plain = baseline[1][c]
@@ -175,10 +205,14 @@ def test_soteria_zeroes_first_layer_columns(federate, baseline) -> None:
 
 
 def test_vib_model_variant_trains_in_the_federation(federate) -> None:
-    path, summary, updates = federate("vib", [{"name": "vib", "params": {"beta": 1e-3}}], model="mlp_vib")
+    path, summary, updates = federate(
+        "vib", [{"name": "vib", "params": {"beta": 1e-3}}], model="mlp_vib"
+    )
     metrics = _client_metrics(path)
     for c, update in updates.items():
-        assert metrics[(c, "defense0.vib.kl")] > 0 and math.isfinite(metrics[(c, "defense0.vib.ce")])
+        assert metrics[(c, "defense0.vib.kl")] > 0 and math.isfinite(
+            metrics[(c, "defense0.vib.ce")]
+        )
         head = [n for n in update if "encoder" in n]  # the VIBHead: h -> [mu, s]
         assert head and all(float(update[n].abs().sum()) > 0 for n in head)
     assert summary["attacks"]["analytic"]["attacked"] == 2

@@ -20,8 +20,13 @@ BASE = {
     "name": "dp_e2e",
     "data": {"name": "digits"},
     "model": {"name": "mlp"},
-    "federation": {"num_clients": 2, "clients_per_round": 2, "rounds": 3, "device": "cpu",
-                   "fraction_evaluate": 0.0},
+    "federation": {
+        "num_clients": 2,
+        "clients_per_round": 2,
+        "rounds": 3,
+        "device": "cpu",
+        "fraction_evaluate": 0.0,
+    },
     "client": {"batch_size": 4},
     "attacks": [{"name": "analytic", "targets": {"rounds": [1], "clients": [0, 1]}}],
     "output": {"save_images": False},
@@ -44,7 +49,11 @@ def test_dp_sgd_epsilon_accumulates_on_ray_and_lowers_the_analytic_psnr(tmp_path
     path, defended = run(dp_cfg, out=tmp_path / "dp", show_progress=False)
 
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
-    eps = {(r["client"], r["round"]): r["value"] for r in rows if r["source"] == "client_train" and r["key"] == KEY}
+    eps = {
+        (r["client"], r["round"]): r["value"]
+        for r in rows
+        if r["source"] == "client_train" and r["key"] == KEY
+    }
     assert sorted(eps) == [(c, r) for c in (0, 1) for r in (1, 2, 3)]
     parts = federated_data(dp_cfg).train_parts
     for c in (0, 1):
@@ -59,7 +68,10 @@ def test_dp_sgd_epsilon_accumulates_on_ray_and_lowers_the_analytic_psnr(tmp_path
     assert json.loads((path / "summary.json").read_text())["epsilon"] == defended["epsilon"]
     assert "epsilon" not in plain
 
-    psnr_plain, psnr_dp = plain["attacks"]["analytic"]["psnr"], defended["attacks"]["analytic"]["psnr"]
+    psnr_plain, psnr_dp = (
+        plain["attacks"]["analytic"]["psnr"],
+        defended["attacks"]["analytic"]["psnr"],
+    )
     assert psnr_plain >= 60  # undefended: exact recovery through the first dense layer
     assert psnr_dp < 20, (psnr_plain, psnr_dp)  # below the scorer's ASR threshold (MSE 0.01)
     assert defended["attacks"]["analytic"]["asr"] < plain["attacks"]["analytic"]["asr"]

@@ -29,24 +29,66 @@ pytestmark = pytest.mark.e2e
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 CPU = ["--set", 'federation.device="cpu"']
-GAME = ["--set", "game.trials=100", "--set", "game.shadow_trials=100", "--set", "game.bootstrap=50",
-        "--set", "model.pretrain_steps=20"]
+GAME = [
+    "--set",
+    "game.trials=100",
+    "--set",
+    "game.shadow_trials=100",
+    "--set",
+    "game.bootstrap=50",
+    "--set",
+    "model.pretrain_steps=20",
+]
 QUICK: dict[str, list[str]] = {
-    "default": ["--set", "attacks.1.params.iterations=30", "--set", "attacks.2.params.iterations=200"],
+    "default": [
+        "--set",
+        "attacks.1.params.iterations=30",
+        "--set",
+        "attacks.2.params.iterations=200",
+    ],
     "cifar10_npz_mlp": ["--set", "attacks.1.params.iterations=100"],
     "fedavg_aggregate": ["--set", "attacks.1.params.iterations=100"],
-    "lenet_digits_batch1": ["--set", "attacks.0.params.iterations=30", "--set",
-                            "attacks.1.params.iterations=100", "--set", "attacks.0.targets.clients=[0]",
-                            "--set", "attacks.1.targets.clients=[0]"],
-    "inference_property_digits": ["--set", "attacks.0.targets.rounds=[1, 10]", "--set",
-                                  "attacks.1.targets.rounds=[1, 10]", "--set",
-                                  "attacks.0.params.shadow_trials=100", "--set",
-                                  "attacks.1.params.shadow_trials=100"],
-    "all_attacks_cnn6_cifar": ["--set", "data.image_size=16", "--set", "attacks.1.params.iterations=10", "--set",
-                               "attacks.2.params.iterations=10", "--set", "attacks.3.params.iterations=30"],
-    "all_attacks_linear_fedavg": ["--set", "attacks.1.params.iterations=50", "--set",
-                                  "attacks.3.params.iterations=10", "--set", "attacks.4.params.iterations=10"],
-    "inference_attacks_adult": [arg for i in range(3) for arg in ("--set", f"attacks.{i}.targets.rounds=[1, 2]")],
+    "lenet_digits_batch1": [
+        "--set",
+        "attacks.0.params.iterations=30",
+        "--set",
+        "attacks.1.params.iterations=100",
+        "--set",
+        "attacks.0.targets.clients=[0]",
+        "--set",
+        "attacks.1.targets.clients=[0]",
+    ],
+    "inference_property_digits": [
+        "--set",
+        "attacks.0.targets.rounds=[1, 10]",
+        "--set",
+        "attacks.1.targets.rounds=[1, 10]",
+        "--set",
+        "attacks.0.params.shadow_trials=100",
+        "--set",
+        "attacks.1.params.shadow_trials=100",
+    ],
+    "all_attacks_cnn6_cifar": [
+        "--set",
+        "data.image_size=16",
+        "--set",
+        "attacks.1.params.iterations=10",
+        "--set",
+        "attacks.2.params.iterations=10",
+        "--set",
+        "attacks.3.params.iterations=30",
+    ],
+    "all_attacks_linear_fedavg": [
+        "--set",
+        "attacks.1.params.iterations=50",
+        "--set",
+        "attacks.3.params.iterations=10",
+        "--set",
+        "attacks.4.params.iterations=10",
+    ],
+    "inference_attacks_adult": [
+        arg for i in range(3) for arg in ("--set", f"attacks.{i}.targets.rounds=[1, 2]")
+    ],
     "game_attribute_adult": GAME,
     "game_attribute_utkface": GAME,
     "game_property_digits": GAME,
@@ -62,7 +104,9 @@ def _metrics(run: Path) -> list[dict]:
 
 def _check_cnn6(run: Path, summary: dict) -> None:
     a = summary["attacks"]
-    assert a["rgap"]["attacked"] == 2 and a["rgap"]["psnr"] > 40  # R-GAP's closed form is exact here
+    assert (
+        a["rgap"]["attacked"] == 2 and a["rgap"]["psnr"] > 40
+    )  # R-GAP's closed form is exact here
     assert a["idlg"]["label_accuracy"] == 1.0
     for name in ("dlg", "inverting_gradients"):
         assert a[name]["attacked"] == 2 and a[name]["failed"] == 0 and a[name]["psnr"] > 0
@@ -76,8 +120,11 @@ def _check_linear_fedavg(run: Path, summary: dict) -> None:
     assert a["analytic@aggregate"]["attacked"] == 1 and a["llg@aggregate"]["attacked"] == 1
     assert all(a[name]["refused"] == 0 for name in a), a
     # inverting_gradients picked its FedAvg variant and unrolled both local steps
-    unrolled = [r["value"] for r in _metrics(run)
-                if r["source"] == "attack/inverting_gradients" and r["key"] == "attack_unrolled_steps"]
+    unrolled = [
+        r["value"]
+        for r in _metrics(run)
+        if r["source"] == "attack/inverting_gradients" and r["key"] == "attack_unrolled_steps"
+    ]
     assert unrolled == [2.0] * 3
     # with 2 images per step and a bias, the per-client label counts are exact
     assert a["llg"]["label_accuracy"] == 1.0
@@ -119,7 +166,10 @@ def _check_isolation(run: Path, summary: dict) -> None:
     """Client 3 isolated through real SecAgg+: the analytic attack on the unmasked mean, scored
     against client 3's one record only, recovers it at >= 40 dB (issue 14's acceptance)."""
     assert summary["secure_aggregation"]["mode"] == "secagg+"
-    assert summary["server"]["crafted"]["1"] == {"isolation": [3], "decoys": [0, 1, 2, 4, 5, 6, 7, 8, 9]}
+    assert summary["server"]["crafted"]["1"] == {
+        "isolation": [3],
+        "decoys": [0, 1, 2, 4, 5, 6, 7, 8, 9],
+    }
     rows = [r for r in _metrics(run) if r["source"] == "attack/analytic@aggregate"]
     assert {r["key"]: r["value"] for r in rows}["num_originals"] == 1.0
     assert summary["attacks"]["analytic@aggregate"]["psnr"] >= 40
@@ -172,11 +222,14 @@ def test_quick_settings_name_existing_examples() -> None:
 
 
 @pytest.mark.parametrize("path", _examples(), ids=lambda p: p.stem)
-def test_example_runs_from_another_folder(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                          request: pytest.FixtureRequest) -> None:
+def test_example_runs_from_another_folder(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     doc = tomllib.loads(path.read_text(encoding="utf-8"))
     if doc.get("data", {}).get("name") in SHARED_DATASETS:
-        request.getfixturevalue("shared_data")  # skips, with the reason, where ../shared/data is absent
+        request.getfixturevalue(
+            "shared_data"
+        )  # skips, with the reason, where ../shared/data is absent
     config = path
     if path.stem == "my_images":  # the user's own folder: a copy of the example beside real images
         config = tmp_path / "config" / path.name
@@ -193,7 +246,9 @@ def test_example_runs_from_another_folder(path: Path, tmp_path: Path, monkeypatc
         args.append("--quiet")
     assert main(args) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert not any(cwd.iterdir()), f"{path.name} wrote into the current folder: {list(cwd.iterdir())}"
+    assert not any(cwd.iterdir()), (
+        f"{path.name} wrote into the current folder: {list(cwd.iterdir())}"
+    )
     if path.stem in CHECKS:
         CHECKS[path.stem](tmp_path / "out", summary)
     if command != "run":
@@ -201,4 +256,5 @@ def test_example_runs_from_another_folder(path: Path, tmp_path: Path, monkeypatc
     if _accuracy_exemption(path) is None:
         assert summary["final_accuracy"] > summary["initial_accuracy"], (
             f"{path.name}: training does not improve test accuracy over round 0 "
-            f"({summary['accuracy_by_round']}); fix the example or say why in a '# accuracy:' line")
+            f"({summary['accuracy_by_round']}); fix the example or say why in a '# accuracy:' line"
+        )

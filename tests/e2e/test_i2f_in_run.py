@@ -17,13 +17,23 @@ TARGETS = {"rounds": [1], "clients": [0, 1]}
 CFG = {
     "name": "i2f_e2e",
     "model": {"name": "mlp"},
-    "federation": {"num_clients": 2, "clients_per_round": 2, "rounds": 1, "device": "cpu",
-                   "fraction_evaluate": 0.0},
+    "federation": {
+        "num_clients": 2,
+        "clients_per_round": 2,
+        "rounds": 1,
+        "device": "cpu",
+        "fraction_evaluate": 0.0,
+    },
     "client": {"batch_size": 2},
     "defenses": [{"name": "noise", "params": {"scale": 0.01}}],
     "attacks": [{"name": "idlg", "params": {"iterations": 5}, "targets": TARGETS}],
-    "analyses": [{"name": "i2f", "params": {"noise": "auto", "mc_samples": 2, "cg_max_iter": 50},
-                  "targets": TARGETS}],
+    "analyses": [
+        {
+            "name": "i2f",
+            "params": {"noise": "auto", "mc_samples": 2, "cg_max_iter": 50},
+            "targets": TARGETS,
+        }
+    ],
     "output": {"save_images": False},
 }
 
@@ -33,7 +43,9 @@ def test_i2f_is_logged_next_to_the_attack_for_each_client(tmp_path) -> None:
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
     def values(source: str, client: int) -> dict:
-        return {r["key"]: r["value"] for r in rows if r["source"] == source and r["client"] == client}
+        return {
+            r["key"]: r["value"] for r in rows if r["source"] == source and r["client"] == client
+        }
 
     for client in (0, 1):
         attack, i2f = values("attack/idlg", client), values("analysis/i2f", client)

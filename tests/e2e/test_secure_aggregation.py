@@ -32,12 +32,23 @@ pytestmark = pytest.mark.e2e
 
 ROUNDS = 5
 BASE = [
-    'model.name="mlp"', 'federation.protocol="fedavg"', "federation.num_clients=5", "federation.clients_per_round=5",
-    f"federation.rounds={ROUNDS}", "federation.server_lr=1.0", "federation.fraction_evaluate=0.0",
-    'federation.device="cpu"', "client.batch_size=2", "client.local_steps=3", "client.lr=0.3",
+    'model.name="mlp"',
+    'federation.protocol="fedavg"',
+    "federation.num_clients=5",
+    "federation.clients_per_round=5",
+    f"federation.rounds={ROUNDS}",
+    "federation.server_lr=1.0",
+    "federation.fraction_evaluate=0.0",
+    'federation.device="cpu"',
+    "client.batch_size=2",
+    "client.local_steps=3",
+    "client.lr=0.3",
     'attacks=[{name="analytic", targets={rounds=[1], clients=[], aggregate=true}}]',
 ]
-SECAGG = ['federation.secure_aggregation.mode="secagg+"', "federation.secure_aggregation.save_aggregates=true"]
+SECAGG = [
+    'federation.secure_aggregation.mode="secagg+"',
+    "federation.secure_aggregation.save_aggregates=true",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +60,9 @@ def runs(tmp_path_factory):
     plain_cfg = config_mod.load(None, BASE)
     # Messages built outside a Flower runtime need a task identity (tests/integration/conftest.py)
     TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1
-    plain = run_server(InProcessGrid(plain_cfg.federation.num_clients), plain_cfg, RunFolder(tmp / "plain"))
+    plain = run_server(
+        InProcessGrid(plain_cfg.federation.num_clients), plain_cfg, RunFolder(tmp / "plain")
+    )
     return cfg, path, summary, plain
 
 
@@ -71,7 +84,9 @@ def test_unmasked_aggregate_is_the_weighted_mean_within_the_quantisation_bound(r
         assert seen["num_examples"] == sum(counts)  # the plaintext counts are the true ones
         bound = quantization_error_bound(settings, len(counts), sum(counts))
         for k, got in seen["update"].items():
-            exact = sum(n * u[k].double() for n, u in zip(counts, updates, strict=True)) / sum(counts)
+            exact = sum(n * u[k].double() for n, u in zip(counts, updates, strict=True)) / sum(
+                counts
+            )
             # SecAgg+'s stochastic rounding, plus float32 rounding of the weights and the update
             tol = bound + 2 * torch.finfo(torch.float32).eps * (1 + float(exact.abs().max()))
             err = float((got.double() - exact).abs().max())
@@ -99,7 +114,9 @@ def test_training_matches_the_plain_path(runs):
     _, _, summary, plain = runs
     assert summary["initial_accuracy"] == plain["initial_accuracy"]
     for r in range(1, ROUNDS + 1):
-        assert abs(summary["accuracy_by_round"][str(r)] - plain["accuracy_by_round"][str(r)]) <= 0.01, r
+        assert (
+            abs(summary["accuracy_by_round"][str(r)] - plain["accuracy_by_round"][str(r)]) <= 0.01
+        ), r
     assert summary["final_accuracy"] > summary["initial_accuracy"]
 
 
@@ -118,12 +135,26 @@ def test_aggregate_attack_runs_and_is_scored_on_the_secagg_aggregate(runs):
     info = model_info(cfg)
     info.model.load_state_dict(seen["global"])
     meta = {"protocol": "fedavg", "batch-size": 2, "local-steps": 3, "lr": 0.3}
-    obs = build_observation(info, 1, seen["global"], None, seen["update"], meta, seen["num_examples"],
-                            len(seen["members"]), seen["members"])
-    result = build_plans(cfg)[0].attack(obs, device=torch.device("cpu"),
-                                        generator=torch_generator(cfg.seed, 1, -1, "attack"))
+    obs = build_observation(
+        info,
+        1,
+        seen["global"],
+        None,
+        seen["update"],
+        meta,
+        seen["num_examples"],
+        len(seen["members"]),
+        seen["members"],
+    )
+    result = build_plans(cfg)[0].attack(
+        obs, device=torch.device("cpu"), generator=torch_generator(cfg.seed, 1, -1, "attack")
+    )
     again = Scorer(cfg, federated_data(cfg)).score(result, 1, list(seen["members"])).values
     assert again["psnr"] == pytest.approx(secagg["psnr"], abs=1e-6)
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
-    assert any(row["source"] == "attack/analytic@aggregate" and row["client"] == "agg" for row in rows)
-    assert json.loads((path / "summary.json").read_text())["secure_aggregation"]["mode"] == "secagg+"
+    assert any(
+        row["source"] == "attack/analytic@aggregate" and row["client"] == "agg" for row in rows
+    )
+    assert (
+        json.loads((path / "summary.json").read_text())["secure_aggregation"]["mode"] == "secagg+"
+    )

@@ -11,17 +11,31 @@ from fl_privsim.simulation import run
 
 pytestmark = pytest.mark.e2e
 
-SMALL = ["federation.num_clients=3", "federation.clients_per_round=3", "federation.rounds=2",
-         'federation.device="cpu"', "attacks.1.params.iterations=30", "attacks.2.params.iterations=200"]
+SMALL = [
+    "federation.num_clients=3",
+    "federation.clients_per_round=3",
+    "federation.rounds=2",
+    'federation.device="cpu"',
+    "attacks.1.params.iterations=30",
+    "attacks.2.params.iterations=200",
+]
 
 
 def _check_run_folder(path, summary):
     for name in ("config.toml", "env.json", "metrics.jsonl", "summary.json"):
         assert (path / name).is_file(), name
-    assert json.loads((path / "summary.json").read_text())["final_accuracy"] == summary["final_accuracy"]
+    assert (
+        json.loads((path / "summary.json").read_text())["final_accuracy"]
+        == summary["final_accuracy"]
+    )
     assert config_mod.loads((path / "config.toml").read_text()).federation.num_clients == 3
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
-    assert {r["source"] for r in rows} >= {"client_train", "server_eval", "federated_eval", "attack/analytic"}
+    assert {r["source"] for r in rows} >= {
+        "client_train",
+        "server_eval",
+        "federated_eval",
+        "attack/analytic",
+    }
     pngs = sorted((path / "attacks" / "round_001").glob("client_*.png"))
     assert [p.name for p in pngs] == ["client_000.png", "client_001.png"]
 

@@ -20,7 +20,9 @@ HANDLERS = {
 class InProcessGrid:
     """``num_clients`` fake SuperNodes with node ids 1000, 1001, ... (partition ids 0, 1, ...)."""
 
-    def __init__(self, num_clients: int, run_config: dict | None = None, *, use_client_app: bool = False) -> None:
+    def __init__(
+        self, num_clients: int, run_config: dict | None = None, *, use_client_app: bool = False
+    ) -> None:
         """``use_client_app``: route messages through the real ``ClientApp`` (with its mods)
         instead of calling the handlers directly."""
         self.use_client_app = use_client_app
@@ -39,7 +41,9 @@ class InProcessGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
         replies = []
         for msg in messages:
             self.sent.append(msg)

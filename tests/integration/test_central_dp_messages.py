@@ -64,15 +64,34 @@ def _hand_built_round(protocol: str, server_lr: float, sigma: float, clip: float
         scale = norm / _norm(u)
         updates.append({k: v * scale for k, v in u.items()})
     rows: list[tuple] = []
-    inner = FedUpdates(protocol=protocol, server_lr=server_lr, param_names=["w", "b"], clients_per_round=3, seed=0,
-                       node_to_client={1000: 0, 1001: 1, 1002: 2},
-                       metric_sink=lambda r, c, s, v: rows.append((r, c, s, v)))
-    central = CentralDP(inner, settings=CentralDPConfig(mode="server_fixed", noise_multiplier=sigma,
-                                                        clipping_norm=clip), num_clients=3, seed=0)
+    inner = FedUpdates(
+        protocol=protocol,
+        server_lr=server_lr,
+        param_names=["w", "b"],
+        clients_per_round=3,
+        seed=0,
+        node_to_client={1000: 0, 1001: 1, 1002: 2},
+        metric_sink=lambda r, c, s, v: rows.append((r, c, s, v)),
+    )
+    central = CentralDP(
+        inner,
+        settings=CentralDPConfig(mode="server_fixed", noise_multiplier=sigma, clipping_norm=clip),
+        num_clients=3,
+        seed=0,
+    )
     model = torch.nn.Module()  # the curious server's copy of the model (no attack runs here)
     model.w, model.b = torch.nn.Parameter(torch.zeros(D)), torch.nn.Parameter(torch.zeros(10))
-    info = ModelInfo(model=model, input_shape=(1, 1, 1), num_classes=2, data_mean=(0.0,), data_std=(1.0,),
-                     protocol=protocol, batch_size=1, local_steps=1, lr=0.1)
+    info = ModelInfo(
+        model=model,
+        input_shape=(1, 1, 1),
+        num_classes=2,
+        data_mean=(0.0,),
+        data_std=(1.0,),
+        protocol=protocol,
+        batch_size=1,
+        local_steps=1,
+        lr=0.1,
+    )
     observer = RecordingObserver({0, 1, 2})
     strategy = HonestButCurious(central, info=info, observer=observer)
     sent = list(strategy.configure_train(1, ArrayRecord(theta), ConfigRecord({}), grid=None))
@@ -80,11 +99,13 @@ def _hand_built_round(protocol: str, server_lr: float, sigma: float, clip: float
     replies = []
     for msg in sent:
         cid = msg.metadata.dst_node_id - 1000
-        content = RecordDict({
-            "arrays": ArrayRecord(OrderedDict(updates[cid])),
-            "metrics": MetricRecord({"num-examples": NUM_EXAMPLES[cid], "loss": 0.0}),
-            "meta": ConfigRecord({"client-id": cid}),
-        })
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(OrderedDict(updates[cid])),
+                "metrics": MetricRecord({"num-examples": NUM_EXAMPLES[cid], "loss": 0.0}),
+                "meta": ConfigRecord({"client-id": cid}),
+            }
+        )
         replies.append(Message(content=content, reply_to=msg))
     new, _ = strategy.aggregate_train(1, replies)
     clipped = [{k: v * min(1.0, clip / _norm(u)) for k, v in u.items()} for u in updates]
@@ -108,7 +129,9 @@ def test_server_fixed_clips_each_update_and_averages_uniformly(protocol, server_
 @pytest.mark.parametrize(("protocol", "server_lr"), [("fedavg", 1.0), ("fedsgd", 0.5)])
 def test_server_fixed_noise_has_std_sigma_c_over_m(protocol, server_lr) -> None:
     sigma, clip, m = 2.0, 1.0, 3
-    step, mean, observer, central, rows = _hand_built_round(protocol, server_lr, sigma=sigma, clip=clip)
+    step, mean, observer, central, rows = _hand_built_round(
+        protocol, server_lr, sigma=sigma, clip=clip
+    )
     noise = torch.cat([(step[k] - mean[k]).flatten() for k in mean]).double()
     expected = sigma * clip / m  # Flower's compute_stdv: σ·C / num_sampled_clients
     # D + 10 ≈ 2e5 samples: the std estimate is within 1% (≈ 6 standard errors) and the mean
@@ -123,35 +146,67 @@ def test_server_fixed_noise_has_std_sigma_c_over_m(protocol, server_lr) -> None:
     torch.testing.assert_close(step2["w"], step["w"])
     dp_rows = {s_v[0]: s_v[1] for r, c, src, v in rows if src == "central_dp" for s_v in v.items()}
     assert dp_rows["noise_std"] == pytest.approx(expected)
-    assert dp_rows["epsilon"] == pytest.approx(central.accountant.epsilon()) and dp_rows["epsilon"] > 0
+    assert (
+        dp_rows["epsilon"] == pytest.approx(central.accountant.epsilon()) and dp_rows["epsilon"] > 0
+    )
     assert sorted(round(_norm(o.update), 4) for o in observer.seen) == list(NORMS)
 
 
 # --------------------------------------------------------------------------- real ClientApp
 
-SMALL = ["federation.num_clients=4", "federation.clients_per_round=3", "federation.rounds=1",
-         'federation.device="cpu"', "federation.fraction_evaluate=0"]
+SMALL = [
+    "federation.num_clients=4",
+    "federation.clients_per_round=3",
+    "federation.rounds=1",
+    'federation.device="cpu"',
+    "federation.fraction_evaluate=0",
+]
 
 
 def _real_round(mode: str, **dp):
-    cfg = config_mod.load(None, [*SMALL, f'federation.central_dp.mode="{mode}"',
-                                 *(f"federation.central_dp.{k}={v}" for k, v in dp.items())])
+    cfg = config_mod.load(
+        None,
+        [
+            *SMALL,
+            f'federation.central_dp.mode="{mode}"',
+            *(f"federation.central_dp.{k}={v}" for k, v in dp.items()),
+        ],
+    )
     model = initial_model(cfg)
     grid = InProcessGrid(4, use_client_app=True)
     mapping = discover_clients(grid, expected=4)
-    inner = FedUpdates(protocol=cfg.federation.protocol, server_lr=cfg.federation.server_lr,
-                       param_names=[n for n, _ in model.named_parameters()], clients_per_round=3, seed=cfg.seed,
-                       node_to_client=mapping, extra_config={CONFIG_KEY: config_mod.to_toml(cfg)}, fraction_evaluate=0)
-    trained = inner if mode == "off" else CentralDP(inner, settings=cfg.federation.central_dp, num_clients=4,
-                                                    seed=cfg.seed)
+    inner = FedUpdates(
+        protocol=cfg.federation.protocol,
+        server_lr=cfg.federation.server_lr,
+        param_names=[n for n, _ in model.named_parameters()],
+        clients_per_round=3,
+        seed=cfg.seed,
+        node_to_client=mapping,
+        extra_config={CONFIG_KEY: config_mod.to_toml(cfg)},
+        fraction_evaluate=0,
+    )
+    trained = (
+        inner
+        if mode == "off"
+        else CentralDP(inner, settings=cfg.federation.central_dp, num_clients=4, seed=cfg.seed)
+    )
     fed = federated_data(cfg)
-    info = ModelInfo(model=build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes),
-                     input_shape=fed.data.input_shape, num_classes=fed.data.num_classes, data_mean=fed.data.mean,
-                     data_std=fed.data.std, protocol=cfg.federation.protocol, batch_size=cfg.client.batch_size,
-                     local_steps=1, lr=cfg.client.lr)
+    info = ModelInfo(
+        model=build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes),
+        input_shape=fed.data.input_shape,
+        num_classes=fed.data.num_classes,
+        data_mean=fed.data.mean,
+        data_std=fed.data.std,
+        protocol=cfg.federation.protocol,
+        batch_size=cfg.client.batch_size,
+        local_steps=1,
+        lr=cfg.client.lr,
+    )
     observer = RecordingObserver(range(4))
     strategy = HonestButCurious(trained, info=info, observer=observer)
-    sent = list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord({}), grid))
+    sent = list(
+        strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord({}), grid)
+    )
     replies = grid.send_and_receive(sent)
     assert not any(r.has_error() for r in replies), [r.error for r in replies if r.has_error()]
     new, _ = strategy.aggregate_train(1, replies)
@@ -160,11 +215,18 @@ def _real_round(mode: str, **dp):
 
 @pytest.mark.parametrize(
     ("server_mode", "client_mode", "dp"),
-    [("server_fixed", "client_fixed", {"clipping_norm": 0.05, "noise_multiplier": 0.5}),
-     ("server_adaptive", "client_adaptive", {"initial_clipping_norm": 0.05, "noise_multiplier": 0.5,
-                                             "clipped_count_stddev": 1.0})],
+    [
+        ("server_fixed", "client_fixed", {"clipping_norm": 0.05, "noise_multiplier": 0.5}),
+        (
+            "server_adaptive",
+            "client_adaptive",
+            {"initial_clipping_norm": 0.05, "noise_multiplier": 0.5, "clipped_count_stddev": 1.0},
+        ),
+    ],
 )
-def test_client_side_mods_clip_the_update_like_the_server_side(server_mode, client_mode, dp) -> None:
+def test_client_side_mods_clip_the_update_like_the_server_side(
+    server_mode, client_mode, dp
+) -> None:
     c = dp.get("clipping_norm", dp.get("initial_clipping_norm"))
     _, _, _, server_model, server_seen = _real_round(server_mode, **dp)
     _, sent, replies, client_model, client_seen = _real_round(client_mode, **dp)
@@ -182,7 +244,7 @@ def test_client_side_mods_clip_the_update_like_the_server_side(server_mode, clie
 
 
 def test_the_mod_is_inert_when_central_dp_is_off() -> None:
-    cfg, sent, replies, _, _ = _real_round("off")
+    _cfg, sent, replies, _, _ = _real_round("off")
     for msg, reply in zip(sent, replies, strict=True):
         assert "clipping_norm" not in msg.content["config"]
         assert KEY_NORM_BIT not in reply.content["metrics"]
@@ -198,12 +260,17 @@ def test_clipping_mod_answers_the_real_message_when_the_server_sent_no_norm() ->
     model = initial_model(cfg)
     grid = InProcessGrid(4, use_client_app=True)
     mapping = discover_clients(grid, expected=4)
-    inner = FedUpdates(protocol="fedsgd", server_lr=0.5, param_names=[n for n, _ in model.named_parameters()],
-                       clients_per_round=3, seed=0, node_to_client=mapping,
-                       extra_config={CONFIG_KEY: config_mod.to_toml(cfg)})
+    inner = FedUpdates(
+        protocol="fedsgd",
+        server_lr=0.5,
+        param_names=[n for n, _ in model.named_parameters()],
+        clients_per_round=3,
+        seed=0,
+        node_to_client=mapping,
+        extra_config={CONFIG_KEY: config_mod.to_toml(cfg)},
+    )
     sent = list(inner.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord({}), grid))
     replies = grid.send_and_receive(sent[:1])
     assert replies[0].has_error() and "clipping_norm" in replies[0].error.reason
     assert replies[0].metadata.reply_to_message_id == sent[0].metadata.message_id
     assert replies[0].metadata.dst_node_id == sent[0].metadata.src_node_id
-

@@ -15,8 +15,13 @@ from strategies.server_app import initial_model
 
 
 def _context(pid: int) -> Context:
-    return Context(run_id=1, node_id=77, node_config={"partition-id": pid, "num-partitions": 4},
-                   state=RecordDict(), run_config={})
+    return Context(
+        run_id=1,
+        node_id=77,
+        node_config={"partition-id": pid, "num-partitions": 4},
+        state=RecordDict(),
+        run_config={},
+    )
 
 
 def _train_message(cfg, model, server_round: int) -> Message:
@@ -27,9 +32,17 @@ def _train_message(cfg, model, server_round: int) -> Message:
 
 @pytest.mark.parametrize("protocol", ["fedsgd", "fedavg"])
 def test_train_reply_is_the_local_update(protocol):
-    cfg = config_mod.load(None, ["federation.num_clients=4", "federation.clients_per_round=4",
-                                 f"federation.protocol={protocol!r}".replace("'", '"'),
-                                 "client.local_steps=3", "client.batch_size=5", "federation.device=\"cpu\""])
+    cfg = config_mod.load(
+        None,
+        [
+            "federation.num_clients=4",
+            "federation.clients_per_round=4",
+            f"federation.protocol={protocol!r}".replace("'", '"'),
+            "client.local_steps=3",
+            "client.batch_size=5",
+            'federation.device="cpu"',
+        ],
+    )
     model = initial_model(cfg)
     reply = handle_train(_train_message(cfg, model, 2), _context(pid=3))
 
@@ -56,16 +69,21 @@ def test_batches_depend_on_round_and_client():
     a = client_batch_indices(cfg, fed, 1, 0)[0]
     assert (a == client_batch_indices(cfg, fed, 1, 0)[0]).all()
     assert set(a) <= set(fed.train_parts[0])
-    assert not (a == client_batch_indices(cfg, fed, 2, 0)[0]).all() or not (
-        a == client_batch_indices(cfg, fed, 3, 0)[0]).all()
+    assert (
+        not (a == client_batch_indices(cfg, fed, 2, 0)[0]).all()
+        or not (a == client_batch_indices(cfg, fed, 3, 0)[0]).all()
+    )
 
 
 def test_evaluate_and_query_handlers():
     cfg = config_mod.load(None, ["federation.num_clients=4", "federation.clients_per_round=4"])
     model = initial_model(cfg)
     config = ConfigRecord({CONFIG_KEY: config_mod.to_toml(cfg), "server-round": 1})
-    msg = Message(content=RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}),
-                  dst_node_id=77, message_type=MessageType.EVALUATE)
+    msg = Message(
+        content=RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}),
+        dst_node_id=77,
+        message_type=MessageType.EVALUATE,
+    )
     reply = handle_evaluate(msg, _context(pid=1))
     m = reply.content["metrics"]
     fed = federated_data(cfg)

@@ -19,22 +19,41 @@ KEY = "defense0.dp_sgd.epsilon"
 
 
 def _cfg():
-    return config_mod.from_dict({
-        "federation": {"num_clients": 4, "clients_per_round": 4, "protocol": "fedavg", "device": "cpu"},
-        "client": {"batch_size": 5, "local_steps": 2},
-        "defenses": [{"name": "dp_sgd", "params": {"noise_multiplier": 0.9, "max_grad_norm": 1.0}}],
-    })
+    return config_mod.from_dict(
+        {
+            "federation": {
+                "num_clients": 4,
+                "clients_per_round": 4,
+                "protocol": "fedavg",
+                "device": "cpu",
+            },
+            "client": {"batch_size": 5, "local_steps": 2},
+            "defenses": [
+                {"name": "dp_sgd", "params": {"noise_multiplier": 0.9, "max_grad_norm": 1.0}}
+            ],
+        }
+    )
 
 
 def _context() -> Context:
-    return Context(run_id=1, node_id=77, node_config={"partition-id": 1, "num-partitions": 4},
-                   state=RecordDict(), run_config={})
+    return Context(
+        run_id=1,
+        node_id=77,
+        node_config={"partition-id": 1, "num-partitions": 4},
+        state=RecordDict(),
+        run_config={},
+    )
 
 
 def _train(cfg, context: Context, server_round: int) -> Message:
     config = ConfigRecord({CONFIG_KEY: config_mod.to_toml(cfg), "server-round": server_round})
-    msg = Message(content=RecordDict({"arrays": ArrayRecord(initial_model(cfg).state_dict()), "config": config}),
-                  dst_node_id=77, message_type=MessageType.TRAIN)
+    msg = Message(
+        content=RecordDict(
+            {"arrays": ArrayRecord(initial_model(cfg).state_dict()), "config": config}
+        ),
+        dst_node_id=77,
+        message_type=MessageType.TRAIN,
+    )
     return handle_train(msg, context)
 
 

@@ -35,9 +35,11 @@ class FrontBlockForTest(Modification):
         block = FrontBlock(view.input_shape, self.rows)
         with torch.no_grad():
             block.decoder.weight.mul_(1e-3)
-        return Crafted(model=FrontBlockModel(block, copy.deepcopy(model)),
-                       arch={"front_block": {"rows": self.rows, "activation": "relu"}},
-                       secrets={"round": view.round, "targets": view.targets})
+        return Crafted(
+            model=FrontBlockModel(block, copy.deepcopy(model)),
+            arch={"front_block": {"rows": self.rows, "activation": "relu"}},
+            secrets={"round": view.round, "targets": view.targets},
+        )
 
     def observe(self, obs) -> None:
         self.observed.append(obs)
@@ -72,8 +74,16 @@ def _test_plugins():
 def _malicious(cfg, plans, observer):
     model, grid, inner, info = _setup(cfg)
     x, y = public_data(cfg)
-    strategy = MaliciousServer(inner, info=info, observer=observer, plans=plans, node_to_client=inner.node_to_client,
-                               public_inputs=x, public_labels=y, seed=cfg.seed)
+    strategy = MaliciousServer(
+        inner,
+        info=info,
+        observer=observer,
+        plans=plans,
+        node_to_client=inner.node_to_client,
+        public_inputs=x,
+        public_labels=y,
+        seed=cfg.seed,
+    )
     return model, grid, inner, strategy
 
 
@@ -88,17 +98,30 @@ def test_crafted_model_reaches_only_its_targets_and_training_stays_honest():
     observer = RecordingObserver(clients=[0, 1, 2, 3], aggregate=True)
     model, grid, inner, strategy = _malicious(cfg, [plan], observer)
     _, (arrays, _) = _round(strategy, grid, model)
-    sent = {inner.node_to_client[m.metadata.dst_node_id]: m for m in grid.sent if m.metadata.message_type == "train"}
+    sent = {
+        inner.node_to_client[m.metadata.dst_node_id]: m
+        for m in grid.sent
+        if m.metadata.message_type == "train"
+    }
     assert ARCH_KEY in sent[1].content["config"] and ARCH_KEY not in sent[0].content["config"]
     assert any(k.startswith("block.") for k in sent[1].content["arrays"])
     by_client = {o.client_id: o for o in observer.seen if not o.is_aggregate}
     assert by_client[1].server_secrets["test_front_block"]["targets"] == (1,)
-    assert isinstance(by_client[1].model, FrontBlockModel) and "block.encoder.weight" in by_client[1].update
+    assert (
+        isinstance(by_client[1].model, FrontBlockModel)
+        and "block.encoder.weight" in by_client[1].update
+    )
     assert not by_client[0].server_secrets and "block.encoder.weight" not in by_client[0].update
-    agg = next(o for o in observer.seen if o.is_aggregate)  # mixed models: agreed entries, no secrets
-    assert not agg.server_secrets and not any(k.startswith(("block.", "model.")) for k in agg.update)
+    agg = next(
+        o for o in observer.seen if o.is_aggregate
+    )  # mixed models: agreed entries, no secrets
+    assert not agg.server_secrets and not any(
+        k.startswith(("block.", "model.")) for k in agg.update
+    )
     honest = build_model(cfg.model.name, (1, 8, 8), 10)
-    honest.load_state_dict(arrays.to_torch_state_dict())  # the global model keeps the agreed architecture
+    honest.load_state_dict(
+        arrays.to_torch_state_dict()
+    )  # the global model keeps the agreed architecture
     assert len(mod.observed) == 1 and mod.observed[0].members == (1,)
     assert mod.observed[0].server_secrets["test_front_block"]["round"] == 1
 
@@ -137,7 +160,9 @@ def test_no_modification_gives_the_honest_servers_numbers():
 
 def test_a_refusing_client_is_counted_and_left_out_of_the_aggregate():
     cfg = _cfg('defenses=[{name="test_refuse"}]')
-    plan = ModificationPlan(name="test_front_block", modification=FrontBlockForTest(), rounds={1}, clients={2})
+    plan = ModificationPlan(
+        name="test_front_block", modification=FrontBlockForTest(), rounds={1}, clients={2}
+    )
     observer = RecordingObserver(clients=[0, 1, 2], aggregate=False)
     model, grid, inner, strategy = _malicious(cfg, [plan], observer)
     assert 2 in inner.sample_clients(1, 3)
@@ -147,7 +172,9 @@ def test_a_refusing_client_is_counted_and_left_out_of_the_aggregate():
     report = inner.client_error_report()
     assert report["refused"]["total"] == 1 and report["refused"]["by_round"] == {"1": 1}
     sampled = set(inner.sample_clients(1, 3))
-    assert {o.client_id for o in observer.seen} == (sampled & {0, 1, 2}) - {2}  # the refusal sent nothing
+    assert {o.client_id for o in observer.seen} == (sampled & {0, 1, 2}) - {
+        2
+    }  # the refusal sent nothing
     assert arrays is not None
 
 
@@ -157,7 +184,15 @@ def test_config_rejects_modifications_without_the_malicious_role():
     with pytest.raises(config_mod.ConfigError, match="unknown modification"):
         config_mod.load(None, ['server.role="malicious"', 'server.modifications=[{name="nope"}]'])
     with pytest.raises(config_mod.ConfigError, match="after the last round"):
-        config_mod.load(None, ['server.role="malicious"', "federation.rounds=2",
-                               'server.modifications=[{name="test_front_block", targets={rounds=[3]}}]'])
-    cfg = config_mod.load(None, ['server.role="malicious"', 'server.modifications=[{name="test_front_block"}]'])
+        config_mod.load(
+            None,
+            [
+                'server.role="malicious"',
+                "federation.rounds=2",
+                'server.modifications=[{name="test_front_block", targets={rounds=[3]}}]',
+            ],
+        )
+    cfg = config_mod.load(
+        None, ['server.role="malicious"', 'server.modifications=[{name="test_front_block"}]']
+    )
     assert cfg.server.modifications[0].targets.rounds == [1]

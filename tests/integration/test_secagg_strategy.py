@@ -29,9 +29,14 @@ from strategies.fedupdates import FedUpdates, weighted_mean_update
 from strategies.secure_aggregation import SecAggStrategy
 from strategies.server_app import initial_model, model_info, run_server
 
-SA = ['federation.secure_aggregation.mode="secagg+"', 'attacks=[{name="analytic", targets={clients=[], aggregate=true}}]',
-      "federation.num_clients=5", "federation.clients_per_round=3", 'federation.device="cpu"',
-      "federation.server_lr=0.7"]
+SA = [
+    'federation.secure_aggregation.mode="secagg+"',
+    'attacks=[{name="analytic", targets={clients=[], aggregate=true}}]',
+    "federation.num_clients=5",
+    "federation.clients_per_round=3",
+    'federation.device="cpu"',
+    "federation.server_lr=0.7",
+]
 
 
 class FakeProxy(ClientProxy):
@@ -74,14 +79,27 @@ def _strategy(cfg, observer):
     metrics: list = []
 
     def make(mapping):
-        return FedUpdates(protocol=cfg.federation.protocol, server_lr=cfg.federation.server_lr, param_names=names,
-                          clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed, node_to_client=mapping)
+        return FedUpdates(
+            protocol=cfg.federation.protocol,
+            server_lr=cfg.federation.server_lr,
+            param_names=names,
+            clients_per_round=cfg.federation.clients_per_round,
+            seed=cfg.seed,
+            node_to_client=mapping,
+        )
 
-    strategy = SecAggStrategy(initial_state=model.state_dict(), make_updates=make, toml=config_mod.to_toml(cfg),
-                              num_clients=cfg.federation.num_clients,
-                              clients_per_round=cfg.federation.clients_per_round, info=model_info(cfg),
-                              observer=observer, evaluate_round=lambda r, a: {"accuracy": 0.0, "loss": 0.0},
-                              sink=lambda *row: metrics.append(row), settings=resolve(cfg))
+    strategy = SecAggStrategy(
+        initial_state=model.state_dict(),
+        make_updates=make,
+        toml=config_mod.to_toml(cfg),
+        num_clients=cfg.federation.num_clients,
+        clients_per_round=cfg.federation.clients_per_round,
+        info=model_info(cfg),
+        observer=observer,
+        evaluate_round=lambda r, a: {"accuracy": 0.0, "loss": 0.0},
+        sink=lambda *row: metrics.append(row),
+        settings=resolve(cfg),
+    )
     manager = SimpleClientManager()
     for pid in range(cfg.federation.num_clients):
         manager.register(FakeProxy(100 + 7 * pid, pid))  # node ids unrelated to partition ids
@@ -110,14 +128,27 @@ def test_one_round_matches_the_plain_update_rule_and_observes_one_aggregate(prot
         fulls.append(full_weights(state, reply.update, protocol, names))
         updates.append(reply.update)
         counts.append(reply.num_examples)
-        results.append((proxy, {"loss": reply.metrics["loss"], "meta.batch-size": reply.meta["batch-size"]}))
-    mean = [sum(n * f[i] for n, f in zip(counts, fulls, strict=True)) / sum(counts) for i in range(len(fulls[0]))]
-    fit_results = [(p, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(mean), n, m))
-                   for (p, m), n in zip(results, counts, strict=True)]
+        results.append(
+            (proxy, {"loss": reply.metrics["loss"], "meta.batch-size": reply.meta["batch-size"]})
+        )
+    mean = [
+        sum(n * f[i] for n, f in zip(counts, fulls, strict=True)) / sum(counts)
+        for i in range(len(fulls[0]))
+    ]
+    fit_results = [
+        (p, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(mean), n, m))
+        for (p, m), n in zip(results, counts, strict=True)
+    ]
     new_params, _ = strategy.aggregate_fit(1, fit_results, [])
 
-    plain = FedUpdates(protocol=protocol, server_lr=0.7, param_names=names, clients_per_round=3, seed=cfg.seed,
-                       node_to_client={i: i for i in range(5)})
+    plain = FedUpdates(
+        protocol=protocol,
+        server_lr=0.7,
+        param_names=names,
+        clients_per_round=3,
+        seed=cfg.seed,
+        node_to_client={i: i for i in range(5)},
+    )
     avg = weighted_mean_update(updates, [float(n) for n in counts])
     expected = plain.apply_update(ArrayRecord(global_state), ArrayRecord(avg)).to_torch_state_dict()
     got = strategy.to_state(new_params)
@@ -143,8 +174,12 @@ def test_a_round_that_secagg_halts_is_reported_and_leaves_the_model():
     strategy.configure_fit(2, params, manager)
     assert strategy.report()["halted_rounds"] == [1, 2]
     before = [a.copy() for a in parameters_to_ndarrays(params)]
-    assert all(np.array_equal(a, b) for a, b in zip(before, parameters_to_ndarrays(strategy.to_parameters(
-        strategy.state)), strict=True))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(
+            before, parameters_to_ndarrays(strategy.to_parameters(strategy.state)), strict=True
+        )
+    )
 
 
 def test_the_plain_server_refuses_a_secagg_config(tmp_path):

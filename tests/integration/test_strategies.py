@@ -19,8 +19,13 @@ from strategies.honest_but_curious import HonestButCurious, ModelInfo
 from strategies.server_app import initial_model, run_server
 from tests.integration.inprocess import InProcessGrid
 
-SMALL = ["federation.num_clients=4", "federation.clients_per_round=3", "federation.rounds=2",
-         'federation.device="cpu"', "federation.fraction_evaluate=0.5"]
+SMALL = [
+    "federation.num_clients=4",
+    "federation.clients_per_round=3",
+    "federation.rounds=2",
+    'federation.device="cpu"',
+    "federation.fraction_evaluate=0.5",
+]
 
 
 class RecordingObserver:
@@ -41,27 +46,41 @@ def _setup(cfg):
     model = initial_model(cfg)
     grid = InProcessGrid(cfg.federation.num_clients)
     mapping = discover_clients(grid, expected=cfg.federation.num_clients)
-    inner = FedUpdates(protocol=cfg.federation.protocol, server_lr=cfg.federation.server_lr,
-                       param_names=[n for n, _ in model.named_parameters()],
-                       clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed,
-                       node_to_client=mapping, extra_config={CONFIG_KEY: config_mod.to_toml(cfg)})
+    inner = FedUpdates(
+        protocol=cfg.federation.protocol,
+        server_lr=cfg.federation.server_lr,
+        param_names=[n for n, _ in model.named_parameters()],
+        clients_per_round=cfg.federation.clients_per_round,
+        seed=cfg.seed,
+        node_to_client=mapping,
+        extra_config={CONFIG_KEY: config_mod.to_toml(cfg)},
+    )
     fed = federated_data(cfg)
-    info = ModelInfo(model=build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes),
-                     input_shape=fed.data.input_shape, num_classes=fed.data.num_classes,
-                     data_mean=fed.data.mean, data_std=fed.data.std, protocol=cfg.federation.protocol,
-                     batch_size=cfg.client.batch_size, local_steps=1, lr=cfg.client.lr)
+    info = ModelInfo(
+        model=build_model(cfg.model.name, fed.data.input_shape, fed.data.num_classes),
+        input_shape=fed.data.input_shape,
+        num_classes=fed.data.num_classes,
+        data_mean=fed.data.mean,
+        data_std=fed.data.std,
+        protocol=cfg.federation.protocol,
+        batch_size=cfg.client.batch_size,
+        local_steps=1,
+        lr=cfg.client.lr,
+    )
     return model, grid, inner, info
 
 
 def _round(strategy, grid, model, server_round=1):
     arrays = ArrayRecord(model.state_dict())
-    replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord({}), grid))
+    replies = grid.send_and_receive(
+        strategy.configure_train(server_round, arrays, ConfigRecord({}), grid)
+    )
     return replies, strategy.aggregate_train(server_round, replies)
 
 
 def test_discovery_and_deterministic_sampling():
     cfg = config_mod.load(None, SMALL)
-    _, grid, inner, _ = _setup(cfg)
+    _, _grid, inner, _ = _setup(cfg)
     assert sorted(inner.node_to_client.values()) == [0, 1, 2, 3]
     first = [inner.sample_clients(r, 3) for r in range(1, 6)]
     assert first == [inner.sample_clients(r, 3) for r in range(1, 6)]
@@ -103,13 +122,17 @@ def test_wrapper_observes_targets_without_changing_training():
     for k, v in model.state_dict().items():
         torch.testing.assert_close(obs.global_params[k], v)
     # the Observation has no ground-truth field
-    assert not {"x", "y", "inputs", "labels", "batch", "indices"} & set(Observation.__dataclass_fields__)
+    assert not {"x", "y", "inputs", "labels", "batch", "indices"} & set(
+        Observation.__dataclass_fields__
+    )
 
 
 def test_wrapper_survives_a_failing_attack():
     cfg = config_mod.load(None, SMALL)
     model, grid, inner, info = _setup(cfg)
-    wrapped = HonestButCurious(inner, info=info, observer=RecordingObserver([0, 1, 2, 3], fail=True))
+    wrapped = HonestButCurious(
+        inner, info=info, observer=RecordingObserver([0, 1, 2, 3], fail=True)
+    )
     _, (arrays, _) = _round(wrapped, grid, model)
     assert arrays is not None and wrapped.failures == 1
 
@@ -122,11 +145,20 @@ def _run(tmp_path, name, overrides):
 
 
 def test_run_server_in_process_records_everything_and_is_reproducible(tmp_path):
-    overrides = ["attacks.0.targets.clients=[0, 1, 2, 3]", "attacks.1.params.iterations=20",
-                 "attacks.2.params.iterations=30", "attacks.2.targets.aggregate=true"]
+    overrides = [
+        "attacks.0.targets.clients=[0, 1, 2, 3]",
+        "attacks.1.params.iterations=20",
+        "attacks.2.params.iterations=30",
+        "attacks.2.targets.aggregate=true",
+    ]
     folder, summary = _run(tmp_path, "a", overrides)
     attacks = summary["attacks"]
-    assert set(attacks) >= {"analytic", "idlg", "inverting_gradients", "inverting_gradients@aggregate"}
+    assert set(attacks) >= {
+        "analytic",
+        "idlg",
+        "inverting_gradients",
+        "inverting_gradients@aggregate",
+    }
     assert attacks["analytic"]["psnr"] >= 60 and attacks["analytic"]["attacked"] >= 1
     assert attacks["idlg"]["label_accuracy"] > 0
     assert 0 <= summary["final_accuracy"] <= 1
@@ -135,7 +167,9 @@ def test_run_server_in_process_records_everything_and_is_reproducible(tmp_path):
     assert any(r["source"] == "server_eval" for r in lines)
     assert any(r["source"] == "federated_eval" for r in lines)
     assert list((folder.path / "attacks" / "round_001").glob("client_*.png"))
-    assert json.loads((folder.path / "summary.json").read_text())["attacks"] == json.loads(json.dumps(attacks))
+    assert json.loads((folder.path / "summary.json").read_text())["attacks"] == json.loads(
+        json.dumps(attacks)
+    )
 
     folder_b, summary_b = _run(tmp_path, "b", overrides)
 

@@ -13,8 +13,11 @@ def write_plugin_dist_info(site: Path) -> Path:
     install writes for importlib.metadata; a second, broken entry point must only warn."""
     info = site / "fl_privsim_clip_example-0.1.0.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fl-privsim-clip-example\nVersion: 0.1.0\n")
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: fl-privsim-clip-example\nVersion: 0.1.0\n"
+    )
     (info / "entry_points.txt").write_text(
         "[fl_privsim.defenses]\nclip_update = fl_privsim_clip_example:ClipUpdate\n"
-        "broken = fl_privsim_no_such_module:Nothing\n")
+        "broken = fl_privsim_no_such_module:Nothing\n"
+    )
     return ROOT / "experiments" / "plugin_example" / "src"

@@ -72,10 +72,20 @@ def test_distinct_labels_cifar_like() -> None:
         y = torch.randperm(k, generator=gen)[:n]
         grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
         obs = Observation(
-            round=1, client_id=0, protocol="fedsgd", model=model,
+            round=1,
+            client_id=0,
+            protocol="fedsgd",
+            model=model,
             global_params={kk: v.clone() for kk, v in model.state_dict().items()},
-            update={"1.weight": grads[0], "1.bias": grads[1]}, batch_size=n, local_steps=1,
-            lr=0.1, num_examples=n, input_shape=shape, num_classes=k, data_mean=mean, data_std=std,
+            update={"1.weight": grads[0], "1.bias": grads[1]},
+            batch_size=n,
+            local_steps=1,
+            lr=0.1,
+            num_examples=n,
+            input_shape=shape,
+            num_classes=k,
+            data_mean=mean,
+            data_std=std,
         )
         res = ATTACKS.create("analytic")(obs)
         rec = (res.inputs.double() * s + m).clamp(0, 1)
@@ -92,7 +102,12 @@ def test_identical_labels_stay_mixed() -> None:
     for seed in range(4):
         model = make_model("linear", seed)
         for classes, psnrs, conds, trues in (
-            (rng.choice(CLASSES, 4, replace=False).tolist(), distinct_psnr, distinct_cond, distinct_true),
+            (
+                rng.choice(CLASSES, 4, replace=False).tolist(),
+                distinct_psnr,
+                distinct_cond,
+                distinct_true,
+            ),
             ([int(rng.integers(CLASSES))] * 4, identical_psnr, identical_cond, identical_true),
         ):
             raw, x, y = sample(pick(classes, rng))
@@ -209,10 +224,20 @@ def test_mnist_sized_batch_of_16_under_a_second() -> None:
     y = torch.randint(10, (16,), generator=gen)
     grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
     obs = Observation(
-        round=1, client_id=0, protocol="fedsgd", model=model,
+        round=1,
+        client_id=0,
+        protocol="fedsgd",
+        model=model,
         global_params={k: v.clone() for k, v in model.state_dict().items()},
-        update={"1.weight": grads[0], "1.bias": grads[1]}, batch_size=16, local_steps=1, lr=0.1,
-        num_examples=16, input_shape=(1, 28, 28), num_classes=10, data_mean=(0.13,), data_std=(0.31,),
+        update={"1.weight": grads[0], "1.bias": grads[1]},
+        batch_size=16,
+        local_steps=1,
+        lr=0.1,
+        num_examples=16,
+        input_shape=(1, 28, 28),
+        num_classes=10,
+        data_mean=(0.13,),
+        data_std=(0.31,),
     )
     res = ATTACKS.create("analytic")(obs)
     assert res.inputs.shape == (16, 1, 28, 28)
@@ -226,14 +251,15 @@ def test_refuses_lenet() -> None:
 
 
 @pytest.mark.parametrize(
-    "params", [{"demix": "yes"}, {"demix_iterations": 0}, {"demix_iterations": 2.5}, {"demix_tol": 0.0}]
+    "params",
+    [{"demix": "yes"}, {"demix_iterations": 0}, {"demix_iterations": 2.5}, {"demix_tol": 0.0}],
 )
 def test_bad_params(params: dict[str, object]) -> None:
     with pytest.raises(ConfigError, match=next(iter(params))):
         ATTACKS.create("analytic", **params)
 
 
-def test_quick_reproduction(shared_data, tmp_path) -> None:  # noqa: ANN001
+def test_quick_reproduction(shared_data, tmp_path) -> None:
     from fl_privsim.reproduce import run_reproduction
 
     path, result = run_reproduction("demixing", quick=True, out=tmp_path / "run")

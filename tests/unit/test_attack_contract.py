@@ -36,17 +36,32 @@ def _other_classes(obs: Observation) -> Observation:
 def _with_model(name: str) -> Callable[[Observation], Observation]:
     def swap(obs: Observation) -> Observation:
         model = build_model(name, obs.input_shape, obs.num_classes)
-        return client_observation(model, _batches(obs.input_shape, obs.batch_size, 1, seed=7),
-                                  protocol="fedsgd", lr=0.1, mean=(MEAN,) * obs.input_shape[0],
-                                  std=(STD,) * obs.input_shape[0], num_classes=obs.num_classes)
+        return client_observation(
+            model,
+            _batches(obs.input_shape, obs.batch_size, 1, seed=7),
+            protocol="fedsgd",
+            lr=0.1,
+            mean=(MEAN,) * obs.input_shape[0],
+            std=(STD,) * obs.input_shape[0],
+            num_classes=obs.num_classes,
+        )
+
     return swap
 
 
 def _batch_of(n: int) -> Callable[[Observation], Observation]:
     def swap(obs: Observation) -> Observation:
         model = obs.fresh_model()
-        return client_observation(model, _batches(obs.input_shape, n, 1, seed=8), protocol="fedsgd",
-                                  lr=0.1, mean=obs.data_mean, std=obs.data_std, num_classes=obs.num_classes)
+        return client_observation(
+            model,
+            _batches(obs.input_shape, n, 1, seed=8),
+            protocol="fedsgd",
+            lr=0.1,
+            mean=obs.data_mean,
+            std=obs.data_std,
+            num_classes=obs.num_classes,
+        )
+
     return swap
 
 
@@ -68,8 +83,16 @@ CASES: dict[str, Case] = {
     "analytic": Case("linear", (1, 8, 8), 3, {}, _with_model("lenet"), "analytic: requires"),
     "idlg": Case("lenet", (1, 8, 8), 1, {"iterations": 2}, _other_classes, "idlg: requires"),
     "dlg": Case("lenet", (1, 8, 8), 1, {"iterations": 2}, _other_classes, "dlg: requires"),
-    "inverting_gradients": Case("convnet", (1, 8, 8), 2, {"iterations": 3}, _other_classes,
-                                "inverting_gradients: requires", protocol="fedavg", steps=2),
+    "inverting_gradients": Case(
+        "convnet",
+        (1, 8, 8),
+        2,
+        {"iterations": 3},
+        _other_classes,
+        "inverting_gradients: requires",
+        protocol="fedavg",
+        steps=2,
+    ),
     "llg": Case("mlp", (1, 8, 8), 4, {}, _other_classes, "llg: requires"),
     "rgap": Case("cnn6", (3, 16, 16), 1, {}, _batch_of(2), "rgap: requires", aggregate_ok=False),
 }
@@ -80,8 +103,11 @@ def _batches(shape, batch, steps, seed):
     out = []
     for _ in range(steps):
         x = (torch.rand(batch, *shape, generator=g) - MEAN) / STD
-        y = torch.randperm(CLASSES, generator=g)[:batch] if batch <= CLASSES else torch.randint(
-            0, CLASSES, (batch,), generator=g)
+        y = (
+            torch.randperm(CLASSES, generator=g)[:batch]
+            if batch <= CLASSES
+            else torch.randint(0, CLASSES, (batch,), generator=g)
+        )
         out.append((x, y))
     return out
 
@@ -90,9 +116,14 @@ def _observe(case: Case, seed: int = 0, client_id: int = 0) -> Observation:
     torch.manual_seed(seed)
     model = build_model(case.model, case.shape, CLASSES)
     return client_observation(
-        model, _batches(case.shape, case.batch, case.steps, seed=100 + client_id),
-        protocol=case.protocol, lr=0.1, mean=(MEAN,) * case.shape[0], std=(STD,) * case.shape[0],
-        num_classes=CLASSES, client_id=client_id,
+        model,
+        _batches(case.shape, case.batch, case.steps, seed=100 + client_id),
+        protocol=case.protocol,
+        lr=0.1,
+        mean=(MEAN,) * case.shape[0],
+        std=(STD,) * case.shape[0],
+        num_classes=CLASSES,
+        client_id=client_id,
     )
 
 
@@ -119,7 +150,9 @@ MALICIOUS = {name for name in ATTACKS.names() if getattr(ATTACKS.get(name), "mod
 
 
 def test_every_registered_attack_has_a_case():
-    assert set(ATTACKS.names()) - INFERENCE - MALICIOUS <= set(CASES), "add a row to CASES for every attack"
+    assert set(ATTACKS.names()) - INFERENCE - MALICIOUS <= set(CASES), (
+        "add a row to CASES for every attack"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

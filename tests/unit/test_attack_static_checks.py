@@ -76,8 +76,15 @@ def honest_observation(data_name: str, model_name: str) -> Observation:
     model = build_model(model_name, data.input_shape, data.num_classes)
     idx = list(range(BATCH.get(model_name, 1)))
     batch = (data.normalize(data.images("train", idx)), data.labels("train", idx))
-    return client_observation(model, [batch], protocol="fedsgd", lr=0.1, mean=data.mean, std=data.std,
-                              num_classes=data.num_classes)
+    return client_observation(
+        model,
+        [batch],
+        protocol="fedsgd",
+        lr=0.1,
+        mean=data.mean,
+        std=data.std,
+        num_classes=data.num_classes,
+    )
 
 
 @functools.cache
@@ -86,10 +93,20 @@ def crafted_observation(data_name: str, model_name: str, modification: str) -> O
     reason the modification refused the model."""
     data, honest = dataset(data_name), honest_observation(data_name, model_name)
     view = ServerView(
-        round=1, clients=(0,), targets=(0,), input_shape=data.input_shape, num_classes=data.num_classes,
-        data_mean=data.mean, data_std=data.std, protocol="fedsgd", batch_size=honest.batch_size,
-        local_steps=1, lr=0.1, public_inputs=data.normalize(data.images("test", slice(0, 200))),
-        public_labels=data.labels("test", slice(0, 200)), generator=torch.Generator().manual_seed(0),
+        round=1,
+        clients=(0,),
+        targets=(0,),
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        data_mean=data.mean,
+        data_std=data.std,
+        protocol="fedsgd",
+        batch_size=honest.batch_size,
+        local_steps=1,
+        lr=0.1,
+        public_inputs=data.normalize(data.images("test", slice(0, 200))),
+        public_labels=data.labels("test", slice(0, 200)),
+        generator=torch.Generator().manual_seed(0),
     )
     try:
         crafted = MODIFICATIONS.create(modification).craft(honest.fresh_model(), view)
@@ -97,8 +114,15 @@ def crafted_observation(data_name: str, model_name: str, modification: str) -> O
         return str(exc)
     idx = list(range(honest.batch_size))
     batch = (data.normalize(data.images("train", idx)), data.labels("train", idx))
-    obs = client_observation(crafted.model, [batch], protocol="fedsgd", lr=0.1, mean=data.mean,
-                             std=data.std, num_classes=data.num_classes)
+    obs = client_observation(
+        crafted.model,
+        [batch],
+        protocol="fedsgd",
+        lr=0.1,
+        mean=data.mean,
+        std=data.std,
+        num_classes=data.num_classes,
+    )
     return dataclasses.replace(obs, server_secrets={modification: crafted.secrets})
 
 
@@ -106,10 +130,20 @@ def static_setup(data_name: str, model_name: str, batch_size: int) -> Setup:
     """What the config fixes, as validate_before_launch builds it (its own model, other weights)."""
     data = dataset(data_name)
     torch.manual_seed(1)
-    return Setup(model=build_model(model_name, data.input_shape, data.num_classes),
-                 input_shape=data.input_shape, num_classes=data.num_classes, protocol="fedsgd",
-                 batch_size=batch_size, local_steps=1, lr=0.1, loss="cross_entropy",
-                 data_name=data.name, model_name=model_name, data_mean=data.mean, data_std=data.std)
+    return Setup(
+        model=build_model(model_name, data.input_shape, data.num_classes),
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        protocol="fedsgd",
+        batch_size=batch_size,
+        local_steps=1,
+        lr=0.1,
+        loss="cross_entropy",
+        data_name=data.name,
+        model_name=model_name,
+        data_mean=data.mean,
+        data_std=data.std,
+    )
 
 
 def verdict(check, arg) -> str | None:
@@ -128,11 +162,15 @@ def runtime_verdict(name: str, data_name: str, model_name: str) -> str | None:
         obs = crafted_observation(data_name, model_name, need)
         return obs if isinstance(obs, str) else verdict(attack.check, obs)
     obs = honest_observation(data_name, model_name)
-    if isinstance(attack, FederatedInference):  # the server's own records, as the runner attaches them
+    if isinstance(
+        attack, FederatedInference
+    ):  # the server's own records, as the runner attaches them
         data = dataset(data_name)
         aux_x = data.normalize(data.images("test", slice(0, 8)))
         aux_y = data.labels("test", slice(0, 8))
-        obs = InferenceObservation.of(obs, ServerKnowledge(data.name, aux_x, aux_y, aux_x[:1], aux_y[:1]))
+        obs = InferenceObservation.of(
+            obs, ServerKnowledge(data.name, aux_x, aux_y, aux_x[:1], aux_y[:1])
+        )
     return verdict(attack.check, obs)
 
 
@@ -142,7 +180,9 @@ def test_static_verdict_agrees_with_the_runtime_check(data_name: str) -> None:
     for model_name in MODELS:
         batch = honest_observation(data_name, model_name).batch_size
         for name in NAMES:
-            static = verdict(ATTACKS.create(name).check_setup, static_setup(data_name, model_name, batch))
+            static = verdict(
+                ATTACKS.create(name).check_setup, static_setup(data_name, model_name, batch)
+            )
             runtime = runtime_verdict(name, data_name, model_name)
             if (static is None) != (runtime is None):
                 disagree.append(f"{name} on {model_name}: static {static!r}, runtime {runtime!r}")
@@ -154,29 +194,52 @@ def test_static_verdict_agrees_with_the_runtime_check(data_name: str) -> None:
 
 def test_issue_case_fails_before_launch(monkeypatch, capsys, tmp_path) -> None:
     """model lenet + analytic: exit 2, one line naming analytic, nothing launched or written."""
+
     def no_launch(*args, **kwargs):
         raise AssertionError("the federation was launched")
 
     monkeypatch.setattr(simulation, "launch", no_launch)
     out = tmp_path / "run"
-    code = cli.main(["run", "--quiet", "--out", str(out), "--set", 'model.name="lenet"',
-                     "--set", 'attacks=[{name="analytic"}]'])
+    code = cli.main(
+        [
+            "run",
+            "--quiet",
+            "--out",
+            str(out),
+            "--set",
+            'model.name="lenet"',
+            "--set",
+            'attacks=[{name="analytic"}]',
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert err.count("\n") == 0 and "attacks[0] (analytic)" in err and "nn.Linear with bias" in err, err
+    assert (
+        err.count("\n") == 0 and "attacks[0] (analytic)" in err and "nn.Linear with bias" in err
+    ), err
     assert "models that meet it: mlp, linear" in err, err
     assert not out.exists()
 
 
 def _config(*overrides: str) -> config_mod.Config:
-    return config_mod.load(None, ['federation.device="cpu"', "federation.num_clients=2",
-                                  "federation.clients_per_round=2", *overrides])
+    return config_mod.load(
+        None,
+        [
+            'federation.device="cpu"',
+            "federation.num_clients=2",
+            "federation.clients_per_round=2",
+            *overrides,
+        ],
+    )
 
 
-@pytest.mark.parametrize(("overrides", "attack"), [
-    (['model.name="lenet"', 'attacks=[{name="analytic"}]'], "analytic"),
-    (['model.name="mlp"', "client.batch_size=1", 'attacks=[{name="rgap"}]'], "rgap"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "attack"),
+    [
+        (['model.name="lenet"', 'attacks=[{name="analytic"}]'], "analytic"),
+        (['model.name="mlp"', "client.batch_size=1", 'attacks=[{name="rgap"}]'], "rgap"),
+    ],
+)
 def test_listed_models_really_pass(overrides: list[str], attack: str) -> None:
     """The listed models are exactly those whose check_setup passes, and each of them passes
     the whole pre-launch validation with the same data and settings."""
@@ -187,9 +250,15 @@ def test_listed_models_really_pass(overrides: list[str], attack: str) -> None:
     listed = line.split("models that meet it: ", 1)[1].removesuffix(" (model.name)").split(", ")
     cfg = _config(*overrides)
     base = static_setup("digits", cfg.model.name, cfg.client.batch_size)
-    passing = [m for m in MODELS if verdict(ATTACKS.create(attack).check_setup,
-                                            dataclasses.replace(base, model=build_model(m, (1, 8, 8), 10),
-                                                                model_name=m)) is None]
+    passing = [
+        m
+        for m in MODELS
+        if verdict(
+            ATTACKS.create(attack).check_setup,
+            dataclasses.replace(base, model=build_model(m, (1, 8, 8), 10), model_name=m),
+        )
+        is None
+    ]
     assert listed == passing and cfg.model.name not in listed
     for model_name in listed:
         simulation.validate_before_launch(_config(*overrides, f'model.name="{model_name}"'))
@@ -197,16 +266,28 @@ def test_listed_models_really_pass(overrides: list[str], attack: str) -> None:
 
 def test_settings_are_named_when_no_model_helps() -> None:
     """rgap on cnn6 with batches of 4: the fix is the batch size, the aggregate's the sampling."""
-    with pytest.raises(ConfigError, match=r"^attacks\[0\] \(rgap\): requires a single sample.*; "
-                                          r"set client\.batch_size = 1$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^attacks\[0\] \(rgap\): requires a single sample.*; "
+        r"set client\.batch_size = 1$",
+    ):
         simulation.validate_before_launch(_config('model.name="cnn6"', 'attacks=[{name="rgap"}]'))
-    simulation.validate_before_launch(_config('model.name="cnn6"', "client.batch_size=1",
-                                              'attacks=[{name="rgap"}]'))
-    with pytest.raises(ConfigError, match=r"\(rgap\): on the round's aggregate, .*num_clients=2\); "
-                                          r"set federation\.clients_per_round = 1 or "
-                                          r"attacks\[0\]\.targets\.aggregate = false$"):
-        simulation.validate_before_launch(_config('model.name="cnn6"', "client.batch_size=1",
-                                                  'attacks=[{name="rgap", targets={aggregate=true}}]'))
+    simulation.validate_before_launch(
+        _config('model.name="cnn6"', "client.batch_size=1", 'attacks=[{name="rgap"}]')
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"\(rgap\): on the round's aggregate, .*num_clients=2\); "
+        r"set federation\.clients_per_round = 1 or "
+        r"attacks\[0\]\.targets\.aggregate = false$",
+    ):
+        simulation.validate_before_launch(
+            _config(
+                'model.name="cnn6"',
+                "client.batch_size=1",
+                'attacks=[{name="rgap", targets={aggregate=true}}]',
+            )
+        )
 
 
 def test_summary_carries_distinct_refusal_reasons(tmp_path) -> None:
@@ -216,15 +297,30 @@ def test_summary_carries_distinct_refusal_reasons(tmp_path) -> None:
     torch.manual_seed(0)
     model = build_model("cnn6", data.input_shape, data.num_classes)
     plan = AttackPlan("rgap", ATTACKS.create("rgap"), {1}, set(range(5)))
-    runner = AttackRunner(plans=[plan], scorer=None, folder=RunFolder(tmp_path),  # type: ignore[arg-type]
-                          device=torch.device("cpu"), seed=0, save_images=False)
+    runner = AttackRunner(
+        plans=[plan],
+        scorer=None,
+        folder=RunFolder(tmp_path),  # type: ignore[arg-type]
+        device=torch.device("cpu"),
+        seed=0,
+        save_images=False,
+    )
     for client, size in enumerate((2, 3, 4, 5, 2)):
         idx = list(range(size))
-        obs = client_observation(model, [(data.normalize(data.images("train", idx)), data.labels("train", idx))],
-                                 protocol="fedsgd", lr=0.1, mean=data.mean, std=data.std,
-                                 num_classes=data.num_classes, client_id=client)
+        obs = client_observation(
+            model,
+            [(data.normalize(data.images("train", idx)), data.labels("train", idx))],
+            protocol="fedsgd",
+            lr=0.1,
+            mean=data.mean,
+            std=data.std,
+            num_classes=data.num_classes,
+            client_id=client,
+        )
         runner.observe(1, [obs])
     row = runner.summary()["rgap"]
     assert row["refused"] == 5.0 and row["attacked"] == 0.0 and "failed_reasons" not in row
     assert len(row["refused_reasons"]) == MAX_REASONS == 3
-    assert all(f"up to {n} samples" in r for n, r in zip((2, 3, 4), row["refused_reasons"], strict=True))
+    assert all(
+        f"up to {n} samples" in r for n, r in zip((2, 3, 4), row["refused_reasons"], strict=True)
+    )

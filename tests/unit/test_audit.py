@@ -68,16 +68,34 @@ def test_epsilon_lower_bound_never_exceeds_accountant_epsilon() -> None:
         warnings.simplefilter("ignore")
         results = {}
         for sigma in (0.5, 1.0, 2.0):
-            defs = build_defenses([DefenseConfig(name="dp_sgd",
-                                                 params={"noise_multiplier": sigma, "max_grad_norm": 1.0})])
-            r = run_audit(model, Release(model, defenses=defs, seed=0), pool, aux, attr_column=ATTR, trials=160,
-                          natural=sigma == 0.5, canary=canary)
+            defs = build_defenses(
+                [
+                    DefenseConfig(
+                        name="dp_sgd", params={"noise_multiplier": sigma, "max_grad_norm": 1.0}
+                    )
+                ]
+            )
+            r = run_audit(
+                model,
+                Release(model, defenses=defs, seed=0),
+                pool,
+                aux,
+                attr_column=ATTR,
+                trials=160,
+                natural=sigma == 0.5,
+                canary=canary,
+            )
             results[sigma] = r
             for kind in ("natural", "canary"):
                 if kind in r:
-                    assert 0.0 <= r[kind]["epsilon_lower_bound"] <= r["epsilon_exact"] <= r["epsilon"]
+                    assert (
+                        0.0 <= r[kind]["epsilon_lower_bound"] <= r["epsilon_exact"] <= r["epsilon"]
+                    )
     # the canary is audited at least as well at σ = 0.5 as at σ = 2
-    assert results[0.5]["canary"]["epsilon_lower_bound"] >= results[2.0]["canary"]["epsilon_lower_bound"]
+    assert (
+        results[0.5]["canary"]["epsilon_lower_bound"]
+        >= results[2.0]["canary"]["epsilon_lower_bound"]
+    )
     assert results[0.5]["canary"]["auc"] > 0.6
 
 
@@ -86,11 +104,37 @@ def test_cli_audit_writes_epsilons(tmp_path: Path) -> None:
     from fl_privsim.cli import main
 
     out = tmp_path / "run"
-    rc = main(["game", "--set", "game.kind=\"attribute\"", "--set", "game.audit=true", "--set", "game.trials=24",
-               "--set", "game.batch_size=1", "--set", "game.canary_steps=3", "--set", "game.bootstrap=20",
-               "--set", "data.name=\"adult\"", "--set", f"data.root=\"{ADULT}\"", "--set", "data.pool_size=100",
-               "--set", "data.aux_size=100", "--set", "model.pretrain_steps=10",
-               "--set", "defenses=[{name=\"dp_sgd\", params={noise_multiplier=1.0}}]", "--out", str(out)])
+    rc = main(
+        [
+            "game",
+            "--set",
+            'game.kind="attribute"',
+            "--set",
+            "game.audit=true",
+            "--set",
+            "game.trials=24",
+            "--set",
+            "game.batch_size=1",
+            "--set",
+            "game.canary_steps=3",
+            "--set",
+            "game.bootstrap=20",
+            "--set",
+            'data.name="adult"',
+            "--set",
+            f'data.root="{ADULT}"',
+            "--set",
+            "data.pool_size=100",
+            "--set",
+            "data.aux_size=100",
+            "--set",
+            "model.pretrain_steps=10",
+            "--set",
+            'defenses=[{name="dp_sgd", params={noise_multiplier=1.0}}]',
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["epsilon"] > 0 and 0 <= s["epsilon_lower_bound"] <= s["epsilon"]
@@ -100,7 +144,18 @@ def test_cli_audit_writes_epsilons(tmp_path: Path) -> None:
 def test_cli_audit_needs_dp_sgd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from fl_privsim.cli import main
 
-    rc = main(["game", "--set", "game.kind=\"attribute\"", "--set", "game.audit=true", "--set",
-               "data.name=\"adult\"", "--out", str(tmp_path / "r")])
+    rc = main(
+        [
+            "game",
+            "--set",
+            'game.kind="attribute"',
+            "--set",
+            "game.audit=true",
+            "--set",
+            'data.name="adult"',
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
     assert rc != 0
     assert "dp_sgd" in capsys.readouterr().err

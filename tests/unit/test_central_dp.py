@@ -3,6 +3,7 @@ called directly, the adaptive-noise bookkeeping against Flower's, and the config
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 
@@ -41,7 +42,7 @@ def test_epsilon_matches_opacus(num_clients, per_round, sigma, rounds, delta) ->
     # Same mechanism, same orders, same RDP-to-(ε, δ) conversion: agreement to float precision.
     assert by_round[-1] == pytest.approx(_opacus_epsilon(q, [sigma] * rounds, delta), rel=1e-9)
     assert by_round[0] == pytest.approx(_opacus_epsilon(q, [sigma], delta), rel=1e-9)
-    assert all(a < b for a, b in zip(by_round, by_round[1:]))  # ε grows with every release
+    assert all(a < b for a, b in itertools.pairwise(by_round))  # ε grows with every release
     assert acc.releases == rounds and acc.sample_rate == pytest.approx(q)
 
 
@@ -102,7 +103,9 @@ def _load(*sets: str):
 def test_central_dp_is_off_by_default_and_round_trips() -> None:
     cfg = config_mod.load(None)
     assert cfg.federation.central_dp.mode == "off"
-    cfg = _load('federation.central_dp.mode="server_fixed"', "federation.central_dp.noise_multiplier=1.3")
+    cfg = _load(
+        'federation.central_dp.mode="server_fixed"', "federation.central_dp.noise_multiplier=1.3"
+    )
     again = config_mod.loads(config_mod.to_toml(cfg))
     assert again.federation.central_dp == cfg.federation.central_dp
     assert "[federation.central_dp]" in config_mod.to_toml(cfg)
@@ -112,26 +115,62 @@ def test_central_dp_is_off_by_default_and_round_trips() -> None:
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
-        (['federation.central_dp.mode="local"'], "federation.central_dp.mode: 'local' is not allowed"),
-        (['federation.central_dp.mode="server_fixed"', "federation.central_dp.noise_multiplier=-1"],
-         "federation.central_dp.noise_multiplier: -1.0 is below the minimum 0.0"),
-        (['federation.central_dp.mode="server_fixed"', "federation.central_dp.clipping_norm=0"],
-         "federation.central_dp.clipping_norm: 0.0 must be positive"),
-        (['federation.central_dp.mode="client_adaptive"', "federation.central_dp.initial_clipping_norm=0"],
-         "federation.central_dp.initial_clipping_norm: 0.0 must be positive"),
-        (['federation.central_dp.mode="server_adaptive"', "federation.central_dp.clip_norm_lr=0"],
-         "federation.central_dp.clip_norm_lr: 0.0 must be positive"),
-        (['federation.central_dp.mode="server_adaptive"', "federation.central_dp.target_clipped_quantile=1.5"],
-         "federation.central_dp.target_clipped_quantile: 1.5 is above the maximum 1.0"),
-        (['federation.central_dp.mode="server_fixed"', "federation.central_dp.delta=0"],
-         "federation.central_dp.delta: 0.0 must be strictly between 0 and 1"),
-        (['federation.central_dp.mode="server_fixed"', "federation.central_dp.num_sampled_clients=5"],
-         "federation.central_dp.num_sampled_clients: 5 exceeds federation.clients_per_round (4)"),
+        (
+            ['federation.central_dp.mode="local"'],
+            "federation.central_dp.mode: 'local' is not allowed",
+        ),
+        (
+            [
+                'federation.central_dp.mode="server_fixed"',
+                "federation.central_dp.noise_multiplier=-1",
+            ],
+            "federation.central_dp.noise_multiplier: -1.0 is below the minimum 0.0",
+        ),
+        (
+            ['federation.central_dp.mode="server_fixed"', "federation.central_dp.clipping_norm=0"],
+            "federation.central_dp.clipping_norm: 0.0 must be positive",
+        ),
+        (
+            [
+                'federation.central_dp.mode="client_adaptive"',
+                "federation.central_dp.initial_clipping_norm=0",
+            ],
+            "federation.central_dp.initial_clipping_norm: 0.0 must be positive",
+        ),
+        (
+            [
+                'federation.central_dp.mode="server_adaptive"',
+                "federation.central_dp.clip_norm_lr=0",
+            ],
+            "federation.central_dp.clip_norm_lr: 0.0 must be positive",
+        ),
+        (
+            [
+                'federation.central_dp.mode="server_adaptive"',
+                "federation.central_dp.target_clipped_quantile=1.5",
+            ],
+            "federation.central_dp.target_clipped_quantile: 1.5 is above the maximum 1.0",
+        ),
+        (
+            ['federation.central_dp.mode="server_fixed"', "federation.central_dp.delta=0"],
+            "federation.central_dp.delta: 0.0 must be strictly between 0 and 1",
+        ),
+        (
+            [
+                'federation.central_dp.mode="server_fixed"',
+                "federation.central_dp.num_sampled_clients=5",
+            ],
+            "federation.central_dp.num_sampled_clients: 5 exceeds federation.clients_per_round (4)",
+        ),
         # default count noise 4/20 = 0.2: σ = 1 needs clipped_count_stddev > 0.5
-        (['federation.central_dp.mode="server_adaptive"'],
-         "federation.central_dp.noise_multiplier: 1.0 must be below 2 * clipped_count_stddev (= 0.4, default 4/20)"),
-        (['federation.central_dp.mode="server_fixed"', "federation.central_dp.sigma=1"],
-         "unknown key 'sigma' in [federation.central_dp]"),
+        (
+            ['federation.central_dp.mode="server_adaptive"'],
+            "federation.central_dp.noise_multiplier: 1.0 must be below 2 * clipped_count_stddev (= 0.4, default 4/20)",
+        ),
+        (
+            ['federation.central_dp.mode="server_fixed"', "federation.central_dp.sigma=1"],
+            "unknown key 'sigma' in [federation.central_dp]",
+        ),
     ],
 )
 def test_config_errors(sets, message) -> None:
@@ -142,7 +181,10 @@ def test_config_errors(sets, message) -> None:
 
 
 def test_valid_adaptive_and_off_configs_load() -> None:
-    cfg = _load('federation.central_dp.mode="client_adaptive"', "federation.central_dp.clipped_count_stddev=1.0")
+    cfg = _load(
+        'federation.central_dp.mode="client_adaptive"',
+        "federation.central_dp.clipped_count_stddev=1.0",
+    )
     assert cfg.federation.central_dp.clipped_count_stddev == 1.0
     # values that would be wrong for an active mode are ignored while central DP is off
     assert _load("federation.central_dp.clipping_norm=0").federation.central_dp.mode == "off"

@@ -22,8 +22,10 @@ def test_toml_round_trip_is_exact():
 
 def test_file_then_overrides(tmp_path):
     p = tmp_path / "x.toml"
-    p.write_text('name = "t"\n[federation]\nrounds = 4\n[[attacks]]\nname = "idlg"\n'
-                 '[attacks.params]\niterations = 7\n[attacks.targets]\nrounds = [2]\n')
+    p.write_text(
+        'name = "t"\n[federation]\nrounds = 4\n[[attacks]]\nname = "idlg"\n'
+        "[attacks.params]\niterations = 7\n[attacks.targets]\nrounds = [2]\n"
+    )
     cfg = c.load(p, ["federation.rounds=2"])
     assert cfg.name == "t" and cfg.federation.rounds == 2
     assert len(cfg.attacks) == 1 and cfg.attacks[0].params == {"iterations": 7}
@@ -75,8 +77,14 @@ def test_parse_value():
 
 def test_describe_lists_every_key():
     text = c.describe()
-    for key in ("seed", "data.partition", "federation.ray_address", "client.local_steps",
-                "attacks[i].targets.aggregate", "output.dir"):
+    for key in (
+        "seed",
+        "data.partition",
+        "federation.ray_address",
+        "client.local_steps",
+        "attacks[i].targets.aggregate",
+        "output.dir",
+    ):
         assert key in text
 
 

@@ -43,7 +43,9 @@ def test_registry_loads_entry_points(monkeypatch):
         def load(self):
             return Dummy
 
-    monkeypatch.setattr("fl_privsim.registry.entry_points", lambda group: [EP()] if group == "g" else [])
+    monkeypatch.setattr(
+        "fl_privsim.registry.entry_points", lambda group: [EP()] if group == "g" else []
+    )
     reg: Registry[Dummy] = Registry(kind="widget", group="g")
     assert reg.names() == ["plugin"] and reg.create("plugin", k=1).k == 1
 
@@ -69,7 +71,9 @@ def test_models_fit_the_data(name, shape):
 def test_lenet_matches_dlg_on_32px():
     model = build_model("lenet", (3, 32, 32), 100)
     assert model.fc.in_features == 768
-    assert all(isinstance(m, torch.nn.Sigmoid) for m in model.body if not isinstance(m, torch.nn.Conv2d))
+    assert all(
+        isinstance(m, torch.nn.Sigmoid) for m in model.body if not isinstance(m, torch.nn.Conv2d)
+    )
 
 
 def test_unknown_model():
@@ -78,7 +82,7 @@ def test_unknown_model():
 
 
 def test_init_schemes_are_seeded_and_distinct():
-    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(3)
     a = build_model("lenet", (1, 8, 8), 10, init="uniform", generator=g())
     b = build_model("lenet", (1, 8, 8), 10, init="uniform", generator=g())
     w = a.body[0].weight
@@ -147,9 +151,13 @@ def test_backend_config_local_vs_existing_cluster():
     from fl_privsim import config as c
     from fl_privsim.simulation import backend_config
 
-    local = backend_config(c.load(None, ["federation.num_cpus_per_client=0.5", 'federation.device="cpu"']))
+    local = backend_config(
+        c.load(None, ["federation.num_cpus_per_client=0.5", 'federation.device="cpu"'])
+    )
     assert local["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.0}
     assert local["init_args"]["address"] == "local"  # never joins a cluster by accident
-    joined = backend_config(c.load(None, ['federation.ray_address="10.0.0.5:6379"', 'federation.device="cpu"']))
+    joined = backend_config(
+        c.load(None, ['federation.ray_address="10.0.0.5:6379"', 'federation.device="cpu"'])
+    )
     assert joined["init_args"]["address"] == "10.0.0.5:6379"
     assert "object_store_memory" not in joined["init_args"]  # Ray refuses it when joining

@@ -85,8 +85,16 @@ def test_bad_arguments() -> None:
         load_dataset("digits", image_size=0)
     with pytest.raises(ConfigError, match="max_examples"):
         load_dataset("digits", max_examples=0)
-    assert set(DATASETS) == {"digits", "mnist", "fashion_mnist", "cifar10", "folder",
-                             "cifar10_npz", "mnist_idx", "adult"}
+    assert set(DATASETS) == {
+        "digits",
+        "mnist",
+        "fashion_mnist",
+        "cifar10",
+        "folder",
+        "cifar10_npz",
+        "mnist_idx",
+        "adult",
+    }
 
 
 # ---------------------------------------------------------------------------- folder
@@ -160,8 +168,10 @@ def test_folder_errors(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- torchvision
-@pytest.mark.parametrize("name,sub", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST"),
-                                      ("cifar10", "cifar-10-batches-py")])
+@pytest.mark.parametrize(
+    "name,sub",
+    [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST"), ("cifar10", "cifar-10-batches-py")],
+)
 def test_torchvision_missing(tmp_path: Path, name: str, sub: str) -> None:
     with pytest.raises(DataError) as info:
         load_dataset(name, root=tmp_path)
@@ -181,8 +191,10 @@ def test_cifar10_npz_real(shared_data: Path) -> None:
         assert np.array_equal(data.train_x.permute(0, 2, 3, 1).numpy(), npz["x_train"])
         assert np.array_equal(data.test_x.permute(0, 2, 3, 1).numpy(), npz["x_test"])
         assert np.array_equal(data.test_y.numpy(), npz["y_test"])
-        assert torch.equal(data.images("train", [3])[0] * 255,
-                           torch.from_numpy(npz["x_train"][3]).permute(2, 0, 1).float())
+        assert torch.equal(
+            data.images("train", [3])[0] * 255,
+            torch.from_numpy(npz["x_train"][3]).permute(2, 0, 1).float(),
+        )
     same = load_dataset("cifar10_npz", root=folder / "cifar10_exact_subset.npz")
     assert torch.equal(same.train_x, data.train_x)
     assert all(0.3 < m < 0.6 for m in data.mean) and all(0.15 < s < 0.35 for s in data.std)
@@ -213,8 +225,10 @@ def test_mnist_idx_real(shared_data: Path) -> None:
         raw = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
     with gzip.open(folder / "t10k-labels-idx1-ubyte.gz") as f:
         labels = np.frombuffer(f.read(), np.uint8, offset=8)
-    assert np.bincount(labels).tolist() == np.bincount(
-        torch.cat([data.train_y, data.test_y]).numpy()).tolist()
+    assert (
+        np.bincount(labels).tolist()
+        == np.bincount(torch.cat([data.train_y, data.test_y]).numpy()).tolist()
+    )
     assert data.mean[0] == pytest.approx(0.13, abs=0.01)  # the known MNIST mean
     # the split is a permutation of the files' images: check a few exactly
     first = data.train_x[0, 0].numpy()

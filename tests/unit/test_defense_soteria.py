@@ -26,11 +26,23 @@ from fl_privsim.errors import ConfigError
 torch.set_num_threads(1)
 
 
-def _update(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: dict | None, *,
-            protocol: str = "fedsgd") -> dict[str, torch.Tensor]:
+def _update(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    params: dict | None,
+    *,
+    protocol: str = "fedsgd",
+) -> dict[str, torch.Tensor]:
     defenses = build_defenses([{"name": "soteria", "params": params}]) if params is not None else []
-    return local_update(model, [(x, y)], protocol=protocol, lr=0.1, defenses=defenses,
-                        generator=torch.Generator().manual_seed(0)).update
+    return local_update(
+        model,
+        [(x, y)],
+        protocol=protocol,
+        lr=0.1,
+        defenses=defenses,
+        generator=torch.Generator().manual_seed(0),
+    ).update
 
 
 def _linear_model(seed: int = 0) -> nn.Sequential:
@@ -61,7 +73,9 @@ def test_known_answer_ranking_and_only_that_layer_changes(method: str, ratio: fl
     x, y = torch.randn(4, 6, generator=gen), torch.tensor([0, 1, 2, 0])
     want = _expected_mask(model, x, ratio)
     plain = _update(model, x, y, None)
-    got = _update(model, x, y, {"pruning_ratio": ratio, "layer": "2", "method": method, "probes": 4000})
+    got = _update(
+        model, x, y, {"pruning_ratio": ratio, "layer": "2", "method": method, "probes": 4000}
+    )
     cols_zero = (got["2.weight"] == 0).all(dim=0)
     assert torch.equal(cols_zero, want) and int(want.sum()) == round(ratio * 5)
     # the kept columns and every other parameter are bit-identical to the undefended gradient
@@ -76,7 +90,9 @@ def test_sensitivities_match_closed_form() -> None:
     xg, r = representation(model, model[2], x)
     truth = model[1].weight.detach().norm(dim=1).expand(4, 5)
     torch.testing.assert_close(input_sensitivity_exact(r, xg, chunk=2), truth)
-    est = input_sensitivity_hutchinson(r, xg, probes=4000, generator=torch.Generator().manual_seed(0))
+    est = input_sensitivity_hutchinson(
+        r, xg, probes=4000, generator=torch.Generator().manual_seed(0)
+    )
     assert float(((est - truth).abs() / truth).max()) < 0.12  # relative std of the estimate ≈ 1.1%
 
 
@@ -107,7 +123,9 @@ def test_first_layer_ranking_is_by_input_magnitude() -> None:
 
 def test_batchnorm_buffers_and_fedavg_step_untouched() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10)
+    )
     _, x, y = sample([1, 2, 3, 4])
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     plain = _update(a, x, y, None, protocol="fedavg")
@@ -130,8 +148,17 @@ def test_lowers_analytic_psnr_on_first_dense_layer() -> None:
         assert psnr.mean() < plain.mean() - 20.0, (batch, plain, psnr)
 
 
-@pytest.mark.parametrize("params", [{"pruning_ratio": 1.5}, {"pruning_ratio": True}, {"method": "svd"},
-                                    {"probes": 0}, {"max_exact_width": 2.5}, {"layer": 3}])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"pruning_ratio": 1.5},
+        {"pruning_ratio": True},
+        {"method": "svd"},
+        {"probes": 0},
+        {"max_exact_width": 2.5},
+        {"layer": 3},
+    ],
+)
 def test_bad_params(params: dict) -> None:
     with pytest.raises(ConfigError, match="soteria"):
         build_defenses([{"name": "soteria", "params": params}])
@@ -154,8 +181,13 @@ def test_unknown_layer_fails_before_launch() -> None:
     from fl_privsim.simulation import validate_before_launch
 
     def cfg(layer: str) -> config_mod.Config:
-        return config_mod.from_dict({"data": {"name": "digits"}, "model": {"name": "mlp"},
-                                     "defenses": [{"name": "soteria", "params": {"layer": layer}}]})
+        return config_mod.from_dict(
+            {
+                "data": {"name": "digits"},
+                "model": {"name": "mlp"},
+                "defenses": [{"name": "soteria", "params": {"layer": layer}}],
+            }
+        )
 
     validate_before_launch(cfg("3"))  # mlp's second Linear
     with pytest.raises(ConfigError, match=r"defenses\[0\].*'nope'.*nn.Linear"):

@@ -16,8 +16,12 @@ from clients.defenses.transforms import AdditiveNoise, Pruning, Quantization, Si
 torch.set_num_threads(1)
 GEN = torch.Generator().manual_seed(0)
 
-distinct = st.lists(st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False), min_size=1, max_size=60,
-                    unique=True)
+distinct = st.lists(
+    st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False),
+    min_size=1,
+    max_size=60,
+    unique=True,
+)
 ratios = st.floats(0.0, 1.0)
 
 
@@ -56,7 +60,12 @@ def test_pruning_global_keeps_the_count_and_the_largest(values, ratio, split) ->
 
 
 def test_pruning_count_rule_and_metric() -> None:
-    assert [num_zeroed(r, 100) for r in (0.0, 0.29, 0.9, 1.0)] == [0, 29, 90, 100]  # 0.29*100 < 29 in floats
+    assert [num_zeroed(r, 100) for r in (0.0, 0.29, 0.9, 1.0)] == [
+        0,
+        29,
+        90,
+        100,
+    ]  # 0.29*100 < 29 in floats
     pruner = Pruning(ratio=0.9)
     pruner.begin(torch.nn.Linear(1, 1), TrainingInfo("fedsgd", 0.1, 1, 4))
     pruner.transform({"w": torch.randn(10, 10, generator=GEN)}, generator=GEN)
@@ -64,8 +73,10 @@ def test_pruning_count_rule_and_metric() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(values=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=40),
-       scale=st.floats(1e-3, 10.0))
+@given(
+    values=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=40),
+    scale=st.floats(1e-3, 10.0),
+)
 def test_signsgd_outputs_minus_s_zero_or_s(values, scale) -> None:
     t = torch.tensor(values, dtype=torch.float64)
     out = SignSGD(scale=scale).transform({"g": t}, generator=GEN)["g"]
@@ -80,8 +91,10 @@ def test_signsgd_l1_scale_is_the_mean_magnitude() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(values=st.lists(st.floats(-1e4, 1e4, allow_nan=False), min_size=1, max_size=60),
-       bits=st.integers(2, 16))
+@given(
+    values=st.lists(st.floats(-1e4, 1e4, allow_nan=False), min_size=1, max_size=60),
+    bits=st.integers(2, 16),
+)
 def test_int_round_trip_error_is_at_most_half_a_step(values, bits) -> None:
     t = torch.tensor(values, dtype=torch.float64)
     out = Quantization(bits=bits).quantize(t)
@@ -107,7 +120,9 @@ def _std_error_tolerance(n: int) -> float:
 
 def test_gaussian_noise_has_std_scale() -> None:
     n, scale = 200_000, 0.3
-    noise = AdditiveNoise(scale=scale).sample(torch.Size([n]), torch.float64, torch.Generator().manual_seed(1))
+    noise = AdditiveNoise(scale=scale).sample(
+        torch.Size([n]), torch.float64, torch.Generator().manual_seed(1)
+    )
     # SE of the sample std of a Gaussian is σ/√(2n); of its mean σ/√n.
     assert abs(float(noise.std()) / scale - 1) <= _std_error_tolerance(2 * n)
     assert abs(float(noise.mean())) <= scale * _std_error_tolerance(n)
@@ -116,7 +131,8 @@ def test_gaussian_noise_has_std_scale() -> None:
 def test_laplace_noise_has_mean_abs_b_and_std_sqrt2_b() -> None:
     n, b = 200_000, 0.3
     noise = AdditiveNoise(scale=b, distribution="laplace").sample(
-        torch.Size([n]), torch.float64, torch.Generator().manual_seed(2))
+        torch.Size([n]), torch.float64, torch.Generator().manual_seed(2)
+    )
     # |X| ~ Exp(mean b, std b): SE of mean|X| is b/√n. Laplace kurtosis 6: SE(s) ≈ σ·√(5/n)/2.
     assert abs(float(noise.abs().mean()) / b - 1) <= _std_error_tolerance(n)
     assert abs(float(noise.std()) / (math.sqrt(2) * b) - 1) <= 5 * math.sqrt(5 / n) / 2
@@ -145,7 +161,11 @@ def test_noise_is_reproducible_from_the_generator(distribution) -> None:
         ("quantization", {"dtype": "int4"}, "dtype must be one of 'int', 'fp16', 'bf16'"),
         ("quantization", {"dtype": "fp16", "bits": 4}, "bits applies to dtype 'int' only"),
         ("noise", {"scale": -1}, "scale must be a finite number > 0"),
-        ("noise", {"scale": 1, "distribution": "cauchy"}, "distribution must be one of 'gaussian', 'laplace'"),
+        (
+            "noise",
+            {"scale": 1, "distribution": "cauchy"},
+            "distribution must be one of 'gaussian', 'laplace'",
+        ),
         ("noise", {}, "missing parameter(s) scale"),
         ("signsgd", {"ratio": 0.1}, "unknown parameter(s) ratio; allowed: apply_to, scale"),
     ],
@@ -163,11 +183,15 @@ def test_bad_params_give_one_clear_error(name, params, message) -> None:
 @given(norms=st.lists(st.floats(0.0, 1e3), min_size=1, max_size=16), max_norm=st.floats(1e-2, 1e2))
 def test_clipped_per_sample_norms_are_at_most_c(norms, max_norm) -> None:
     gen = torch.Generator().manual_seed(len(norms))
-    direction = {"w": torch.randn(len(norms), 3, 2, generator=gen, dtype=torch.float64),
-                 "b": torch.randn(len(norms), 2, generator=gen, dtype=torch.float64)}
+    direction = {
+        "w": torch.randn(len(norms), 3, 2, generator=gen, dtype=torch.float64),
+        "b": torch.randn(len(norms), 2, generator=gen, dtype=torch.float64),
+    }
     unit = per_sample_norms(direction)
-    grads = {k: v * (torch.tensor(norms, dtype=torch.float64) / unit).reshape(-1, *([1] * (v.dim() - 1)))
-             for k, v in direction.items()}
+    grads = {
+        k: v * (torch.tensor(norms, dtype=torch.float64) / unit).reshape(-1, *([1] * (v.dim() - 1)))
+        for k, v in direction.items()
+    }
     clipped = per_sample_norms(clip_per_sample(grads, max_norm))
     assert (clipped <= max_norm * (1 + 1e-9)).all()
     small = torch.tensor(norms, dtype=torch.float64) <= max_norm

@@ -27,8 +27,13 @@ def _gen(seed: int = 0) -> torch.Generator:
 def _per_sample(seed: int, b: int = 6, shapes=((4, 3), (4,))) -> dict[str, torch.Tensor]:
     g = _gen(seed)
     # a shared component so the mean gradient is not tiny
-    common = {f"p{i}": torch.randn(s, generator=g, dtype=torch.float64) for i, s in enumerate(shapes)}
-    return {n: c + 0.7 * torch.randn((b, *c.shape), generator=g, dtype=torch.float64) for n, c in common.items()}
+    common = {
+        f"p{i}": torch.randn(s, generator=g, dtype=torch.float64) for i, s in enumerate(shapes)
+    }
+    return {
+        n: c + 0.7 * torch.randn((b, *c.shape), generator=g, dtype=torch.float64)
+        for n, c in common.items()
+    }
 
 
 def _flat(t: dict[str, torch.Tensor], batched: bool = False) -> torch.Tensor:
@@ -45,12 +50,24 @@ def _flat(t: dict[str, torch.Tensor], batched: bool = False) -> torch.Tensor:
     ("name", "params", "message"),
     [
         ("adversarial_perturbation", {}, "budget"),
-        ("adversarial_perturbation", {"budget": 0}, "budget (relative L2 norm of the perturbation) must be"),
+        (
+            "adversarial_perturbation",
+            {"budget": 0},
+            "budget (relative L2 norm of the perturbation) must be",
+        ),
         ("adversarial_perturbation", {"budget": -1.0}, "must be a finite number > 0"),
         ("adversarial_perturbation", {"budget": True}, "must be a finite number > 0"),
         ("adversarial_perturbation", {"budget": 0.5, "steps": 0}, "steps must be an integer >= 1"),
-        ("adversarial_perturbation", {"budget": 0.5, "objective": "min"}, "objective must be one of 'mean', 'max'"),
-        ("adversarial_perturbation", {"budget": 0.5, "min_inner": 0}, "min_inner must be a number in (0, 1]"),
+        (
+            "adversarial_perturbation",
+            {"budget": 0.5, "objective": "min"},
+            "objective must be one of 'mean', 'max'",
+        ),
+        (
+            "adversarial_perturbation",
+            {"budget": 0.5, "min_inner": 0},
+            "min_inner must be a number in (0, 1]",
+        ),
         ("vib", {"beta": -1.0}, "beta (KL weight) must be a finite number >= 0"),
         ("vib", {"beta": "big"}, "beta (KL weight) must be a finite number >= 0"),
     ],
@@ -63,17 +80,32 @@ def test_bad_params_give_one_clear_error(name, params, message) -> None:
 
 
 def test_stack_rules_accept_them_and_keep_one_per_sample_defense() -> None:
-    stack = build_defenses([{"name": "adversarial_perturbation", "params": {"budget": 0.5}},
-                            {"name": "pruning", "params": {"ratio": 0.5}},
-                            {"name": "quantization", "params": {}}])
+    stack = build_defenses(
+        [
+            {"name": "adversarial_perturbation", "params": {"budget": 0.5}},
+            {"name": "pruning", "params": {"ratio": 0.5}},
+            {"name": "quantization", "params": {}},
+        ]
+    )
     assert [d.name for d in stack] == ["adversarial_perturbation", "pruning", "quantization"]
-    assert [d.name for d in build_defenses([{"name": "identical_labels"}, {"name": "vib"},
-                                            {"name": "noise", "params": {"scale": 0.1}}])] == \
-        ["identical_labels", "vib", "noise"]
+    assert [
+        d.name
+        for d in build_defenses(
+            [
+                {"name": "identical_labels"},
+                {"name": "vib"},
+                {"name": "noise", "params": {"scale": 0.1}},
+            ]
+        )
+    ] == ["identical_labels", "vib", "noise"]
     with pytest.raises(ConfigError, match="at most one 'per_sample' defense"):
-        build_defenses([{"name": "vib"}, {"name": "adversarial_perturbation", "params": {"budget": 0.5}}])
+        build_defenses(
+            [{"name": "vib"}, {"name": "adversarial_perturbation", "params": {"budget": 0.5}}]
+        )
     with pytest.raises(ConfigError, match="a 'per_sample' defense runs before a 'update' one"):
-        build_defenses([{"name": "signsgd"}, {"name": "adversarial_perturbation", "params": {"budget": 0.5}}])
+        build_defenses(
+            [{"name": "signsgd"}, {"name": "adversarial_perturbation", "params": {"budget": 0.5}}]
+        )
     assert {"adversarial_perturbation", "vib"} <= set(DEFENSES.names())
 
 
@@ -81,9 +113,15 @@ def test_stack_rules_accept_them_and_keep_one_per_sample_defense() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 10_000), radius=st.floats(0.05, 5.0), offset=st.floats(0.0, 3.0),
-       scale=st.floats(0.01, 10.0))
-def test_projection_is_feasible_and_no_farther_than_feasible_points(seed, radius, offset, scale) -> None:
+@given(
+    seed=st.integers(0, 10_000),
+    radius=st.floats(0.05, 5.0),
+    offset=st.floats(0.0, 3.0),
+    scale=st.floats(0.01, 10.0),
+)
+def test_projection_is_feasible_and_no_farther_than_feasible_points(
+    seed, radius, offset, scale
+) -> None:
     g = _gen(seed)
     d = torch.randn(7, generator=g, dtype=torch.float64) * scale
     u = torch.randn(7, generator=g, dtype=torch.float64)
@@ -93,7 +131,11 @@ def test_projection_is_feasible_and_no_farther_than_feasible_points(seed, radius
     assert float(p @ u) >= -offset - 1e-9
     # no random feasible point is closer to d than its projection
     cand = torch.randn(200, 7, generator=g, dtype=torch.float64)
-    cand = cand * (radius * torch.rand(200, 1, generator=g, dtype=torch.float64) / cand.norm(dim=1, keepdim=True))
+    cand = cand * (
+        radius
+        * torch.rand(200, 1, generator=g, dtype=torch.float64)
+        / cand.norm(dim=1, keepdim=True)
+    )
     ok = cand @ u >= -offset
     if ok.any():
         assert float((cand[ok] - d).norm(dim=1).min()) >= float((p - d).norm()) - 1e-9
@@ -103,10 +145,15 @@ def test_projection_is_feasible_and_no_farther_than_feasible_points(seed, radius
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), budget=st.floats(0.05, 3.0), objective=st.sampled_from(["mean", "max"]),
-       min_inner=st.floats(0.01, 1.0))
-def test_perturbation_respects_the_budget_and_keeps_a_positive_inner_product(seed, budget, objective,
-                                                                             min_inner) -> None:
+@given(
+    seed=st.integers(0, 10_000),
+    budget=st.floats(0.05, 3.0),
+    objective=st.sampled_from(["mean", "max"]),
+    min_inner=st.floats(0.01, 1.0),
+)
+def test_perturbation_respects_the_budget_and_keeps_a_positive_inner_product(
+    seed, budget, objective, min_inner
+) -> None:
     ps = _per_sample(seed)
     d = AdversarialPerturbation(budget=budget, steps=8, objective=objective, min_inner=min_inner)
     out = d.reduce_per_sample(ps, generator=_gen(seed))
@@ -117,7 +164,9 @@ def test_perturbation_respects_the_budget_and_keeps_a_positive_inner_product(see
     assert float(_flat(out) @ g) >= min_inner * float(g @ g) * (1 - 1e-6) > 0
     m = d.metrics()
     assert m["relative_perturbation"] == pytest.approx(rel, rel=1e-6, abs=1e-9)
-    assert m["cosine_to_original"] == pytest.approx(float(_flat(out) @ g / (_flat(out).norm() * g.norm())), abs=1e-9)
+    assert m["cosine_to_original"] == pytest.approx(
+        float(_flat(out) @ g / (_flat(out).norm() * g.norm())), abs=1e-9
+    )
     assert m["surrogate_confidence_after"] <= m["surrogate_confidence_before"] + 1e-12
 
 
@@ -131,7 +180,9 @@ def test_perturbation_lowers_the_surrogate_confidence_and_uses_the_budget() -> N
     before, after = float((rows @ g / g.norm()).mean()), float((rows @ r / r.norm()).mean())
     assert after < before - 0.05
     m = d.metrics()
-    assert m["surrogate_confidence_before"] == pytest.approx(before) and m["surrogate_confidence_after"] == pytest.approx(after)
+    assert m["surrogate_confidence_before"] == pytest.approx(before) and m[
+        "surrogate_confidence_after"
+    ] == pytest.approx(after)
     assert m["relative_perturbation"] > 0.25 and 0 < m["cosine_to_original"] < 1
 
 
@@ -161,16 +212,27 @@ def _mlp_batch(seed: int = 0):
 def test_fedsgd_release_through_local_update_is_within_budget_and_reproducible() -> None:
     model, batches = _mlp_batch()
     clean = local_update(model, batches, protocol="fedsgd", lr=0.1).update
-    runs = [local_update(model, batches, protocol="fedsgd", lr=0.1, generator=_gen(11),
-                         defenses=build_defenses([{"name": "adversarial_perturbation",
-                                                   "params": {"budget": 0.2, "steps": 5}}]))
-            for _ in range(2)]
+    runs = [
+        local_update(
+            model,
+            batches,
+            protocol="fedsgd",
+            lr=0.1,
+            generator=_gen(11),
+            defenses=build_defenses(
+                [{"name": "adversarial_perturbation", "params": {"budget": 0.2, "steps": 5}}]
+            ),
+        )
+        for _ in range(2)
+    ]
     g, r = _flat(clean), _flat(runs[0].update)
     assert float((r - g).norm() / g.norm()) <= 0.2 * (1 + 1e-4)
     assert float(r @ g) > 0
     assert torch.equal(r, _flat(runs[1].update))
-    assert set(runs[0].metrics) >= {"defense0.adversarial_perturbation.relative_perturbation",
-                                    "defense0.adversarial_perturbation.cosine_to_original"}
+    assert set(runs[0].metrics) >= {
+        "defense0.adversarial_perturbation.relative_perturbation",
+        "defense0.adversarial_perturbation.cosine_to_original",
+    }
 
 
 # ----------------------------------------------------------------------------- VIB
@@ -214,9 +276,18 @@ def test_vib_eval_is_deterministic_and_training_is_stochastic() -> None:
 
 def test_vib_defense_refuses_a_model_without_the_head() -> None:
     model, batches = _mlp_batch()
-    with pytest.raises(ValueError, match=r"the vib defense needs a model with one VIBHead \(model.name = '<base>_vib'"):
-        local_update(model, batches, protocol="fedsgd", lr=0.1, generator=_gen(),
-                     defenses=build_defenses([{"name": "vib"}]))
+    with pytest.raises(
+        ValueError,
+        match=r"the vib defense needs a model with one VIBHead \(model.name = '<base>_vib'",
+    ):
+        local_update(
+            model,
+            batches,
+            protocol="fedsgd",
+            lr=0.1,
+            generator=_gen(),
+            defenses=build_defenses([{"name": "vib"}]),
+        )
 
 
 def test_vib_gradient_is_the_gradient_of_ce_plus_beta_kl() -> None:
@@ -245,7 +316,9 @@ def test_vib_gradient_is_the_gradient_of_ce_plus_beta_kl() -> None:
         assert torch.allclose(res.update[n], r, atol=1e-5, rtol=1e-4), n
     assert res.loss == pytest.approx(float(loss), rel=1e-5)
     m = res.metrics
-    assert m["defense0.vib.kl"] >= 0 and m["defense0.vib.kl"] == pytest.approx(float(sink[0].mean()), rel=1e-5)
+    assert m["defense0.vib.kl"] >= 0 and m["defense0.vib.kl"] == pytest.approx(
+        float(sink[0].mean()), rel=1e-5
+    )
     assert math.isfinite(m["defense0.vib.ce"])
 
 
@@ -256,8 +329,16 @@ def test_vib_update_repeats_under_the_defense_generator_and_leaves_global_rng_al
     stack = [{"name": "vib", "params": {"beta": 1e-2}}]
 
     def run(seed: int) -> torch.Tensor:
-        return _flat(local_update(model, batches, protocol="fedsgd", lr=0.1, generator=_gen(seed),
-                                  defenses=build_defenses(stack)).update)
+        return _flat(
+            local_update(
+                model,
+                batches,
+                protocol="fedsgd",
+                lr=0.1,
+                generator=_gen(seed),
+                defenses=build_defenses(stack),
+            ).update
+        )
 
     state = torch.random.get_rng_state()
     a, b, c = run(3), run(3), run(4)

@@ -32,17 +32,31 @@ def _observe(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str
     _, _, mean, std = digits()
     params = {k: v.detach().clone() for k, v in model.state_dict().items()}
     res = local_update(model, [(x, y)], protocol="fedsgd", lr=0.1, loss=loss)
-    return Observation(round=1, client_id=0, protocol="fedsgd", model=model, global_params=params,
-                       update=res.update, batch_size=int(y.numel()), local_steps=1, lr=0.1,
-                       num_examples=int(y.numel()), input_shape=SHAPE, num_classes=CLASSES,
-                       data_mean=(mean,), data_std=(std,))
+    return Observation(
+        round=1,
+        client_id=0,
+        protocol="fedsgd",
+        model=model,
+        global_params=params,
+        update=res.update,
+        batch_size=int(y.numel()),
+        local_steps=1,
+        lr=0.1,
+        num_examples=int(y.numel()),
+        input_shape=SHAPE,
+        num_classes=CLASSES,
+        data_mean=(mean,),
+        data_std=(std,),
+    )
 
 
 def test_softmax_mse_is_the_brier_score() -> None:
     z = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
     y = torch.tensor([0, 2])
     p = F.softmax(z, 1)
-    want = ((p[0] - torch.tensor([1.0, 0, 0])) ** 2).sum() + ((p[1] - torch.tensor([0, 0, 1.0])) ** 2).sum()
+    want = ((p[0] - torch.tensor([1.0, 0, 0])) ** 2).sum() + (
+        (p[1] - torch.tensor([0, 0, 1.0])) ** 2
+    ).sum()
     torch.testing.assert_close(softmax_mse(z, y), want / 2)
     assert loss_function("cross_entropy") is F.cross_entropy
     with pytest.raises(ValueError, match="loss must be one of cross_entropy, mse"):
@@ -66,10 +80,19 @@ def test_local_update_uses_the_loss(loss: str) -> None:
 def test_local_update_refuses_mse_with_per_sample_defense() -> None:
     model = make_model("mlp", 0)
     _, x, y = sample(list(range(4)))
-    stack = build_defenses([{"name": "dp_sgd", "params": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}])
+    stack = build_defenses(
+        [{"name": "dp_sgd", "params": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}]
+    )
     with pytest.raises(ValueError, match="per-sample defenses compute cross-entropy"):
-        local_update(model, [(x, y)], protocol="fedsgd", lr=0.1, loss="mse", defenses=stack,
-                     generator=torch.Generator())
+        local_update(
+            model,
+            [(x, y)],
+            protocol="fedsgd",
+            lr=0.1,
+            loss="mse",
+            defenses=stack,
+            generator=torch.Generator(),
+        )
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -79,7 +102,9 @@ def test_coefficients_are_the_logit_gradient(loss: str) -> None:
         z = (torch.randn(n, CLASSES, generator=gen, dtype=torch.float64) * 2).requires_grad_()
         y = torch.randint(CLASSES, (n,), generator=gen)
         a = torch.autograd.grad(loss_function(loss)(z, y), z)[0]
-        torch.testing.assert_close(coefficients(F.softmax(z.detach(), 1), y, n, loss), a, rtol=0, atol=1e-15)
+        torch.testing.assert_close(
+            coefficients(F.softmax(z.detach(), 1), y, n, loss), a, rtol=0, atol=1e-15
+        )
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -92,8 +117,9 @@ def test_loss_counts_exact_when_softmax_is_shared(loss: str) -> None:
         for z0 in (torch.zeros(1, CLASSES, dtype=torch.float64), row):
             p = F.softmax(z0, 1).expand(n, -1)
             a = coefficients(p, y, n, loss)
-            torch.testing.assert_close(loss_counts(a.sum(0), p[0], n, loss),
-                                       torch.bincount(y, minlength=CLASSES))
+            torch.testing.assert_close(
+                loss_counts(a.sum(0), p[0], n, loss), torch.bincount(y, minlength=CLASSES)
+            )
 
 
 def test_demix_dense_mse_exact_in_float64() -> None:
@@ -136,9 +162,11 @@ def test_analytic_attack_with_mse_clients() -> None:
 
 def test_analytic_attack_mse_on_mlp_skips_ce_refinement() -> None:
     rng = np.random.default_rng(6)
-    raw, x, y = sample(pick(rng.choice(CLASSES, 4, replace=False).tolist(), rng))
+    _raw, x, y = sample(pick(rng.choice(CLASSES, 4, replace=False).tolist(), rng))
     res = ATTACKS.create("analytic", loss="mse")(_observe(make_model("mlp", 0), x, y, "mse"))
-    assert res.inputs.shape[0] == 4 and "refined" not in res.metrics and res.metrics["demixed"] == 0.0
+    assert (
+        res.inputs.shape[0] == 4 and "refined" not in res.metrics and res.metrics["demixed"] == 0.0
+    )
     with pytest.raises(ConfigError, match="loss must be one of cross_entropy, mse, got 'hinge'"):
         ATTACKS.create("analytic", loss="hinge")
 
@@ -147,11 +175,19 @@ def test_config_loss_cross_checks() -> None:
     base = {"client": {"loss": "mse"}, "attacks": [{"name": "analytic", "params": {"loss": "mse"}}]}
     assert config_mod.from_dict(base).client.loss == "mse"
     assert config_mod.from_dict({}).client.loss == "cross_entropy"
-    with pytest.raises(ConfigError, match=r"attacks\[0\]\.params\.loss: the clients train with client.loss = 'mse'"):
+    with pytest.raises(
+        ConfigError, match=r"attacks\[0\]\.params\.loss: the clients train with client.loss = 'mse'"
+    ):
         config_mod.from_dict({"client": {"loss": "mse"}, "attacks": [{"name": "analytic"}]})
-    with pytest.raises(ConfigError, match=r"defenses\[0\]\.name: 'dynamic_dp' computes a cross-entropy"):
-        config_mod.from_dict({**base, "defenses": [{"name": "dynamic_dp", "params": {"schedule": "linear"}}]})
-    with pytest.raises(ConfigError, match=r"client.loss: 'hinge' is not allowed; allowed: cross_entropy, mse"):
+    with pytest.raises(
+        ConfigError, match=r"defenses\[0\]\.name: 'dynamic_dp' computes a cross-entropy"
+    ):
+        config_mod.from_dict(
+            {**base, "defenses": [{"name": "dynamic_dp", "params": {"schedule": "linear"}}]}
+        )
+    with pytest.raises(
+        ConfigError, match=r"client.loss: 'hinge' is not allowed; allowed: cross_entropy, mse"
+    ):
         config_mod.from_dict({"client": {"loss": "hinge"}})
     cfg = config_mod.from_dict({**base, "defenses": [{"name": "signsgd", "params": {}}]})
     assert dataclasses.asdict(cfg)["client"]["loss"] == "mse"

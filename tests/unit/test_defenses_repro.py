@@ -24,8 +24,14 @@ def test_fixed_sigma_calibration_matches_constant_schedule():
 
 
 def test_every_row_builds():
-    settings = {"delta": 1e-5, "clip_norm": 1.0, "rounds": 5, "pruning_ratio": 0.9, "quantization_bits": 8,
-                "noise_scale": 0.01}
+    settings = {
+        "delta": 1e-5,
+        "clip_norm": 1.0,
+        "rounds": 5,
+        "pruning_ratio": 0.9,
+        "quantization_bits": 8,
+        "noise_scale": 0.01,
+    }
     for row in ROWS:
         assert isinstance(specs(row, settings, 1.0), list)
     with pytest.raises(ConfigError, match="unknown row"):
@@ -46,7 +52,11 @@ def test_quick_reproduction(shared_data, tmp_path):
     assert s["mnist_analytic_asr_none"] == 1.0
     assert s["mnist_analytic_asr_dp_fixed"] == 0.0 and s["mnist_idlg_asr_dp_fixed"] == 0.0
     assert 0.0 <= s["mnist_accuracy_none"] <= 1.0
-    assert "dynamic_linear" in result.table and (path / "table.md").is_file() and (path / "accuracy.png").is_file()
+    assert (
+        "dynamic_linear" in result.table
+        and (path / "table.md").is_file()
+        and (path / "accuracy.png").is_file()
+    )
     # The mixing-loss table: distinct labels through a fresh dense layer are de-mixed with either
     # loss (the attack is told the loss); identical labels are not.
     for loss in ("cross_entropy", "mse"):

@@ -28,7 +28,7 @@ def test_did_you_mean() -> None:
         (["run", "--quiet", "--set", 'attacks.0.name="analytc"'], "did you mean 'analytic'?"),
         (["run", "--quiet", "--set", "attacks.2.params.iteratons=5"], "did you mean 'iterations'?"),
         (["measure", "--set", "i2f.sample=4"], "did you mean 'samples'?"),
-        (["measure", "--set", "vinfo.target=\"lable\""], "did you mean 'label'?"),
+        (["measure", "--set", 'vinfo.target="lable"'], "did you mean 'label'?"),
         (["measure", "--set", "sensitivty.probes=4"], "did you mean 'sensitivity'?"),
         (["game", "--set", "game.trails=50"], "did you mean 'trials'?"),
         (["game", "--set", 'game.adversary="adaptiv"'], "did you mean 'adaptive'?"),
@@ -36,9 +36,13 @@ def test_did_you_mean() -> None:
         (["reproduce", "demixing", "--set", "seeed=1"], "did you mean 'seed'?"),
     ],
 )
-def test_every_command_suggests_the_closest_name(args: list[str], hint: str, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_command_suggests_the_closest_name(
+    args: list[str],
+    hint: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
@@ -52,12 +56,18 @@ def test_registries_and_models_suggest() -> None:
     from adversaries.base import ATTACKS
     from fl_privsim.models import build_model
 
-    with pytest.raises(ConfigError, match=r"unknown attack 'idgl' \(did you mean 'idlg'\?\); known:"):
+    with pytest.raises(
+        ConfigError, match=r"unknown attack 'idgl' \(did you mean 'idlg'\?\); known:"
+    ):
         ATTACKS.get("idgl")
-    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) iteratons \(did you mean 'iterations'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"unknown parameter\(s\) iteratons \(did you mean 'iterations'\?\)"
+    ):
         ATTACKS.check_params("idlg", {"iteratons": 3})
     with pytest.raises(ConfigError, match=r"unknown model 'cnn7' \(did you mean 'cnn6'\?\)"):
         build_model("cnn7", (3, 32, 32), 10)
-    with pytest.raises(ConfigError, match=r"allowed: mlp") as err:  # nothing close: the same text as before
+    with pytest.raises(
+        ConfigError, match=r"allowed: mlp"
+    ) as err:  # nothing close: the same text as before
         build_model("transformer", (3, 32, 32), 10)
     assert "did you mean" not in str(err.value)

@@ -18,12 +18,18 @@ from fl_privsim.cli import _parser
 
 REPO = Path(__file__).resolve().parents[2]
 TOP = ("experiments", "docs", "fl_privsim", "clients", "adversaries", "strategies", "tests", ".ci")
-PATH = re.compile(r"(?<![\w./-])((?:\.\./)*[\w.-]+(?:/[\w.-]+)*\.(?:toml|py|md|png|json|csv|yml|yaml))\b")
+PATH = re.compile(
+    r"(?<![\w./-])((?:\.\./)*[\w.-]+(?:/[\w.-]+)*\.(?:toml|py|md|png|json|csv|yml|yaml))\b"
+)
 PLACEHOLDER = re.compile(r"NAME|XXX|YYY|CONFIG|\.\.\.")
 
 
 def _docs() -> list[Path]:
-    return [REPO / "README.md", REPO / "experiments" / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    return [
+        REPO / "README.md",
+        REPO / "experiments" / "README.md",
+        *sorted((REPO / "docs").rglob("*.md")),
+    ]
 
 
 def _help_texts() -> str:
@@ -44,8 +50,13 @@ def _candidates(text: str) -> set[str]:
         while stripped.startswith("../"):
             stripped = stripped[3:]
         first = stripped.split("/", 1)[0]
-        if "/" in stripped and first in TOP or "/" not in raw and raw.endswith(".toml") and raw not in ("config.toml", "settings.toml",
-                                                                       "pyproject.toml"):
+        if (
+            "/" in stripped
+            and first in TOP
+            or "/" not in raw
+            and raw.endswith(".toml")
+            and raw not in ("config.toml", "settings.toml", "pyproject.toml")
+        ):
             found.add(raw)
     return found
 
@@ -61,7 +72,9 @@ def _exists(path: str, doc_dir: Path) -> bool:
 
 @pytest.mark.parametrize("doc", _docs(), ids=lambda p: str(p.relative_to(REPO)))
 def test_every_path_a_doc_names_exists(doc: Path) -> None:
-    missing = sorted(p for p in _candidates(doc.read_text(encoding="utf-8")) if not _exists(p, doc.parent))
+    missing = sorted(
+        p for p in _candidates(doc.read_text(encoding="utf-8")) if not _exists(p, doc.parent)
+    )
     assert not missing, f"{doc.relative_to(REPO)} names paths that do not exist: {missing}"
 
 

@@ -35,7 +35,10 @@ def _info(batch: int, *, rnd: int = 1, steps: int = 1, n: int = 0) -> TrainingIn
 def _per_sample(norms: list[float], dims: tuple[int, ...] = (3, 5)) -> dict[str, torch.Tensor]:
     """Per-sample gradients over two tensors whose flat norm for sample i is norms[i]."""
     gen = torch.Generator().manual_seed(len(norms))
-    grads = {f"p{k}": torch.randn(len(norms), d, generator=gen, dtype=torch.float64) for k, d in enumerate(dims)}
+    grads = {
+        f"p{k}": torch.randn(len(norms), d, generator=gen, dtype=torch.float64)
+        for k, d in enumerate(dims)
+    }
     flat = torch.cat(list(grads.values()), dim=1).norm(dim=1)
     scale = torch.tensor(norms, dtype=torch.float64) / flat
     return {n: g * scale[:, None] for n, g in grads.items()}
@@ -45,8 +48,12 @@ def _per_sample(norms: list[float], dims: tuple[int, ...] = (3, 5)) -> dict[str,
 
 
 @FAST
-@given(norms=st.lists(st.floats(1e-3, 100.0), min_size=1, max_size=6), clipping=st.sampled_from(["fixed", "l2max", "mean"]),
-       scope=st.sampled_from(["flat", "layer"]), c=st.floats(0.05, 10.0))
+@given(
+    norms=st.lists(st.floats(1e-3, 100.0), min_size=1, max_size=6),
+    clipping=st.sampled_from(["fixed", "l2max", "mean"]),
+    scope=st.sampled_from(["flat", "layer"]),
+    c=st.floats(0.05, 10.0),
+)
 def test_dynamic_dp_clipped_per_sample_norms_are_at_most_c_t(norms, clipping, scope, c) -> None:
     d = DynamicDP(sigma=1.0, clipping=clipping, clip_scope=scope, clip_norm=c)
     grads = _per_sample(norms)
@@ -65,9 +72,13 @@ def test_dynamic_dp_clipped_per_sample_norms_are_at_most_c_t(norms, clipping, sc
 
 def test_dynamic_dp_clip_rules() -> None:
     grads = _per_sample([0.05, 1.0, 3.0, 20.0])
-    assert DynamicDP(sigma=1.0, clipping="l2max").clip(grads)[1] == [8.0]  # max 20 clamped to clip_max
+    assert DynamicDP(sigma=1.0, clipping="l2max").clip(grads)[1] == [
+        8.0
+    ]  # max 20 clamped to clip_max
     assert DynamicDP(sigma=1.0, clipping="mean").clip(grads)[1] == [pytest.approx(24.05 / 4)]
-    assert DynamicDP(sigma=1.0, clipping="l2max", clip_max=32).clip(grads)[1] == [pytest.approx(20.0)]
+    assert DynamicDP(sigma=1.0, clipping="l2max", clip_max=32).clip(grads)[1] == [
+        pytest.approx(20.0)
+    ]
     assert DynamicDP(sigma=1.0, clipping="fixed", clip_norm=2.5).clip(grads)[1] == [2.5]
 
 
@@ -78,7 +89,9 @@ def test_dp_sgd_single_sample_gradient_is_clipped_to_c(scale, c) -> None:
     model = torch.nn.Linear(4, 3)
     d = DPSGD(max_grad_norm=c, noise_multiplier=1e-12)
     x, y = torch.randn(1, 4) * scale, torch.tensor([1])
-    res = local_update(model, [(x, y)], protocol="fedsgd", lr=0.1, defenses=[d], generator=torch.Generator())
+    res = local_update(
+        model, [(x, y)], protocol="fedsgd", lr=0.1, defenses=[d], generator=torch.Generator()
+    )
     norm = math.sqrt(sum(float(t.pow(2).sum()) for t in res.update.values()))
     plain = local_update(model, [(x, y)], protocol="fedsgd", lr=0.1).update
     plain_norm = math.sqrt(sum(float(t.pow(2).sum()) for t in plain.values()))
@@ -93,7 +106,9 @@ def test_dp_sgd_single_sample_gradient_is_clipped_to_c(scale, c) -> None:
 def test_dynamic_dp_noise_std_is_sigma_c_over_b(batch) -> None:
     d = DynamicDP(sigma=0.7, clip_norm=3.0)
     d.begin(torch.nn.Linear(1, 1), _info(batch))
-    out = d.reduce_per_sample({"w": torch.zeros(batch, 40_000)}, generator=torch.Generator().manual_seed(1))
+    out = d.reduce_per_sample(
+        {"w": torch.zeros(batch, 40_000)}, generator=torch.Generator().manual_seed(1)
+    )
     assert float(out["w"].mean()) == pytest.approx(0.0, abs=4 * 0.7 * 3 / batch / 200)
     assert float(out["w"].std()) == pytest.approx(0.7 * 3.0 / batch, rel=0.02)
 
@@ -113,8 +128,17 @@ def test_noise_is_reproducible_from_the_generator() -> None:
     model = build_model("mlp", (1, 8, 8), 10)
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     for spec in ({"name": "dp_sgd"}, {"name": "dynamic_dp", "params": {"schedule": "linear"}}):
-        a, b = (local_update(model, [(x, y)], protocol="fedsgd", lr=0.1, defenses=build_defenses([spec]),
-                             generator=torch.Generator().manual_seed(5)).update for _ in range(2))
+        a, b = (
+            local_update(
+                model,
+                [(x, y)],
+                protocol="fedsgd",
+                lr=0.1,
+                defenses=build_defenses([spec]),
+                generator=torch.Generator().manual_seed(5),
+            ).update
+            for _ in range(2)
+        )
         for n in a:
             torch.testing.assert_close(a[n], b[n])
 
@@ -123,8 +147,13 @@ def test_noise_is_reproducible_from_the_generator() -> None:
 
 
 @FAST
-@given(sigma=st.floats(0.5, 5.0), q=st.floats(0.01, 0.5), steps=st.integers(1, 200), more=st.integers(1, 50),
-       factor=st.floats(1.05, 3.0))
+@given(
+    sigma=st.floats(0.5, 5.0),
+    q=st.floats(0.01, 0.5),
+    steps=st.integers(1, 200),
+    more=st.integers(1, 50),
+    factor=st.floats(1.05, 3.0),
+)
 def test_epsilon_grows_with_steps_and_falls_with_sigma(sigma, q, steps, more, factor) -> None:
     def eps(s: float, n: int) -> float:
         acc = PrivacyAccountant()
@@ -152,8 +181,16 @@ def test_schedule_epsilon_is_the_rdp_composition_of_its_sigmas(schedule) -> None
     x, y = torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
     d = DynamicDP(schedule=schedule, horizon=12, step_unit="iteration", delta=1e-5)
     for rnd in (1, 2, 3):
-        res = local_update(model, [(x, y)] * 4, protocol="fedavg", lr=0.1, defenses=[d],
-                           generator=torch.Generator().manual_seed(rnd), server_round=rnd, dataset_size=40)
+        res = local_update(
+            model,
+            [(x, y)] * 4,
+            protocol="fedavg",
+            lr=0.1,
+            defenses=[d],
+            generator=torch.Generator().manual_seed(rnd),
+            server_round=rnd,
+            dataset_size=40,
+        )
     sigmas = [FORMULAS[schedule](t, 12) for t in range(12)]
     rdp = sum(compute_rdp(q=0.1, noise_multiplier=s, steps=1, orders=list(ALPHAS)) for s in sigmas)
     expected, _ = get_privacy_spent(orders=list(ALPHAS), rdp=rdp, delta=1e-5)
@@ -171,11 +208,21 @@ def test_dp_sgd_accountant_over_five_rounds_equals_one_opacus_accountant() -> No
     single = RDPAccountant()
     eps = []
     for rnd in range(1, 6):
-        (d,) = build_defenses([{"name": "dp_sgd", "params": {"noise_multiplier": 1.1, "max_grad_norm": 1.0}}])
+        (d,) = build_defenses(
+            [{"name": "dp_sgd", "params": {"noise_multiplier": 1.1, "max_grad_norm": 1.0}}]
+        )
         if state is not None:
             d.load_state_dict(json.loads(json.dumps(state)))
-        res = local_update(model, [(x, y)] * 3, protocol="fedavg", lr=0.1, defenses=[d],
-                           generator=torch.Generator().manual_seed(rnd), server_round=rnd, dataset_size=100)
+        res = local_update(
+            model,
+            [(x, y)] * 3,
+            protocol="fedavg",
+            lr=0.1,
+            defenses=[d],
+            generator=torch.Generator().manual_seed(rnd),
+            server_round=rnd,
+            dataset_size=100,
+        )
         state = d.state_dict()
         for _ in range(3):
             single.step(noise_multiplier=1.1, sample_rate=0.05)
@@ -190,8 +237,16 @@ def test_target_epsilon_is_reached_at_the_horizon() -> None:
     x, y = torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
     (d,) = build_defenses([{"name": "dp_sgd", "params": {"target_epsilon": 2.0, "steps": 20}}])
     for rnd in range(1, 5):
-        res = local_update(model, [(x, y)] * 5, protocol="fedavg", lr=0.1, defenses=[d],
-                           generator=torch.Generator().manual_seed(rnd), server_round=rnd, dataset_size=80)
+        res = local_update(
+            model,
+            [(x, y)] * 5,
+            protocol="fedavg",
+            lr=0.1,
+            defenses=[d],
+            generator=torch.Generator().manual_seed(rnd),
+            server_round=rnd,
+            dataset_size=80,
+        )
     eps = res.metrics["defense0.dp_sgd.epsilon"]
     assert res.metrics["defense0.dp_sgd.steps"] == 20
     assert 1.9 <= eps <= 2.0 + 1e-9, eps
@@ -201,21 +256,39 @@ def test_target_epsilon_is_reached_at_the_horizon() -> None:
 def test_layer_clipping_charges_the_effective_multiplier() -> None:
     d = DynamicDP(sigma=2.0, clip_scope="layer")
     d.begin(torch.nn.Linear(1, 1), _info(3, n=30))
-    d.reduce_per_sample(_per_sample([1.0, 2.0, 3.0], dims=(3, 5, 7, 9)), generator=torch.Generator())
+    d.reduce_per_sample(
+        _per_sample([1.0, 2.0, 3.0], dims=(3, 5, 7, 9)), generator=torch.Generator()
+    )
     assert d.state_dict() == {"history": [[1.0, 0.1, 1]]}  # σ/√L with L = 4 tensors
 
 
 def test_epsilon_is_formal_only_with_poisson_sampling_and_fixed_clipping() -> None:
     model = build_model("linear", (1, 4, 4), 3)
     x, y = torch.randn(2, 1, 4, 4), torch.tensor([0, 1])
-    for clipping, poisson, formal in (("fixed", True, 1.0), ("l2max", True, 0.0), ("mean", True, 0.0),
-                                      ("fixed", False, 0.0)):
-        res = local_update(model, [(x, y)], protocol="fedsgd", lr=0.1, generator=torch.Generator(),
-                           defenses=[DynamicDP(sigma=1.0, clipping=clipping, poisson=poisson)])
+    for clipping, poisson, formal in (
+        ("fixed", True, 1.0),
+        ("l2max", True, 0.0),
+        ("mean", True, 0.0),
+        ("fixed", False, 0.0),
+    ):
+        res = local_update(
+            model,
+            [(x, y)],
+            protocol="fedsgd",
+            lr=0.1,
+            generator=torch.Generator(),
+            defenses=[DynamicDP(sigma=1.0, clipping=clipping, poisson=poisson)],
+        )
         assert res.metrics["defense0.dynamic_dp.epsilon_formal"] == formal
     for poisson in (True, False):
-        res = local_update(model, [(x, y)], protocol="fedsgd", lr=0.1, generator=torch.Generator(),
-                           defenses=[DPSGD(poisson=poisson)])
+        res = local_update(
+            model,
+            [(x, y)],
+            protocol="fedsgd",
+            lr=0.1,
+            generator=torch.Generator(),
+            defenses=[DPSGD(poisson=poisson)],
+        )
         assert res.metrics["defense0.dp_sgd.epsilon_formal"] == float(poisson)
 
 
@@ -251,22 +324,51 @@ def test_user_defined_schedule_by_dotted_path() -> None:
 # ----------------------------------------------------------------------------- params, names, models
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"name": "dynamic_dp", "params": {"schedule": "cosine"}},
-     "schedule must be one of 'constant', 'linear', 'staircase', 'exponential', 'cyclic'"),
-    ({"name": "dynamic_dp", "params": {}}, "schedule 'constant' needs sigma"),
-    ({"name": "dynamic_dp", "params": {"sigma": 1, "clipping": "max"}}, "clipping must be one of 'fixed', 'l2max', 'mean'"),
-    ({"name": "dynamic_dp", "params": {"sigma": 1, "clip_scope": "x"}}, "clip_scope must be one of 'flat', 'layer'"),
-    ({"name": "dynamic_dp", "params": {"sigma": 1, "step_unit": "epoch"}}, "step_unit must be one of 'round', 'iteration'"),
-    ({"name": "dynamic_dp", "params": {"sigma": 1, "clip_min": 9}}, "clip_min (9) must be <= clip_max (8.0)"),
-    ({"name": "dynamic_dp", "params": {"schedule": "no_such_mod:f"}}, "cannot import it"),
-    ({"name": "dynamic_dp", "params": {"sigma": 1, "delta": 0}}, "delta must be a number in (0, 1)"),
-    ({"name": "dp_sgd", "params": {"noise_multiplier": 0}}, "noise_multiplier must be a finite number > 0"),
-    ({"name": "dp_sgd", "params": {"target_epsilon": 1.0}}, "target_epsilon needs exactly one horizon"),
-    ({"name": "dp_sgd", "params": {"poisson": "yes"}}, "poisson must be true or false"),
-    ({"name": "dynamic_dp", "params": {"sigma": 1, "poisson": 1}}, "poisson must be true or false"),
-    ({"name": "dp_sgd", "params": {"noise": 1.0}}, "noise"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            {"name": "dynamic_dp", "params": {"schedule": "cosine"}},
+            "schedule must be one of 'constant', 'linear', 'staircase', 'exponential', 'cyclic'",
+        ),
+        ({"name": "dynamic_dp", "params": {}}, "schedule 'constant' needs sigma"),
+        (
+            {"name": "dynamic_dp", "params": {"sigma": 1, "clipping": "max"}},
+            "clipping must be one of 'fixed', 'l2max', 'mean'",
+        ),
+        (
+            {"name": "dynamic_dp", "params": {"sigma": 1, "clip_scope": "x"}},
+            "clip_scope must be one of 'flat', 'layer'",
+        ),
+        (
+            {"name": "dynamic_dp", "params": {"sigma": 1, "step_unit": "epoch"}},
+            "step_unit must be one of 'round', 'iteration'",
+        ),
+        (
+            {"name": "dynamic_dp", "params": {"sigma": 1, "clip_min": 9}},
+            "clip_min (9) must be <= clip_max (8.0)",
+        ),
+        ({"name": "dynamic_dp", "params": {"schedule": "no_such_mod:f"}}, "cannot import it"),
+        (
+            {"name": "dynamic_dp", "params": {"sigma": 1, "delta": 0}},
+            "delta must be a number in (0, 1)",
+        ),
+        (
+            {"name": "dp_sgd", "params": {"noise_multiplier": 0}},
+            "noise_multiplier must be a finite number > 0",
+        ),
+        (
+            {"name": "dp_sgd", "params": {"target_epsilon": 1.0}},
+            "target_epsilon needs exactly one horizon",
+        ),
+        ({"name": "dp_sgd", "params": {"poisson": "yes"}}, "poisson must be true or false"),
+        (
+            {"name": "dynamic_dp", "params": {"sigma": 1, "poisson": 1}},
+            "poisson must be true or false",
+        ),
+        ({"name": "dp_sgd", "params": {"noise": 1.0}}, "noise"),
+    ],
+)
 def test_bad_params_give_one_clear_error(spec, message) -> None:
     with pytest.raises(ConfigError) as info:
         build_defenses([spec])
@@ -277,11 +379,19 @@ def test_bad_params_give_one_clear_error(spec, message) -> None:
 def test_dp_sgd_update_names_have_no_module_prefix_and_the_model_no_hooks() -> None:
     model = build_model("convnet", (1, 8, 8), 10)
     x, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
-    res = local_update(model, [(x, y)] * 2, protocol="fedavg", lr=0.1,
-                       defenses=build_defenses([{"name": "dp_sgd"}]), generator=torch.Generator())
+    res = local_update(
+        model,
+        [(x, y)] * 2,
+        protocol="fedavg",
+        lr=0.1,
+        defenses=build_defenses([{"name": "dp_sgd"}]),
+        generator=torch.Generator(),
+    )
     assert set(res.update) == set(model.state_dict())
     assert not any("_module" in n for n in res.update)
-    assert not model._forward_hooks and all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+    assert not model._forward_hooks and all(
+        not m._forward_hooks and not m._backward_hooks for m in model.modules()
+    )
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
 
 
@@ -306,28 +416,49 @@ def test_batchnorm_is_refused_and_resnet18_gn_is_dp_compatible() -> None:
 def test_poisson_batches_and_stack_rule() -> None:
     gen = torch.Generator().manual_seed(0)
     part = np.arange(100, 150)
-    batches = PoissonSampler().sample_batches(part, np.zeros(50), batch_size=5, num_batches=2000, generator=gen)
+    batches = PoissonSampler().sample_batches(
+        part, np.zeros(50), batch_size=5, num_batches=2000, generator=gen
+    )
     sizes = np.array([len(b) for b in batches])
     assert sizes.mean() == pytest.approx(5.0, rel=0.05) and sizes.min() == 0 and sizes.max() > 8
     assert all(set(b) <= set(part) and len(set(b)) == len(b) for b in batches)
     with pytest.raises(ConfigError, match="samples its own batches"):
-        build_defenses([{"name": "identical_labels"}, {"name": "dp_sgd", "params": {"poisson": True}}])
+        build_defenses(
+            [{"name": "identical_labels"}, {"name": "dp_sgd", "params": {"poisson": True}}]
+        )
 
 
-@pytest.mark.parametrize("d", [DPSGD(poisson=True, noise_multiplier=1.0, max_grad_norm=1.0),
-                               DynamicDP(poisson=True, sigma=1.0, clip_norm=1.0)], ids=["dp_sgd", "dynamic_dp"])
+@pytest.mark.parametrize(
+    "d",
+    [
+        DPSGD(poisson=True, noise_multiplier=1.0, max_grad_norm=1.0),
+        DynamicDP(poisson=True, sigma=1.0, clip_norm=1.0),
+    ],
+    ids=["dp_sgd", "dynamic_dp"],
+)
 def test_an_empty_poisson_batch_sends_noise_divided_by_the_expected_size(d) -> None:
     model = torch.nn.Linear(50, 40)
     empty = (torch.zeros(0, 50), torch.zeros(0, dtype=torch.long))
-    res = local_update(model, [empty], protocol="fedsgd", lr=0.1, defenses=[d], generator=torch.Generator(),
-                       dataset_size=100, expected_batch_size=4)
+    res = local_update(
+        model,
+        [empty],
+        protocol="fedsgd",
+        lr=0.1,
+        defenses=[d],
+        generator=torch.Generator(),
+        dataset_size=100,
+        expected_batch_size=4,
+    )
     assert float(res.update["weight"].std()) == pytest.approx(1.0 / 4, rel=0.05)
     assert res.metrics[f"defense0.{d.name}.sample_rate"] == 0.04
 
 
 @pytest.mark.parametrize("poisson, divisor", [(True, 8), (False, 2)])
-@pytest.mark.parametrize("make", [lambda p: DPSGD(poisson=p, noise_multiplier=1e-9),
-                                  lambda p: DynamicDP(poisson=p, sigma=1e-9)], ids=["dp_sgd", "dynamic_dp"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda p: DPSGD(poisson=p, noise_multiplier=1e-9), lambda p: DynamicDP(poisson=p, sigma=1e-9)],
+    ids=["dp_sgd", "dynamic_dp"],
+)
 def test_poisson_batches_are_averaged_over_the_expected_size(make, poisson, divisor) -> None:
     """A batch of 2 (expected size 8): under Poisson sampling the clipped sum is divided by 8,
     with fixed-size batches by the drawn 2."""
@@ -351,9 +482,13 @@ def test_client_batches_are_poisson_samples_with_dp_poisson() -> None:
     from fl_privsim import config as config_mod
     from fl_privsim.federated_data import client_batch_indices, federated_data
 
-    cfg = config_mod.from_dict({"federation": {"num_clients": 2, "clients_per_round": 2, "protocol": "fedavg"},
-                                "client": {"batch_size": 6, "local_steps": 50},
-                                "defenses": [{"name": "dp_sgd", "params": {"poisson": True}}]})
+    cfg = config_mod.from_dict(
+        {
+            "federation": {"num_clients": 2, "clients_per_round": 2, "protocol": "fedavg"},
+            "client": {"batch_size": 6, "local_steps": 50},
+            "defenses": [{"name": "dp_sgd", "params": {"poisson": True}}],
+        }
+    )
     fed = federated_data(cfg)
     batches = client_batch_indices(cfg, fed, 1, 0)
     sizes = [len(b) for b in batches]

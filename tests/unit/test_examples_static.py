@@ -19,12 +19,21 @@ EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 CPU = ['federation.device="cpu"']
 
 
-@pytest.mark.parametrize("example,attack,needle", [
-    ("all_attacks_cnn6_cifar.toml", "analytic", "first trainable layer to be nn.Linear with bias"),
-    ("all_attacks_cnn6_cifar.toml", "llg", "non-negative features"),
-    ("all_attacks_linear_fedavg.toml", "rgap", "single sample"),
-])
-def test_attacks_the_examples_leave_out_stop_before_launch(example, attack, needle, monkeypatch, request):
+@pytest.mark.parametrize(
+    "example,attack,needle",
+    [
+        (
+            "all_attacks_cnn6_cifar.toml",
+            "analytic",
+            "first trainable layer to be nn.Linear with bias",
+        ),
+        ("all_attacks_cnn6_cifar.toml", "llg", "non-negative features"),
+        ("all_attacks_linear_fedavg.toml", "rgap", "single sample"),
+    ],
+)
+def test_attacks_the_examples_leave_out_stop_before_launch(
+    example, attack, needle, monkeypatch, request
+):
     from fl_privsim import simulation
 
     if "cifar" in example:

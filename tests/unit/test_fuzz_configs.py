@@ -88,11 +88,13 @@ def bad_configs(draw: st.DrawFn) -> tuple[str, str]:
         tables = [t for t in _tables(doc) if t]
         _set(doc, draw(st.sampled_from(tables)), draw(st.sampled_from([1, "x", [1]])))
     elif kind == "missing_path":
-        doc.setdefault("data", {}).update({"name": "cifar10_npz", "root": "/nonexistent/fl-privsim-fuzz"})
+        doc.setdefault("data", {}).update(
+            {"name": "cifar10_npz", "root": "/nonexistent/fl-privsim-fuzz"}
+        )
     text = tomli_w.dumps(doc)
     if kind == "broken_toml":
         cut = draw(st.integers(min_value=1, max_value=max(1, len(text) - 1)))
-        junk = draw(st.sampled_from(["= =", "[[", "\"unterminated", "]]x", "key = \n"]))
+        junk = draw(st.sampled_from(["= =", "[[", '"unterminated', "]]x", "key = \n"]))
         text = text[:cut] + junk + text[cut:]
     return command, text
 
@@ -100,9 +102,7 @@ def bad_configs(draw: st.DrawFn) -> tuple[str, str]:
 @pytest.fixture(autouse=True)
 def _stop_before_work(monkeypatch):
     """A valid config stops before any work or any file is written: exit code VALID."""
-    import fl_privsim.game as game
-    import fl_privsim.measure as measure
-    import fl_privsim.simulation as simulation
+    from fl_privsim import game, measure, simulation
 
     def stop(*args: Any, **kwargs: Any) -> Any:
         raise SystemExit(VALID)
@@ -112,8 +112,12 @@ def _stop_before_work(monkeypatch):
     monkeypatch.setattr(measure, "run_measure", stop)
 
 
-@settings(max_examples=600, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=600,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(case=bad_configs())
 def test_bad_config_is_one_line_and_exit_2(case, tmp_path_factory):
     command, text = case
@@ -128,7 +132,9 @@ def test_bad_config_is_one_line_and_exit_2(case, tmp_path_factory):
         return
     err = result.stderr.strip()
     assert result.returncode == 2, (command, text, result)
-    assert "Traceback" not in result.stderr and err.count("\n") == 0 and err.startswith("error: "), (text, err)
+    assert (
+        "Traceback" not in result.stderr and err.count("\n") == 0 and err.startswith("error: ")
+    ), (text, err)
     assert not out.exists(), (text, err)
     COUNTS["bad"] += 1
 

@@ -37,7 +37,11 @@ def toy_pool(n: int, seed: int, classes: int = 2) -> Pool:
     x = torch.randn(n, D, generator=g)
     a = (torch.rand(n, generator=g) < 0.4).long()
     x[:, ATTR] = a.float()
-    y = (x[:, 0] > 0).long() if classes == 2 else torch.bucketize(x[:, 0], torch.tensor([-0.5, 0.5]))
+    y = (
+        (x[:, 0] > 0).long()
+        if classes == 2
+        else torch.bucketize(x[:, 0], torch.tensor([-0.5, 0.5]))
+    )
     return Pool(x, y, a)
 
 
@@ -61,7 +65,7 @@ def test_secret_balanced_and_batches_follow_it(kind: str) -> None:
     secrets = sample_secrets(2000, rng)
     lo, hi = clopper_pearson(int(secrets.sum()), secrets.size, alpha=0.001)
     assert lo < 0.5 < hi
-    x, y, index, public = g.build(pool, secrets, rng)
+    x, _y, index, public = g.build(pool, secrets, rng)
     a = (x[:, ATTR] == 1).long()
     has_p = a[index].reshape(len(secrets), -1)
     s = torch.from_numpy(secrets)
@@ -80,7 +84,12 @@ def test_secret_balanced_and_batches_follow_it(kind: str) -> None:
         assert torch.all(inside[s == 1])
     else:
         ux = public["user_x"]
-        own = torch.stack([(x[index[i, 0]][:, None, :] == ux[i][None]).all(-1).any(-1).all() for i in range(len(s))])
+        own = torch.stack(
+            [
+                (x[index[i, 0]][:, None, :] == ux[i][None]).all(-1).any(-1).all()
+                for i in range(len(s))
+            ]
+        )
         assert torch.all(own[s == 1]) and own[s == 0].float().mean() < 0.2
 
 
@@ -92,15 +101,23 @@ def test_secret_cannot_reach_the_adversary() -> None:
     assert list(inspect.signature(LossBaseline.score).parameters) == ["self", "obs"]
     # play() returns the secrets beside, never inside, the observations
     model = toy_model()
-    obs, secrets = game("attribute", batch_size=2).play(toy_pool(200, 2), Release(model), 50, np.random.default_rng(1))
+    obs, secrets = game("attribute", batch_size=2).play(
+        toy_pool(200, 2), Release(model), 50, np.random.default_rng(1)
+    )
     for f in dataclasses.fields(obs):
         v = getattr(obs, f.name)
         assert v is None or isinstance(v, torch.Tensor)
     assert isinstance(secrets, np.ndarray) and secrets.shape == (50,)
 
 
-@pytest.mark.parametrize("defenses", [[], [{"name": "noise", "params": {"scale": 0.01}}],
-                                      [{"name": "pruning", "params": {"ratio": 0.2}}, {"name": "signsgd"}]])
+@pytest.mark.parametrize(
+    "defenses",
+    [
+        [],
+        [{"name": "noise", "params": {"scale": 0.01}}],
+        [{"name": "pruning", "params": {"ratio": 0.2}}, {"name": "signsgd"}],
+    ],
+)
 def test_vectorised_release_equals_local_update(defenses: list[dict]) -> None:
     # 3 classes: with 2, the output layer's gradient rows are exact negatives, so pruning
     # meets magnitude ties that float rounding (different in the two paths) would break
@@ -118,8 +135,12 @@ def test_vectorised_release_equals_local_update(defenses: list[dict]) -> None:
 def test_exact_release_runs_dp_sgd_and_fedavg() -> None:
     model, pool = toy_model("mlp"), toy_pool(100, 3)
     idx = torch.from_numpy(np.random.default_rng(0).integers(0, 100, (3, 1, 4)))
-    dp = Release(model, defenses=build_defenses([{"name": "dp_sgd", "params": {"noise_multiplier": 1e-6,
-                                                                                "max_grad_norm": 1e-3}}]))
+    dp = Release(
+        model,
+        defenses=build_defenses(
+            [{"name": "dp_sgd", "params": {"noise_multiplier": 1e-6, "max_grad_norm": 1e-3}}]
+        ),
+    )
     assert not dp.fast
     u = dp.updates(pool.x, pool.y, idx)
     assert torch.all(u.norm(dim=1) <= 1e-3 * (1 + 1e-3))  # clipped at C, negligible noise
@@ -127,15 +148,24 @@ def test_exact_release_runs_dp_sgd_and_fedavg() -> None:
     assert fa.updates(pool.x, pool.y, idx).shape == u.shape
 
 
-def _play(kind: str, model: nn.Module, *, batch: int, features: str = "last", defenses: list | None = None,
-          adaptive: bool = True, trials: int = 400) -> dict:
+def _play(
+    kind: str,
+    model: nn.Module,
+    *,
+    batch: int,
+    features: str = "last",
+    defenses: list | None = None,
+    adaptive: bool = True,
+    trials: int = 400,
+) -> dict:
     g = game(kind, batch_size=batch)
     release = Release(model, defenses=build_defenses(defenses or []), seed=0)
     shadow = Release(model, defenses=build_defenses(defenses or []) if adaptive else [], seed=1)
     sh_obs, sh_s = g.play(toy_pool(500, 10), shadow, trials, np.random.default_rng(1), stream=1)
     obs, s = g.play(toy_pool(500, 20), release, trials, np.random.default_rng(2))
-    adv = MetaClassifier(model, features=features, attr_column=ATTR if kind == "attribute" else None,
-                         alignment=False).fit(sh_obs, sh_s)
+    adv = MetaClassifier(
+        model, features=features, attr_column=ATTR if kind == "attribute" else None, alignment=False
+    ).fit(sh_obs, sh_s)
     return game_metrics(s, adv.score(obs), n_boot=200)
 
 
@@ -148,8 +178,13 @@ def test_leaky_toy_gives_auc_one() -> None:
 @pytest.mark.parametrize("adaptive", [True, False])
 def test_constant_release_gives_chance(adaptive: bool) -> None:
     # pruning every entry releases the zero update whatever the secret
-    m = _play("attribute", toy_model("linear"), batch=1, defenses=[{"name": "pruning", "params": {"ratio": 1.0}}],
-              adaptive=adaptive)
+    m = _play(
+        "attribute",
+        toy_model("linear"),
+        batch=1,
+        defenses=[{"name": "pruning", "params": {"ratio": 1.0}}],
+        adaptive=adaptive,
+    )
     assert m["auc_ci"][0] <= 0.5 <= m["auc_ci"][1]
     assert abs(m["auc"] - 0.5) < 0.08
 
@@ -157,7 +192,9 @@ def test_constant_release_gives_chance(adaptive: bool) -> None:
 def test_membership_gradient_attack_and_loss_baseline() -> None:
     model = toy_model("mlp")
     g = game("membership", batch_size=1)
-    sh_obs, sh_s = g.play(toy_pool(500, 10), Release(model, seed=1), 300, np.random.default_rng(1), stream=1)
+    sh_obs, sh_s = g.play(
+        toy_pool(500, 10), Release(model, seed=1), 300, np.random.default_rng(1), stream=1
+    )
     obs, s = g.play(toy_pool(500, 20), Release(model), 300, np.random.default_rng(2))
     adv = MetaClassifier(model, features="alignment").fit(sh_obs, sh_s)
     grad_auc = game_metrics(s, adv.score(obs), n_boot=100)["auc"]
@@ -175,15 +212,31 @@ def test_no_flwr_or_ray_needed(monkeypatch: pytest.MonkeyPatch) -> None:
     import adversaries.inference.games  # noqa: F401
 
 
-@pytest.mark.skipif(not (ADULT / "adult.data.gz").is_file(), reason=f"Adult files not found in {ADULT}")
+@pytest.mark.skipif(
+    not (ADULT / "adult.data.gz").is_file(), reason=f"Adult files not found in {ADULT}"
+)
 def test_small_adult_attribute_game(tmp_path: Path) -> None:
     from fl_privsim.game import load_game_config, run_game
 
-    cfg = load_game_config(None, [f"data.root=\"{ADULT}\"", "data.name=\"adult\"", "game.kind=\"attribute\"",
-                                  "game.trials=200", "game.shadow_trials=200", "game.batch_size=1",
-                                  "game.features=\"alignment\"", "game.bootstrap=100", "data.pool_size=1000",
-                                  "data.aux_size=1000", "model.pretrain_steps=50"])
+    cfg = load_game_config(
+        None,
+        [
+            f'data.root="{ADULT}"',
+            'data.name="adult"',
+            'game.kind="attribute"',
+            "game.trials=200",
+            "game.shadow_trials=200",
+            "game.batch_size=1",
+            'game.features="alignment"',
+            "game.bootstrap=100",
+            "data.pool_size=1000",
+            "data.aux_size=1000",
+            "model.pretrain_steps=50",
+        ],
+    )
     run_dir, s = run_game(cfg, out=tmp_path / "run")
     assert s["attribute"] == "sex" and s["release_path"] == "vectorised"
-    assert s["auc"] > 0.95 and s["auc_ci"][0] > 0.9  # batch of one: the gradient gives the attribute away
+    assert (
+        s["auc"] > 0.95 and s["auc_ci"][0] > 0.9
+    )  # batch of one: the gradient gives the attribute away
     assert (run_dir / "roc.png").is_file()

@@ -35,7 +35,9 @@ def toy_model(seed: int, hidden: bool = False) -> nn.Module:
 
 
 def noisy(model: nn.Module, scale: float, seed: int) -> Release:
-    return Release(model, defenses=build_defenses([{"name": "noise", "params": {"scale": scale}}]), seed=seed)
+    return Release(
+        model, defenses=build_defenses([{"name": "noise", "params": {"scale": scale}}]), seed=seed
+    )
 
 
 def test_play_rounds_releases_the_same_batches_at_each_model() -> None:
@@ -43,7 +45,9 @@ def test_play_rounds_releases_the_same_batches_at_each_model() -> None:
     g = Game("property", batch_size=4, clients_per_aggregate=2)
     obs, secrets = g.play_rounds(pool, [Release(m) for m in models], 50, np.random.default_rng(3))
     assert len(obs) == 3 and secrets.shape == (50,)
-    assert torch.allclose(obs[0].updates, obs[1].updates)  # same model → the same batches give the same update
+    assert torch.allclose(
+        obs[0].updates, obs[1].updates
+    )  # same model → the same batches give the same update
     assert not torch.allclose(obs[0].updates, obs[2].updates)
     single, s1 = g.play(pool, Release(models[0]), 50, np.random.default_rng(3))
     assert np.array_equal(s1, secrets) and torch.allclose(single.updates, obs[0].updates)
@@ -54,18 +58,31 @@ def test_multi_round_observation_beats_one_round() -> None:
     in 1 (the batch is the same in every round, so only the defense noise averages out)."""
     models = [toy_model(0) for _ in range(6)]
     g = Game("property", batch_size=4)
-    shadow, ssec = g.play_rounds(toy_pool(400, 1), [noisy(m, 0.4, 1) for m in models], 300,
-                                 np.random.default_rng(1), stream=1)
-    obs, sec = g.play_rounds(toy_pool(400, 2), [noisy(m, 0.4, 0) for m in models], 300, np.random.default_rng(2))
+    shadow, ssec = g.play_rounds(
+        toy_pool(400, 1),
+        [noisy(m, 0.4, 1) for m in models],
+        300,
+        np.random.default_rng(1),
+        stream=1,
+    )
+    obs, sec = g.play_rounds(
+        toy_pool(400, 2), [noisy(m, 0.4, 0) for m in models], 300, np.random.default_rng(2)
+    )
 
     def adv(m: nn.Module) -> MetaClassifier:
         return MetaClassifier(m, features="all", alignment=False, seed=0)
 
     one = game_metrics(sec, adv(models[0]).fit(shadow[0], ssec).score(obs[0]), n_boot=100)
-    multi = game_metrics(sec, MultiRound([adv(m) for m in models]).fit(shadow, ssec).score(obs), n_boot=100)
+    multi = game_metrics(
+        sec, MultiRound([adv(m) for m in models]).fit(shadow, ssec).score(obs), n_boot=100
+    )
     assert 0.5 < one["auc_ci"][0] and one["auc_ci"][1] < 0.9  # leaky, but not already perfect
     assert multi["auc"] > one["auc"] and multi["auc_ci"][0] > one["auc_ci"][0]
-    concat = MultiRound([adv(m) for m in models[:2]], combine="concat").fit(shadow[:2], ssec).score(obs[:2])
+    concat = (
+        MultiRound([adv(m) for m in models[:2]], combine="concat")
+        .fit(shadow[:2], ssec)
+        .score(obs[:2])
+    )
     assert concat.shape == (300,) and np.all((concat >= 0) & (concat <= 1))
 
 
@@ -100,7 +117,7 @@ def test_image_attribute_game_hides_the_record() -> None:
     g = Game("attribute", batch_size=3, clients_per_aggregate=2)
     rng = np.random.default_rng(0)
     secrets = rng.integers(0, 2, 400)
-    x, y, index, public = g.build(pool, secrets, rng)
+    x, _y, index, public = g.build(pool, secrets, rng)
     assert x.shape[0] == len(pool)  # no edited records: the target is a real pool record
     assert torch.equal(pool.a[index[:, 0, 0]], torch.from_numpy(secrets))
     assert set(public) == {"target_y"} and torch.equal(public["target_y"], pool.y[index[:, 0, 0]])

@@ -33,10 +33,14 @@ def test_exact_i2f_is_c_over_sqrt_mu_along_eigenvectors():
     jac = dense_jacobian_rows(op)
     lam, u = spectrum(jac)
     assert torch.all(lam[:-1] >= lam[1:]) and lam.numel() <= 3
-    _, vals, vecs = torch.linalg.svd(jac, full_matrices=False)  # right singular vectors = eigvecs of JᵀJ
+    _, _vals, vecs = torch.linalg.svd(
+        jac, full_matrices=False
+    )  # right singular vectors = eigvecs of JᵀJ
     for i in range(lam.numel()):
         delta = 5.0 * vecs[i]
-        assert exact_i2f(lam, u, op.jvp(delta)) == pytest.approx(5.0 / math.sqrt(float(lam[i])), rel=1e-6)
+        assert exact_i2f(lam, u, op.jvp(delta)) == pytest.approx(
+            5.0 / math.sqrt(float(lam[i])), rel=1e-6
+        )
     # the generic value equals the pseudo-inverse formula
     delta = torch.randn(op.d_theta, dtype=torch.float64)
     ref = torch.linalg.pinv(jac @ jac.T) @ (jac @ delta)

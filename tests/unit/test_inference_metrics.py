@@ -20,7 +20,9 @@ from adversaries.inference.metrics import (
 )
 
 
-@pytest.mark.parametrize("k,n", [(0, 10), (1, 10), (5, 10), (10, 10), (37, 200), (999, 1000), (3, 5000)])
+@pytest.mark.parametrize(
+    "k,n", [(0, 10), (1, 10), (5, 10), (10, 10), (37, 200), (999, 1000), (3, 5000)]
+)
 @pytest.mark.parametrize("alpha", [0.05, 0.01])
 def test_clopper_pearson_matches_beta_quantiles(k: int, n: int, alpha: float) -> None:
     lo, hi = clopper_pearson(k, n, alpha)

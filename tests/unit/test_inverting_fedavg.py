@@ -29,8 +29,14 @@ def fedavg_obs(model, x, y, *, batch_size, lr=0.1, client_id=0):
     b = batch_size
     batches = [(x[i : i + b], y[i : i + b]) for i in range(0, len(y), b)]
     return client_observation(
-        model, batches, protocol="fedavg", lr=lr, mean=(mean,), std=(std,),
-        num_classes=CLASSES, client_id=client_id,
+        model,
+        batches,
+        protocol="fedavg",
+        lr=lr,
+        mean=(mean,),
+        std=(std,),
+        num_classes=CLASSES,
+        client_id=client_id,
     )
 
 
@@ -44,12 +50,15 @@ def unroll_error(obs, x, y, plan) -> tuple[float, float]:
     return err, max(float(obs.update[n].abs().max()) for n in names)
 
 
-@pytest.mark.parametrize(("model_name", "dtype", "tol"), [
-    ("convnet", torch.float32, 1e-6),
-    # BatchNorm over 2 samples at 1×1 resolution (8×8 digits) is ill-conditioned: it
-    # amplifies rounding ~1e6-fold, so check in float64 (deltas reach 0.3)
-    ("resnet18", torch.float64, 1e-8),
-])
+@pytest.mark.parametrize(
+    ("model_name", "dtype", "tol"),
+    [
+        ("convnet", torch.float32, 1e-6),
+        # BatchNorm over 2 samples at 1×1 resolution (8×8 digits) is ill-conditioned: it
+        # amplifies rounding ~1e6-fold, so check in float64 (deltas reach 0.3)
+        ("resnet18", torch.float64, 1e-8),
+    ],
+)
 @pytest.mark.parametrize("steps", [1, 2, 3])
 def test_unroll_of_true_batches_reproduces_client_delta(
     model_name: str, dtype: torch.dtype, tol: float, steps: int
@@ -71,7 +80,10 @@ def test_unroll_of_aggregate_reproduces_mean_delta() -> None:
     _, xa, ya = sample([1, 2, 3, 4])
     _, xb, yb = sample([50, 60, 70, 80])
     agg = aggregate_observation(
-        [fedavg_obs(model, xa, ya, batch_size=2), fedavg_obs(model, xb, yb, batch_size=2, client_id=1)]
+        [
+            fedavg_obs(model, xa, ya, batch_size=2),
+            fedavg_obs(model, xb, yb, batch_size=2, client_id=1),
+        ]
     )
     assert agg.num_clients == 2
     plan = LocalPlan(batch_size=2, local_steps=2, lr=0.1, num_clients=2)
@@ -101,7 +113,9 @@ def test_fast_step_equals_differentiated_cosine_and_batched_form() -> None:
     obj = 1 - flat @ t / (flat.norm() * t.norm()) + 1e-2 * total_variation(zr)
     (expected,) = torch.autograd.grad(obj, zr)
     fast, value = problem.step(z.clone().requires_grad_(True), y)
-    batched, bvalue = torch.func.vmap(problem.functional_step)(torch.stack([z, z]), torch.stack([y, y]))
+    batched, bvalue = torch.func.vmap(problem.functional_step)(
+        torch.stack([z, z]), torch.stack([y, y])
+    )
     scale = float(expected.abs().max())
     assert float((fast - expected).abs().max()) < 1e-10 * scale
     assert float((batched[1] - expected).abs().max()) < 1e-10 * scale
@@ -133,7 +147,9 @@ def test_unrolled_variant_beats_gradient_approximation(model_name: str) -> None:
         raw, x, y = sample(idx)
         obs = fedavg_obs(make_model(model_name, seed=k), x, y, batch_size=1)
         for variant in scores:
-            attack = ATTACKS.create("inverting_gradients", iterations=120, restarts=2, variant=variant)
+            attack = ATTACKS.create(
+                "inverting_gradients", iterations=120, restarts=2, variant=variant
+            )
             res = attack(obs, generator=torch.Generator().manual_seed(k))
             assert sorted(res.labels.tolist()) == sorted(y.tolist())
             scores[variant] += matched_psnr(raw, res.inputs).tolist()
@@ -146,12 +162,17 @@ def test_refusals_name_the_assumption() -> None:
     obs = fedavg_obs(make_model("mlp"), x, y, batch_size=1)
     attack = ATTACKS.create("inverting_gradients")
     attack.check(obs)
-    for change, word in [({"lr": 0.0}, "learning rate"), ({"local_steps": 0}, "local steps"),
-                         ({"batch_size": 0}, "batch size")]:
+    for change, word in [
+        ({"lr": 0.0}, "learning rate"),
+        ({"local_steps": 0}, "local steps"),
+        ({"batch_size": 0}, "batch size"),
+    ]:
         with pytest.raises(ThreatModelError, match=f"inverting_gradients: requires.*{word}"):
             attack.check(dataclasses.replace(obs, **change))
     # the gradient approximation does not unroll: it needs neither the steps nor the batch size
-    ATTACKS.create("inverting_gradients", variant="fedsgd").check(dataclasses.replace(obs, batch_size=0))
+    ATTACKS.create("inverting_gradients", variant="fedsgd").check(
+        dataclasses.replace(obs, batch_size=0)
+    )
     sgd = dataclasses.replace(obs, protocol="fedsgd", local_steps=1)
     with pytest.raises(ThreatModelError, match="requires a FedAvg observation.*'fedsgd'"):
         ATTACKS.create("inverting_gradients", variant="fedavg").check(sgd)
@@ -168,14 +189,19 @@ def test_refusals_name_the_assumption() -> None:
 def test_deterministic_given_generator(batch_restarts: bool) -> None:
     _, x, y = sample([30, 31, 32, 33])
     obs = fedavg_obs(make_model("convnet"), x, y, batch_size=2)
-    attack = ATTACKS.create("inverting_gradients", iterations=6, restarts=3, batch_restarts=batch_restarts)
+    attack = ATTACKS.create(
+        "inverting_gradients", iterations=6, restarts=3, batch_restarts=batch_restarts
+    )
     a = attack(obs, generator=torch.Generator().manual_seed(7))
     b = attack(obs, generator=torch.Generator().manual_seed(7))
     c = attack(obs, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
     assert not torch.equal(a.inputs, c.inputs)
     assert a.inputs.shape == (4, *SHAPE)
-    assert a.metrics["unrolled_steps"] == 2 and a.metrics["final_loss"] <= a.metrics["worst_restart_loss"]
+    assert (
+        a.metrics["unrolled_steps"] == 2
+        and a.metrics["final_loss"] <= a.metrics["worst_restart_loss"]
+    )
 
 
 def test_quick_reproduction(shared_data, tmp_path) -> None:

@@ -29,11 +29,17 @@ def test_game_text_without_json(tmp_path, capsys):
 
 
 def test_reproduce_json(shared_data, tmp_path, capsys):
-    assert main(["reproduce", "idlg_labels", "--quick", "--json", "--out", str(tmp_path / "run")]) == 0
+    assert (
+        main(["reproduce", "idlg_labels", "--quick", "--json", "--out", str(tmp_path / "run")]) == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert printed == {**saved, "run_dir": str(tmp_path / "run")}
-    assert printed["reproduction"] == "idlg_labels" and printed["quick"] is True and printed["trials"] == 3
+    assert (
+        printed["reproduction"] == "idlg_labels"
+        and printed["quick"] is True
+        and printed["trials"] == 3
+    )
 
 
 def test_reproduce_list_json(capsys):

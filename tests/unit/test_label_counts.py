@@ -39,7 +39,7 @@ def batches(n: int, count: int, seed: int) -> list[list[int]]:
 )
 def test_largest_remainder_properties(raw: list[float], extra: int) -> None:
     values = torch.tensor(raw, dtype=torch.float64)
-    total = int(round(float(values.clamp_min(0).sum()))) + extra
+    total = round(float(values.clamp_min(0).sum())) + extra
     counts = largest_remainder(values, total)
     assert counts.dtype == torch.int64 and int(counts.sum()) == total and (counts >= 0).all()
     if extra == 0 and abs(float(values.clamp_min(0).sum()) - total) < 1e-9:
@@ -75,7 +75,10 @@ def test_bias_counts_exact_untrained(model_name: str, n: int) -> None:
     attack = ATTACKS.create("llg", method="bias", dummies=64)
     for seed, idx in enumerate(batches(n, 4, seed=n)):
         _, x, y = sample(idx)
-        res = attack(observe(make_model(model_name, seed), x, y), generator=torch.Generator().manual_seed(seed))
+        res = attack(
+            observe(make_model(model_name, seed), x, y),
+            generator=torch.Generator().manual_seed(seed),
+        )
         assert res.inputs is None and res.labels.shape == (n,) and res.labels.dtype == torch.int64
         assert label_accuracy(y, res.labels) == 1.0, (y.tolist(), res.labels.tolist())
 
@@ -146,13 +149,18 @@ def test_device_and_determinism(device: str) -> None:
 
 def test_auto_without_bias_uses_llg_plus() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, CLASSES, bias=False))
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, CLASSES, bias=False)
+    )
     _, x, y = sample(batches(8, 1, seed=8)[0])
     obs = observe(model, x, y)
     auto = ATTACKS.create("llg")(obs, generator=torch.Generator().manual_seed(3))
     plus = ATTACKS.create("llg", method="llg+")(obs, generator=torch.Generator().manual_seed(3))
     assert "impact" in auto.metrics and torch.equal(auto.labels, plus.labels)
-    with pytest.raises(ThreatModelError, match="llg: method 'bias' requires the last nn.Linear to have a trainable bias"):
+    with pytest.raises(
+        ThreatModelError,
+        match="llg: method 'bias' requires the last nn.Linear to have a trainable bias",
+    ):
         ATTACKS.create("llg", method="bias")(obs)
 
 
@@ -160,7 +168,9 @@ def test_refuses_without_class_logit_layer() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 5))
     _, x, y = sample([1, 2])
     obs = observe(model, x, y % 5)
-    with pytest.raises(ThreatModelError, match="llg: requires the last nn.Linear layer to output the class logits"):
+    with pytest.raises(
+        ThreatModelError, match="llg: requires the last nn.Linear layer to output the class logits"
+    ):
         ATTACKS.create("llg")(obs)
 
 

@@ -28,14 +28,20 @@ def test_updates_batch_mean_majority_and_clipping():
     attr = torch.tensor([1, 1, 0])
     sk = {"l": _Sketch(2, 8, torch.Generator().manual_seed(0))}
     gen = torch.Generator().manual_seed(1)
-    upd, target = _updates(grads, norms, attr, sk, batch=1, sigma=0.0, clip=1.0, generator=gen, batches=None)
+    upd, target = _updates(
+        grads, norms, attr, sk, batch=1, sigma=0.0, clip=1.0, generator=gen, batches=None
+    )
     assert torch.equal(upd["l"], grads["l"]) and torch.equal(target, attr)
     batches = torch.tensor([[0, 1], [1, 2], [0, 2]])
-    upd, target = _updates(grads, norms, attr, sk, batch=2, sigma=0.0, clip=1.0, generator=gen, batches=batches)
+    upd, target = _updates(
+        grads, norms, attr, sk, batch=2, sigma=0.0, clip=1.0, generator=gen, batches=batches
+    )
     assert torch.allclose(upd["l"][0], torch.tensor([1.5, 2.5], dtype=torch.float64))
     assert int(target[0]) == 1 and int(target[1]) in (0, 1)
     # sigma > 0 clips each sample to norm 1 before the mean; tiny noise leaves that visible
-    upd, _ = _updates(grads, norms, attr, sk, batch=1, sigma=1e-9, clip=1.0, generator=gen, batches=None)
+    upd, _ = _updates(
+        grads, norms, attr, sk, batch=1, sigma=1e-9, clip=1.0, generator=gen, batches=None
+    )
     assert torch.allclose(upd["l"][0], torch.tensor([0.6, 0.8], dtype=torch.float64), atol=1e-6)
 
 
@@ -49,12 +55,18 @@ def test_quick_reproduction(shared_data, tmp_path):
     assert isinstance(s["original_first"], bool) and isinstance(s["latent_in_fc"], bool)
     assert set(s["vinfo_by_config"]) == {"B1_sigma0", "B1_sigma1", "B8_sigma0", "B8_sigma1"}
     assert 0.0 < s["h_attribute"] <= math.log(2) + 0.1
-    assert "Mo et al." in result.table and (path / "vinfo.png").is_file() and (path / "sensitivity.png").is_file()
+    assert (
+        "Mo et al." in result.table
+        and (path / "vinfo.png").is_file()
+        and (path / "sensitivity.png").is_file()
+    )
     # original information as V-information about the input (Gaussian decoders), B = 1 only
     assert s["input_components"] == 4 and 0.0 < s["input_explained_variance"] <= 1.0
     assert set(s["vinfo_input_by_sigma"]) == {"B1_sigma0", "B1_sigma1"}
     assert set(s["vinfo_input_by_sigma"]["B1_sigma0"]) == set(s["layers"])
-    assert s["vinfo_input_argmax_layer"] in s["layers"] and isinstance(s["original_first_vinfo"], bool)
+    assert s["vinfo_input_argmax_layer"] in s["layers"] and isinstance(
+        s["original_first_vinfo"], bool
+    )
     assert s["vinfo_input_max"] == max(s["vinfo_input_by_sigma"]["B1_sigma0"].values())
     assert (path / "vinfo_input.png").is_file() and "V-info about the input" in result.table
 
@@ -64,9 +76,16 @@ def test_bad_input_settings_name_the_key(shared_data, tmp_path):
     from fl_privsim.reproduce import run_reproduction
 
     with pytest.raises(ConfigError, match="input_variance.*per_dim, shared"):
-        run_reproduction("layer_localisation", quick=True, out=tmp_path / "a", overrides=['input_variance="full"'])
+        run_reproduction(
+            "layer_localisation",
+            quick=True,
+            out=tmp_path / "a",
+            overrides=['input_variance="full"'],
+        )
     with pytest.raises(ConfigError, match="input_components"):
-        run_reproduction("layer_localisation", quick=True, out=tmp_path / "b", overrides=["input_components=0"])
+        run_reproduction(
+            "layer_localisation", quick=True, out=tmp_path / "b", overrides=["input_components=0"]
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

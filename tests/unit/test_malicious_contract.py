@@ -56,10 +56,22 @@ ATTACKED = sorted(n for n in CASES if CASES[n].has_attack)
 def _view(case: Case, clients: int = 1) -> ServerView:
     g = torch.Generator().manual_seed(11)
     public = (torch.rand(64, *case.shape, generator=g) - MEAN) / STD
-    return ServerView(round=1, clients=tuple(range(clients)), targets=tuple(range(clients)), input_shape=case.shape,
-                      num_classes=CLASSES, data_mean=(MEAN,) * case.shape[0], data_std=(STD,) * case.shape[0],
-                      protocol="fedsgd", batch_size=case.batch, local_steps=1, lr=0.1, public_inputs=public,
-                      public_labels=torch.arange(64) % CLASSES, generator=torch.Generator().manual_seed(3))
+    return ServerView(
+        round=1,
+        clients=tuple(range(clients)),
+        targets=tuple(range(clients)),
+        input_shape=case.shape,
+        num_classes=CLASSES,
+        data_mean=(MEAN,) * case.shape[0],
+        data_std=(STD,) * case.shape[0],
+        protocol="fedsgd",
+        batch_size=case.batch,
+        local_steps=1,
+        lr=0.1,
+        public_inputs=public,
+        public_labels=torch.arange(64) % CLASSES,
+        generator=torch.Generator().manual_seed(3),
+    )
 
 
 def _honest(case: Case) -> torch.nn.Module:
@@ -71,9 +83,17 @@ def _observe(name: str, case: Case, client_id: int = 0, clients: int = 1) -> Obs
     crafted = MODIFICATIONS.create(name, **case.params).craft(_honest(case), _view(case, clients))
     g = torch.Generator().manual_seed(100 + client_id)
     x = (torch.rand(case.batch, *case.shape, generator=g) - MEAN) / STD
-    y = torch.randperm(CLASSES, generator=g)[:case.batch]
-    obs = client_observation(crafted.model, [(x, y)], protocol="fedsgd", lr=0.1, mean=(MEAN,) * case.shape[0],
-                             std=(STD,) * case.shape[0], num_classes=CLASSES, client_id=client_id)
+    y = torch.randperm(CLASSES, generator=g)[: case.batch]
+    obs = client_observation(
+        crafted.model,
+        [(x, y)],
+        protocol="fedsgd",
+        lr=0.1,
+        mean=(MEAN,) * case.shape[0],
+        std=(STD,) * case.shape[0],
+        num_classes=CLASSES,
+        client_id=client_id,
+    )
     return dataclasses.replace(obs, server_secrets={name: crafted.secrets})
 
 
@@ -93,7 +113,9 @@ def test_craft_is_deterministic_leaves_the_honest_model_and_rebuilds_on_the_clie
     again = MODIFICATIONS.create(name, **case.params).craft(honest, _view(case))
     a, b = first.model.state_dict(), again.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    client_model = build_architecture(build_model(case.model, case.shape, CLASSES), first.arch, case.shape)
+    client_model = build_architecture(
+        build_model(case.model, case.shape, CLASSES), first.arch, case.shape
+    )
     client_model.load_state_dict(a)  # what a client builds from the spec takes the sent weights
     x = (torch.rand(3, *case.shape) - MEAN) / STD
     assert torch.allclose(client_model.eval()(x), first.model.eval()(x))
@@ -115,7 +137,11 @@ def test_attack_shapes_determinism_and_time(name):
     t0 = time.perf_counter()
     first = attack(obs, generator=torch.Generator().manual_seed(5))
     assert time.perf_counter() - t0 < HANG_GUARD_S
-    assert first.inputs is not None and first.inputs.shape[1:] == case.shape and first.inputs.shape[0] >= 1
+    assert (
+        first.inputs is not None
+        and first.inputs.shape[1:] == case.shape
+        and first.inputs.shape[0] >= 1
+    )
     assert first.inputs.dtype == torch.float32 and bool(torch.isfinite(first.inputs).all())
     assert all(isinstance(v, float) for v in first.metrics.values())
     again = attack(obs, generator=torch.Generator().manual_seed(5))
@@ -135,6 +161,8 @@ def test_attack_accepts_an_aggregate_of_two_clients(name):
     case = CASES[name]
     obs = [_observe(name, case, client_id=c, clients=2) for c in (0, 1)]
     agg = dataclasses.replace(aggregate_observation(obs), server_secrets=obs[0].server_secrets)
-    result = ATTACKS.create(name, **case.attack_params)(agg, generator=torch.Generator().manual_seed(1))
+    result = ATTACKS.create(name, **case.attack_params)(
+        agg, generator=torch.Generator().manual_seed(1)
+    )
     assert result.inputs is not None and result.inputs.shape[1:] == case.shape
     assert bool(torch.isfinite(result.inputs).all())

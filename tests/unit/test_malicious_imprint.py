@@ -48,13 +48,27 @@ def cifar(shared_data: Path) -> ImageData:
 
 
 def _view(
-    ds: ImageData, *, clients: int, batch: int, steps: int = 1, protocol: str = "fedsgd",
-    lr: float = 0.1, seed: int = 0,
+    ds: ImageData,
+    *,
+    clients: int,
+    batch: int,
+    steps: int = 1,
+    protocol: str = "fedsgd",
+    lr: float = 0.1,
+    seed: int = 0,
 ) -> ServerView:
     return ServerView(
-        round=1, clients=tuple(range(clients)), targets=tuple(range(clients)),
-        input_shape=ds.input_shape, num_classes=CLASSES, data_mean=ds.mean, data_std=ds.std,
-        protocol=protocol, batch_size=batch, local_steps=steps, lr=lr,
+        round=1,
+        clients=tuple(range(clients)),
+        targets=tuple(range(clients)),
+        input_shape=ds.input_shape,
+        num_classes=CLASSES,
+        data_mean=ds.mean,
+        data_std=ds.std,
+        protocol=protocol,
+        batch_size=batch,
+        local_steps=steps,
+        lr=lr,
         public_inputs=ds.normalize(ds.images("test", slice(None))),
         public_labels=ds.labels("test", slice(None)),
         generator=torch.Generator().manual_seed(seed),
@@ -67,27 +81,38 @@ def _round(ds: ImageData, crafted, view: ServerView, idx: np.ndarray) -> tuple[O
     per_client = view.batch_size * view.local_steps
     updates, weights = [], []
     for c in range(len(view.clients)):
-        own = idx[c * per_client:(c + 1) * per_client]
+        own = idx[c * per_client : (c + 1) * per_client]
         b = view.batch_size
-        steps = [own[t * b:(t + 1) * b] for t in range(view.local_steps)]
+        steps = [own[t * b : (t + 1) * b] for t in range(view.local_steps)]
         batches = [(ds.normalize(ds.images("train", i)), ds.labels("train", i)) for i in steps]
         model = copy.deepcopy(crafted.model).train()
         out = local_update(model, batches, protocol=view.protocol, lr=view.lr)
         updates.append(out.update)
         weights.append(out.num_examples)
     total = float(sum(weights))
-    update = {k: sum(w * u[k] for w, u in zip(weights, updates, strict=True)) / total
-              for k in updates[0]}
+    update = {
+        k: sum(w * u[k] for w, u in zip(weights, updates, strict=True)) / total for k in updates[0]
+    }
     trainable = {n for n, p in crafted.model.named_parameters() if p.requires_grad}
     finite = all(bool(torch.isfinite(update[n]).all()) for n in trainable)
     obs = Observation(
-        round=1, client_id=0 if len(view.clients) == 1 else None, protocol=view.protocol,
+        round=1,
+        client_id=0 if len(view.clients) == 1 else None,
+        protocol=view.protocol,
         model=crafted.model,
         global_params={k: v.detach().clone() for k, v in crafted.model.state_dict().items()},
-        update=update, batch_size=view.batch_size, local_steps=view.local_steps, lr=view.lr,
-        num_examples=int(total), input_shape=ds.input_shape, num_classes=CLASSES,
-        data_mean=ds.mean, data_std=ds.std, num_clients=len(view.clients),
-        members=tuple(view.clients), server_secrets={"imprint": crafted.secrets},
+        update=update,
+        batch_size=view.batch_size,
+        local_steps=view.local_steps,
+        lr=view.lr,
+        num_examples=int(total),
+        input_shape=ds.input_shape,
+        num_classes=CLASSES,
+        data_mean=ds.mean,
+        data_std=ds.std,
+        num_clients=len(view.clients),
+        members=tuple(view.clients),
+        server_secrets={"imprint": crafted.secrets},
     )
     return obs, finite
 
@@ -143,8 +168,14 @@ def test_expected_alone_share_matches_formula_and_simulation() -> None:
 def test_parameters_are_validated() -> None:
     with pytest.raises(ValueError, match="bins must be >= 2, got 1"):
         Imprint(bins=1)
-    for bad in ({"measurement": "contrast"}, {"variant": "dense"}, {"distribution": "laplace"},
-                {"drift": 0.0}, {"ratio": -1.0}, {"perturbation": 0.0}):
+    for bad in (
+        {"measurement": "contrast"},
+        {"variant": "dense"},
+        {"distribution": "laplace"},
+        {"drift": 0.0},
+        {"ratio": -1.0},
+        {"perturbation": 0.0},
+    ):
         with pytest.raises(ValueError):
             Imprint(**bad)
     with pytest.raises(ValueError):
@@ -166,9 +197,20 @@ def _synthetic_view(seed: int = 0) -> tuple[ServerView, torch.Tensor, torch.Tens
     g = torch.Generator().manual_seed(seed)
     pub = torch.randn(200, 1, 8, 8, generator=g)
     view = ServerView(
-        round=1, clients=(0,), targets=(0,), input_shape=(1, 8, 8), num_classes=CLASSES,
-        data_mean=(0.5,), data_std=(0.25,), protocol="fedsgd", batch_size=4, local_steps=1,
-        lr=0.1, public_inputs=pub, public_labels=torch.zeros(200, dtype=torch.int64), generator=g,
+        round=1,
+        clients=(0,),
+        targets=(0,),
+        input_shape=(1, 8, 8),
+        num_classes=CLASSES,
+        data_mean=(0.5,),
+        data_std=(0.25,),
+        protocol="fedsgd",
+        batch_size=4,
+        local_steps=1,
+        lr=0.1,
+        public_inputs=pub,
+        public_labels=torch.zeros(200, dtype=torch.int64),
+        generator=g,
     )
     x = torch.randn(4, 1, 8, 8, generator=g)
     y = torch.arange(4) % CLASSES
@@ -181,17 +223,32 @@ def test_attack_refuses_observation_without_imprint_secrets() -> None:
     crafted = Imprint(bins=16).craft(build_model("mlp", (1, 8, 8), CLASSES), view)
     update = local_update(copy.deepcopy(crafted.model), [(x, y)], protocol="fedsgd", lr=0.1).update
     obs = Observation(
-        round=1, client_id=0, protocol="fedsgd", model=crafted.model,
-        global_params=crafted.model.state_dict(), update=update, batch_size=4, local_steps=1,
-        lr=0.1, num_examples=4, input_shape=(1, 8, 8), num_classes=CLASSES, data_mean=(0.5,),
+        round=1,
+        client_id=0,
+        protocol="fedsgd",
+        model=crafted.model,
+        global_params=crafted.model.state_dict(),
+        update=update,
+        batch_size=4,
+        local_steps=1,
+        lr=0.1,
+        num_examples=4,
+        input_shape=(1, 8, 8),
+        num_classes=CLASSES,
+        data_mean=(0.5,),
         data_std=(0.25,),
     )
     with pytest.raises(ThreatModelError, match="imprint"):
         _attack(obs)
     honest = build_model("mlp", (1, 8, 8), CLASSES)
     plain = local_update(honest, [(x, y)], protocol="fedsgd", lr=0.1).update
-    no_block = dataclasses.replace(obs, model=honest, global_params=honest.state_dict(),
-                                   update=plain, server_secrets={"imprint": crafted.secrets})
+    no_block = dataclasses.replace(
+        obs,
+        model=honest,
+        global_params=honest.state_dict(),
+        update=plain,
+        server_secrets={"imprint": crafted.secrets},
+    )
     with pytest.raises(ThreatModelError, match="block.encoder.weight"):
         _attack(no_block)
     ok = dataclasses.replace(obs, server_secrets={"imprint": crafted.secrets})
@@ -378,8 +435,12 @@ def test_bins_sized_above_secure_aggregation_rounding_survive_it(cifar: ImageDat
         crafted = Imprint(bins=512).craft(honest, view)
         obs, _ = _round(cifar, crafted, view, idx)
         g = torch.Generator().manual_seed(1)
-        rounded = {k: v + (torch.rand(v.shape, generator=g, dtype=v.dtype) * 2 - 1) * step
-                   for k, v in obs.update.items()}
-        shares[resolution] = _asr(cifar, originals, _attack(dataclasses.replace(obs, update=rounded)).inputs)
+        rounded = {
+            k: v + (torch.rand(v.shape, generator=g, dtype=v.dtype) * 2 - 1) * step
+            for k, v in obs.update.items()
+        }
+        shares[resolution] = _asr(
+            cifar, originals, _attack(dataclasses.replace(obs, update=rounded)).inputs
+        )
     assert shares[step] >= 0.5, shares
     assert shares[0.0] < 0.5 * shares[step], shares

@@ -40,14 +40,25 @@ def _batch(ds, client: int, size: int):
 
 
 def _info(ds, model) -> ModelInfo:
-    return ModelInfo(model=model, input_shape=ds.input_shape, num_classes=ds.num_classes, data_mean=ds.mean,
-                     data_std=ds.std, protocol="fedsgd", batch_size=1, local_steps=1, lr=0.1)
+    return ModelInfo(
+        model=model,
+        input_shape=ds.input_shape,
+        num_classes=ds.num_classes,
+        data_mean=ds.mean,
+        data_std=ds.std,
+        protocol="fedsgd",
+        batch_size=1,
+        local_steps=1,
+        lr=0.1,
+    )
 
 
 def _crafted(ds, model_name: str = "mlp", targets=(3,)):
     torch.manual_seed(0)
     model = build_model(model_name, ds.input_shape, ds.num_classes)
-    plan = ModificationPlan("isolation", MODIFICATIONS.create("isolation"), rounds={1}, clients=set(targets))
+    plan = ModificationPlan(
+        "isolation", MODIFICATIONS.create("isolation"), rounds={1}, clients=set(targets)
+    )
     x, y = _batch(ds, 0, 16)
     crafter = Crafter([plan], info=_info(ds, model), public_inputs=x, public_labels=y, seed=0)
     return model, crafter, crafter.craft(1, list(range(CLIENTS)))
@@ -84,7 +95,10 @@ def test_crafter_sends_the_real_model_to_the_target_and_decoys_to_the_others(dig
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in target.state.items())
     assert observed_model([sent[c] for c in range(CLIENTS)]) is target
     assert observed_model([sent[0], sent[1]]) == MIXED  # decoys only: nothing to read
-    assert crafter.report()["crafted"]["1"] == {"isolation": [3], "decoys": [c for c in range(CLIENTS) if c != 3]}
+    assert crafter.report()["crafted"]["1"] == {
+        "isolation": [3],
+        "decoys": [c for c in range(CLIENTS) if c != 3],
+    }
     assert undecoyed(list(range(CLIENTS)), [1] * CLIENTS, sent) == ((3,), 1, float(CLIENTS))
     assert undecoyed([0, 1], [1, 1], {}) == ((0, 1), 2, 1.0)
 
@@ -99,9 +113,19 @@ def test_the_mean_of_target_and_decoys_gives_the_analytic_attack_the_target(digi
     mean = {k: sum(u[k] for u in updates) / CLIENTS for k in updates[0]}
     members, _, scale = undecoyed(list(range(CLIENTS)), [1] * CLIENTS, sent)
     x3, y3 = _batch(digits, 3, 1)
-    obs = client_observation(model, [(x3, y3)], protocol="fedsgd", lr=0.1, mean=digits.mean, std=digits.std,
-                             num_classes=digits.num_classes, client_id=3)
-    obs = dataclasses.replace(obs, update={k: v * scale for k, v in mean.items()})  # the server's view only
+    obs = client_observation(
+        model,
+        [(x3, y3)],
+        protocol="fedsgd",
+        lr=0.1,
+        mean=digits.mean,
+        std=digits.std,
+        num_classes=digits.num_classes,
+        client_id=3,
+    )
+    obs = dataclasses.replace(
+        obs, update={k: v * scale for k, v in mean.items()}
+    )  # the server's view only
     result = ATTACKS.create("analytic")(obs, generator=torch.Generator().manual_seed(0))
     truth, recon = digits.denormalize(x3), digits.denormalize(result.inputs)
     assert members == (3,)

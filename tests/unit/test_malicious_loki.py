@@ -75,8 +75,15 @@ class LokiRound:
 
 
 def simulate_loki_round(
-    ds: ImageData, num_clients: int, *, protocol: str = "fedsgd", batch_size: int = 8,
-    local_steps: int = 1, lr: float = 0.1, model_name: str = "mlp", seed: int = 0,
+    ds: ImageData,
+    num_clients: int,
+    *,
+    protocol: str = "fedsgd",
+    batch_size: int = 8,
+    local_steps: int = 1,
+    lr: float = 0.1,
+    model_name: str = "mlp",
+    seed: int = 0,
     **params: Any,
 ) -> LokiRound:
     """Craft LOKI's models for ``num_clients`` clients (ids 100, 101, ...), let each train its
@@ -84,10 +91,20 @@ def simulate_loki_round(
     steps = local_steps if protocol == "fedavg" else 1
     clients = tuple(range(100, 100 + num_clients))
     view = ServerView(
-        round=1, clients=clients, targets=clients, input_shape=ds.input_shape, num_classes=CLASSES,
-        data_mean=ds.mean, data_std=ds.std, protocol=protocol, batch_size=batch_size,
-        local_steps=steps, lr=lr, public_inputs=ds.normalize(ds.images("test", slice(None))),
-        public_labels=ds.labels("test", slice(None)), generator=torch.Generator().manual_seed(seed),
+        round=1,
+        clients=clients,
+        targets=clients,
+        input_shape=ds.input_shape,
+        num_classes=CLASSES,
+        data_mean=ds.mean,
+        data_std=ds.std,
+        protocol=protocol,
+        batch_size=batch_size,
+        local_steps=steps,
+        lr=lr,
+        public_inputs=ds.normalize(ds.images("test", slice(None))),
+        public_labels=ds.labels("test", slice(None)),
+        generator=torch.Generator().manual_seed(seed),
     )
     torch.manual_seed(seed)
     crafted = Loki(**params).craft(build_model(model_name, ds.input_shape, CLASSES), view)
@@ -95,20 +112,38 @@ def simulate_loki_round(
     idx = np.random.default_rng(seed).choice(len(ds), num_clients * n, replace=False)
     updates, weights = [], []
     for j, client in enumerate(clients):
-        own = idx[j * n:(j + 1) * n]
-        batches = [(ds.normalize(ds.images("train", b)), ds.labels("train", b))
-                   for b in np.split(own, steps)]
-        out = local_update(copy.deepcopy(crafted.per_client[client]), batches, protocol=protocol, lr=lr)
+        own = idx[j * n : (j + 1) * n]
+        batches = [
+            (ds.normalize(ds.images("train", b)), ds.labels("train", b))
+            for b in np.split(own, steps)
+        ]
+        out = local_update(
+            copy.deepcopy(crafted.per_client[client]), batches, protocol=protocol, lr=lr
+        )
         updates.append(out.update)
         weights.append(out.num_examples)
     total = float(sum(weights))
-    mean = {k: sum(w * u[k] for w, u in zip(weights, updates, strict=True)) / total for k in updates[0]}
+    mean = {
+        k: sum(w * u[k] for w, u in zip(weights, updates, strict=True)) / total for k in updates[0]
+    }
     obs = Observation(
-        round=1, client_id=None, protocol=protocol, model=crafted.model,  # type: ignore[arg-type]
+        round=1,
+        client_id=None,
+        protocol=protocol,
+        model=crafted.model,  # type: ignore[arg-type]
         global_params={k: v.detach().clone() for k, v in crafted.model.state_dict().items()},
-        update=mean, batch_size=batch_size, local_steps=steps, lr=lr, num_examples=int(total),
-        input_shape=ds.input_shape, num_classes=CLASSES, data_mean=ds.mean, data_std=ds.std,
-        num_clients=num_clients, members=clients, server_secrets={"loki": crafted.secrets},
+        update=mean,
+        batch_size=batch_size,
+        local_steps=steps,
+        lr=lr,
+        num_examples=int(total),
+        input_shape=ds.input_shape,
+        num_classes=CLASSES,
+        data_mean=ds.mean,
+        data_std=ds.std,
+        num_clients=num_clients,
+        members=clients,
+        server_secrets={"loki": crafted.secrets},
     )
     return LokiRound(crafted, view, updates, obs, idx, np.repeat(np.arange(num_clients), n))
 
@@ -122,12 +157,16 @@ def score_round(ds: ImageData, rnd: LokiRound, result: AttackResult) -> dict[str
     per_mse = metrics.mse(originals[ok], recon[perm[ok]])
     success = np.zeros(len(rnd.idx), dtype=bool)
     success[ok] = (per_mse <= ASR_MSE).numpy()
-    return {"asr": metrics.attack_success_rate(per_mse, ASR_MSE, len(rnd.idx)),
-            "coverage": metrics.coverage(perm),
-            "leakage_rate": metrics.leakage_rate(success, rnd.owners, len(rnd.view.targets))}
+    return {
+        "asr": metrics.attack_success_rate(per_mse, ASR_MSE, len(rnd.idx)),
+        "coverage": metrics.coverage(perm),
+        "leakage_rate": metrics.leakage_rate(success, rnd.owners, len(rnd.view.targets)),
+    }
 
 
-def measure_loki(num_clients: int, *, ds: ImageData | None = None, **kwargs: Any) -> dict[str, float]:
+def measure_loki(
+    num_clients: int, *, ds: ImageData | None = None, **kwargs: Any
+) -> dict[str, float]:
     """Leakage of one LOKI round over ``num_clients`` clients on MNIST (default) or ``ds``.
 
     ``kwargs`` go to :func:`simulate_loki_round` (protocol, batch_size, local_steps, lr,
@@ -151,10 +190,20 @@ def _synthetic_view(clients: int = 3, protocol: str = "fedsgd", seed: int = 0) -
     g = torch.Generator().manual_seed(seed)
     ids = tuple(range(5, 5 + clients))
     return ServerView(
-        round=1, clients=ids, targets=ids, input_shape=(1, 8, 8), num_classes=CLASSES,
-        data_mean=(0.5,), data_std=(0.25,), protocol=protocol, batch_size=4, local_steps=2,
-        lr=0.1, public_inputs=torch.randn(200, 1, 8, 8, generator=g),
-        public_labels=torch.arange(200) % CLASSES, generator=g,
+        round=1,
+        clients=ids,
+        targets=ids,
+        input_shape=(1, 8, 8),
+        num_classes=CLASSES,
+        data_mean=(0.5,),
+        data_std=(0.25,),
+        protocol=protocol,
+        batch_size=4,
+        local_steps=2,
+        lr=0.1,
+        public_inputs=torch.randn(200, 1, 8, 8, generator=g),
+        public_labels=torch.arange(200) % CLASSES,
+        generator=g,
     )
 
 
@@ -162,9 +211,18 @@ def test_auto_bins_and_parameters_are_validated() -> None:
     assert auto_bins(8) == 32 and auto_bins(0) == 4
     assert expected_alone_share(8, auto_bins(8)) == pytest.approx((1 - 1 / 32) ** 7)
     assert isinstance(MODIFICATIONS.create("loki", bins_per_client=8), Loki)
-    for bad in ({"bins_per_client": 1}, {"bins_per_client": -3}, {"bins_per_client": 2.5},
-                {"bins_per_client": True}, {"variant": "one_shot"}, {"measurement": "contrast"},
-                {"distribution": "laplace"}, {"drift": 0.0}, {"ratio": -1.0}, {"perturbation": 0.0}):
+    for bad in (
+        {"bins_per_client": 1},
+        {"bins_per_client": -3},
+        {"bins_per_client": 2.5},
+        {"bins_per_client": True},
+        {"variant": "one_shot"},
+        {"measurement": "contrast"},
+        {"distribution": "laplace"},
+        {"drift": 0.0},
+        {"ratio": -1.0},
+        {"perturbation": 0.0},
+    ):
         with pytest.raises(ValueError) as err:
             Loki(**bad)
         assert "\n" not in str(err.value)
@@ -195,8 +253,12 @@ def test_craft_gives_each_client_its_own_live_block_of_one_architecture() -> Non
         assert bool((w[lo:hi].norm(dim=1) > 0).all())
         # the models differ only in which encoder rows are live
         other = states[5]
-        assert all(torch.equal(v, other[k]) for k, v in states[c].items() if k not in (WEIGHT, BIAS))
-        client = build_architecture(build_model("convnet", (1, 8, 8), CLASSES), crafted.arch, (1, 8, 8))
+        assert all(
+            torch.equal(v, other[k]) for k, v in states[c].items() if k not in (WEIGHT, BIAS)
+        )
+        client = build_architecture(
+            build_model("convnet", (1, 8, 8), CLASSES), crafted.arch, (1, 8, 8)
+        )
         client.load_state_dict(states[c])
     assert torch.equal(crafted.model.state_dict()[WEIGHT], states[5][WEIGHT])
     with pytest.raises(ConfigError, match="loki"):
@@ -209,24 +271,42 @@ def test_attack_refuses_missing_secrets_and_mismatched_shapes() -> None:
     crafted = Loki(bins_per_client=4).craft(build_model("mlp", (1, 8, 8), CLASSES), view)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 1, 8, 8, generator=g), torch.arange(4)
-    update = local_update(copy.deepcopy(crafted.per_client[5]), [(x, y)], protocol="fedsgd", lr=0.1).update
+    update = local_update(
+        copy.deepcopy(crafted.per_client[5]), [(x, y)], protocol="fedsgd", lr=0.1
+    ).update
     obs = Observation(
-        round=1, client_id=5, protocol="fedsgd", model=crafted.model,
-        global_params=crafted.model.state_dict(), update=update, batch_size=4, local_steps=1,
-        lr=0.1, num_examples=4, input_shape=(1, 8, 8), num_classes=CLASSES, data_mean=(0.5,),
+        round=1,
+        client_id=5,
+        protocol="fedsgd",
+        model=crafted.model,
+        global_params=crafted.model.state_dict(),
+        update=update,
+        batch_size=4,
+        local_steps=1,
+        lr=0.1,
+        num_examples=4,
+        input_shape=(1, 8, 8),
+        num_classes=CLASSES,
+        data_mean=(0.5,),
         data_std=(0.25,),
     )
     with pytest.raises(ThreatModelError, match="requires the server modification 'loki'"):
         ATTACKS.create("loki")(obs)
     with pytest.raises(ThreatModelError, match="loki"):  # imprint's secrets are not loki's
-        ATTACKS.create("loki")(dataclasses.replace(obs, server_secrets={"imprint": crafted.secrets}))
+        ATTACKS.create("loki")(
+            dataclasses.replace(obs, server_secrets={"imprint": crafted.secrets})
+        )
     bad = {**crafted.secrets, "rows": 12}
     with pytest.raises(ThreatModelError, match="tile"):
         ATTACKS.create("loki")(dataclasses.replace(obs, server_secrets={"loki": bad}))
     cut = {k: v for k, v in update.items() if k != BIAS}
     with pytest.raises(ThreatModelError, match="block.encoder.bias"):
-        ATTACKS.create("loki")(dataclasses.replace(obs, update=cut, server_secrets={"loki": crafted.secrets}))
-    result = ATTACKS.create("loki")(dataclasses.replace(obs, server_secrets={"loki": crafted.secrets}))
+        ATTACKS.create("loki")(
+            dataclasses.replace(obs, update=cut, server_secrets={"loki": crafted.secrets})
+        )
+    result = ATTACKS.create("loki")(
+        dataclasses.replace(obs, server_secrets={"loki": crafted.secrets})
+    )
     assert result.inputs.shape[1:] == (1, 8, 8) and result.metrics["blocks"] == 2.0
     assert result.metrics["leaking_blocks"] == 1.0  # only client 5 trained
 
@@ -245,13 +325,23 @@ def _margin(p: float, records: int) -> float:
 
 
 @pytest.mark.shared_data
-@pytest.mark.parametrize(("protocol", "steps", "variant"),
-                         [("fedsgd", 1, "sparse"), ("fedavg", 4, "sparse"), ("fedavg", 4, "cumulative")])
+@pytest.mark.parametrize(
+    ("protocol", "steps", "variant"),
+    [("fedsgd", 1, "sparse"), ("fedavg", 4, "sparse"), ("fedavg", 4, "cumulative")],
+)
 def test_aggregate_of_10_clients_leaks_each_clients_alone_records(
     mnist: ImageData, protocol: str, steps: int, variant: str
 ) -> None:
-    rnd = simulate_loki_round(mnist, 10, protocol=protocol, batch_size=8, local_steps=steps, lr=0.1,
-                              seed=1, variant=variant)
+    rnd = simulate_loki_round(
+        mnist,
+        10,
+        protocol=protocol,
+        batch_size=8,
+        local_steps=steps,
+        lr=0.1,
+        seed=1,
+        variant=variant,
+    )
     sec = rnd.crafted.secrets
     # (a) a client's update touches no encoder row (nor decoder column) outside its block
     for client, update in zip(rnd.view.targets, rnd.updates, strict=True):
@@ -278,8 +368,13 @@ def test_aggregate_of_10_clients_leaks_each_clients_alone_records(
     originals = mnist.images("train", rnd.idx).flatten(1)
     for j, client in enumerate(rnd.view.targets):
         lo, hi = sec["blocks"][client]
-        flat, _ = recover_bins(rnd.obs.update[WEIGHT][lo:hi], rnd.obs.update[BIAS][lo:hi],
-                               sec["variant"], tol=1e-6, cap=n)
+        flat, _ = recover_bins(
+            rnd.obs.update[WEIGHT][lo:hi],
+            rnd.obs.update[BIAS][lo:hi],
+            sec["variant"],
+            tol=1e-6,
+            cap=n,
+        )
         recon = mnist.denormalize(flat.float().view(-1, *mnist.input_shape)).clamp(0, 1).flatten(1)
         cost = metrics.mse_cost_matrix(originals, recon)
         best, owner = cost.min(0).values, rnd.owners[cost.argmin(0).numpy()]

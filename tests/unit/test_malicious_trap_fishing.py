@@ -52,7 +52,12 @@ def cifar(shared: Path) -> ImageData:
 
 
 def view_for(
-    data: ImageData, *, batch_size: int, clients: int = 1, round_: int = 1, public: int = 500,
+    data: ImageData,
+    *,
+    batch_size: int,
+    clients: int = 1,
+    round_: int = 1,
+    public: int = 500,
     seed: int = 0,
 ) -> ServerView:
     """The server's view; its public data is the start of the test split."""
@@ -91,8 +96,7 @@ def observe(
     size = x.shape[0] // clients
     parts = [slice(c * size, (c + 1) * size) for c in range(clients)]
     ups = [
-        local_update(copy.deepcopy(model), [(x[p], y[p])], protocol="fedsgd", lr=0.1)
-        for p in parts
+        local_update(copy.deepcopy(model), [(x[p], y[p])], protocol="fedsgd", lr=0.1) for p in parts
     ]
     total = sum(u.num_examples for u in ups)
     update = {k: sum(u.update[k] * u.num_examples for u in ups) / total for k in ups[0].update}
@@ -150,8 +154,9 @@ def test_trap_weights_cifar_mlp_asr(shared_data: Path) -> None:
         crafted = TrapWeights().craft(honest, view_for(data, batch_size=64, seed=seed))
         idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(100 + seed))[:64]
         x01, y = data.images("train", idx), data.labels("train", idx)
-        obs = observe(crafted.model, data, data.normalize(x01), y,
-                      secrets={"trap_weights": crafted.secrets})
+        obs = observe(
+            crafted.model, data, data.normalize(x01), y, secrets={"trap_weights": crafted.secrets}
+        )
         res = TrapWeightsAttack()(obs)
         assert res.labels is None and res.inputs.shape[1:] == data.input_shape
         mse = matched_mse(x01, data.denormalize(res.inputs))
@@ -309,14 +314,17 @@ def test_class_fishing_on_aggregate_beats_inverting_gradients() -> None:
     honest = build_model("lenet", data.input_shape, CLASSES)
     view = view_for(data, batch_size=per_client, clients=clients)
     crafted = Fishing(target_class=target).craft(honest, view)
-    assert crafted.secrets == {"mode": "class", "target_class": target, "classifier": "fc",
-                               "bias_multiplier": 1000.0}
-    obs = observe(crafted.model, data, x, y, clients=clients,
-                  secrets={"fishing": crafted.secrets})
+    assert crafted.secrets == {
+        "mode": "class",
+        "target_class": target,
+        "classifier": "fc",
+        "bias_multiplier": 1000.0,
+    }
+    obs = observe(crafted.model, data, x, y, clients=clients, secrets={"fishing": crafted.secrets})
 
     # The other 19 records are silent: the untouched parameters carry exactly the gradient of
     # the one target record (scaled by 1/20).
-    single = observe(crafted.model, data, x[where:where + 1], y[where:where + 1])
+    single = observe(crafted.model, data, x[where : where + 1], y[where : where + 1])
     for name, g in obs.update.items():
         ref = single.update[name] / (clients * per_client)
         if name.startswith("fc."):
@@ -327,15 +335,19 @@ def test_class_fishing_on_aggregate_beats_inverting_gradients() -> None:
     assert res.inputs.shape == (1, *data.input_shape)
     assert res.labels.tolist() == [target]
     assert res.metrics["estimated_records"] == pytest.approx(1.0, abs=1e-3)
-    fished = float(psnr(matched_mse(x01[where:where + 1], data.denormalize(res.inputs)))[0])
+    fished = float(psnr(matched_mse(x01[where : where + 1], data.denormalize(res.inputs)))[0])
 
     baseline = InvertingGradientsAttack(iterations=iterations)(
         observe(honest, data, x, y, clients=clients)
     )
     assert baseline.inputs.shape[0] == clients * per_client
     ig = float(psnr(matched_mse(x01, data.denormalize(baseline.inputs)))[where])
-    log.info("class fishing digits/lenet: target %d, fished %.2f dB, honest IG %.2f dB",
-             target, fished, ig)
+    log.info(
+        "class fishing digits/lenet: target %d, fished %.2f dB, honest IG %.2f dB",
+        target,
+        fished,
+        ig,
+    )
     assert fished >= ig + 5.0, (fished, ig)
 
 
@@ -379,8 +391,9 @@ def test_feature_fishing_counts_the_window_and_searches_over_rounds() -> None:
         idx = torch.randperm(len(data), generator=gen)[: clients * per_client]
         x01, y = data.images("train", idx), data.labels("train", idx)
         x = data.normalize(x01)
-        obs = observe(crafted.model, data, x, y, clients=clients, secrets={"fishing": sec},
-                      round_=rnd)
+        obs = observe(
+            crafted.model, data, x, y, clients=clients, secrets={"fishing": sec}, round_=rnd
+        )
         pen = crafted.model.get_submodule(sec["feature_layer"])
         with torch.no_grad():
             s = pen(crafted.model[:3](x))[:, sec["feature"]]
@@ -399,11 +412,13 @@ def test_feature_fishing_counts_the_window_and_searches_over_rounds() -> None:
             assert res.metrics["estimated_records"] == pytest.approx(1.0, abs=1e-3)
             assert res.labels.tolist() == [target]
             where = int(torch.nonzero(inside)[0])
-            singles.append(float(psnr(matched_mse(x01[where:where + 1],
-                                                  data.denormalize(res.inputs)))[0]))
+            singles.append(
+                float(psnr(matched_mse(x01[where : where + 1], data.denormalize(res.inputs)))[0])
+            )
             if len(singles) == 2:
                 break
-    log.info("feature fishing digits/mlp: (true, estimated) counts %s, PSNR when one %s",
-             counts, singles)
+    log.info(
+        "feature fishing digits/mlp: (true, estimated) counts %s, PSNR when one %s", counts, singles
+    )
     assert singles, counts
     assert min(singles) >= 30.0, singles

@@ -31,7 +31,7 @@ def test_each_kind_writes_run_folder(kind, tmp_path):
         assert (path / name).is_file(), name
     saved = json.loads((path / "summary.json").read_text())
     assert saved["kind"] == kind and saved["data"] == "digits"
-    rows = list(csv.DictReader(open(path / "table.csv")))
+    rows = list(csv.DictReader((path / "table.csv").read_text().splitlines()))
     if kind == "i2f":
         assert len(rows) == 3 == summary["samples"]
         for r in rows:
@@ -53,25 +53,42 @@ def test_each_kind_writes_run_folder(kind, tmp_path):
 
 
 def test_i2f_monte_carlo_and_pruning(tmp_path):
-    _, mc = run_measure(load_config(None, ["i2f.samples=2", "i2f.mc_samples=3", 'i2f.noise="laplace"']),
-                        out=tmp_path / "mc")
+    _, mc = run_measure(
+        load_config(None, ["i2f.samples=2", "i2f.mc_samples=3", 'i2f.noise="laplace"']),
+        out=tmp_path / "mc",
+    )
     assert mc["mc_samples"] == 3 and mc["lower_bound_mean"] > 0
-    rows = list(csv.DictReader(open(tmp_path / "mc" / "table.csv")))
+    rows = list(csv.DictReader((tmp_path / "mc" / "table.csv").read_text().splitlines()))
     assert all(float(r["lower_bound_stderr"]) >= 0 for r in rows)
-    _, none = run_measure(load_config(None, ["i2f.samples=2", 'i2f.noise="pruning"', "i2f.scale=0.0"]),
-                          out=tmp_path / "p0")
+    _, none = run_measure(
+        load_config(None, ["i2f.samples=2", 'i2f.noise="pruning"', "i2f.scale=0.0"]),
+        out=tmp_path / "p0",
+    )
     assert none["lower_bound_max"] == 0.0  # pruning nothing perturbs nothing
 
 
 def test_vinfo_about_the_input(tmp_path):
     """``vinfo.target = "input"``: Gaussian-decoder V-information about the digits' pixels."""
-    cfg = load_config(None, ['measure.kind="vinfo"', 'vinfo.target="input"', "vinfo.samples_per_class=8",
-                             "vinfo.mlp_epochs=20", "vinfo.input_components=4", "vinfo.max_features=16"])
+    cfg = load_config(
+        None,
+        [
+            'measure.kind="vinfo"',
+            'vinfo.target="input"',
+            "vinfo.samples_per_class=8",
+            "vinfo.mlp_epochs=20",
+            "vinfo.input_components=4",
+            "vinfo.max_features=16",
+        ],
+    )
     path, summary = run_measure(cfg, out=tmp_path / "run")
     assert summary["target"] == "input" and summary["input_components"] == 4
     assert 0.0 < summary["explained_variance"] <= 1.0 and summary["most_informative_layer"] in {
-        "body.0", "body.2", "body.4", "fc"}
-    rows = list(csv.DictReader(open(path / "table.csv")))
+        "body.0",
+        "body.2",
+        "body.4",
+        "fc",
+    }
+    rows = list(csv.DictReader((path / "table.csv").read_text().splitlines()))
     assert [r["layer"] for r in rows] == ["body.0", "body.2", "body.4", "fc"]
     for r in rows:  # one null model (shared split and projection), total = per-dimension x 4
         assert float(r["h_x"]) == pytest.approx(summary["h_x"])
@@ -119,7 +136,10 @@ def _cli(*args: str) -> CliResult:
     [
         (["--set", 'measure.kind="nope"'], ["nope", "allowed"]),
         (["missing.toml"], ["missing.toml", "does not exist"]),
-        (["--set", 'data.name="mnist_idx"', "--set", 'data.root="/nonexistent/mnist"'], ["/nonexistent/mnist"]),
+        (
+            ["--set", 'data.name="mnist_idx"', "--set", 'data.root="/nonexistent/mnist"'],
+            ["/nonexistent/mnist"],
+        ),
         (["--set", "i2f.samples=100000"], ["i2f.samples", "split has"]),
         (["--set", 'model.name="vgg"'], ["vgg", "lenet"]),
     ],
@@ -137,7 +157,13 @@ def test_cli_bad_input_one_line_exit_2(args, words, tmp_path):
 def test_cli_help_lists_keys():
     res = _cli("--help")
     assert res.returncode == 0
-    for key in ("measure.kind", "i2f.mc_samples", "vinfo.target", "sensitivity.probes", "subspace.classes"):
+    for key in (
+        "measure.kind",
+        "i2f.mc_samples",
+        "vinfo.target",
+        "sensitivity.probes",
+        "subspace.classes",
+    ):
         assert key in res.stdout
 
 
@@ -159,8 +185,17 @@ def test_cli_prints_a_table_naming_the_eps_of_each_i2f_column(tmp_path):
 
 
 def test_cli_json_prints_the_summary_only(tmp_path):
-    res = _cli("--set", 'measure.kind="sensitivity"', "--set", "sensitivity.samples=2", "--set",
-               "sensitivity.probes=4", "--json", "--out", str(tmp_path / "run"))
+    res = _cli(
+        "--set",
+        'measure.kind="sensitivity"',
+        "--set",
+        "sensitivity.samples=2",
+        "--set",
+        "sensitivity.probes=4",
+        "--json",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert res.returncode == 0, res.stderr
     printed = json.loads(res.stdout)  # nothing but JSON on stdout
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -172,13 +207,18 @@ def test_cli_json_prints_the_summary_only(tmp_path):
 def test_layer_tables_are_human(kind, tmp_path):
     from fl_privsim.measure import _read_rows, format_measure
 
-    path, summary = run_measure(load_config(None, [f'measure.kind="{kind}"', *SMALL[kind]]), out=tmp_path / "run")
+    path, summary = run_measure(
+        load_config(None, [f'measure.kind="{kind}"', *SMALL[kind]]), out=tmp_path / "run"
+    )
     text = format_measure(summary, _read_rows(path / "table.csv"))
     lines = text.splitlines()
     assert lines[1].startswith("layer")
     assert [x.split()[0] for x in lines[2:6]] == ["body.0", "body.2", "body.4", "fc"]
-    best = {"vinfo": "most informative layer", "sensitivity": "most sensitive layer",
-            "subspace": "most separating layer"}[kind]
+    best = {
+        "vinfo": "most informative layer",
+        "sensitivity": "most sensitive layer",
+        "subspace": "most separating layer",
+    }[kind]
     assert lines[-1].startswith(f"{best}: ")
     if kind == "sensitivity":
         assert "±" in lines[2]  # stderr of the Hutchinson estimate

@@ -46,7 +46,9 @@ def tiny_mlp(seed: int = 0) -> nn.Module:
 def tiny_conv(seed: int = 0) -> nn.Module:
     """Fewer parameters (18) than inputs (64): λ_max is taken in parameter space."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).double()
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, bias=False), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    ).double()
 
 
 def closed_form_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -66,7 +68,9 @@ def closed_form_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
         p = torch.softmax(w @ xn + b, 0)
         r = p - torch.nn.functional.one_hot(y[n], kk).double()
         a = (torch.diag(p) - torch.outer(p, p)) @ w  # (K, d)
-        jw = torch.einsum("ik,j->kij", a, xn) + torch.einsum("i,jk->kij", r, torch.eye(d, dtype=torch.float64))
+        jw = torch.einsum("ik,j->kij", a, xn) + torch.einsum(
+            "i,jk->kij", r, torch.eye(d, dtype=torch.float64)
+        )
         blocks.append(torch.cat([jw.reshape(d, kk * d), a.T], dim=1) / bsz)
     return torch.cat(blocks, dim=0)
 
@@ -105,7 +109,9 @@ def test_products_match_dense_jacobian_nonlinear(make, shape) -> None:
 
 
 @pytest.mark.parametrize("method", ["lanczos", "power"])
-@pytest.mark.parametrize("make,shape", [(tiny_mlp, (1, 6)), (tiny_conv, (1, 1, 8, 8)), (softmax_regression, (2, 5))])
+@pytest.mark.parametrize(
+    "make,shape", [(tiny_mlp, (1, 6)), (tiny_conv, (1, 1, 8, 8)), (softmax_regression, (2, 5))]
+)
 def test_lambda_max_matches_eigvalsh(method: str, make, shape) -> None:
     model = make()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -113,7 +119,9 @@ def test_lambda_max_matches_eigvalsh(method: str, make, shape) -> None:
     jac = dense_jacobian(model, x, y)
     expected = float(torch.linalg.eigvalsh(jac @ jac.T)[-1])
     op = InversionJacobian(model, x, y)
-    got = max_eigenvalue(op, method=method, tol=1e-12, max_iter=20000, generator=torch.Generator().manual_seed(0))
+    got = max_eigenvalue(
+        op, method=method, tol=1e-12, max_iter=20000, generator=torch.Generator().manual_seed(0)
+    )
     assert got == pytest.approx(expected, rel=1e-6 if method == "lanczos" else 1e-4)
 
 
@@ -127,19 +135,27 @@ def _tiny_setup(seed: int = 4):
 @pytest.mark.parametrize("eps", [0.0, 0.01, 1.0])
 def test_exact_value_matches_direct_solve(eps: float) -> None:
     model, x, y, jac = _tiny_setup()
-    delta = torch.randn(jac.shape[1], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    delta = torch.randn(
+        jac.shape[1], generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
     (res,) = i2f(model, x, y, delta, eps=eps, cg_tol=1e-12, cg_max_iter=200)
     gram = jac @ jac.T + eps * torch.eye(jac.shape[0], dtype=torch.float64)
     expected = float(torch.linalg.solve(gram, jac @ delta).norm())
     assert res.cg_converged
     assert res.exact == pytest.approx(expected, rel=1e-7)
     assert res.jdelta_norm == pytest.approx(float((jac @ delta).norm()), rel=1e-12)
-    assert res.lower_bound == pytest.approx(res.jdelta_norm / float(torch.linalg.eigvalsh(jac @ jac.T)[-1]), rel=1e-6)
+    assert res.lower_bound == pytest.approx(
+        res.jdelta_norm / float(torch.linalg.eigvalsh(jac @ jac.T)[-1]), rel=1e-6
+    )
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), log_scale=st.floats(-4, 2), sparsity=st.floats(0.0, 0.95),
-       eps=st.sampled_from([0.01, 0.1, 1.0, 10.0]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    log_scale=st.floats(-4, 2),
+    sparsity=st.floats(0.0, 0.95),
+    eps=st.sampled_from([0.01, 0.1, 1.0, 10.0]),
+)
 def test_lower_bound_below_exact(seed: int, log_scale: float, sparsity: float, eps: float) -> None:
     model, x, y, jac = _tiny_setup(seed % 7)
     g = torch.Generator().manual_seed(seed)
@@ -164,7 +180,9 @@ def test_eigenvector_perturbation_gives_inverse_sqrt_eigenvalue() -> None:
         (res,) = i2f(model, x, y, 5.0 * vecs[:, i], eps=0.0, cg_tol=1e-12)
         assert res.exact == pytest.approx(5.0 / math.sqrt(float(vals[i])), rel=1e-6)
     (top,) = i2f(model, x, y, vecs[:, 0], eps=0.0, cg_tol=1e-12)
-    assert top.lower_bound == pytest.approx(top.exact, rel=1e-6)  # the bound is tight on the top direction
+    assert top.lower_bound == pytest.approx(
+        top.exact, rel=1e-6
+    )  # the bound is tight on the top direction
 
 
 def test_per_sample_and_batch_forms() -> None:
@@ -176,7 +194,9 @@ def test_per_sample_and_batch_forms() -> None:
     delta = torch.randn(d_theta, generator=g, dtype=torch.float64)
     per = i2f(model, x, y, delta, eps=0.1, cg_tol=1e-12)
     for i in range(3):
-        (alone,) = i2f(model, x[i : i + 1], y[i : i + 1], delta, per_sample=False, eps=0.1, cg_tol=1e-12)
+        (alone,) = i2f(
+            model, x[i : i + 1], y[i : i + 1], delta, per_sample=False, eps=0.1, cg_tol=1e-12
+        )
         assert per[i].exact == pytest.approx(alone.exact, rel=1e-8)
         assert per[i].lambda_max == pytest.approx(alone.lambda_max, rel=1e-8)
     rows = torch.stack([delta, 2 * delta, -delta])
@@ -186,7 +206,12 @@ def test_per_sample_and_batch_forms() -> None:
     (joint,) = i2f(model, x, y, delta, per_sample=False, eps=0.1, cg_tol=1e-12)
     assert joint.d_x == 18
     named = dict(trainable_named_params(model))
-    as_dict = {n: piece for n, piece in zip(named, torch.split(delta, [p.numel() for p in named.values()]), strict=True)}
+    as_dict = {
+        n: piece
+        for n, piece in zip(
+            named, torch.split(delta, [p.numel() for p in named.values()]), strict=True
+        )
+    }
     as_dict = {n: v.view_as(named[n]) for n, v in as_dict.items()}
     (via_dict,) = i2f(model, x, y, as_dict, per_sample=False, eps=0.1, cg_tol=1e-12)
     assert via_dict.exact == pytest.approx(joint.exact, rel=1e-10)
@@ -196,11 +221,26 @@ def test_per_sample_and_batch_forms() -> None:
 def test_monte_carlo_expectation_within_error_bars(noise: str) -> None:
     model, x, y, jac = _tiny_setup()
     lam = float(torch.linalg.eigvalsh(jac @ jac.T)[-1])
-    ref_draws = sample_noise(noise, 0.3, jac.shape[1] * 40000, generator=torch.Generator().manual_seed(99),
-                             dtype=torch.float64).view(40000, -1)
-    reference = float((ref_draws @ jac.T).norm(dim=1).mean()) / lam  # E‖Jδ‖/λ_max, SE ≈ 0.3% of the n=200 SE
-    (res,) = i2f_expected(model, x, y, noise=noise, scale=0.3, n_draws=200, exact=False,
-                          generator=torch.Generator().manual_seed(7))
+    ref_draws = sample_noise(
+        noise,
+        0.3,
+        jac.shape[1] * 40000,
+        generator=torch.Generator().manual_seed(99),
+        dtype=torch.float64,
+    ).view(40000, -1)
+    reference = (
+        float((ref_draws @ jac.T).norm(dim=1).mean()) / lam
+    )  # E‖Jδ‖/λ_max, SE ≈ 0.3% of the n=200 SE
+    (res,) = i2f_expected(
+        model,
+        x,
+        y,
+        noise=noise,
+        scale=0.3,
+        n_draws=200,
+        exact=False,
+        generator=torch.Generator().manual_seed(7),
+    )
     assert res.lambda_max == pytest.approx(lam, rel=1e-6)
     assert abs(res.lower_bound_mean - reference) <= 4 * res.lower_bound_stderr
     assert res.exact_mean is None
@@ -208,7 +248,7 @@ def test_monte_carlo_expectation_within_error_bars(noise: str) -> None:
 
 def test_expectation_scales_linearly_with_noise_scale() -> None:
     model, x, y, _ = _tiny_setup()
-    kw = dict(n_draws=8, eps=0.0, cg_tol=1e-12)
+    kw = {"n_draws": 8, "eps": 0.0, "cg_tol": 1e-12}
     (one,) = i2f_expected(model, x, y, scale=1.0, generator=torch.Generator().manual_seed(3), **kw)
     (two,) = i2f_expected(model, x, y, scale=2.0, generator=torch.Generator().manual_seed(3), **kw)
     assert two.lower_bound_mean == pytest.approx(2 * one.lower_bound_mean, rel=1e-9)
@@ -219,11 +259,15 @@ def test_expectation_scales_linearly_with_noise_scale() -> None:
 
 def test_sample_noise_moments() -> None:
     n = 200_000
-    lap = sample_noise("laplace", 0.5, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lap = sample_noise(
+        "laplace", 0.5, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
     # Laplace(0, b): E|X| = b (sd b), Var X = 2b².
     assert abs(float(lap.abs().mean()) - 0.5) <= 4 * 0.5 / math.sqrt(n)
     assert float(lap.var()) == pytest.approx(2 * 0.25, rel=0.02)
-    gau = sample_noise("gaussian", 0.5, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gau = sample_noise(
+        "gaussian", 0.5, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
     assert float(gau.std()) == pytest.approx(0.5, rel=0.01)
     with pytest.raises(ValueError):
         sample_noise("cauchy", 1.0, 3)
@@ -242,11 +286,20 @@ def test_pruning_perturbation() -> None:
 
 
 def test_measures_import_without_flwr_or_ray() -> None:
-    code = ("import sys; sys.modules['flwr'] = None; sys.modules['ray'] = None\n"
-            "import adversaries.measures\n"
-            "assert not any(m == 'flwr' or m.startswith(('flwr.', 'ray.')) for m in sys.modules"
-            " if sys.modules[m] is not None)\nprint('ok')")
-    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code = (
+        "import sys; sys.modules['flwr'] = None; sys.modules['ray'] = None\n"
+        "import adversaries.measures\n"
+        "assert not any(m == 'flwr' or m.startswith(('flwr.', 'ray.')) for m in sys.modules"
+        " if sys.modules[m] is not None)\nprint('ok')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"

@@ -29,13 +29,20 @@ torch.set_num_threads(1)
 def tiny_cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 5), nn.Sigmoid(), nn.Linear(5, 3)
+        nn.Conv2d(1, 2, 3),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 5),
+        nn.Sigmoid(),
+        nn.Linear(5, 3),
     ).double()
 
 
 def _batch(n: int = 2, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+    return torch.randn(n, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(
+        0, 3, (n,), generator=g
+    )
 
 
 def test_layer_groups() -> None:
@@ -46,13 +53,18 @@ def test_layer_groups() -> None:
 def test_hutchinson_within_error_bars_of_exact(probe: str) -> None:
     model = tiny_cnn()
     x, y = _batch()
-    est = jacobian_sensitivity(model, x, y, n_probes=64, probe=probe, generator=torch.Generator().manual_seed(0))
+    est = jacobian_sensitivity(
+        model, x, y, n_probes=64, probe=probe, generator=torch.Generator().manual_seed(0)
+    )
     exact = exact_sensitivity(model, x, y)
     assert [(r.layer, r.sample) for r in est] == [(r["layer"], r["sample"]) for r in exact]
     for r, e in zip(est, exact, strict=True):
         assert r.sq_frobenius_stderr > 0
         # Unbiased estimator of ‖·‖_F²; 4 standard errors (plus float rounding).
-        assert abs(r.sq_frobenius - e["sq_frobenius"]) <= 4 * r.sq_frobenius_stderr + 1e-12 * e["sq_frobenius"]
+        assert (
+            abs(r.sq_frobenius - e["sq_frobenius"])
+            <= 4 * r.sq_frobenius_stderr + 1e-12 * e["sq_frobenius"]
+        )
         assert r.normalized == pytest.approx(r.frobenius / math.sqrt(r.d_params * r.d_input))
 
 
@@ -60,7 +72,9 @@ def test_forward_mode_route_equals_double_backward() -> None:
     model = tiny_cnn()
     x, y = _batch()
     a = jacobian_sensitivity(model, x, y, n_probes=4, generator=torch.Generator().manual_seed(5))
-    b = jacobian_sensitivity(model, x, y, n_probes=4, method="forward", generator=torch.Generator().manual_seed(5))
+    b = jacobian_sensitivity(
+        model, x, y, n_probes=4, method="forward", generator=torch.Generator().manual_seed(5)
+    )
     for ra, rb in zip(a, b, strict=True):
         assert ra.sq_frobenius == pytest.approx(rb.sq_frobenius, rel=1e-10)
 
@@ -68,7 +82,9 @@ def test_forward_mode_route_equals_double_backward() -> None:
 def test_summary_averages_over_samples() -> None:
     model = tiny_cnn()
     x, y = _batch(3)
-    rows = jacobian_sensitivity(model, x, y, n_probes=8, layers=["0", "5"], generator=torch.Generator().manual_seed(1))
+    rows = jacobian_sensitivity(
+        model, x, y, n_probes=8, layers=["0", "5"], generator=torch.Generator().manual_seed(1)
+    )
     table = summarize_sensitivity(rows)
     assert [t["layer"] for t in table] == ["0", "5"]
     first = [r.frobenius for r in rows if r.layer == "0"]
@@ -82,7 +98,9 @@ def test_principal_angles_known_answers() -> None:
     g = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(10, 3, generator=g, dtype=torch.float64))[0]
     mixed = basis @ torch.randn(3, 3, generator=g, dtype=torch.float64)  # same span, other basis
-    assert torch.allclose(principal_angles(basis, mixed), torch.zeros(3, dtype=torch.float64), atol=1e-7)
+    assert torch.allclose(
+        principal_angles(basis, mixed), torch.zeros(3, dtype=torch.float64), atol=1e-7
+    )
     q = torch.linalg.qr(torch.randn(10, 6, generator=g, dtype=torch.float64))[0]
     angles = principal_angles(q[:, :3], q[:, 3:])
     assert torch.allclose(angles, torch.full((3,), math.pi / 2, dtype=torch.float64), atol=1e-10)
@@ -109,10 +127,16 @@ def test_layer_subspace_identical_and_orthogonal_groups() -> None:
     gsame = torch.randn(25, 3, generator=g, dtype=torch.float64) @ q[:, :3].T
     (orth,) = layer_subspace_distance({"l": ga}, {"l": gb}, k=3)
     (same,) = layer_subspace_distance({"l": ga}, {"l": gsame}, k=3)
-    assert orth.k == 3 and orth.distance == pytest.approx(math.sqrt(3)) and orth.normalized_distance == pytest.approx(1)
+    assert (
+        orth.k == 3
+        and orth.distance == pytest.approx(math.sqrt(3))
+        and orth.normalized_distance == pytest.approx(1)
+    )
     assert all(a == pytest.approx(math.pi / 2) for a in orth.angles)
     assert same.distance == pytest.approx(0.0, abs=1e-7)
-    (capped,) = layer_subspace_distance({"l": ga}, {"l": gb}, k=10)  # rank 3: only 3 directions exist
+    (capped,) = layer_subspace_distance(
+        {"l": ga}, {"l": gb}, k=10
+    )  # rank 3: only 3 directions exist
     assert capped.k == 3
 
 
@@ -167,8 +191,12 @@ def test_vinfo_of_independent_noise_is_zero() -> None:
 def test_layer_table_and_plot(tmp_path) -> None:
     feats, y = _perfect_features(400, 3, 2)
     noise = torch.randn(400, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    table = layer_v_information({"fc": feats, "noise": noise}, y, generator=torch.Generator().manual_seed(4),
-                                families=("logistic",))
+    table = layer_v_information(
+        {"fc": feats, "noise": noise},
+        y,
+        generator=torch.Generator().manual_seed(4),
+        families=("logistic",),
+    )
     assert [row["layer"] for row in table] == ["fc", "noise"]
     assert table[0]["v_information"] > table[1]["v_information"] + 0.5
     assert {"h_y", "h_y_given_g", "stderr", "nll_logistic", "best_family"} <= set(table[0])

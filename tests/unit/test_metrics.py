@@ -154,12 +154,21 @@ def _avd_loops(v0: np.ndarray, v1: np.ndarray, c1: float = 1.0, c2: float = 0.5)
     c, h, w = v0.shape
 
     def maps(v):
-        dx = lambda ch, r, q: v[ch, r, q] - v[ch, r, q + 1]  # noqa: E731
-        dy = lambda ch, r, q: v[ch, r, q] - v[ch, r + 1, q]  # noqa: E731
-        d1 = [[[abs(dx(ch, i + 1, j) + dy(ch, i, j + 1)) for j in range(w - 1)] for i in range(h - 1)] for ch in range(c)]
-        d2x = lambda ch, r, q: dx(ch, r, q) - dx(ch, r, q + 1)  # noqa: E731
-        d2y = lambda ch, r, q: dy(ch, r, q) - dy(ch, r + 1, q)  # noqa: E731
-        d2 = [[[abs(d2x(ch, i + 2, j) + d2y(ch, i, j + 2)) for j in range(w - 2)] for i in range(h - 2)] for ch in range(c)]
+        dx = lambda ch, r, q: v[ch, r, q] - v[ch, r, q + 1]
+        dy = lambda ch, r, q: v[ch, r, q] - v[ch, r + 1, q]
+        d1 = [
+            [[abs(dx(ch, i + 1, j) + dy(ch, i, j + 1)) for j in range(w - 1)] for i in range(h - 1)]
+            for ch in range(c)
+        ]
+        d2x = lambda ch, r, q: dx(ch, r, q) - dx(ch, r, q + 1)
+        d2y = lambda ch, r, q: dy(ch, r, q) - dy(ch, r + 1, q)
+        d2 = [
+            [
+                [abs(d2x(ch, i + 2, j) + d2y(ch, i, j + 2)) for j in range(w - 2)]
+                for i in range(h - 2)
+            ]
+            for ch in range(c)
+        ]
         return np.array(d1), np.array(d2)
 
     a1, a2 = maps(v0)
@@ -178,9 +187,13 @@ def test_avd_matches_the_definition_pixel_by_pixel():
 
 def test_avd_is_zero_for_a_shifted_copy_while_mse_is_not():
     g = torch.Generator().manual_seed(1)
-    base = (torch.randint(0, 200, (2, 1, 8, 8), generator=g).double() + 0.5) / 255  # mid-bin: exact 8-bit
+    base = (
+        torch.randint(0, 200, (2, 1, 8, 8), generator=g).double() + 0.5
+    ) / 255  # mid-bin: exact 8-bit
     shifted = base + 40 / 255  # same differences, different intensities
-    assert torch.allclose(metrics.avd(base, shifted), torch.zeros(2, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(
+        metrics.avd(base, shifted), torch.zeros(2, dtype=torch.float64), atol=1e-12
+    )
     assert float(metrics.mse(base, shifted).min()) > 0.02
     noisy = (base + 0.1 * torch.randn(base.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
     assert float(metrics.avd(base, noisy).min()) > 0.05

@@ -176,7 +176,10 @@ def crafts(digits):
                     continue
                 view = server_view(digits, stage=0, seed=0, training=Training())
                 crafted = mod.craft(model, view)
-                for who, sent in [("", crafted.model), *((f" to client {c}", m) for c, m in crafted.per_client.items())]:
+                for who, sent in [
+                    ("", crafted.model),
+                    *((f" to client {c}", m) for c, m in crafted.per_client.items()),
+                ]:
                     if sent_unchanged(sent, model):
                         continue  # isolation's target gets the honest model: nothing to detect
                     out.append((name, f"{name}{params}{who}", arch, sent))
@@ -185,9 +188,16 @@ def crafts(digits):
 
 def test_every_registered_modification_is_detected_by_its_own_check(crafts):
     assert {"imprint", "trap_weights", "fishing"} <= set(MODIFICATIONS.names())
-    assert {"imprint", "trap_weights", "fishing", "isolation", "loki"} <= {name for name, *_ in crafts}
-    own = {"imprint": "parallel_rows", "trap_weights": "balanced_signs", "fishing": "zero_rows",
-           "isolation": "dead_rows", "loki": "parallel_rows"}
+    assert {"imprint", "trap_weights", "fishing", "isolation", "loki"} <= {
+        name for name, *_ in crafts
+    }
+    own = {
+        "imprint": "parallel_rows",
+        "trap_weights": "balanced_signs",
+        "fishing": "zero_rows",
+        "isolation": "dead_rows",
+        "loki": "parallel_rows",
+    }
     inspector = ModelInspector()
     for name, label, arch, model in crafts:
         checks = {f.check for f in inspector.findings(model)}

@@ -80,8 +80,9 @@ def test_dirichlet_gives_up_with_advice() -> None:
     scheme=st.sampled_from(["iid", "dirichlet"]),
     seed=st.integers(0, 2**31),
 )
-def test_partition_covers_every_index_once(labels: list[int], data: st.DataObject,
-                                           scheme: str, seed: int) -> None:
+def test_partition_covers_every_index_once(
+    labels: list[int], data: st.DataObject, scheme: str, seed: int
+) -> None:
     arr = np.asarray(labels)
     k = data.draw(st.integers(1, min(len(arr), 12)), label="num_clients")
     alpha = data.draw(st.floats(0.05, 100.0), label="alpha")

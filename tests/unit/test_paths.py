@@ -16,8 +16,11 @@ REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "experiments"
 #: Where the shipped configs' relative data.root values point (../shared/data beside the repository).
 BESIDE = REPO.parent / "shared" / "data"
-needs_beside = pytest.mark.skipif(not BESIDE.is_dir(), reason=f"the shipped configs point at {BESIDE}, "
-                                  "the shared data folder beside the repository, which is absent here")
+needs_beside = pytest.mark.skipif(
+    not BESIDE.is_dir(),
+    reason=f"the shipped configs point at {BESIDE}, "
+    "the shared data folder beside the repository, which is absent here",
+)
 
 
 @pytest.fixture
@@ -37,11 +40,15 @@ def _file(folder: Path, text: str, name: str = "c.toml") -> Path:
 
 # ------------------------------------------------------------------------- the rule, per command
 def test_run_config_file_paths_resolve_against_its_folder(tmp_path: Path, elsewhere: Path) -> None:
-    cfg_file = _file(tmp_path / "cfgs", '[data]\nname = "folder"\nroot = "imgs"\n[output]\ndir = "../out"\n')
+    cfg_file = _file(
+        tmp_path / "cfgs", '[data]\nname = "folder"\nroot = "imgs"\n[output]\ndir = "../out"\n'
+    )
     cfg = config.load(cfg_file)
     assert cfg.data.root == str(tmp_path / "cfgs" / "imgs")
     assert cfg.output.dir == str(tmp_path / "out")
-    assert str(tmp_path / "cfgs" / "imgs") in config.to_toml(cfg)  # what clients and the run folder get
+    assert str(tmp_path / "cfgs" / "imgs") in config.to_toml(
+        cfg
+    )  # what clients and the run folder get
 
 
 def test_run_set_paths_resolve_against_cwd(tmp_path: Path, elsewhere: Path) -> None:
@@ -65,14 +72,18 @@ def test_measure_and_game_follow_the_same_rule(tmp_path: Path, elsewhere: Path) 
 
     m_file = _file(tmp_path / "m", '[data]\nroot = "mnist"\n[output]\ndir = "out"\n')
     m = load_config(m_file)
-    assert m["data"]["root"] == str(tmp_path / "m" / "mnist") and m["output"]["dir"] == str(tmp_path / "m" / "out")
+    assert m["data"]["root"] == str(tmp_path / "m" / "mnist") and m["output"]["dir"] == str(
+        tmp_path / "m" / "out"
+    )
     assert load_config(m_file, ['data.root="x"'])["data"]["root"] == str(elsewhere / "x")
     assert load_config(None)["output"]["dir"] == "runs"
 
     g_file = _file(tmp_path / "g", 'output_dir = "out"\n[data]\nname = "digits"\nroot = "d"\n')
     g = load_game_config(g_file)
     assert g.data.root == str(tmp_path / "g" / "d") and g.output_dir == str(tmp_path / "g" / "out")
-    assert load_game_config(g_file, ['data.root="x"', 'output_dir="o"']).output_dir == str(elsewhere / "o")
+    assert load_game_config(g_file, ['data.root="x"', 'output_dir="o"']).output_dir == str(
+        elsewhere / "o"
+    )
     assert load_game_config(None).output_dir == "runs"
 
 
@@ -84,7 +95,9 @@ def test_reproduce_config_is_relative_to_cwd(elsewhere: Path) -> None:
     assert resolve_settings(get("demixing"), "mine.toml")["seed"] == 7
 
 
-def test_shared_data_dir_honours_the_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shared_data_dir_honours_the_env_var(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from fl_privsim.reproduce.base import shared_data_dir as reexported
 
     monkeypatch.setenv("FL_PRIVSIM_SHARED_DATA", str(tmp_path / "sd"))
@@ -95,8 +108,9 @@ def test_shared_data_dir_honours_the_env_var(tmp_path: Path, monkeypatch: pytest
 
 
 # ------------------------------------------------------------------------- missing-path errors
-def test_missing_data_root_shows_absolute_path_and_suggestion(tmp_path: Path, elsewhere: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_data_root_shows_absolute_path_and_suggestion(
+    tmp_path: Path, elsewhere: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from fl_privsim.data import load_dataset
 
     # written in a file as if relative to the current directory: the folder is in the cwd
@@ -119,7 +133,9 @@ def test_missing_data_root_shows_absolute_path_and_suggestion(tmp_path: Path, el
     assert f"did you mean {shared / 'cifar10'}?" in str(err.value)
 
     # nothing that would work: say what the folder must hold
-    with pytest.raises(DataError, match=r"does not exist; set data.root to the folder holding t10k-images"):
+    with pytest.raises(
+        DataError, match=r"does not exist; set data.root to the folder holding t10k-images"
+    ):
         load_dataset("mnist_idx", root=tmp_path / "nowhere" / "zzz_no_such")
 
 
@@ -131,16 +147,21 @@ def test_missing_config_file_suggests_the_repository_one(elsewhere: Path) -> Non
     assert f"did you mean {EXPERIMENTS / 'default.toml'}?" in msg
 
 
-def test_reproduction_and_game_data_follow_the_shared_data_rule(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reproduction_and_game_data_follow_the_shared_data_rule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from fl_privsim.game import _adult_root, load_game_config
     from fl_privsim.reproduce.base import ReproContext
 
     monkeypatch.setenv("FL_PRIVSIM_SHARED_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(DataError) as err:
         ReproContext(folder=None, device=None, seed=0).data("zzz_data")  # type: ignore[arg-type]
-    assert str(tmp_path / "nowhere" / "zzz_data") in str(err.value) and "FL_PRIVSIM_SHARED_DATA" in str(err.value)
-    with pytest.raises(DataError, match=f"data.root is not set and {tmp_path / 'nowhere' / 'adult'} does not"):
+    assert str(tmp_path / "nowhere" / "zzz_data") in str(
+        err.value
+    ) and "FL_PRIVSIM_SHARED_DATA" in str(err.value)
+    with pytest.raises(
+        DataError, match=f"data.root is not set and {tmp_path / 'nowhere' / 'adult'} does not"
+    ):
         _adult_root("")
     (tmp_path / "sd" / "adult").mkdir(parents=True)
     (tmp_path / "sd" / "adult" / "adult.data.gz").write_bytes(b"")
@@ -150,15 +171,19 @@ def test_reproduction_and_game_data_follow_the_shared_data_rule(tmp_path: Path,
 
 
 def test_missing_path_message_without_a_candidate(tmp_path: Path) -> None:
-    msg = paths.missing_path_message("data.root", tmp_path / "zzz_none", expect="it must hold x.npz")
+    msg = paths.missing_path_message(
+        "data.root", tmp_path / "zzz_none", expect="it must hold x.npz"
+    )
     assert msg == f"data.root {tmp_path / 'zzz_none'} does not exist; it must hold x.npz"
 
 
 # ------------------------------------------------------------------------- the shipped configs
 @pytest.mark.shared_data
 @needs_beside
-@pytest.mark.parametrize("name", ["cifar10_npz_mlp", "all_attacks_cnn6_cifar", "malicious_imprint",
-                                  "inference_attacks_adult"])
+@pytest.mark.parametrize(
+    "name",
+    ["cifar10_npz_mlp", "all_attacks_cnn6_cifar", "malicious_imprint", "inference_attacks_adult"],
+)
 def test_shipped_run_configs_find_their_data_from_any_folder(name: str, elsewhere: Path) -> None:
     cfg = config.load(EXPERIMENTS / f"{name}.toml")
     assert Path(cfg.data.root).is_absolute() and Path(cfg.data.root).exists(), cfg.data.root
@@ -166,9 +191,12 @@ def test_shipped_run_configs_find_their_data_from_any_folder(name: str, elsewher
 
 
 @pytest.mark.shared_data
-@pytest.mark.parametrize("name, sub", [("game_attribute_adult", "adult"), ("game_attribute_utkface", "utkface")])
-def test_shipped_game_configs_find_their_data_from_any_folder(name: str, sub: str, elsewhere: Path,
-                                                              shared_data: Path) -> None:
+@pytest.mark.parametrize(
+    "name, sub", [("game_attribute_adult", "adult"), ("game_attribute_utkface", "utkface")]
+)
+def test_shipped_game_configs_find_their_data_from_any_folder(
+    name: str, sub: str, elsewhere: Path, shared_data: Path
+) -> None:
     from fl_privsim.game import load_game_config
 
     if not (shared_data / sub).is_dir():
@@ -196,5 +224,7 @@ def test_measure_mnist_root_relative_to_the_config(tmp_path: Path, elsewhere: Pa
     assert 'root = "../../shared/data/mnist"' in text  # the comment's alternative
     cfg = load_config(EXPERIMENTS / "measure_i2f.toml", ['data.name="mnist_idx"'])
     assert cfg["data"]["root"] == ""
-    root = paths.resolve_value("../../shared/data/mnist", EXPERIMENTS)  # as a file in experiments/ would
+    root = paths.resolve_value(
+        "../../shared/data/mnist", EXPERIMENTS
+    )  # as a file in experiments/ would
     assert Path(root).is_dir() and Path(root) == (BESIDE / "mnist").resolve()

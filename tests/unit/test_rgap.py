@@ -53,14 +53,32 @@ def _norm(raw: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
 
 def _pixels(x: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
     c = x.shape[1]
-    return (x * torch.tensor(std[:c]).view(1, c, 1, 1) + torch.tensor(mean[:c]).view(1, c, 1, 1)).clamp(0, 1)
+    return (
+        x * torch.tensor(std[:c]).view(1, c, 1, 1) + torch.tensor(mean[:c]).view(1, c, 1, 1)
+    ).clamp(0, 1)
 
 
-def _observe(model: nn.Module, raw: torch.Tensor, y: torch.Tensor, *, protocol: str = "fedsgd",
-             lr: float = 0.1, classes: int = CLASSES, mean=MEAN, std=STD) -> Observation:
+def _observe(
+    model: nn.Module,
+    raw: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    protocol: str = "fedsgd",
+    lr: float = 0.1,
+    classes: int = CLASSES,
+    mean=MEAN,
+    std=STD,
+) -> Observation:
     c = raw.shape[1]
-    return client_observation(model, [(_norm(raw, mean, std), y)], protocol=protocol, lr=lr,
-                              mean=mean[:c], std=std[:c], num_classes=classes)
+    return client_observation(
+        model,
+        [(_norm(raw, mean, std), y)],
+        protocol=protocol,
+        lr=lr,
+        mean=mean[:c],
+        std=std[:c],
+        num_classes=classes,
+    )
 
 
 def _cnn6(shape=(3, 16, 16), classes=CLASSES, seed=0) -> nn.Module:
@@ -117,8 +135,12 @@ def test_real_cifar_image(shared_data):
 def test_label_from_rank_one_factor_when_features_sum_negative():
     """Negative features flip iDLG's row sums; the rank-one sign pattern still finds y."""
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.LeakyReLU(0.2), nn.Flatten(),
-                          nn.Linear(8 * 8 * 8, CLASSES, bias=False))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.LeakyReLU(0.2),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, CLASSES, bias=False),
+    )
     with torch.no_grad():
         model[0].weight.abs_().neg_()  # inputs >= 0 below, so every feature is negative
     raw = _smooth_image((3, 8, 8), 3)
@@ -132,9 +154,14 @@ def test_label_from_rank_one_factor_when_features_sum_negative():
 
 def test_intermediate_linear_layer():
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1, bias=False), nn.LeakyReLU(0.2),
-                          nn.Flatten(), nn.Linear(64, 32, bias=False), nn.LeakyReLU(0.1),
-                          nn.Linear(32, CLASSES, bias=False))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1, bias=False),
+        nn.LeakyReLU(0.2),
+        nn.Flatten(),
+        nn.Linear(64, 32, bias=False),
+        nn.LeakyReLU(0.1),
+        nn.Linear(32, CLASSES, bias=False),
+    )
     raw = _smooth_image((1, 8, 8), 4)
     obs = _observe(model, raw, torch.tensor([2]))
     res = ATTACKS.create("rgap")(obs)
@@ -145,8 +172,12 @@ def test_intermediate_linear_layer():
 def test_reports_numerical_rank_deficit():
     """Four identical filters pass the counting check (364 >= 192) but give rank <= 172."""
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.LeakyReLU(0.2), nn.Flatten(),
-                          nn.Linear(4 * 64, CLASSES, bias=False))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.LeakyReLU(0.2),
+        nn.Flatten(),
+        nn.Linear(4 * 64, CLASSES, bias=False),
+    )
     with torch.no_grad():
         model[0].weight.copy_(model[0].weight[:1].expand(4, -1, -1, -1))
     obs = _observe(model, _smooth_image((3, 8, 8), 5), torch.tensor([1]))
@@ -168,14 +199,37 @@ def _chain(*mods: nn.Module) -> nn.Module:
         (lambda: build_model("lenet", (3, 8, 8), CLASSES), r"'body.0' \(Conv2d\) has a bias"),
         (lambda: build_model("convnet", (3, 8, 8), CLASSES), r"\(Conv2d\) has a bias"),
         (lambda: build_model("resnet18", (3, 16, 16), CLASSES), r"'bn1' is BatchNorm2d"),
-        (lambda: _chain(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.LeakyReLU(0.2), nn.MaxPool2d(2),
-                        nn.Flatten(), nn.Linear(128, CLASSES, bias=False)), r"'2' is MaxPool2d"),
-        (lambda: _chain(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(),
-                        nn.Linear(512, CLASSES, bias=False)), r"'1' is ReLU"),
-        (lambda: _chain(nn.Conv2d(3, 2, 3, padding=1, bias=False), nn.LeakyReLU(0.2), nn.Flatten(),
-                        nn.Linear(128, CLASSES, bias=False)),
-         r"layer 0 '0' \(Conv2d\) has 192 unknowns and at most 182 constraints "
-         r"\(54 gradient \+ 128 forward\): deficit 10"),
+        (
+            lambda: _chain(
+                nn.Conv2d(3, 8, 3, padding=1, bias=False),
+                nn.LeakyReLU(0.2),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(128, CLASSES, bias=False),
+            ),
+            r"'2' is MaxPool2d",
+        ),
+        (
+            lambda: _chain(
+                nn.Conv2d(3, 8, 3, padding=1, bias=False),
+                nn.ReLU(),
+                nn.Flatten(),
+                nn.Linear(512, CLASSES, bias=False),
+            ),
+            r"'1' is ReLU",
+        ),
+        (
+            lambda: _chain(
+                nn.Conv2d(3, 2, 3, padding=1, bias=False),
+                nn.LeakyReLU(0.2),
+                nn.Flatten(),
+                nn.Linear(128, CLASSES, bias=False),
+            ),
+            (
+                r"layer 0 '0' \(Conv2d\) has 192 unknowns and at most 182 constraints "
+                r"\(54 gradient \+ 128 forward\): deficit 10"
+            ),
+        ),
     ],
 )
 def test_refuses_models_it_cannot_invert(model, match):
@@ -207,21 +261,28 @@ def test_refuses_more_than_one_sample():
     two = torch.cat([_smooth_image((3, 16, 16), 0), _smooth_image((3, 16, 16), 1)])
     batch = _observe(model, two, torch.tensor([0, 1]))
     attack = ATTACKS.create("rgap")
-    with pytest.raises(ThreatModelError, match=r"rgap: requires a single sample .* up to 2 samples"):
+    with pytest.raises(
+        ThreatModelError, match=r"rgap: requires a single sample .* up to 2 samples"
+    ):
         attack(batch)
     one = [_observe(model, _smooth_image((3, 16, 16), i), torch.tensor([i])) for i in range(2)]
     with pytest.raises(ThreatModelError, match=r"rgap: requires a single sample .*num_clients=2"):
         attack(aggregate_observation(one))
-    steps = dataclasses.replace(_observe(model, two[:1], torch.tensor([0]), protocol="fedavg"),
-                                local_steps=2)
+    steps = dataclasses.replace(
+        _observe(model, two[:1], torch.tensor([0]), protocol="fedavg"), local_steps=2
+    )
     with pytest.raises(ThreatModelError, match=r"rgap: requires one gradient step .*local_steps=2"):
         attack(steps)
 
 
 def test_refuses_a_partial_update():
     obs = _observe(_cnn6(), _smooth_image((3, 16, 16), 0), torch.tensor([0]))
-    partial = dataclasses.replace(obs, update={k: v for k, v in obs.update.items() if k != "fc.weight"})
-    with pytest.raises(ThreatModelError, match="rgap: requires an update for every trainable parameter"):
+    partial = dataclasses.replace(
+        obs, update={k: v for k, v in obs.update.items() if k != "fc.weight"}
+    )
+    with pytest.raises(
+        ThreatModelError, match="rgap: requires an update for every trainable parameter"
+    ):
         ATTACKS.create("rgap")(partial)
 
 

@@ -27,14 +27,21 @@ def test_quick_reproduction(shared_data, tmp_path):
 
     path, result = run_reproduction("robbing_the_fed", quick=True, out=tmp_path / "run")
     cells = {c["group"]: c for c in result.summary["cells"]}
-    assert set(cells) == {"imprint vs batch", "imprint vs bins", "imprint fedavg", "imprint aggregate",
-                          "trap weights"}
+    assert set(cells) == {
+        "imprint vs batch",
+        "imprint vs bins",
+        "imprint fedavg",
+        "imprint aggregate",
+        "trap weights",
+    }
     for group in ("imprint vs batch", "imprint fedavg", "imprint aggregate"):
         c = cells[group]
         # exact recovery of the records alone in their bin: asr tracks the expected share
         assert abs(c["asr"] - c["expected_alone"]) <= 0.1, (group, c)
     assert cells["imprint aggregate"]["records"] == 80 and cells["imprint aggregate"]["asr"] >= 0.5
     assert cells["trap weights"]["asr"] >= 0.3
-    assert (path / "imprint_asr.png").is_file() and "expected alone" in (path / "table.md").read_text()
+    assert (path / "imprint_asr.png").is_file() and "expected alone" in (
+        path / "table.md"
+    ).read_text()
     rows = [json.loads(line) for line in (path / "cells.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and all(r["seed"] == 0 for r in rows)

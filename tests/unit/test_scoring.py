@@ -33,7 +33,7 @@ def test_exact_reconstruction_scores_perfectly_in_any_order():
 
 
 def test_asr_follows_the_configured_threshold_and_counts_missing_samples():
-    scorer, fed, x, y = _setup(threshold=0.01)
+    scorer, fed, x, _y = _setup(threshold=0.01)
     g = torch.Generator().manual_seed(0)
     noisy = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(0, 1)  # MSE ~ 0.03 > 0.01
     recon = torch.cat([x[:2], noisy[2:]])
@@ -42,7 +42,12 @@ def test_asr_follows_the_configured_threshold_and_counts_missing_samples():
     v = scorer.score(AttackResult(inputs=fed.data.normalize(x[:1]), labels=None), 1, [0]).values
     assert v["asr"] == 0.25 and v["coverage"] == 0.25 and v["leakage_rate"] == 1.0
     loose, fed2, _, _ = _setup(threshold=1.0)
-    assert loose.score(AttackResult(inputs=fed2.data.normalize(recon), labels=None), 1, [0]).values["asr"] == 1.0
+    assert (
+        loose.score(AttackResult(inputs=fed2.data.normalize(recon), labels=None), 1, [0]).values[
+            "asr"
+        ]
+        == 1.0
+    )
 
 
 def test_noise_covers_every_original_but_leaks_nothing():
@@ -55,8 +60,15 @@ def test_noise_covers_every_original_but_leaks_nothing():
 
 def test_leakage_rate_is_the_share_of_clients_with_a_leaked_record():
     # fedavg with 3 local steps: a client's records repeat across steps and are counted once
-    cfg = config_mod.load(None, ["client.batch_size=4", "client.local_steps=3",
-                                 'federation.protocol="fedavg"', "scoring.asr_mse_threshold=0.01"])
+    cfg = config_mod.load(
+        None,
+        [
+            "client.batch_size=4",
+            "client.local_steps=3",
+            'federation.protocol="fedavg"',
+            "scoring.asr_mse_threshold=0.01",
+        ],
+    )
     fed = federated_data(cfg)
     scorer = Scorer(cfg, fed)
     clients = [0, 1, 2]

@@ -33,5 +33,10 @@ def test_every_cell_is_a_valid_secagg_federation(kind, shared_data, tmp_path):
     for n in DEFAULTS["clients"]:
         cfg = config_mod.load(None, _overrides(Ctx, n, DEFAULTS, kind))
         validate_before_launch(cfg)
-        assert cfg.federation.secure_aggregation.mode == "secagg+" and cfg.federation.clients_per_round == n
-        assert cfg.server.role == ("malicious" if kind in ("isolation", "imprint", "loki") else "honest_but_curious")
+        assert (
+            cfg.federation.secure_aggregation.mode == "secagg+"
+            and cfg.federation.clients_per_round == n
+        )
+        assert cfg.server.role == (
+            "malicious" if kind in ("isolation", "imprint", "loki") else "honest_but_curious"
+        )

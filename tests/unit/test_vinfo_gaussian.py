@@ -40,7 +40,9 @@ def test_gaussian_nll_matches_torch_distribution():
     var = torch.tensor([0.5, 1.0, 2.0])
     ref = torch.distributions.Normal(m, var.sqrt()).log_prob(t).sum(1)
     assert torch.allclose(gaussian_nll(t, m, var), -ref, atol=1e-6)
-    assert torch.allclose(gaussian_nll(t, m, torch.tensor(0.7)), gaussian_nll(t, m, torch.full((3,), 0.7)))
+    assert torch.allclose(
+        gaussian_nll(t, m, torch.tensor(0.7)), gaussian_nll(t, m, torch.full((3,), 0.7))
+    )
 
 
 @pytest.mark.parametrize("variance", ["per_dim", "shared"])
@@ -68,7 +70,9 @@ def test_invertible_linear_map_and_affine_target_change():
     ``(I + AAᵀ/s²)⁻¹`` is diagonal and inside the family): ``I_V = ½ Σ ln(1 + c_i²/s²)``; an
     affine change of the target's units (x ↦ 5x + 3) shifts both entropies by d·ln 5, not I_V."""
     d, s = 6, 0.2
-    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
+    q, _ = torch.linalg.qr(
+        torch.randn(d, d, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    )
     c = torch.linspace(0.3, 3.0, d, dtype=torch.float64)
     x, g, gen = _gaussian_pair(2000, d, s, seed=2, a=torch.diag(c) @ q)
     true = 0.5 * float(torch.log1p(c**2 / s**2).sum())
@@ -84,7 +88,9 @@ def test_invertible_linear_map_and_affine_target_change():
 def test_independent_noise_gives_zero(families):
     x, _, gen = _gaussian_pair(1000, 4, 1.0, seed=3)
     noise = torch.randn(1000, 5, generator=gen, dtype=torch.float64)
-    res = gaussian_v_information(noise, x, families=families, mlp_epochs=50, hidden=16, generator=gen)
+    res = gaussian_v_information(
+        noise, x, families=families, mlp_epochs=50, hidden=16, generator=gen
+    )
     # no information: the estimate is at most sampling noise above 0, and below 0 by at most
     # sampling noise plus the fitted decoder's excess held-out NLL
     assert -(4 * res.stderr + _excess(res)) <= res.v_information <= 4 * res.stderr
@@ -111,7 +117,9 @@ def test_as_many_features_as_samples_does_not_blow_up():
     res = gaussian_v_information(noise, x, families=("linear",), max_features=None, generator=gen)
     assert res.n_train == 70 and res.n_features == 70
     assert -(4 * res.stderr + 0.1) <= res.v_information <= 4 * res.stderr
-    signal = torch.cat([x + 0.3 * torch.randn(100, 3, generator=gen, dtype=torch.float64), noise], 1)
+    signal = torch.cat(
+        [x + 0.3 * torch.randn(100, 3, generator=gen, dtype=torch.float64), noise], 1
+    )
     res = gaussian_v_information(signal, x, families=("linear",), max_features=None, generator=gen)
     true = 3 / 2 * math.log(1 + 1 / 0.3**2)
     assert 4 * res.stderr < res.v_information <= true + 4 * res.stderr
@@ -124,12 +132,17 @@ def test_target_projection_and_layer_table():
     z = torch.randn(n, 3, generator=gen, dtype=torch.float64)
     mix = torch.randn(3, 20, generator=gen, dtype=torch.float64)
     x = z @ mix
-    layers = {"copy": z + 0.3 * torch.randn(n, 3, generator=gen, dtype=torch.float64),
-              "noise": torch.randn(n, 8, generator=gen, dtype=torch.float64)}
-    table = layer_gaussian_v_information(layers, x.reshape(n, 4, 5), generator=gen, families=("linear",),
-                                         target_components=3)
+    layers = {
+        "copy": z + 0.3 * torch.randn(n, 3, generator=gen, dtype=torch.float64),
+        "noise": torch.randn(n, 8, generator=gen, dtype=torch.float64),
+    }
+    table = layer_gaussian_v_information(
+        layers, x.reshape(n, 4, 5), generator=gen, families=("linear",), target_components=3
+    )
     assert [r["layer"] for r in table] == ["copy", "noise"]
-    assert all(r["target_dim"] == 3 and r["explained_variance"] == pytest.approx(1.0) for r in table)
+    assert all(
+        r["target_dim"] == 3 and r["explained_variance"] == pytest.approx(1.0) for r in table
+    )
     assert table[0]["h_x"] == pytest.approx(table[1]["h_x"])  # shared split and projection
     true = 3 / 2 * math.log(1 + 1 / 0.3**2)  # information about z, hence about its projection
     assert abs(table[0]["v_information"] - true) <= 4 * table[0]["stderr"] + 0.1

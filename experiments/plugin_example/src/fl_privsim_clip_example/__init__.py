@@ -29,11 +29,17 @@ class ClipUpdate(TensorTransform):
 
     def __init__(self, *, max_norm: float, apply_to: str = "update") -> None:
         super().__init__(apply_to=apply_to)
-        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not 0 < max_norm < math.inf:
+        if (
+            isinstance(max_norm, bool)
+            or not isinstance(max_norm, (int, float))
+            or not 0 < max_norm < math.inf
+        ):
             raise ValueError(f"max_norm must be a finite number > 0, got {max_norm!r}")
         self.max_norm = float(max_norm)
 
-    def transform(self, tensors: dict[str, torch.Tensor], *, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def transform(
+        self, tensors: dict[str, torch.Tensor], *, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
         norm = math.sqrt(sum(float(t.detach().pow(2).sum()) for t in tensors.values()))
         factor = min(1.0, self.max_norm / norm) if norm > 0 else 1.0
         self.record("clip_factor", factor)
