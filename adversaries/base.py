@@ -17,8 +17,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from fl_privsim.errors import ThreatModelError
-from fl_privsim.registry import Registry
+from fl_privsim.core import plugins
+from fl_privsim.core.errors import ThreatModelError
+from fl_privsim.core.registry import Registry
 
 Protocol = Literal["fedsgd", "fedavg"]
 
@@ -309,4 +310,5 @@ class Attack(ABC):
         return self.run(obs, device=torch.device(device), generator=generator)
 
 
-ATTACKS: Registry[Attack] = Registry(kind="attack", group="fl_privsim.attacks")
+#: The attack registry (it lives in the foundation, :mod:`fl_privsim.core.plugins`).
+ATTACKS: Registry[Attack] = plugins.ATTACKS

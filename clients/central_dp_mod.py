@@ -23,7 +23,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
-from fl_privsim.config import Config
+from fl_privsim.core.config import Config
 
 log = logging.getLogger(__name__)
 

@@ -36,13 +36,13 @@ from clients.central_dp_mod import make_central_dp_mod
 from clients.defenses import Defense, build_defenses
 from clients.defenses.base import ModelRefused
 from clients.local_update import local_update
-from fl_privsim import config as config_mod
-from fl_privsim.architecture import ARCH_KEY, build_architecture
-from fl_privsim.config import Config
-from fl_privsim.devices import resolve_device
-from fl_privsim.federated_data import client_batch_indices, federated_data
-from fl_privsim.models import build_model
-from fl_privsim.seeding import torch_generator
+from fl_privsim.core import config as config_mod
+from fl_privsim.core.architecture import ARCH_KEY, build_architecture
+from fl_privsim.core.config import Config
+from fl_privsim.core.devices import resolve_device
+from fl_privsim.core.models import build_model
+from fl_privsim.core.seeding import torch_generator
+from fl_privsim.engine.federated_data import client_batch_indices, federated_data
 
 log = logging.getLogger(__name__)
 

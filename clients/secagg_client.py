@@ -45,12 +45,12 @@ from clients.client_app import (
     train_client,
 )
 from clients.defenses.base import ModelRefused
-from fl_privsim.architecture import ARCH_KEY, build_architecture
-from fl_privsim.config import Config
-from fl_privsim.devices import resolve_device
-from fl_privsim.federated_data import federated_data
-from fl_privsim.models import build_model
-from fl_privsim.seeding import seed_int
+from fl_privsim.core.architecture import ARCH_KEY, build_architecture
+from fl_privsim.core.config import Config
+from fl_privsim.core.devices import resolve_device
+from fl_privsim.core.models import build_model
+from fl_privsim.core.seeding import seed_int
+from fl_privsim.engine.federated_data import federated_data
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,16 @@
 """fl-privsim: a federated-learning simulator with pluggable privacy attacks.
 
-The core package holds what every other part uses: the typed config, datasets and
-partitioners, the model zoo, metrics, the plugin registry, run folders, the simulation
-launcher and the CLI. It never imports Flower or Ray at module level except in
-``fl_privsim.simulation`` and ``fl_privsim.cli``.
+The package shows its layers in its folders (imports only point down; the contracts in
+``pyproject.toml`` ``[tool.importlinter]`` hold them in CI):
+
+- :mod:`fl_privsim.app` — the commands: CLI, simulation launcher, measure, game, reproduce.
+- :mod:`strategies` and the ClientApp in :mod:`clients` — the Flower glue.
+- :mod:`fl_privsim.engine` — pure-torch pieces of a run that combine plugins: the clients'
+  data of a run, the scorer, the analyses, offline rounds.
+- :mod:`adversaries`, then :mod:`clients.defenses` and :mod:`clients.local_update` — the
+  pure-torch plugins (no Flower, no Ray).
+- :mod:`fl_privsim.core` — the foundation: errors, registry, seeding, config schema, data,
+  models, metrics, run folders. It imports no other project package.
 """
 
 __version__ = "0.1.0"

@@ -1,10 +1,10 @@
 """Runs the configured attacks on the observations of an honest-but-curious server.
 
 For every observation it runs each attack whose targets include it, hands the result to
-the :class:`~fl_privsim.scoring.Scorer` (the only place that sees ground truth), appends
+the :class:`~fl_privsim.engine.scoring.Scorer` (the only place that sees ground truth), appends
 the scores to ``metrics.jsonl`` and saves one image grid per observation. Inference attacks
 (:mod:`adversaries.inference.federated`) get the server's knowledge attached by the scorer
-side and are scored by :mod:`fl_privsim.inference_scoring` (secret, score; AUC in the
+side and are scored by :mod:`fl_privsim.engine.inference_scoring` (secret, score; AUC in the
 summary). An attack that
 refuses (its threat model is not met) or fails is recorded as such and never stops
 training.
@@ -28,15 +28,15 @@ from adversaries.inference.federated import (
     InferenceObservation,
     ServerKnowledge,
 )
-from fl_privsim.analyses import AnalysisPlan
-from fl_privsim.analyses import summarize as summarize_analyses
-from fl_privsim.errors import ThreatModelError
-from fl_privsim.inference_scoring import summarize as summarize_inference
-from fl_privsim.metrics import psnr
-from fl_privsim.plots import GridRow
-from fl_privsim.results import RunFolder
-from fl_privsim.scoring import Score, Scorer
-from fl_privsim.seeding import torch_generator
+from fl_privsim.core.errors import ThreatModelError
+from fl_privsim.core.metrics import psnr
+from fl_privsim.core.plots import GridRow
+from fl_privsim.core.results import RunFolder
+from fl_privsim.core.seeding import torch_generator
+from fl_privsim.engine.analyses import AnalysisPlan
+from fl_privsim.engine.analyses import summarize as summarize_analyses
+from fl_privsim.engine.inference_scoring import summarize as summarize_inference
+from fl_privsim.engine.scoring import Score, Scorer
 
 log = logging.getLogger(__name__)
 

@@ -84,11 +84,11 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fl_privsim.seeding import seed_int
+from fl_privsim.core.seeding import seed_int
 from strategies.fedupdates import FedUpdates
 
 if TYPE_CHECKING:
-    from fl_privsim.config import CentralDPConfig
+    from fl_privsim.core.config import CentralDPConfig
 
 log = logging.getLogger(__name__)
 

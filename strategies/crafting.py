@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from adversaries.malicious import Modification, ServerView
-from fl_privsim.seeding import torch_generator
+from fl_privsim.core.seeding import torch_generator
 from strategies.model_info import ModelInfo
 
 

@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from clients.client_app import REFUSED
-from fl_privsim.seeding import numpy_rng
+from fl_privsim.core.seeding import numpy_rng
 
 log = logging.getLogger(__name__)
 

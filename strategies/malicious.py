@@ -4,7 +4,7 @@
 (:class:`strategies.honest_but_curious.HonestButCurious`). Before each train message leaves,
 every configured modification (:mod:`adversaries.malicious`, pure torch) whose rounds include
 this one crafts the model for its target clients: it may change weights and the architecture
-(an imprint block in front of the model, :mod:`fl_privsim.architecture`). A targeted client's
+(an imprint block in front of the model, :mod:`fl_privsim.core.architecture`). A targeted client's
 message then carries the crafted weights and the architecture spec (config key
 ``fl-privsim-arch``); the client builds that architecture and trains on it, as a real client
 that trusts its server would. The secrets each modification keeps travel to the attacks inside
@@ -35,7 +35,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from adversaries.base import Observation
-from fl_privsim.architecture import ARCH_KEY, honest_update, spec_to_text
+from fl_privsim.core.architecture import ARCH_KEY, honest_update, spec_to_text
 from strategies.crafting import (
     MIXED,
     Crafter,

@@ -64,18 +64,19 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.client_app import CONFIG_KEY
 from clients.secagg_client import META_PREFIX, ROUND_KEY, float_keys
-from fl_privsim import config as config_mod
-from fl_privsim.architecture import ARCH_KEY, honest_update, spec_to_text
-from fl_privsim.config import Config
-from fl_privsim.devices import resolve_device
-from fl_privsim.progress import Progress
-from fl_privsim.results import RunFolder
-from fl_privsim.secure_aggregation import (
+from fl_privsim.core import config as config_mod
+from fl_privsim.core.architecture import ARCH_KEY, honest_update, spec_to_text
+from fl_privsim.core.config import Config
+from fl_privsim.core.devices import resolve_device
+from fl_privsim.core.progress import Progress
+from fl_privsim.core.results import RunFolder
+from fl_privsim.engine.secure_aggregation import (
     SecAggSettings,
     max_examples_per_client,
     quantization_error_bound,
     resolve,
 )
+from strategies import server_app as plain
 from strategies.crafting import MIXED, Crafter, SentModel, observed_model, undecoyed
 from strategies.fedupdates import FedUpdates, MetricSink
 from strategies.honest_but_curious import ModelInfo, Observer, build_observation
@@ -563,7 +564,6 @@ def run_secagg_server(
 ) -> dict[str, Any]:
     """The whole federation behind SecAgg+ (same data, model, attacks, scorer, evaluation and
     summary keys as :func:`strategies.server_app.run_server`); returns the summary it writes."""
-    from strategies import server_app as plain
 
     device = resolve_device(cfg.federation.device)
     torch.set_num_threads(cfg.federation.server_threads)

@@ -5,7 +5,7 @@
 - ``app`` (``strategies.server_app:app``), used by ``flwr run .``: it reads the config
   from ``run_config["config-path"]`` and creates its own run folder under
   ``run_config["out-dir"]``;
-- :func:`make_server_app`, used by the in-process launcher (``fl_privsim.simulation``).
+- :func:`make_server_app`, used by the in-process launcher (``fl_privsim.app.simulation``).
 """
 
 from __future__ import annotations
@@ -28,17 +28,17 @@ from adversaries.malicious import MODIFICATIONS
 from clients.client_app import CONFIG_KEY
 from clients.defenses import build_defenses
 from clients.defenses.accounting import AccountedDefense
-from fl_privsim import config as config_mod
-from fl_privsim.analyses import build_analyses
-from fl_privsim.config import Config
-from fl_privsim.devices import resolve_device
-from fl_privsim.errors import ConfigError
-from fl_privsim.federated_data import federated_data
-from fl_privsim.models import build_model
-from fl_privsim.progress import Progress
-from fl_privsim.results import RunFolder, make_run_dir, start_run_folder
-from fl_privsim.scoring import Scorer
-from fl_privsim.seeding import numpy_rng, seed_int
+from fl_privsim.core import config as config_mod
+from fl_privsim.core.config import Config
+from fl_privsim.core.devices import resolve_device
+from fl_privsim.core.errors import ConfigError
+from fl_privsim.core.models import build_model
+from fl_privsim.core.progress import Progress
+from fl_privsim.core.results import RunFolder, make_run_dir, start_run_folder
+from fl_privsim.core.seeding import numpy_rng, seed_int
+from fl_privsim.engine.analyses import build_analyses
+from fl_privsim.engine.federated_data import federated_data
+from fl_privsim.engine.scoring import Scorer
 from strategies.attack_runner import AttackPlan, AttackRunner
 from strategies.central_dp import CentralDP
 from strategies.fedupdates import FedUpdates, discover_clients

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from fl_privsim.paths import shared_data_dir  # the one rule; tests import it from fl_privsim.paths
+from fl_privsim.core.paths import (
+    shared_data_dir,  # the one rule; tests import it from fl_privsim.core.paths
+)
 
 
 @pytest.fixture(scope="session")

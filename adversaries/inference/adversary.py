@@ -43,7 +43,7 @@ from torch.func import functional_call
 
 from adversaries.inference.games import Observations
 from adversaries.inference.release import flat_per_sample_gradients, param_layout
-from fl_privsim.errors import ConfigError
+from fl_privsim.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -59,9 +59,13 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from adversaries.inference.games import Game, Observations, Pool, sample_secrets
-from adversaries.inference.metrics import auc_score, clopper_pearson
+from adversaries.inference.metrics import auc_score, clopper_pearson, game_metrics, save_roc_plot
 from adversaries.inference.release import Release, flat_per_sample_gradients, param_layout
-from fl_privsim.errors import ConfigError
+from clients.defenses.accounting import PrivacyAccountant
+from clients.defenses.dp_sgd import DPSGD
+from fl_privsim.core.errors import ConfigError
+from fl_privsim.core.results import RunFolder, atomic_write_text
+from fl_privsim.core.seeding import numpy_rng
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +207,6 @@ def gaussian_epsilon(mu: float, delta: float) -> float:
 
 def accountant_epsilons(sigma: float, delta: float, steps: int = 1) -> dict[str, float]:
     """ε(δ) of ``steps`` DP-SGD steps with noise multiplier σ and q = 1 (see the module docstring)."""
-    from clients.defenses.accounting import PrivacyAccountant
 
     def rdp(noise: float) -> float:
         acc = PrivacyAccountant()
@@ -348,7 +351,6 @@ def craft_canary(
 
 
 def _dp_sgd(release: Release) -> Any:
-    from clients.defenses.dp_sgd import DPSGD
 
     found = [d for d in release.defenses if isinstance(d, DPSGD)]
     if not found:
@@ -411,7 +413,6 @@ def run_audit(
     :func:`craft_canary`: it depends on θ and C only, so one can serve several σ); returns the accountant's ε
     (:func:`accountant_epsilons`), ``natural`` and ``canary`` (:func:`audit_bound` of each,
     plus their secrets and scores under ``_secrets``/``_scores``), and the canary's separation."""
-    from fl_privsim.seeding import numpy_rng
 
     dp = _dp_sgd(release)
     game = Game(
@@ -482,9 +483,6 @@ def write_audit(
     folder (``summary.json`` with ``epsilon_lower_bound`` (canary), ``epsilon`` and the rest,
     ``natural``/``canary`` details, ``roc.png`` and ``scores.csv`` of the canary trials)."""
     import time
-
-    from adversaries.inference.metrics import game_metrics, save_roc_plot
-    from fl_privsim.results import RunFolder, atomic_write_text
 
     g = cfg.game
     res = run_audit(

@@ -1,7 +1,7 @@
 """Data of the inference games: a challenger pool, a disjoint auxiliary pool, a pretraining set.
 
 - ``adult``: UCI Adult (``adult.data.gz`` and ``adult.test.gz`` in ``root``; CC BY 4.0),
-  read and encoded by :func:`fl_privsim.tabular.load_adult` (shared with the federation).
+  read and encoded by :func:`fl_privsim.core.tabular.load_adult` (shared with the federation).
   Features: age, education-num, hours-per-week, log1p capital gain/loss (standardised with
   the training rows' statistics) and one-hot workclass, marital status, occupation,
   relationship, native country ("?" is its own category); the two sensitive attributes are
@@ -9,7 +9,7 @@
   binarised so that the attribute game flips one column). Label: income > 50K. The training
   file is shuffled with the seed and cut into the challenger pool and the auxiliary pool; the
   test file pretrains the global model. ``a`` is the chosen sensitive attribute.
-- ``digits`` (offline default) and ``cifar10_npz``: images of :mod:`fl_privsim.data`,
+- ``digits`` (offline default) and ``cifar10_npz``: images of :mod:`fl_privsim.core.data`,
   normalised with the training statistics; the property is "label = ``property_class``"
   (presence of a class, as in Melis et al., S&P 2019). Train split → pools, test split →
   pretraining.
@@ -29,9 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fl_privsim.errors import ConfigError, DataError
-from fl_privsim.seeding import numpy_rng
-from fl_privsim.tabular import ADULT_COLUMNS, ADULT_SENSITIVE, load_adult
+from adversaries.inference.utkface import load_utkface_game
+from fl_privsim.core.data import load_dataset
+from fl_privsim.core.errors import ConfigError, DataError
+from fl_privsim.core.seeding import numpy_rng
+from fl_privsim.core.tabular import ADULT_COLUMNS, ADULT_SENSITIVE, load_adult
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +101,6 @@ def load_game_data(
             f"data.name: {name!r} is not allowed; allowed: {', '.join(GAME_DATASETS)}"
         )
     if name == "utkface":
-        from adversaries.inference.utkface import load_utkface_game
-
         return GameData(
             **load_utkface_game(
                 root,
@@ -125,8 +125,6 @@ def load_game_data(
         xte, yte = torch.from_numpy(xte_np), torch.from_numpy(yte_np)
         input_shape, num_classes, attribute = (1, 1, int(xtr.shape[1])), 2, sensitive
     else:
-        from fl_privsim.data import load_dataset
-
         data = load_dataset(name, root=root, seed=seed)
         n = len(data)
         xtr, ytr = (

@@ -37,7 +37,7 @@ Threat model (honest-but-curious server; static adversary: its shadows pass thro
 
 The attack never sees the truth: its input, :class:`InferenceObservation`, adds to the
 observation only :class:`ServerKnowledge`, which has no field for a secret; the scorer
-(:mod:`fl_privsim.inference_scoring`) computes it from the reproduced batch. Computations run
+(:mod:`fl_privsim.engine.inference_scoring`) computes it from the reproduced batch. Computations run
 on the CPU (scikit-learn classifiers; per-sample gradients with ``torch.func``).
 FedAvg shadows repeat one batch for ``local_steps`` steps (:class:`Release`'s exact path),
 while a real client draws a fresh batch per step: an approximation the adversary makes.
@@ -59,12 +59,13 @@ from adversaries.inference.adversary import ATTACK_MODELS, FEATURES, MetaClassif
 from adversaries.inference.games import Game, Observations, Pool
 from adversaries.inference.metrics import auc_score
 from adversaries.inference.release import Release, param_layout
-from fl_privsim.errors import ConfigError, ThreatModelError
-from fl_privsim.seeding import numpy_rng
-from fl_privsim.tabular import ADULT_SENSITIVE, adult_attribute_column
+from fl_privsim.core import plugins
+from fl_privsim.core.errors import ConfigError, ThreatModelError
+from fl_privsim.core.seeding import numpy_rng
+from fl_privsim.core.tabular import ADULT_SENSITIVE, adult_attribute_column
 
 if TYPE_CHECKING:
-    from fl_privsim.config import Config
+    from fl_privsim.core.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -455,6 +456,7 @@ class MembershipInference(FederatedInference):
     name = "membership_inference"
 
 
+@plugins.CONFIG_CHECKS.register("inference_attacks")
 def check_run_config(cfg: Config) -> None:
     """Build every configured inference attack and check it against the run's data and model
     (called at config load: a bad param is a :class:`ConfigError` naming the attack)."""

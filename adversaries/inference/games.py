@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from adversaries.inference.release import Release, flat_per_sample_gradients
-from fl_privsim.errors import ConfigError
+from fl_privsim.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

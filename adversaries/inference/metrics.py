@@ -175,7 +175,7 @@ def roc_figure(secrets: np.ndarray, scores: np.ndarray, *, title: str = "") -> A
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from fl_privsim.plots import legend_outside
+    from fl_privsim.core.plots import legend_outside
 
     f, t = roc_curve_points(secrets, scores)
     auc = auc_score(secrets, scores)

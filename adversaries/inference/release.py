@@ -35,8 +35,8 @@ from torch import nn
 from clients.defenses.base import BatchSamplerDefense, Defense, PerSampleDefense, TrainingInfo
 from clients.defenses.per_sample import per_sample_gradients
 from clients.local_update import local_update
-from fl_privsim.errors import ConfigError
-from fl_privsim.seeding import seed_int
+from fl_privsim.core.errors import ConfigError
+from fl_privsim.core.seeding import seed_int
 
 logger = logging.getLogger(__name__)
 

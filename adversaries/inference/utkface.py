@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fl_privsim.errors import ConfigError, DataError
-from fl_privsim.seeding import numpy_rng
+from fl_privsim.core.errors import ConfigError, DataError
+from fl_privsim.core.seeding import numpy_rng
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from adversaries.base import Observation
 from adversaries.reconstruction._common import layer_grads, num_targets
-from fl_privsim.errors import ThreatModelError
+from fl_privsim.core.errors import ThreatModelError
 
 #: Models of the zoo whose last Linear is a classifier with bias (class fishing).
 CLASS_MODELS = ("mlp", "linear", "lenet", "convnet", "resnet18")

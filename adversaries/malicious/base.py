@@ -4,7 +4,7 @@ A *modification* is what a malicious server does to the model before it sends it
 notes, "Server roles"). It receives the honest global model and a :class:`ServerView` (what the
 server knows when it crafts: the round, the sampled clients, the declared protocol, its own
 public data), and returns a :class:`Crafted`: the model to send (possibly with a different
-architecture, described by a spec of :mod:`fl_privsim.architecture`), optionally other models
+architecture, described by a spec of :mod:`fl_privsim.core.architecture`), optionally other models
 for some clients, and the *secrets* the server keeps (bin boundaries, planted rows, the target
 class). The secrets reach the attacks inside :attr:`adversaries.base.Observation.server_secrets`
 under the modification's name; an attack that needs them declares it in
@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from adversaries.base import Observation
-from fl_privsim.registry import Registry
+from fl_privsim.core import plugins
+from fl_privsim.core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class Crafted:
     model:
         The model sent to every targeted client (its architecture matches ``arch``).
     arch:
-        Architecture spec of :mod:`fl_privsim.architecture` (``{}``: the agreed one).
+        Architecture spec of :mod:`fl_privsim.core.architecture` (``{}``: the agreed one).
     secrets:
         What the server keeps for its attack (tensors, numbers, strings).
     per_client:
@@ -128,7 +129,7 @@ class Modification(ABC):
     def check_model(
         self, model: nn.Module, input_shape: tuple[int, int, int], num_classes: int
     ) -> None:
-        """Raise :class:`~fl_privsim.errors.ConfigError` when the modification cannot be
+        """Raise :class:`~fl_privsim.core.errors.ConfigError` when the modification cannot be
         placed in ``model`` (called before the federation starts). Nothing by default."""
 
     @abstractmethod
@@ -142,9 +143,8 @@ class Modification(ABC):
         (e.g. fishing's binary search on a feature) updates its state here. Nothing by default."""
 
 
-MODIFICATIONS: Registry[Modification] = Registry(
-    kind="modification", group="fl_privsim.modifications"
-)
+#: The modification registry (in the foundation, :mod:`fl_privsim.core.plugins`).
+MODIFICATIONS: Registry[Modification] = plugins.MODIFICATIONS
 
 
 def register_modification(name: str):

@@ -64,7 +64,7 @@ from adversaries.malicious._fishing_utils import (
 from adversaries.malicious.base import Crafted, Modification, ServerView, register_modification
 from adversaries.reconstruction._common import target_gradient
 from adversaries.reconstruction.inverting_gradients import InvertingGradientsAttack
-from fl_privsim.errors import ConfigError, ThreatModelError
+from fl_privsim.core.errors import ConfigError, ThreatModelError
 
 log = logging.getLogger(__name__)
 

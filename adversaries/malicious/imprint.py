@@ -4,7 +4,7 @@ Fowl, Geiping, Czaja, Goldblum, Goldstein, "Robbing the Fed: Directly Obtaining 
 in Federated Learning with Modified Models", ICLR 2022 (arXiv:2110.13057). Own implementation.
 
 Threat model: a malicious server that may send any architecture a client builds from a spec
-(:mod:`fl_privsim.architecture`); here the agreed model behind a :class:`FrontBlock`. It knows
+(:mod:`fl_privsim.core.architecture`); here the agreed model behind a :class:`FrontBlock`. It knows
 its own public data of the same domain (``ServerView.public_inputs``, never a client's), the
 declared protocol (batch size, local steps, learning rate) and sees the update of the block:
 one client's, or a weighted mean of several (secure aggregation does not stop it).
@@ -71,8 +71,8 @@ from adversaries.malicious._imprint_bins import (
     quantiles,
 )
 from adversaries.malicious.base import Crafted, Modification, ServerView, register_modification
-from fl_privsim.architecture import FrontBlock, FrontBlockModel
-from fl_privsim.errors import ConfigError, ThreatModelError
+from fl_privsim.core.architecture import FrontBlock, FrontBlockModel
+from fl_privsim.core.errors import ConfigError, ThreatModelError
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -389,7 +389,7 @@ class ImprintAttack(Attack):
     learning rate nor the number of clients is needed. Nothing the configuration fixes rules it
     out (it keeps :meth:`Attack.check_setup`'s default): the block goes in front of any model
     and the ratio holds for any protocol, batch size and loss; whether the modification fits
-    the data is checked before launch (:func:`fl_privsim.simulation.check_server_role`).
+    the data is checked before launch (:func:`fl_privsim.app.simulation.check_server_role`).
 
     A bin's pair ``(ΔW, Δb)`` is the rows' difference (``cumulative``, ``one_shot``) or the
     row itself (``sparse``); its record is ``ΔW / Δb``. Bins are kept when ``|Δb|`` exceeds

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from adversaries.malicious.base import Crafted, Modification, ServerView, register_modification
-from fl_privsim.errors import ConfigError
+from fl_privsim.core.errors import ConfigError
 
 #: Bias of the decoy's dead layer (any negative value kills its ReLUs; weights are zero).
 DEAD_BIAS = -1.0

@@ -15,7 +15,7 @@ parameters: then the aggregate of those parameters is, block by block, one clien
 
 Our variant (not the paper's construction). The paper customises convolution kernels in front
 of a fully connected imprint layer (its scale-up is quadratic in the model size). Here every
-client gets the *same architecture*, a :class:`~fl_privsim.architecture.FrontBlock` with
+client gets the *same architecture*, a :class:`~fl_privsim.core.architecture.FrontBlock` with
 ``len(targets) × k`` encoder rows (equal shapes: secure aggregation sums equal-shaped vectors),
 and the customisation is which rows are live: client ``targets[j]`` gets rows
 ``[j·k, (j+1)·k)`` with the imprint weights and offsets of :class:`Imprint` (``k`` bins, the
@@ -71,8 +71,8 @@ from adversaries.malicious.imprint import (
     check_block_update,
     recover_bins,
 )
-from fl_privsim.architecture import FrontBlock, FrontBlockModel
-from fl_privsim.errors import ConfigError, ThreatModelError
+from fl_privsim.core.architecture import FrontBlock, FrontBlockModel
+from fl_privsim.core.errors import ConfigError, ThreatModelError
 
 __all__ = [
     "AUTO_BINS_PER_RECORD",

@@ -35,7 +35,7 @@ from adversaries.reconstruction._common import (
     layer_grads,
     target_gradient,
 )
-from fl_privsim.errors import ConfigError, ThreatModelError
+from fl_privsim.core.errors import ConfigError, ThreatModelError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adversaries.base import Observation
-from fl_privsim.errors import ThreatModelError
+from fl_privsim.core.errors import ThreatModelError
 
 log = logging.getLogger(__name__)
 

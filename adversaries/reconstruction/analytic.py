@@ -44,7 +44,7 @@ from adversaries.reconstruction._dense_demix import (
     solve_rows,
 )
 from adversaries.reconstruction.label_counts import bias_counts, counts_to_labels
-from fl_privsim.errors import ThreatModelError
+from fl_privsim.core.errors import ThreatModelError
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from adversaries.reconstruction._common import (
     target_gradient,
     trainable_params,
 )
-from fl_privsim.errors import ThreatModelError
+from fl_privsim.core.errors import ThreatModelError
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from adversaries.reconstruction._common import (
     layer_grads,
 )
 from adversaries.reconstruction.dlg import class_logits_layer
-from fl_privsim.errors import ThreatModelError
+from fl_privsim.core.errors import ThreatModelError
 
 log = logging.getLogger(__name__)
 

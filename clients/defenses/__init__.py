@@ -6,6 +6,8 @@ defenses come from the entry-point group ``fl_privsim.defenses``. See
 stacking rules.
 """
 
+from typing import Any
+
 # imported to register the built-ins
 from clients.defenses import (  # noqa: F401
     adversarial,
@@ -27,7 +29,20 @@ from clients.defenses.base import (
     TrainingInfo,
     register_defense,
 )
+from clients.defenses.losses import check_loss_config
 from clients.defenses.stack import batch_sampler, build_defenses, draw_batches, validate_stack
+from fl_privsim.core import plugins
+
+
+@plugins.CONFIG_CHECKS.register("defenses")
+def check_config(cfg: Any) -> None:
+    """Config-load hook: ``[[defenses]]`` build (each defense validates its own params and the
+    stack order) and ``client.loss`` fits the defenses and attacks
+    (:func:`clients.defenses.losses.check_loss_config`)."""
+    if cfg.defenses:
+        build_defenses(cfg.defenses)
+    check_loss_config(cfg)
+
 
 __all__ = [
     "DEFENSES",
@@ -40,6 +55,7 @@ __all__ = [
     "adversarial",
     "batch_sampler",
     "build_defenses",
+    "check_config",
     "dp_sgd",
     "draw_batches",
     "dynamic_dp",

@@ -36,7 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fl_privsim.registry import Registry
+from clients.defenses.per_sample import per_sample_gradients
+from fl_privsim.core import plugins
+from fl_privsim.core.registry import Registry
 
 Stage = Literal["sampler", "per_sample", "step", "update"]
 #: Execution order of the stages; a stack must be declared in this order.
@@ -111,7 +113,7 @@ class Defense:
         self._recorded: dict[str, list[float]] = {}
 
     def check_model(self, model: nn.Module) -> None:
-        """Raise :class:`~fl_privsim.errors.ConfigError` if this defense cannot run on
+        """Raise :class:`~fl_privsim.core.errors.ConfigError` if this defense cannot run on
         ``model`` (called once before a federation launches, so the error is not raised
         inside a Ray worker). Nothing to check by default."""
 
@@ -196,7 +198,6 @@ class PerSampleDefense(Defense):
         self, model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, Tensors]:
         """Mean loss of the batch and per-sample gradients (leading dim = batch) by name."""
-        from clients.defenses.per_sample import per_sample_gradients
 
         return per_sample_gradients(model, names, x, y)
 
@@ -209,7 +210,7 @@ class BatchSamplerDefense(Defense):
     """Stage ``"sampler"``: chooses which examples form the client's batches.
 
     The ClientApp and the scorer draw batches through the same function
-    (:func:`fl_privsim.federated_data.client_batch_indices`), with the same seeded generator,
+    (:func:`fl_privsim.engine.federated_data.client_batch_indices`), with the same seeded generator,
     so the scorer still knows the ground truth of a defended batch.
     """
 
@@ -229,7 +230,8 @@ class BatchSamplerDefense(Defense):
         raise NotImplementedError
 
 
-DEFENSES: Registry[Defense] = Registry(kind="defense", group="fl_privsim.defenses")
+#: The defense registry (in the foundation, :mod:`fl_privsim.core.plugins`).
+DEFENSES: Registry[Defense] = plugins.DEFENSES
 
 
 def register_defense(name: str):

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fl_privsim.errors import ConfigError
+from clients.defenses.base import DEFENSES, PerSampleDefense
+from fl_privsim.core.errors import ConfigError
 
 #: Training losses a client may use (``client.loss``).
 LOSSES: tuple[str, ...] = ("cross_entropy", "mse")
@@ -65,7 +66,6 @@ def check_loss_config(cfg: Any) -> None:
     loss = getattr(cfg.client, "loss", "cross_entropy")
     if loss == "cross_entropy":
         return
-    from clients.defenses.base import DEFENSES, PerSampleDefense
 
     for i, spec in enumerate(cfg.defenses):
         if issubclass(DEFENSES.get(spec.name), PerSampleDefense):

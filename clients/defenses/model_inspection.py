@@ -10,7 +10,7 @@ names, no data.
 
 Checks (``checks``; all by default). Each is a statement about the weights whose probability
 under honest initialisation (independent draws from a continuous symmetric law: PyTorch's
-Kaiming-uniform default and every scheme of :func:`fl_privsim.models.init_weights`) is
+Kaiming-uniform default and every scheme of :func:`fl_privsim.core.models.init_weights`) is
 computed or bounded, and the thresholds are set at a tail probability (``alpha``) or at an
 order of magnitude, never fitted to a measured false-alarm rate:
 
@@ -23,7 +23,7 @@ order of magnitude, never fitted to a measured false-alarm rate:
     only when the union bound over its row pairs is below ``alpha`` (otherwise near-parallel
     rows are plausible by chance, e.g. 2-dimensional rows, and the layer is skipped).
     Training moves rows along data directions but does not collapse distinct rows onto one
-    direction (largest honest ``|cos|`` measured: 0.94; :mod:`fl_privsim.inspection_rates`).
+    direction (largest honest ``|cos|`` measured: 0.94; :mod:`fl_privsim.app.inspection_rates`).
 ``balanced_signs`` (trap weights; Boenisch et al., "When the Curious Abandon Honesty",
     EuroS&P 2023, arXiv:2112.02918)
     Trap rows have *exactly* half of their weights negative (the other half positive and scaled
@@ -74,7 +74,7 @@ order of magnitude, never fitted to a measured false-alarm rate:
 
 False alarms are *per layer and per check* bounded by ``alpha`` for the two statistical checks
 and are essentially impossible under the null for the others; honest models *drift* away from
-the null during training, which is why :mod:`fl_privsim.inspection_rates` measures the
+the null during training, which is why :mod:`fl_privsim.app.inspection_rates` measures the
 false-alarm rate on the models of real FedAvg/FedSGD rounds. What it cannot see: a server that
 randomises its construction (e.g. adds noise to imprint rows, draws trap signs by coin flips,
 or uses a moderate fishing bias with small but non-zero rows) evades the corresponding check;

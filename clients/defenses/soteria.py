@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from clients.defenses.base import Defense, Stage, Tensors, TrainingInfo, register_defense
-from fl_privsim.errors import ConfigError
+from fl_privsim.core.errors import ConfigError
 
 METHODS = ("auto", "exact", "hutchinson")
 

@@ -1,6 +1,6 @@
 """Building a client's stack of defenses from config, and the rules a stack must follow.
 
-Stacking rules (each violation is one :class:`~fl_privsim.errors.ConfigError` naming the two
+Stacking rules (each violation is one :class:`~fl_privsim.core.errors.ConfigError` naming the two
 entries and the rule):
 
 1. Declared order = execution order: ``sampler`` → ``per_sample`` → ``step`` → ``update``
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from clients.defenses.base import DEFENSES, STAGES, BatchSamplerDefense, Defense
-from fl_privsim.errors import ConfigError, UserError
+from fl_privsim.core.errors import ConfigError, UserError
 
 
 def _label(i: int, d: Defense) -> str:

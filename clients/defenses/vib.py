@@ -9,7 +9,7 @@ client must build the same global model, so it cannot be a transform of gradient
 
 - the model: ``<base>_vib`` in ``model.name`` (e.g. ``mlp_vib``, ``lenet_vib``,
   ``convnet_vib``, ``cnn6_vib``, ``resnet18_gn_vib``) is the base model of
-  :mod:`fl_privsim.models` whose last ``nn.Linear`` (h → K logits) is replaced by a
+  :mod:`fl_privsim.core.models` whose last ``nn.Linear`` (h → K logits) is replaced by a
   :class:`VIBHead` (h → [μ, s] → z → K logits, σ = softplus(s − 5) as in Alemi et al.'s code,
   z = μ + σ·ε in training, z = μ in eval mode), built by :func:`build_vib_model`;
 - the defense ``vib`` (stage ``per_sample``) adds β·KL to every example's loss, so the
@@ -38,6 +38,9 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from clients.defenses.base import PerSampleDefense, Tensors, TrainingInfo, register_defense
+from fl_privsim.core import plugins
+from fl_privsim.core.errors import ConfigError
+from fl_privsim.core.models import MODELS
 
 #: Default width of the bottleneck z.
 VIB_DIM = 64
@@ -90,13 +93,12 @@ def vib_heads(model: nn.Module) -> list[VIBHead]:
     return [m for m in model.modules() if isinstance(m, VIBHead)]
 
 
+@plugins.MODEL_VARIANTS.register("vib")
 def build_vib_model(
     base: str, input_shape: tuple[int, int, int], num_classes: int, *, z_dim: int = VIB_DIM
 ) -> nn.Module:
-    """Model ``base`` of :data:`fl_privsim.models.MODELS` with its last ``nn.Linear`` (the
+    """Model ``base`` of :data:`fl_privsim.core.models.MODELS` with its last ``nn.Linear`` (the
     layer producing the logits) replaced by a :class:`VIBHead` of the same input width."""
-    from fl_privsim.errors import ConfigError
-    from fl_privsim.models import MODELS
 
     if base not in MODELS:
         raise ConfigError(

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from adversaries import ATTACKS, Observation
-from fl_privsim.metrics import label_accuracy, match_reconstructions, psnr
-from fl_privsim.models import build_model
+from fl_privsim.core.metrics import label_accuracy, match_reconstructions, psnr
+from fl_privsim.core.models import build_model
 
 SHAPE = (1, 8, 8)
 

@@ -26,7 +26,7 @@ def _rss_kib_total() -> int:
 def main(argv: list[str]) -> int:
     out = Path(tempfile.mkdtemp(prefix="fl-privsim-bench-")) / "run"
     base = _rss_kib_total()
-    cmd = [sys.executable, "-m", "fl_privsim.cli", "run", "--quiet", "--out", str(out), *argv]
+    cmd = [sys.executable, "-m", "fl_privsim.app.cli", "run", "--quiet", "--out", str(out), *argv]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0

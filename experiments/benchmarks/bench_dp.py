@@ -22,7 +22,7 @@ import torch
 
 from clients.defenses import build_defenses
 from clients.local_update import local_update
-from fl_privsim.models import build_model
+from fl_privsim.core.models import build_model
 
 log = logging.getLogger("bench_dp")
 

@@ -3,7 +3,7 @@
 Usage: ``PYTHONPATH=. python experiments/benchmarks/bench_games.py [--root ../shared/data/adult]
 [--batches 1 8 64] [--features alignment last] [--json out.json]``.
 
-Each case plays the full game of :mod:`fl_privsim.game` (load Adult, pretrain θ, 1000 shadow
+Each case plays the full game of :mod:`fl_privsim.app.game` (load Adult, pretrain θ, 1000 shadow
 trials on the auxiliary pool, 1000 challenge trials, meta-classifier training and scoring,
 bootstrap CIs, ROC plot) with one torch thread and reports wall-clock seconds by phase and
 the AUC with its CI. Target (issue 5): one case < 5 minutes on the 2-core machine. With
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fl_privsim.game import load_game_config, run_game
+from fl_privsim.app.game import load_game_config, run_game
 
 log = logging.getLogger("bench_games")
 

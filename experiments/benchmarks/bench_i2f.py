@@ -27,7 +27,7 @@ from adversaries.measures.i2f import (
     max_eigenvalue,
     sample_noise,
 )
-from fl_privsim.models import build_model
+from fl_privsim.core.models import build_model
 
 log = logging.getLogger("bench_i2f")
 

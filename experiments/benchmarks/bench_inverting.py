@@ -7,7 +7,7 @@ Usage::
         [--protocol fedsgd|fedavg] [--steps 2] [--threads 1]
 
 Builds one client observation (CIFAR-10 images from ``../shared/data/cifar10`` when present,
-else smooth random 3×32×32 images) with :func:`fl_privsim.offline.client_observation`, then
+else smooth random 3×32×32 images) with :func:`fl_privsim.engine.offline.client_observation`, then
 runs, interleaved ``--reps`` times on the same observation, seed and iteration count:
 
 - ``reference``: a straightforward implementation (below, self-contained): per restart, a
@@ -50,8 +50,8 @@ from adversaries.reconstruction._common import (
     target_gradient,
     total_variation,
 )
-from fl_privsim.models import build_model
-from fl_privsim.offline import client_observation
+from fl_privsim.core.models import build_model
+from fl_privsim.engine.offline import client_observation
 
 CIFAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10"
 
@@ -59,7 +59,7 @@ CIFAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10"
 def images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
     """``n`` images in [0, 1], labels, and the per-channel mean/std."""
     if (CIFAR / "cifar10_exact_subset.npz").exists():
-        from fl_privsim.data import load_dataset
+        from fl_privsim.core.data import load_dataset
 
         data = load_dataset("cifar10_npz", root=CIFAR)
         idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]

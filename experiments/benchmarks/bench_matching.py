@@ -3,7 +3,7 @@
 Usage: ``PYTHONPATH=. python experiments/benchmarks/bench_matching.py [--n 1000] [--m 1000]
 [--old-n 64]``.
 
-Times what :meth:`fl_privsim.scoring.Scorer.score` does per attacked update on N originals
+Times what :meth:`fl_privsim.engine.scoring.Scorer.score` does per attacked update on N originals
 and M reconstructions of 3x32x32: the MSE cost matrix, the Hungarian assignment, AVD of
 every reconstruction against its closest original (``avd_matched``) and SSIM/PSNR of the
 matched pairs. Data: random images (reconstructions = a permutation of the originals plus
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from fl_privsim import metrics
+from fl_privsim.core import metrics
 
 SHARED = Path(os.environ.get("FL_PRIVSIM_SHARED_DATA", "/work/shared/data"))
 CIFAR = SHARED / "cifar10" / "cifar10_exact_subset.npz"

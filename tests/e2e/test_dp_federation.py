@@ -10,9 +10,9 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from clients.defenses.accounting import ALPHAS
-from fl_privsim import config as config_mod
-from fl_privsim.federated_data import federated_data
-from fl_privsim.simulation import run
+from fl_privsim.app.simulation import run
+from fl_privsim.core import config as config_mod
+from fl_privsim.engine.federated_data import federated_data
 
 pytestmark = pytest.mark.e2e
 

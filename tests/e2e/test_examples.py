@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fl_privsim.cli import main
+from fl_privsim.app.cli import main
 
 pytestmark = pytest.mark.e2e
 

@@ -1,6 +1,6 @@
 """Malicious servers against Flower's real SecAgg+ on Ray (issue 14's acceptance runs).
 
-Each case is a whole federation through :func:`fl_privsim.simulation.run` on the workflow path
+Each case is a whole federation through :func:`fl_privsim.app.simulation.run` on the workflow path
 (``DefaultWorkflow`` + ``SecAggPlusWorkflow``, ``secaggplus_mod`` clients): the attacks see
 only the mean Flower unmasked. Isolation's own run is the example
 ``experiments/secagg_isolation.toml`` (``tests/e2e/test_examples.py`` checks it); here its
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_privsim import config as config_mod
-from fl_privsim.simulation import run
+from fl_privsim.app.simulation import run
+from fl_privsim.core import config as config_mod
 
 pytestmark = pytest.mark.e2e
 

@@ -17,13 +17,13 @@ from flwr.app import RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import train_client
-from fl_privsim import config as config_mod
-from fl_privsim.federated_data import federated_data
-from fl_privsim.results import RunFolder
-from fl_privsim.scoring import Scorer
-from fl_privsim.secure_aggregation import quantization_error_bound, resolve
-from fl_privsim.seeding import torch_generator
-from fl_privsim.simulation import run
+from fl_privsim.app.simulation import run
+from fl_privsim.core import config as config_mod
+from fl_privsim.core.results import RunFolder
+from fl_privsim.core.seeding import torch_generator
+from fl_privsim.engine.federated_data import federated_data
+from fl_privsim.engine.scoring import Scorer
+from fl_privsim.engine.secure_aggregation import quantization_error_bound, resolve
 from strategies.honest_but_curious import build_observation
 from strategies.server_app import build_plans, model_info, run_server
 from tests.integration.inprocess import InProcessGrid

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from fl_privsim import config as config_mod
-from fl_privsim.simulation import run
+from fl_privsim.app.simulation import run
+from fl_privsim.core import config as config_mod
 
 pytestmark = pytest.mark.e2e
 

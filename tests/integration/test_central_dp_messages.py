@@ -19,10 +19,10 @@ from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from adversaries.base import Observation
 from clients.client_app import CONFIG_KEY, handle_train
-from fl_privsim import config as config_mod
-from fl_privsim.config import CentralDPConfig
-from fl_privsim.federated_data import federated_data
-from fl_privsim.models import build_model
+from fl_privsim.core import config as config_mod
+from fl_privsim.core.config import CentralDPConfig
+from fl_privsim.core.models import build_model
+from fl_privsim.engine.federated_data import federated_data
 from strategies.central_dp import CentralDP
 from strategies.fedupdates import FedUpdates, discover_clients
 from strategies.honest_but_curious import HonestButCurious, ModelInfo

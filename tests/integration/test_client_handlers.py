@@ -9,8 +9,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from clients.client_app import CONFIG_KEY, handle_evaluate, handle_query, handle_train
 from clients.local_update import local_update
-from fl_privsim import config as config_mod
-from fl_privsim.federated_data import client_batch_indices, federated_data
+from fl_privsim.core import config as config_mod
+from fl_privsim.engine.federated_data import client_batch_indices, federated_data
 from strategies.server_app import initial_model
 
 

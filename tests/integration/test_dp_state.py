@@ -11,8 +11,8 @@ from opacus.accountants import RDPAccountant
 
 from clients.client_app import CONFIG_KEY, handle_train
 from clients.defenses.accounting import ALPHAS
-from fl_privsim import config as config_mod
-from fl_privsim.federated_data import federated_data
+from fl_privsim.core import config as config_mod
+from fl_privsim.engine.federated_data import federated_data
 from strategies.server_app import initial_model
 
 KEY = "defense0.dp_sgd.epsilon"

@@ -15,9 +15,9 @@ import torch
 
 from adversaries.malicious import MODIFICATIONS, Crafted, Modification, ServerView
 from clients.defenses.base import DEFENSES, Defense, ModelRefused
-from fl_privsim import config as config_mod
-from fl_privsim.architecture import ARCH_KEY, FrontBlock, FrontBlockModel
-from fl_privsim.models import build_model
+from fl_privsim.core import config as config_mod
+from fl_privsim.core.architecture import ARCH_KEY, FrontBlock, FrontBlockModel
+from fl_privsim.core.models import build_model
 from strategies.honest_but_curious import HonestButCurious
 from strategies.malicious import MaliciousServer, ModificationPlan
 from strategies.server_app import public_data

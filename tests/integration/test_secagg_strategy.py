@@ -21,10 +21,10 @@ from flwr.server.client_proxy import ClientProxy
 
 from clients.client_app import CONFIG_KEY, train_client
 from clients.secagg_client import full_weights, state_from_arrays
-from fl_privsim import config as config_mod
-from fl_privsim.errors import ConfigError
-from fl_privsim.results import RunFolder
-from fl_privsim.secure_aggregation import resolve
+from fl_privsim.core import config as config_mod
+from fl_privsim.core.errors import ConfigError
+from fl_privsim.core.results import RunFolder
+from fl_privsim.engine.secure_aggregation import resolve
 from strategies.fedupdates import FedUpdates, weighted_mean_update
 from strategies.secure_aggregation import SecAggStrategy
 from strategies.server_app import initial_model, model_info, run_server

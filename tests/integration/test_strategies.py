@@ -10,10 +10,10 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from adversaries.base import Observation
 from clients.client_app import CONFIG_KEY
-from fl_privsim import config as config_mod
-from fl_privsim.federated_data import federated_data
-from fl_privsim.models import build_model
-from fl_privsim.results import RunFolder
+from fl_privsim.core import config as config_mod
+from fl_privsim.core.models import build_model
+from fl_privsim.core.results import RunFolder
+from fl_privsim.engine.federated_data import federated_data
 from strategies.fedupdates import FedUpdates, discover_clients
 from strategies.honest_but_curious import HonestButCurious, ModelInfo
 from strategies.server_app import initial_model, run_server

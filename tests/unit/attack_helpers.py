@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from adversaries.base import Observation
-from fl_privsim.metrics import match_reconstructions, psnr
-from fl_privsim.models import build_model
+from fl_privsim.core.metrics import match_reconstructions, psnr
+from fl_privsim.core.models import build_model
 
 SHAPE = (1, 8, 8)
 CLASSES = 10

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fl_privsim.cli import main
+from fl_privsim.app.cli import main
 
 
 @dataclass

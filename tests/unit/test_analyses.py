@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from fl_privsim import config as config_mod
-from fl_privsim.analyses import I2FAnalysis, NoiseModel, build_analyses, noise_from_defenses
-from fl_privsim.errors import ConfigError
+from fl_privsim.core import config as config_mod
+from fl_privsim.core.errors import ConfigError
+from fl_privsim.engine.analyses import I2FAnalysis, NoiseModel, build_analyses, noise_from_defenses
 
 torch.set_num_threads(1)
 

@@ -16,9 +16,9 @@ from torch import nn
 
 from adversaries import ATTACKS, Observation
 from adversaries.reconstruction._dense_demix import condition_number, demix_dense, solve_rows
-from fl_privsim.errors import ConfigError, ThreatModelError
-from fl_privsim.metrics import label_accuracy, match_reconstructions, psnr
-from fl_privsim.offline import aggregate_observation
+from fl_privsim.core.errors import ConfigError, ThreatModelError
+from fl_privsim.core.metrics import label_accuracy, match_reconstructions, psnr
+from fl_privsim.engine.offline import aggregate_observation
 
 torch.set_num_threads(1)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -260,7 +260,7 @@ def test_bad_params(params: dict[str, object]) -> None:
 
 
 def test_quick_reproduction(shared_data, tmp_path) -> None:
-    from fl_privsim.reproduce import run_reproduction
+    from fl_privsim.app.reproduce import run_reproduction
 
     path, result = run_reproduction("demixing", quick=True, out=tmp_path / "run")
     s = result.summary

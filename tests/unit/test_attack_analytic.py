@@ -13,8 +13,8 @@ from torch import nn
 
 from adversaries import ATTACKS, Observation
 from adversaries.reconstruction._common import num_targets
-from fl_privsim.errors import ConfigError, ThreatModelError
-from fl_privsim.metrics import label_accuracy
+from fl_privsim.core.errors import ConfigError, ThreatModelError
+from fl_privsim.core.metrics import label_accuracy
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

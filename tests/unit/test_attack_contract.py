@@ -4,7 +4,7 @@ For each attack: output shapes and dtypes, determinism under a fixed generator s
 bounded run time (a hang guard, not a speed test), refusal with a ThreatModelError naming
 the attack when its threat model is not met, and acceptance of an aggregate of two clients
 (or a clear refusal where the method needs a single sample). Observations are built with
-the clients' own update code (:mod:`fl_privsim.offline`).
+the clients' own update code (:mod:`fl_privsim.engine.offline`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 
 import adversaries  # noqa: F401  (registers the attacks)
 from adversaries.base import ATTACKS, Observation
-from fl_privsim.errors import ThreatModelError
-from fl_privsim.models import build_model
-from fl_privsim.offline import aggregate_observation, client_observation
+from fl_privsim.core.errors import ThreatModelError
+from fl_privsim.core.models import build_model
+from fl_privsim.engine.offline import aggregate_observation, client_observation
 
 MEAN, STD, CLASSES = 0.5, 0.25, 10
 HANG_GUARD_S = 60.0

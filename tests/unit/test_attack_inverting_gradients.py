@@ -8,7 +8,7 @@ import torch
 from attack_helpers import make_model, matched_psnr, observe, sample
 
 from adversaries import ATTACKS
-from fl_privsim.errors import ConfigError
+from fl_privsim.core.errors import ConfigError
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

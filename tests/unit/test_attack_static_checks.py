@@ -1,7 +1,7 @@
 """Threat models checked before launch (issue 17, item 1).
 
 ``Attack.check_setup`` refuses, before Ray starts, what the configuration already rules out;
-``fl_privsim.simulation.validate_before_launch`` turns a refusal into one ConfigError line that
+``fl_privsim.app.simulation.validate_before_launch`` turns a refusal into one ConfigError line that
 names the models (or settings) that would satisfy it. The table test runs every registered
 attack against every model of the zoo and checks that the static verdict agrees with the
 runtime ``check(obs)`` on a real client update (computed by the client's own code on real
@@ -34,14 +34,14 @@ from adversaries.inference.federated import (
 )
 from adversaries.malicious import MODIFICATIONS
 from adversaries.malicious.base import ServerView
-from fl_privsim import cli, simulation
-from fl_privsim import config as config_mod
-from fl_privsim.data import ImageData, load_dataset
-from fl_privsim.errors import ConfigError, UserError
-from fl_privsim.models import MODELS, build_model
-from fl_privsim.offline import client_observation
-from fl_privsim.paths import shared_data_dir
-from fl_privsim.results import RunFolder
+from fl_privsim.app import cli, simulation
+from fl_privsim.core import config as config_mod
+from fl_privsim.core.data import ImageData, load_dataset
+from fl_privsim.core.errors import ConfigError, UserError
+from fl_privsim.core.models import MODELS, build_model
+from fl_privsim.core.paths import shared_data_dir
+from fl_privsim.core.results import RunFolder
+from fl_privsim.engine.offline import client_observation
 from strategies.attack_runner import MAX_REASONS, AttackPlan, AttackRunner
 
 NAMES = sorted(ATTACKS.names())

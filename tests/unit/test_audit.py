@@ -23,7 +23,7 @@ from adversaries.inference.audit import (
     run_audit,
 )
 from clients.defenses import build_defenses
-from fl_privsim.config import DefenseConfig
+from fl_privsim.core.config import DefenseConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_games import ADULT, ATTR, toy_model, toy_pool
@@ -101,7 +101,7 @@ def test_epsilon_lower_bound_never_exceeds_accountant_epsilon() -> None:
 
 @pytest.mark.skipif(not (ADULT / "adult.data.gz").is_file(), reason="needs ../shared/data/adult")
 def test_cli_audit_writes_epsilons(tmp_path: Path) -> None:
-    from fl_privsim.cli import main
+    from fl_privsim.app.cli import main
 
     out = tmp_path / "run"
     rc = main(
@@ -142,7 +142,7 @@ def test_cli_audit_writes_epsilons(tmp_path: Path) -> None:
 
 
 def test_cli_audit_needs_dp_sgd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from fl_privsim.cli import main
+    from fl_privsim.app.cli import main
 
     rc = main(
         [

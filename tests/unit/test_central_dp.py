@@ -11,8 +11,8 @@ import pytest
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 from opacus.accountants.analysis import rdp as opacus_rdp
 
-from fl_privsim import config as config_mod
-from fl_privsim.errors import ConfigError
+from fl_privsim.core import config as config_mod
+from fl_privsim.core.errors import ConfigError
 from strategies.central_dp import RDP_ORDERS, CentralAccountant, combined_noise_multiplier
 
 ORDERS = list(RDP_ORDERS)

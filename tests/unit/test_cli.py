@@ -12,7 +12,7 @@ from cli_helpers import run_cli as _cli
 def _subprocess_cli(*args, cwd=None):
     """The real entry point in a fresh interpreter (kept for the help text)."""
     return subprocess.run(
-        [sys.executable, "-m", "fl_privsim.cli", *args],
+        [sys.executable, "-m", "fl_privsim.app.cli", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -106,7 +106,7 @@ def test_reproduce_without_shared_data_leaves_no_folder(tmp_path):
         [
             sys.executable,
             "-m",
-            "fl_privsim.cli",
+            "fl_privsim.app.cli",
             "reproduce",
             "rgap_cnn6",
             "--quick",
@@ -172,7 +172,7 @@ def _client_dp(defenses, eps=1.4563):
 
 def _central_dp(eps_steps=2, **settings):
     """``central_dp`` of the summary from a real :class:`CentralDP` (4 clients, 2 per round)."""
-    from fl_privsim.config import CentralDPConfig
+    from fl_privsim.core.config import CentralDPConfig
     from strategies.central_dp import CentralDP
     from strategies.fedupdates import FedUpdates
 
@@ -194,7 +194,7 @@ def _central_dp(eps_steps=2, **settings):
 
 
 def test_table_keeps_its_columns_without_dp():
-    from fl_privsim.cli import format_table
+    from fl_privsim.app.cli import format_table
 
     lines = format_table(_summary()).splitlines()
     assert lines[0] == HEADER
@@ -214,7 +214,7 @@ def test_table_keeps_its_columns_without_dp():
 
 
 def test_client_dp_epsilon_line_not_formal_with_fixed_size_batches():
-    from fl_privsim.cli import format_table
+    from fl_privsim.app.cli import format_table
 
     text = format_table(
         _summary(**_client_dp([{"name": "dp_sgd", "params": {"noise_multiplier": 1.0}}]))
@@ -228,7 +228,7 @@ def test_client_dp_epsilon_line_not_formal_with_fixed_size_batches():
 
 
 def test_client_dp_epsilon_line_formal_with_poisson_batches():
-    from fl_privsim.cli import format_table
+    from fl_privsim.app.cli import format_table
 
     keys = _client_dp([{"name": "dp_sgd", "params": {"poisson": True, "delta": 1e-6}}], eps=0.8)
     assert keys["epsilon_formal"] is True and keys["epsilon_not_formal_because"] == []
@@ -241,7 +241,7 @@ def test_client_dp_epsilon_line_formal_with_poisson_batches():
 
 
 def test_client_dp_reasons_for_data_dependent_clipping_and_hand_set_rate():
-    from fl_privsim.cli import format_table
+    from fl_privsim.app.cli import format_table
 
     keys = _client_dp(
         [{"name": "dynamic_dp", "params": {"sigma": 1.0, "clipping": "l2max", "poisson": True}}]
@@ -261,7 +261,7 @@ def test_accounted_defense_reports_delta_and_reasons_as_metrics():
 
     from clients.defenses.dp_sgd import DPSGD
     from clients.local_update import local_update
-    from fl_privsim.models import build_model
+    from fl_privsim.core.models import build_model
 
     model = build_model("linear", (1, 4, 4), 3)
     d = DPSGD(delta=1e-6)
@@ -278,7 +278,7 @@ def test_accounted_defense_reports_delta_and_reasons_as_metrics():
 
 
 def test_central_dp_line_not_formal_with_amplification():
-    from fl_privsim.cli import format_table
+    from fl_privsim.app.cli import format_table
 
     keys = _central_dp(noise_multiplier=1.0, delta=1e-5)
     assert keys["central_dp"]["formal"] is False
@@ -291,7 +291,7 @@ def test_central_dp_line_not_formal_with_amplification():
 
 
 def test_central_dp_line_formal_without_amplification():
-    from fl_privsim.cli import format_table
+    from fl_privsim.app.cli import format_table
 
     keys = _central_dp(noise_multiplier=2.0, delta=1e-6, amplification=False)
     assert keys["central_dp"]["formal"] is True and keys["central_dp"]["not_formal_because"] == []
@@ -304,7 +304,7 @@ def test_central_dp_line_formal_without_amplification():
 
 
 def test_central_dp_without_noise_says_infinite():
-    from fl_privsim.cli import format_table
+    from fl_privsim.app.cli import format_table
 
     keys = _central_dp(noise_multiplier=0.0, amplification=False)
     assert keys["central_epsilon"] is None and keys["central_dp"]["epsilon_infinite"] is True
@@ -313,7 +313,7 @@ def test_central_dp_without_noise_says_infinite():
 
 
 def test_unscored_attack_rows_give_the_reason():
-    from fl_privsim.cli import format_table
+    from fl_privsim.app.cli import format_table
 
     attacks = {
         "idlg": {

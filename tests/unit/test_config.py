@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fl_privsim import config as c
-from fl_privsim.errors import ConfigError
+from fl_privsim.core import config as c
+from fl_privsim.core.errors import ConfigError
 
 
 def test_defaults_are_the_default_job():

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from clients.local_update import local_update
-from fl_privsim.errors import ConfigError
-from fl_privsim.models import MODELS, build_model
-from fl_privsim.registry import Registry
-from fl_privsim.seeding import seed_int, torch_generator
+from fl_privsim.core.errors import ConfigError
+from fl_privsim.core.models import MODELS, build_model
+from fl_privsim.core.registry import Registry
+from fl_privsim.core.seeding import seed_int, torch_generator
 
 
 class Dummy:
@@ -44,7 +44,7 @@ def test_registry_loads_entry_points(monkeypatch):
             return Dummy
 
     monkeypatch.setattr(
-        "fl_privsim.registry.entry_points", lambda group: [EP()] if group == "g" else []
+        "fl_privsim.core.registry.entry_points", lambda group: [EP()] if group == "g" else []
     )
     reg: Registry[Dummy] = Registry(kind="widget", group="g")
     assert reg.names() == ["plugin"] and reg.create("plugin", k=1).k == 1
@@ -148,8 +148,8 @@ def test_local_update_rejects_bad_input():
 
 
 def test_backend_config_local_vs_existing_cluster():
-    from fl_privsim import config as c
-    from fl_privsim.simulation import backend_config
+    from fl_privsim.app.simulation import backend_config
+    from fl_privsim.core import config as c
 
     local = backend_config(
         c.load(None, ["federation.num_cpus_per_client=0.5", 'federation.device="cpu"'])

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fl_privsim import data as data_mod
-from fl_privsim.data import DATASETS, ImageData, load_dataset
-from fl_privsim.errors import ConfigError, DataError
+from fl_privsim.core import data as data_mod
+from fl_privsim.core.data import DATASETS, ImageData, load_dataset
+from fl_privsim.core.errors import ConfigError, DataError
 
 
 # ---------------------------------------------------------------------------- digits
@@ -132,7 +132,7 @@ def test_folder_dataset(tmp_path: Path) -> None:
 def test_folder_skips_unreadable(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _make_folder(tmp_path, {"a": 3, "b": 3})
     (tmp_path / "a" / "broken.png").write_bytes(b"\x89PNG garbage")
-    with caplog.at_level("WARNING", logger="fl_privsim.data"):
+    with caplog.at_level("WARNING", logger="fl_privsim.core.data"):
         data = load_dataset("folder", root=tmp_path)
     assert len(data) + len(data.test_y) == 6
     assert "broken.png" in caplog.text

@@ -21,7 +21,7 @@ from clients.defenses.soteria import (
     representation,
 )
 from clients.local_update import local_update
-from fl_privsim.errors import ConfigError
+from fl_privsim.core.errors import ConfigError
 
 torch.set_num_threads(1)
 
@@ -177,8 +177,8 @@ def test_unknown_layer_and_stacking() -> None:
 
 def test_unknown_layer_fails_before_launch() -> None:
     """An architecture mismatch is one ConfigError before Ray starts, not a worker traceback."""
-    from fl_privsim import config as config_mod
-    from fl_privsim.simulation import validate_before_launch
+    from fl_privsim.app.simulation import validate_before_launch
+    from fl_privsim.core import config as config_mod
 
     def cfg(layer: str) -> config_mod.Config:
         return config_mod.from_dict(

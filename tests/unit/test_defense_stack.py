@@ -17,8 +17,8 @@ from torch import nn
 from clients.defenses import PerSampleDefense, TensorTransform, build_defenses
 from clients.defenses.mixing import IdenticalLabels
 from clients.local_update import local_update
-from fl_privsim import config as config_mod
-from fl_privsim.errors import ConfigError
+from fl_privsim.core import config as config_mod
+from fl_privsim.core.errors import ConfigError
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
@@ -255,7 +255,7 @@ def test_identical_labels_draws_one_class_per_batch_reproducibly() -> None:
 
 
 def test_identical_labels_reaches_the_client_and_the_scorer_batches() -> None:
-    from fl_privsim.federated_data import client_batch_indices, federated_data
+    from fl_privsim.engine.federated_data import client_batch_indices, federated_data
 
     cfg = config_mod.load(
         None, ["federation.num_clients=2", "federation.clients_per_round=2", "client.batch_size=5"]
@@ -285,36 +285,14 @@ def _run(script: str, extra_path: list[Path]) -> subprocess.CompletedProcess[str
     )
 
 
-def test_defenses_import_and_run_without_flwr_or_ray() -> None:
-    script = """
-import sys
-sys.modules["flwr"] = None
-sys.modules["ray"] = None
-import torch
-from clients.defenses import build_defenses
-import clients.defenses.per_sample  # noqa: F401  (imported lazily elsewhere)
-from clients.local_update import local_update
-model = torch.nn.Linear(3, 2)
-stack = build_defenses([{"name": "pruning", "params": {"ratio": 0.5}}, {"name": "noise", "params": {"scale": 1}},
-                        {"name": "signsgd", "params": {}}, {"name": "quantization", "params": {"bits": 8}}])
-local_update(model, [(torch.randn(2, 3), torch.tensor([0, 1]))], protocol="fedsgd", lr=0.1, defenses=stack,
-             generator=torch.Generator())
-assert not any(m.split(".")[0] in ("flwr", "ray") for m in sys.modules if sys.modules[m] is not None)
-print("ok")
-"""
-    out = _run(script, [])
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
-
-
 def test_entry_point_plugin_is_found_validated_and_applied(tmp_path) -> None:
     src = write_plugin_dist_info(tmp_path)
     script = """
 import torch
-from fl_privsim import config
+from fl_privsim.core import config
 from clients.defenses import DEFENSES, build_defenses
 from clients.local_update import local_update
-from fl_privsim.errors import ConfigError
+from fl_privsim.core.errors import ConfigError
 assert "clip_update" in DEFENSES.names() and "pruning" in DEFENSES.names() and "broken" not in DEFENSES.names()
 cfg = config.loads('[[defenses]]\\nname = "clip_update"\\nparams = { max_norm = 0.001 }\\n')
 res = local_update(torch.nn.Linear(3, 2), [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))], protocol="fedsgd",

@@ -171,7 +171,7 @@ def test_noise_is_reproducible_from_the_generator(distribution) -> None:
     ],
 )
 def test_bad_params_give_one_clear_error(name, params, message) -> None:
-    from fl_privsim.errors import ConfigError
+    from fl_privsim.core.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
         DEFENSES.create(name, **params)

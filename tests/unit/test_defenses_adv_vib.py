@@ -14,8 +14,8 @@ from clients.defenses import DEFENSES, build_defenses
 from clients.defenses.adversarial import AdversarialPerturbation, project_ball_halfspace
 from clients.defenses.vib import VIB, VIBHead, build_vib_model
 from clients.local_update import local_update
-from fl_privsim.errors import ConfigError
-from fl_privsim.models import build_model
+from fl_privsim.core.errors import ConfigError
+from fl_privsim.core.models import build_model
 
 torch.set_num_threads(1)
 

@@ -18,9 +18,9 @@ from adversaries.reconstruction._dense_demix import coefficients, demix_dense, l
 from clients.defenses import build_defenses
 from clients.defenses.losses import LOSSES, loss_function, softmax_mse
 from clients.local_update import local_update
-from fl_privsim import config as config_mod
-from fl_privsim.errors import ConfigError
-from fl_privsim.metrics import label_accuracy
+from fl_privsim.core import config as config_mod
+from fl_privsim.core.errors import ConfigError
+from fl_privsim.core.metrics import label_accuracy
 
 torch.set_num_threads(1)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from clients.defenses.schedules import resolve_schedule
-from fl_privsim.errors import ConfigError
-from fl_privsim.reproduce._defenses_rows import ROWS, bisect_scale, epsilon, specs
+from fl_privsim.app.reproduce._defenses_rows import ROWS, bisect_scale, epsilon, specs
+from fl_privsim.core.errors import ConfigError
 
 
 @pytest.mark.parametrize("schedule", ["linear", "staircase", "exponential", "cyclic"])
@@ -41,7 +41,7 @@ def test_every_row_builds():
 def test_quick_reproduction(shared_data, tmp_path):
     if not (shared_data / "mnist").is_dir():
         pytest.skip(f"needs {shared_data / 'mnist'}")
-    from fl_privsim.reproduce import run_reproduction
+    from fl_privsim.app.reproduce import run_reproduction
 
     path, result = run_reproduction("defenses", quick=True, out=tmp_path / "run")
     s = result.summary

@@ -1,5 +1,5 @@
 """Unknown keys and names get the closest match ("did you mean ...?") in every command's
-one-line error (fl_privsim.errors.did_you_mean)."""
+one-line error (fl_privsim.core.errors.did_you_mean)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_privsim.cli import main
-from fl_privsim.errors import ConfigError, did_you_mean
+from fl_privsim.app.cli import main
+from fl_privsim.core.errors import ConfigError, did_you_mean
 
 
 def test_did_you_mean() -> None:
@@ -54,7 +54,7 @@ def test_every_command_suggests_the_closest_name(
 def test_registries_and_models_suggest() -> None:
     import adversaries  # noqa: F401
     from adversaries.base import ATTACKS
-    from fl_privsim.models import build_model
+    from fl_privsim.core.models import build_model
 
     with pytest.raises(
         ConfigError, match=r"unknown attack 'idgl' \(did you mean 'idlg'\?\); known:"

@@ -17,9 +17,9 @@ from attack_helpers import CLASSES, SHAPE, matched_psnr, observe, sample
 from adversaries import ATTACKS
 from adversaries.reconstruction._common import target_gradient
 from adversaries.reconstruction.dlg import lbfgs_gradient_matching
-from fl_privsim.errors import ConfigError, ThreatModelError
-from fl_privsim.models import build_model
-from fl_privsim.offline import aggregate_observation
+from fl_privsim.core.errors import ConfigError, ThreatModelError
+from fl_privsim.core.models import build_model
+from fl_privsim.engine.offline import aggregate_observation
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -161,7 +161,7 @@ def test_bad_params(name: str, params: dict[str, object]) -> None:
 
 
 def test_quick_reproduction(shared_data, tmp_path) -> None:
-    from fl_privsim.reproduce import run_reproduction
+    from fl_privsim.app.reproduce import run_reproduction
 
     path, result = run_reproduction("idlg_labels", quick=True, out=tmp_path / "run")
     s = result.summary

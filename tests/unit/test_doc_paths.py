@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_privsim.cli import _parser
+from fl_privsim.app.cli import _parser
 
 REPO = Path(__file__).resolve().parents[2]
 TOP = ("experiments", "docs", "fl_privsim", "clients", "adversaries", "strategies", "tests", ".ci")

@@ -21,8 +21,8 @@ from clients.defenses.dynamic_dp import DynamicDP
 from clients.defenses.per_sample import per_sample_gradients
 from clients.defenses.schedules import cyclic, exponential, linear, staircase
 from clients.local_update import local_update
-from fl_privsim.errors import ConfigError
-from fl_privsim.models import build_model
+from fl_privsim.core.errors import ConfigError
+from fl_privsim.core.models import build_model
 
 torch.set_num_threads(1)
 FAST = settings(max_examples=25, deadline=None)
@@ -479,8 +479,8 @@ def test_dp_stack_rules() -> None:
 
 
 def test_client_batches_are_poisson_samples_with_dp_poisson() -> None:
-    from fl_privsim import config as config_mod
-    from fl_privsim.federated_data import client_batch_indices, federated_data
+    from fl_privsim.core import config as config_mod
+    from fl_privsim.engine.federated_data import client_batch_indices, federated_data
 
     cfg = config_mod.from_dict(
         {

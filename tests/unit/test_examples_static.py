@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_privsim import config as config_mod
-from fl_privsim.errors import ConfigError
+from fl_privsim.core import config as config_mod
+from fl_privsim.core.errors import ConfigError
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 CPU = ['federation.device="cpu"']
@@ -34,7 +34,7 @@ CPU = ['federation.device="cpu"']
 def test_attacks_the_examples_leave_out_stop_before_launch(
     example, attack, needle, monkeypatch, request
 ):
-    from fl_privsim import simulation
+    from fl_privsim.app import simulation
 
     if "cifar" in example:
         request.getfixturevalue("shared_data")  # its data; skips with the reason where absent

@@ -22,7 +22,7 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fl_privsim import config as config_mod
+from fl_privsim.core import config as config_mod
 from tests.unit.cli_helpers import run_cli
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
@@ -102,7 +102,7 @@ def bad_configs(draw: st.DrawFn) -> tuple[str, str]:
 @pytest.fixture(autouse=True)
 def _stop_before_work(monkeypatch):
     """A valid config stops before any work or any file is written: exit code VALID."""
-    from fl_privsim import game, measure, simulation
+    from fl_privsim.app import game, measure, simulation
 
     def stop(*args: Any, **kwargs: Any) -> Any:
         raise SystemExit(VALID)

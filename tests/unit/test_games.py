@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from adversaries.inference import (
 from adversaries.inference.games import OBSERVATION_FIELDS
 from adversaries.inference.metrics import clopper_pearson, game_metrics
 from clients.defenses import build_defenses
-from fl_privsim.paths import shared_data_dir
+from fl_privsim.core.paths import shared_data_dir
 
 torch.set_num_threads(1)
 ADULT = shared_data_dir() / "adult"  # honours $FL_PRIVSIM_SHARED_DATA
@@ -204,19 +203,11 @@ def test_membership_gradient_attack_and_loss_baseline() -> None:
     assert grad_auc >= base["auc"]  # the gradient attack sees at least what the loss change shows
 
 
-def test_no_flwr_or_ray_needed(monkeypatch: pytest.MonkeyPatch) -> None:
-    for mod in [m for m in sys.modules if m.startswith("adversaries.inference")]:
-        monkeypatch.delitem(sys.modules, mod)
-    monkeypatch.setitem(sys.modules, "flwr", None)
-    monkeypatch.setitem(sys.modules, "ray", None)
-    import adversaries.inference.games  # noqa: F401
-
-
 @pytest.mark.skipif(
     not (ADULT / "adult.data.gz").is_file(), reason=f"Adult files not found in {ADULT}"
 )
 def test_small_adult_attribute_game(tmp_path: Path) -> None:
-    from fl_privsim.game import load_game_config, run_game
+    from fl_privsim.app.game import load_game_config, run_game
 
     cfg = load_game_config(
         None,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_privsim.cli import main
+from fl_privsim.app.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = [

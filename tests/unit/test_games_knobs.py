@@ -13,7 +13,7 @@ from adversaries.inference import Game, MetaClassifier, Pool, Release
 from adversaries.inference.adversary import MultiRound
 from adversaries.inference.metrics import game_metrics
 from clients.defenses import build_defenses
-from fl_privsim.errors import ConfigError
+from fl_privsim.core.errors import ConfigError
 
 torch.set_num_threads(1)
 D, ATTR = 6, 5

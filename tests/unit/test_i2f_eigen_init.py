@@ -10,7 +10,12 @@ import torch
 from torch import nn
 
 from adversaries.measures.i2f import InversionJacobian, dense_jacobian
-from fl_privsim.reproduce.i2f_eigen_init import dense_jacobian_rows, exact_i2f, log_slope, spectrum
+from fl_privsim.app.reproduce.i2f_eigen_init import (
+    dense_jacobian_rows,
+    exact_i2f,
+    log_slope,
+    spectrum,
+)
 
 torch.set_num_threads(1)
 
@@ -56,7 +61,7 @@ def test_log_slope():
 def test_quick_reproduction(shared_data, tmp_path):
     if not (shared_data / "mnist").is_dir():
         pytest.skip(f"{shared_data / 'mnist'} not present")
-    from fl_privsim.reproduce import run_reproduction
+    from fl_privsim.app.reproduce import run_reproduction
 
     path, result = run_reproduction("i2f_eigen_init", quick=True, out=tmp_path / "run")
     s = result.summary

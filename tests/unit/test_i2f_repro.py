@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from fl_privsim.errors import ConfigError
-from fl_privsim.reproduce.i2f_vs_dgl import parse_noise, spearman
+from fl_privsim.app.reproduce.i2f_vs_dgl import parse_noise, spearman
+from fl_privsim.core.errors import ConfigError
 
 torch.set_num_threads(1)
 
@@ -34,7 +34,7 @@ def test_spearman_known_values():
 def test_quick_reproduction(shared_data, tmp_path):
     if not (shared_data / "mnist").is_dir():
         pytest.skip(f"{shared_data / 'mnist'} not present")
-    from fl_privsim.reproduce import run_reproduction
+    from fl_privsim.app.reproduce import run_reproduction
 
     path, result = run_reproduction("i2f_vs_dgl", quick=True, out=tmp_path / "run")
     s = result.summary
@@ -61,7 +61,7 @@ def test_quick_reproduction(shared_data, tmp_path):
 def test_attacks_setting_selects_and_validates(shared_data, tmp_path):
     if not (shared_data / "mnist").is_dir():
         pytest.skip(f"{shared_data / 'mnist'} not present")
-    from fl_privsim.reproduce import run_reproduction
+    from fl_privsim.app.reproduce import run_reproduction
 
     _, result = run_reproduction(
         "i2f_vs_dgl",

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_privsim.errors import ConfigError
-from fl_privsim.paths import shared_data_dir
-from fl_privsim.reproduce import run_reproduction
+from fl_privsim.app.reproduce import run_reproduction
+from fl_privsim.core.errors import ConfigError
+from fl_privsim.core.paths import shared_data_dir
 
 torch.set_num_threads(1)
 ADULT = shared_data_dir() / "adult"  # honours $FL_PRIVSIM_SHARED_DATA

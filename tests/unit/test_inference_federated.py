@@ -1,6 +1,6 @@
 """The curious-server inference attacks (adversaries.inference.federated) outside a federation:
 leaky toys are detected, the attack never gets the secret, parameters are validated, and the
-scorer side (fl_privsim.inference_scoring) computes the secrets from the reproduced batches."""
+scorer side (fl_privsim.engine.inference_scoring) computes the secrets from the reproduced batches."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from adversaries.base import ATTACKS, Observation
 from adversaries.inference.federated import InferenceObservation, ServerKnowledge
 from adversaries.inference.metrics import auc_score
 from clients.local_update import local_update
-from fl_privsim import config as config_mod
-from fl_privsim.errors import ConfigError, DataError, ThreatModelError
-from fl_privsim.federated_data import client_batch_indices, federated_data
-from fl_privsim.inference_scoring import InferenceScorer, summarize
-from fl_privsim.tabular import adult_attribute_column
+from fl_privsim.core import config as config_mod
+from fl_privsim.core.errors import ConfigError, DataError, ThreatModelError
+from fl_privsim.core.tabular import adult_attribute_column
+from fl_privsim.engine.federated_data import client_batch_indices, federated_data
+from fl_privsim.engine.inference_scoring import InferenceScorer, summarize
 
 
 def _observation(
@@ -231,7 +231,7 @@ def test_run_config_mismatch_is_config_error_at_load(overrides, match):
 
 
 def test_missing_adult_is_one_data_error_naming_the_folder(tmp_path):
-    from fl_privsim.data import load_dataset
+    from fl_privsim.core.data import load_dataset
 
     with pytest.raises(DataError, match=str(tmp_path)):
         load_dataset("adult", root=tmp_path)
@@ -284,7 +284,7 @@ def test_contract_determinism_refusal_by_name_and_aggregates(name):
     and an aggregate of two clients is accepted, within the hang guard."""
     import time
 
-    from fl_privsim.offline import aggregate_observation
+    from fl_privsim.engine.offline import aggregate_observation
 
     gen = torch.Generator().manual_seed(3)
     d = 10

@@ -17,8 +17,8 @@ from adversaries.reconstruction.inverting_gradients import (
     label_arrangements,
     unrolled_delta,
 )
-from fl_privsim.errors import ConfigError, ThreatModelError
-from fl_privsim.offline import aggregate_observation, client_observation
+from fl_privsim.core.errors import ConfigError, ThreatModelError
+from fl_privsim.engine.offline import aggregate_observation, client_observation
 
 torch.set_num_threads(1)
 
@@ -205,7 +205,7 @@ def test_deterministic_given_generator(batch_restarts: bool) -> None:
 
 
 def test_quick_reproduction(shared_data, tmp_path) -> None:
-    from fl_privsim.reproduce import run_reproduction
+    from fl_privsim.app.reproduce import run_reproduction
 
     path, result = run_reproduction("inverting_batch_steps", quick=True, out=tmp_path / "run")
     assert (path / "table.md").exists()

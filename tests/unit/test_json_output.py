@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from fl_privsim.cli import main
+from fl_privsim.app.cli import main
 
 torch.set_num_threads(1)
 

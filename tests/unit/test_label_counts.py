@@ -18,9 +18,9 @@ from adversaries.reconstruction.label_counts import (
     largest_remainder,
     llg_labels,
 )
-from fl_privsim.errors import ConfigError, ThreatModelError
-from fl_privsim.metrics import label_accuracy
-from fl_privsim.offline import aggregate_observation
+from fl_privsim.core.errors import ConfigError, ThreatModelError
+from fl_privsim.core.metrics import label_accuracy
+from fl_privsim.engine.offline import aggregate_observation
 
 torch.set_num_threads(1)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

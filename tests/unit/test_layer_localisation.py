@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fl_privsim.reproduce.layer_localisation import _Sketch, _updates
+from fl_privsim.app.reproduce.layer_localisation import _Sketch, _updates
 
 
 def test_sketch_is_linear_and_preserves_norm_on_average():
@@ -46,7 +46,7 @@ def test_updates_batch_mean_majority_and_clipping():
 
 
 def test_quick_reproduction(shared_data, tmp_path):
-    from fl_privsim.reproduce import run_reproduction
+    from fl_privsim.app.reproduce import run_reproduction
 
     path, result = run_reproduction("layer_localisation", quick=True, out=tmp_path / "run")
     s = result.summary
@@ -72,8 +72,8 @@ def test_quick_reproduction(shared_data, tmp_path):
 
 
 def test_bad_input_settings_name_the_key(shared_data, tmp_path):
-    from fl_privsim.errors import ConfigError
-    from fl_privsim.reproduce import run_reproduction
+    from fl_privsim.app.reproduce import run_reproduction
+    from fl_privsim.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="input_variance.*per_dim, shared"):
         run_reproduction(

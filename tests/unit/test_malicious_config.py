@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fl_privsim.cli import main
+from fl_privsim.app.cli import main
 
 MAL = ['server.role="malicious"']
 

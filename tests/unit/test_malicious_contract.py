@@ -22,10 +22,10 @@ import torch
 import adversaries  # noqa: F401  (registers attacks and modifications)
 from adversaries.base import ATTACKS, Observation
 from adversaries.malicious import MODIFICATIONS, ServerView
-from fl_privsim.architecture import build_architecture
-from fl_privsim.errors import ConfigError, ThreatModelError
-from fl_privsim.models import build_model
-from fl_privsim.offline import aggregate_observation, client_observation
+from fl_privsim.core.architecture import build_architecture
+from fl_privsim.core.errors import ConfigError, ThreatModelError
+from fl_privsim.core.models import build_model
+from fl_privsim.engine.offline import aggregate_observation, client_observation
 
 MEAN, STD, CLASSES = 0.5, 0.25, 10
 HANG_GUARD_S = 60.0

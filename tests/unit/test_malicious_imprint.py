@@ -25,10 +25,10 @@ from adversaries.base import ATTACKS, Observation
 from adversaries.malicious import MODIFICATIONS, ServerView
 from adversaries.malicious.imprint import Imprint, ImprintAttack, alone_share, expected_alone_share
 from clients.local_update import local_update
-from fl_privsim.architecture import build_architecture
-from fl_privsim.data import ImageData, load_dataset
-from fl_privsim.errors import ConfigError, ThreatModelError
-from fl_privsim.models import build_model
+from fl_privsim.core.architecture import build_architecture
+from fl_privsim.core.data import ImageData, load_dataset
+from fl_privsim.core.errors import ConfigError, ThreatModelError
+from fl_privsim.core.models import build_model
 
 ASR_MSE = 1e-3
 CLASSES = 10

@@ -18,11 +18,11 @@ from adversaries.base import ATTACKS
 from adversaries.malicious import MODIFICATIONS
 from adversaries.malicious.isolation import dead_layer
 from clients.local_update import local_update
-from fl_privsim.data import load_dataset
-from fl_privsim.errors import ConfigError
-from fl_privsim.metrics import psnr
-from fl_privsim.models import build_model
-from fl_privsim.offline import client_observation
+from fl_privsim.core.data import load_dataset
+from fl_privsim.core.errors import ConfigError
+from fl_privsim.core.metrics import psnr
+from fl_privsim.core.models import build_model
+from fl_privsim.engine.offline import client_observation
 from strategies.crafting import MIXED, Crafter, ModificationPlan, observed_model, undecoyed
 from strategies.model_info import ModelInfo
 

@@ -4,7 +4,7 @@ Hand-built rounds on real MNIST (``../shared/data/mnist``; skipped where absent)
 crafts one model per client with :meth:`Loki.craft` (public data: the test split), every client
 trains *its own* model with :func:`clients.local_update.local_update` on train images, and the
 server attacks the example-weighted mean of the updates (what secure aggregation reveals).
-Only the scoring uses ground truth, through :mod:`fl_privsim.metrics` (Hungarian matching,
+Only the scoring uses ground truth, through :mod:`fl_privsim.core.metrics` (Hungarian matching,
 ASR at MSE <= 1e-3, i.e. 30 dB PSNR, coverage, leakage rate).
 
 :func:`measure_loki` is the measurement helper (e.g. ``measure_loki(50, protocol="fedavg",
@@ -30,12 +30,12 @@ from adversaries.malicious import MODIFICATIONS, ServerView
 from adversaries.malicious.imprint import recover_bins
 from adversaries.malicious.loki import OFF_BIAS, Loki, LokiAttack, auto_bins, expected_alone_share
 from clients.local_update import local_update
-from fl_privsim import metrics
-from fl_privsim.architecture import build_architecture
-from fl_privsim.data import ImageData, load_dataset
-from fl_privsim.errors import ConfigError, ThreatModelError
-from fl_privsim.models import build_model
-from fl_privsim.paths import shared_data_dir
+from fl_privsim.core import metrics
+from fl_privsim.core.architecture import build_architecture
+from fl_privsim.core.data import ImageData, load_dataset
+from fl_privsim.core.errors import ConfigError, ThreatModelError
+from fl_privsim.core.models import build_model
+from fl_privsim.core.paths import shared_data_dir
 
 ASR_MSE = 1e-3  # 30 dB PSNR on [0, 1] pixels
 CLASSES = 10

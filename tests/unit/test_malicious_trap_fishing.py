@@ -25,9 +25,9 @@ from adversaries.malicious.fishing import Fishing, FishingAttack
 from adversaries.malicious.trap_weights import TrapWeights, TrapWeightsAttack
 from adversaries.reconstruction.inverting_gradients import InvertingGradientsAttack
 from clients.local_update import local_update
-from fl_privsim.data import ImageData, load_dataset
-from fl_privsim.errors import ConfigError, ThreatModelError
-from fl_privsim.models import build_model
+from fl_privsim.core.data import ImageData, load_dataset
+from fl_privsim.core.errors import ConfigError, ThreatModelError
+from fl_privsim.core.models import build_model
 
 log = logging.getLogger(__name__)
 

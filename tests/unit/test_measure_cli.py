@@ -10,8 +10,8 @@ import pytest
 import torch
 from cli_helpers import CliResult, run_cli
 
-from fl_privsim.errors import ConfigError
-from fl_privsim.measure import load_config, run_measure
+from fl_privsim.app.measure import load_config, run_measure
+from fl_privsim.core.errors import ConfigError
 
 torch.set_num_threads(1)
 
@@ -205,7 +205,7 @@ def test_cli_json_prints_the_summary_only(tmp_path):
 
 @pytest.mark.parametrize("kind", ["vinfo", "sensitivity", "subspace"])
 def test_layer_tables_are_human(kind, tmp_path):
-    from fl_privsim.measure import _read_rows, format_measure
+    from fl_privsim.app.measure import _read_rows, format_measure
 
     path, summary = run_measure(
         load_config(None, [f'measure.kind="{kind}"', *SMALL[kind]]), out=tmp_path / "run"

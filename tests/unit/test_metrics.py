@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_privsim import metrics
+from fl_privsim.core import metrics
 
 
 def test_psnr_known_values():

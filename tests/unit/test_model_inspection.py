@@ -27,10 +27,7 @@ from clients.defenses.model_inspection import (
     parallel_null_probability,
 )
 from clients.local_update import local_update
-from fl_privsim.architecture import FrontBlock, FrontBlockModel
-from fl_privsim.data import load_dataset
-from fl_privsim.errors import ConfigError
-from fl_privsim.inspection_rates import (
+from fl_privsim.app.inspection_rates import (
     VARIANTS,
     Training,
     honest_trajectory,
@@ -38,7 +35,10 @@ from fl_privsim.inspection_rates import (
     sent_unchanged,
     server_view,
 )
-from fl_privsim.models import MODELS, build_model, init_weights
+from fl_privsim.core.architecture import FrontBlock, FrontBlockModel
+from fl_privsim.core.data import load_dataset
+from fl_privsim.core.errors import ConfigError
+from fl_privsim.core.models import MODELS, build_model, init_weights
 
 DIGITS = (1, 8, 8)
 

@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_privsim.data import partition, sample_batch
-from fl_privsim.errors import ConfigError, DataError
-from fl_privsim.partition import train_test_indices
-from fl_privsim.seeding import torch_generator
+from fl_privsim.core.data import partition, sample_batch
+from fl_privsim.core.errors import ConfigError, DataError
+from fl_privsim.core.partition import train_test_indices
+from fl_privsim.core.seeding import torch_generator
 
 LABELS = np.repeat(np.arange(10), 100)  # 1000 examples, 10 balanced classes
 

@@ -1,4 +1,4 @@
-"""Paths that work from anywhere (fl_privsim.paths): relative paths in a config file resolve
+"""Paths that work from anywhere (fl_privsim.core.paths): relative paths in a config file resolve
 against the file's folder, those given on the command line against the current directory,
 defaults not written in a file stay relative to the current directory; a missing path is
 reported absolute, with a path that would work."""
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_privsim import config, paths
-from fl_privsim.errors import ConfigError, DataError
+from fl_privsim.core import config, paths
+from fl_privsim.core.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "experiments"
@@ -67,8 +67,8 @@ def test_defaults_not_in_a_file_stay_relative_to_cwd(tmp_path: Path, elsewhere: 
 
 
 def test_measure_and_game_follow_the_same_rule(tmp_path: Path, elsewhere: Path) -> None:
-    from fl_privsim.game import load_game_config
-    from fl_privsim.measure import load_config
+    from fl_privsim.app.game import load_game_config
+    from fl_privsim.app.measure import load_config
 
     m_file = _file(tmp_path / "m", '[data]\nroot = "mnist"\n[output]\ndir = "out"\n')
     m = load_config(m_file)
@@ -88,8 +88,8 @@ def test_measure_and_game_follow_the_same_rule(tmp_path: Path, elsewhere: Path) 
 
 
 def test_reproduce_config_is_relative_to_cwd(elsewhere: Path) -> None:
-    from fl_privsim.reproduce import get
-    from fl_privsim.reproduce.base import resolve_settings
+    from fl_privsim.app.reproduce import get
+    from fl_privsim.app.reproduce.base import resolve_settings
 
     _file(elsewhere, "seed = 7\n", "mine.toml")
     assert resolve_settings(get("demixing"), "mine.toml")["seed"] == 7
@@ -98,7 +98,7 @@ def test_reproduce_config_is_relative_to_cwd(elsewhere: Path) -> None:
 def test_shared_data_dir_honours_the_env_var(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fl_privsim.reproduce.base import shared_data_dir as reexported
+    from fl_privsim.app.reproduce.base import shared_data_dir as reexported
 
     monkeypatch.setenv("FL_PRIVSIM_SHARED_DATA", str(tmp_path / "sd"))
     assert paths.shared_data_dir() == tmp_path / "sd" and reexported() == tmp_path / "sd"
@@ -111,7 +111,7 @@ def test_shared_data_dir_honours_the_env_var(
 def test_missing_data_root_shows_absolute_path_and_suggestion(
     tmp_path: Path, elsewhere: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fl_privsim.data import load_dataset
+    from fl_privsim.core.data import load_dataset
 
     # written in a file as if relative to the current directory: the folder is in the cwd
     (elsewhere / "imgs").mkdir()
@@ -150,8 +150,8 @@ def test_missing_config_file_suggests_the_repository_one(elsewhere: Path) -> Non
 def test_reproduction_and_game_data_follow_the_shared_data_rule(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fl_privsim.game import _adult_root, load_game_config
-    from fl_privsim.reproduce.base import ReproContext
+    from fl_privsim.app.game import _adult_root, load_game_config
+    from fl_privsim.app.reproduce.base import ReproContext
 
     monkeypatch.setenv("FL_PRIVSIM_SHARED_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(DataError) as err:
@@ -197,7 +197,7 @@ def test_shipped_run_configs_find_their_data_from_any_folder(name: str, elsewher
 def test_shipped_game_configs_find_their_data_from_any_folder(
     name: str, sub: str, elsewhere: Path, shared_data: Path
 ) -> None:
-    from fl_privsim.game import load_game_config
+    from fl_privsim.app.game import load_game_config
 
     if not (shared_data / sub).is_dir():
         pytest.skip(f"{shared_data / sub} is absent")
@@ -207,7 +207,7 @@ def test_shipped_game_configs_find_their_data_from_any_folder(
 
 
 def test_shipped_measure_configs_load_from_any_folder(elsewhere: Path) -> None:
-    from fl_privsim.measure import load_config
+    from fl_privsim.app.measure import load_config
 
     for name in ("measure_i2f", "measure_vinfo"):  # digits (built in); output in the cwd's runs/
         cfg = load_config(EXPERIMENTS / f"{name}.toml")
@@ -218,7 +218,7 @@ def test_shipped_measure_configs_load_from_any_folder(elsewhere: Path) -> None:
 @needs_beside
 def test_measure_mnist_root_relative_to_the_config(tmp_path: Path, elsewhere: Path) -> None:
     """A measure config beside the repository's experiments/ naming MNIST as the shipped comment says."""
-    from fl_privsim.measure import load_config
+    from fl_privsim.app.measure import load_config
 
     text = (EXPERIMENTS / "measure_i2f.toml").read_text()
     assert 'root = "../../shared/data/mnist"' in text  # the comment's alternative

@@ -2,7 +2,7 @@
 
 Checked on the drawn canvas from the renderer's bounding boxes, for the I2F histogram of
 ``fl-privsim measure`` (with per-sample values as the measure produces them) and for the axis
-helpers of :mod:`fl_privsim.plots` it uses; then for every other figure the package writes (the
+helpers of :mod:`fl_privsim.core.plots` it uses; then for every other figure the package writes (the
 per-layer bar plot of ``measure`` / ``layer_localisation``, the inference-game ROC, and the
 figures of the reproductions), built from data shaped like what their runs produce.
 """
@@ -17,8 +17,8 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fl_privsim.measure import _histogram, histogram_figure
-from fl_privsim.plots import legend_outside, log_ticks, set_log_xticks
+from fl_privsim.app.measure import _histogram, histogram_figure
+from fl_privsim.core.plots import legend_outside, log_ticks, set_log_xticks
 
 
 def _visible_xtick_labels(fig, ax, renderer):
@@ -316,7 +316,7 @@ def test_roc_figure_is_readable(tmp_path):
 
 
 def _defenses_summary(datasets: list[str]) -> dict:
-    from fl_privsim.reproduce.defenses import ROWS
+    from fl_privsim.app.reproduce.defenses import ROWS
 
     rng = random.Random(1)
     out = {}
@@ -329,7 +329,7 @@ def _defenses_summary(datasets: list[str]) -> dict:
 
 @pytest.mark.parametrize("datasets", [["mnist", "cifar10"], ["cifar10"]])
 def test_defenses_accuracy_figure_is_readable(datasets, tmp_path):
-    from fl_privsim.reproduce.defenses import accuracy_figure, plot_accuracy
+    from fl_privsim.app.reproduce.defenses import accuracy_figure, plot_accuracy
 
     summary = _defenses_summary(datasets)
     _assert_readable(accuracy_figure(summary, datasets))
@@ -339,7 +339,7 @@ def test_defenses_accuracy_figure_is_readable(datasets, tmp_path):
 
 @pytest.mark.parametrize("sizes", [[2, 4, 8, 16], [2, 8], [1, 2, 4, 8, 16, 32, 64]])
 def test_demixing_avd_figure_is_readable(sizes):
-    from fl_privsim.reproduce.demixing import avd_figure
+    from fl_privsim.app.reproduce.demixing import avd_figure
 
     rng = random.Random(2)
     kinds = ["random", "identical", "iid"]
@@ -381,7 +381,7 @@ def _eigen_rows(mus_by_sample: dict[int, list[float]]) -> list[dict]:
     ],
 )
 def test_eigen_init_figure_is_readable(mus_by_sample, inits):
-    from fl_privsim.reproduce.i2f_eigen_init import eigen_init_figure
+    from fl_privsim.app.reproduce.i2f_eigen_init import eigen_init_figure
 
     medians = {
         "uniform": (0.27, 4.2e-4, 0.249),
@@ -450,7 +450,7 @@ def _dgl_records(settings: list[str], samples: int) -> list[dict]:
     ],
 )
 def test_i2f_vs_dgl_scatter_figure_is_readable(settings, samples, attacks):
-    from fl_privsim.reproduce.i2f_vs_dgl import scatter_figure
+    from fl_privsim.app.reproduce.i2f_vs_dgl import scatter_figure
 
     _assert_readable(scatter_figure(_dgl_records(settings, samples), settings, attacks))
 
@@ -481,7 +481,7 @@ def _sweep_rows(datasets, games, batch_sizes, clients) -> list[dict]:
 )
 @pytest.mark.parametrize("axis", ["batch_size", "clients"])
 def test_inference_aggregation_sweep_figure_is_readable(batch_sizes, clients, axis):
-    from fl_privsim.reproduce.inference_aggregation import GAMES4, sweep_figure
+    from fl_privsim.app.reproduce.inference_aggregation import GAMES4, sweep_figure
 
     datasets = ["adult", "utkface"]
     rows = _sweep_rows(datasets, list(GAMES4), batch_sizes, clients)
@@ -501,7 +501,7 @@ def test_inference_aggregation_sweep_figure_is_readable(batch_sizes, clients, ax
     ],
 )
 def test_inference_aggregation_defenses_figure_is_readable(cases):
-    from fl_privsim.reproduce.inference_aggregation import DEFENSES5, defenses_figure
+    from fl_privsim.app.reproduce.inference_aggregation import DEFENSES5, defenses_figure
 
     rng = random.Random(5)
     rows = [
@@ -518,7 +518,7 @@ def test_inference_aggregation_defenses_figure_is_readable(cases):
     [(["convnet", "resnet18"], [1, 2, 4, 8, 16], [1, 2, 4, 8]), (["convnet"], [1], [2])],
 )
 def test_inverting_batch_steps_figure_is_readable(models, batch_sizes, steps):
-    from fl_privsim.reproduce.inverting_batch_steps import psnr_figure
+    from fl_privsim.app.reproduce.inverting_batch_steps import psnr_figure
 
     rng = random.Random(6)
     curves = {}
@@ -532,7 +532,7 @@ def test_inverting_batch_steps_figure_is_readable(models, batch_sizes, steps):
     "batch_sizes, bin_counts", [([64, 128, 256, 512], [64, 128, 256, 512, 1024]), ([64], [256])]
 )
 def test_robbing_the_fed_asr_figure_is_readable(batch_sizes, bin_counts):
-    from fl_privsim.reproduce.robbing_the_fed import asr_figure
+    from fl_privsim.app.reproduce.robbing_the_fed import asr_figure
 
     summary = []
     for group, xkey, xs in (
@@ -559,7 +559,7 @@ def test_robbing_the_fed_asr_figure_is_readable(batch_sizes, bin_counts):
 
 @pytest.mark.parametrize("clients", [[3, 10, 50], [3], [2, 5, 10, 20, 50, 100]])
 def test_secure_aggregation_figure_is_readable(clients):
-    from fl_privsim.reproduce.secure_aggregation import _figure
+    from fl_privsim.app.reproduce.secure_aggregation import _figure
 
     rows = [
         {"kind": kind, "clients": n, "secagg": True, "psnr": 80.0 - n / 10, "asr": 0.8 - n / 500}

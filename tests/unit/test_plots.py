@@ -7,8 +7,8 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
-from fl_privsim import plots
-from fl_privsim.plots import GridRow, image_grid
+from fl_privsim.core import plots
+from fl_privsim.core.plots import GridRow, image_grid
 
 
 @pytest.fixture
@@ -69,9 +69,9 @@ def test_reconstruction_captions_carry_psnr_and_the_predicted_label() -> None:
     """The scorer matches each reconstruction to its original and keeps the label the attack
     predicted for it; the caption under a tile says both, "no match" where there is none."""
     from adversaries.base import AttackResult
-    from fl_privsim import config as config_mod
-    from fl_privsim.federated_data import federated_data
-    from fl_privsim.scoring import Scorer
+    from fl_privsim.core import config as config_mod
+    from fl_privsim.engine.federated_data import federated_data
+    from fl_privsim.engine.scoring import Scorer
     from strategies.attack_runner import _psnr_captions
 
     cfg = config_mod.load(None, ["client.batch_size=4"])

@@ -1,7 +1,7 @@
 """R-GAP (Zhu & Blaschko, ICLR 2021) and the cnn6 model: exact closed-form recovery of one
 sample, label recovery, rank reporting, and refusals of what the attack cannot invert.
 
-The observations are built with the clients' own update code (:mod:`fl_privsim.offline`);
+The observations are built with the clients' own update code (:mod:`fl_privsim.engine.offline`);
 ground truth stays in the tests. R-GAP is exact up to float32 round-off of the gradient,
 so recovered images are compared with a tight PSNR (pixel space, data range 1).
 """
@@ -18,10 +18,10 @@ from torch import nn
 import adversaries  # noqa: F401  (registers the attacks)
 from adversaries.base import ATTACKS, Observation
 from adversaries.reconstruction._common import infer_labels
-from fl_privsim.errors import ConfigError, ThreatModelError
-from fl_privsim.metrics import psnr
-from fl_privsim.models import build_model
-from fl_privsim.offline import aggregate_observation, client_observation
+from fl_privsim.core.errors import ConfigError, ThreatModelError
+from fl_privsim.core.metrics import psnr
+from fl_privsim.core.models import build_model
+from fl_privsim.engine.offline import aggregate_observation, client_observation
 
 CLASSES = 10
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
@@ -122,7 +122,7 @@ def test_fedavg_single_step_is_a_gradient():
 
 
 def test_real_cifar_image(shared_data):
-    from fl_privsim.data import load_dataset
+    from fl_privsim.core.data import load_dataset
 
     data = load_dataset("cifar10_npz", root=shared_data / "cifar10", image_size=16)
     raw, y = data.images("test", [4]), data.labels("test", [4])
@@ -293,7 +293,7 @@ def test_bad_rank_rtol(value):
 
 
 def test_quick_reproduction(shared_data, tmp_path):
-    from fl_privsim.reproduce import run_reproduction
+    from fl_privsim.app.reproduce import run_reproduction
 
     path, result = run_reproduction("rgap_cnn6", quick=True, out=tmp_path / "run")
     s = result.summary

@@ -23,7 +23,7 @@ def test_expected_alone_share_known_values():
 def test_quick_reproduction(shared_data, tmp_path):
     if not (shared_data / "cifar10" / "cifar10_exact_subset.npz").is_file():
         pytest.skip(f"{shared_data / 'cifar10'} has no cifar10_exact_subset.npz")
-    from fl_privsim.reproduce import run_reproduction
+    from fl_privsim.app.reproduce import run_reproduction
 
     path, result = run_reproduction("robbing_the_fed", quick=True, out=tmp_path / "run")
     cells = {c["group"]: c for c in result.summary["cells"]}

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from adversaries.base import AttackResult
-from fl_privsim import config as config_mod
-from fl_privsim.federated_data import federated_data
-from fl_privsim.scoring import Scorer
+from fl_privsim.core import config as config_mod
+from fl_privsim.engine.federated_data import federated_data
+from fl_privsim.engine.scoring import Scorer
 
 
 def _setup(threshold: float = 0.01):
@@ -96,7 +96,7 @@ def test_leakage_rate_is_the_share_of_clients_with_a_leaked_record():
 
 
 def test_image_grid_of_a_large_batch_is_capped(tmp_path):
-    from fl_privsim.plots import PER_ROW, grid_layout, image_grid
+    from fl_privsim.core.plots import PER_ROW, grid_layout, image_grid
 
     small = grid_layout(4, 2)
     assert (small.shown, small.columns, small.blocks, small.caption) == (4, 4, 1, None)

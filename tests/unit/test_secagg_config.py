@@ -1,12 +1,12 @@
-"""Bad SecAgg+ input: one line on stderr, exit 2, before Ray starts (fl_privsim.secure_aggregation)."""
+"""Bad SecAgg+ input: one line on stderr, exit 2, before Ray starts (fl_privsim.engine.secure_aggregation)."""
 
 from __future__ import annotations
 
 import pytest
 
-from fl_privsim import config as config_mod
-from fl_privsim.cli import main
-from fl_privsim.secure_aggregation import quantization_error_bound, resolve
+from fl_privsim.app.cli import main
+from fl_privsim.core import config as config_mod
+from fl_privsim.engine.secure_aggregation import quantization_error_bound, resolve
 
 SA = [
     'federation.secure_aggregation.mode="secagg+"',

@@ -9,9 +9,9 @@ import logging
 import pytest
 import torch
 
-from fl_privsim import config as config_mod
-from fl_privsim.reproduce.secure_aggregation import DEFAULTS, _overrides, masked_upload_bytes
-from fl_privsim.simulation import validate_before_launch
+from fl_privsim.app.reproduce.secure_aggregation import DEFAULTS, _overrides, masked_upload_bytes
+from fl_privsim.app.simulation import validate_before_launch
+from fl_privsim.core import config as config_mod
 
 
 def test_masked_vector_is_8_bytes_an_entry_plus_headers():

@@ -10,8 +10,8 @@ import torch
 
 from adversaries.inference.datasets import load_game_data
 from adversaries.inference.utkface import load_utkface
-from fl_privsim.errors import ConfigError, DataError
-from fl_privsim.paths import shared_data_dir
+from fl_privsim.core.errors import ConfigError, DataError
+from fl_privsim.core.paths import shared_data_dir
 
 torch.set_num_threads(1)
 UTK = shared_data_dir() / "utkface"  # honours $FL_PRIVSIM_SHARED_DATA
@@ -63,7 +63,7 @@ def test_utkface_pools_and_codings() -> None:
 
 @needs_utk
 def test_attribute_game_on_utkface_runs(tmp_path: Path) -> None:
-    from fl_privsim.game import load_game_config, run_game
+    from fl_privsim.app.game import load_game_config, run_game
 
     repo = Path(__file__).resolve().parents[2]
     cfg = load_game_config(

@@ -1,0 +1,99 @@
+"""The dataset as the federation sees it: partitions and each client's seeded batches.
+
+The ClientApp and the scorer both call :func:`client_batch_indices`, so the scorer
+reproduces exactly the batch a client trained on (its generator is seeded from the run
+seed, the round and the partition id) without the client ever sending it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from clients.defenses import batch_sampler, build_defenses, draw_batches
+from fl_privsim.core.config import Config, DataConfig
+from fl_privsim.core.data import ImageData, load_dataset, partition, sample_batch
+from fl_privsim.core.seeding import torch_generator
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """A loaded dataset with its train and test partitions (one per client)."""
+
+    data: ImageData
+    train_parts: tuple[np.ndarray, ...]
+    test_parts: tuple[np.ndarray, ...]
+
+    def tensors(
+        self, split: str, idx: np.ndarray, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised inputs and labels of examples ``idx`` of ``split``, on ``device``."""
+        x = self.data.normalize(self.data.images(split, idx)).to(device)
+        y = self.data.labels(split, idx).to(device)
+        return x, y
+
+
+@functools.lru_cache(maxsize=4)
+def _federated_data(data_cfg: DataConfig, num_clients: int, seed: int) -> FederatedData:
+    data = load_dataset(
+        data_cfg.name,
+        root=data_cfg.root or None,
+        image_size=data_cfg.image_size or None,
+        download=data_cfg.download,
+        test_fraction=data_cfg.test_fraction,
+        seed=seed,
+        max_examples=data_cfg.max_examples or None,
+    )
+    train_parts = partition(
+        data.train_y.numpy(),
+        num_clients,
+        scheme=data_cfg.partition,
+        alpha=data_cfg.alpha,
+        seed=seed,
+    )
+    # Local test shards are IID so federated accuracy measures the global model fairly.
+    n_test = max(1, min(num_clients, len(data.test_y)))
+    test_parts = partition(data.test_y.numpy(), n_test, scheme="iid", seed=seed + 1)
+    test_parts = [test_parts[i % n_test] for i in range(num_clients)]
+    return FederatedData(data=data, train_parts=tuple(train_parts), test_parts=tuple(test_parts))
+
+
+def federated_data(cfg: Config) -> FederatedData:
+    """Load (once per process) the dataset and partitions that ``cfg`` describes."""
+    return _federated_data(cfg.data, cfg.federation.num_clients, cfg.seed)
+
+
+def num_local_batches(cfg: Config) -> int:
+    """Batches a client draws in one round: 1 for FedSGD, ``local_steps`` for FedAvg."""
+    return 1 if cfg.federation.protocol == "fedsgd" else cfg.client.local_steps
+
+
+def client_batch_indices(
+    cfg: Config, fed: FederatedData, server_round: int, client: int
+) -> list[np.ndarray]:
+    """Indices (into the train split) of each batch client ``client`` uses in ``server_round``.
+
+    One generator, seeded from ``(seed, round, client, "batch")``, draws every batch of
+    the round in order; each batch is drawn without replacement from the client's partition.
+    A sampler defense in ``cfg.defenses`` (e.g. ``identical_labels``) draws them instead,
+    from the same generator, so the scorer still reproduces the client's batches.
+    """
+    gen = torch_generator(cfg.seed, server_round, client, "batch")
+    part = fed.train_parts[client]
+    bs = min(cfg.client.batch_size, len(part))
+    if cfg.defenses:
+        sampler = batch_sampler(build_defenses(cfg.defenses))
+        if sampler is not None:
+            labels = fed.data.train_y.numpy()[part]
+            return draw_batches(
+                sampler,
+                part,
+                labels,
+                batch_size=bs,
+                num_batches=num_local_batches(cfg),
+                generator=gen,
+            )
+    return [sample_batch(part, bs, gen) for _ in range(num_local_batches(cfg))]
