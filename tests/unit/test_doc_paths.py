@@ -31,7 +31,7 @@ PATH = re.compile(
 PLACEHOLDER = re.compile(r"NAME|XXX|YYY|CONFIG|\.\.\.")
 #: A markdown link or image target, outside code: ``[text](target)`` / ``![alt](target)``.
 LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)\)")
-FENCE = re.compile(r"^( *)(```|~~~).*?^\1\2", re.M | re.S)
+FENCE = re.compile(r"^( *)(```|~~~).*?^\1\2", re.MULTILINE | re.DOTALL)
 CODE_SPAN = re.compile(r"`[^`\n]*`")
 
 
