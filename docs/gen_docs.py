@@ -62,7 +62,7 @@ def _module_names(package: str) -> Iterator[tuple[str, bool]]:
 def _find_module(leaf: str, attr: str) -> Any:
     """The project module named ``leaf`` that defines ``attr``, wherever it lives now.
 
-    ``fl_privsim.config`` may move (e.g. to ``fl_privsim.core.config``); the generator looks
+    ``fl_privsim.core.config`` may move (e.g. to ``fl_privsim.core.config``); the generator looks
     for it by its last name instead of hardcoding the path.
     """
     candidates = [n for n, _ in _module_names("fl_privsim") if n.rsplit(".", 1)[-1] == leaf]
@@ -311,7 +311,7 @@ def run_default() -> str:
     with tempfile.TemporaryDirectory(prefix="fl-privsim-docs-") as tmp:
         out = Path(tmp) / "run"
         proc = subprocess.run(
-            [sys.executable, "-m", "fl_privsim.cli", "run", "--quiet", "--out", str(out)],
+            [sys.executable, "-m", "fl_privsim.app.cli", "run", "--quiet", "--out", str(out)],
             cwd=REPO,
             capture_output=True,
             text=True,

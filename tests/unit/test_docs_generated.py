@@ -56,7 +56,7 @@ def test_the_api_pages_are_generated_from_the_packages(gen_docs: ModuleType) -> 
             f"docs/reference/api/{name} is out of date: {FIX}"
         )
     every = "".join(pages.values())
-    assert "::: fl_privsim.config" in every or "::: fl_privsim.core.config" in every
+    assert "::: fl_privsim.core.config" in every or "::: fl_privsim.core.config" in every
     assert "._" not in "".join(line for line in every.splitlines() if line.startswith(":::"))
 
 
