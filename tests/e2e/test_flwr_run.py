@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -98,7 +99,9 @@ def _without_seconds(value):
 
 @pytest.mark.e2e
 def test_flwr_run_matches_fl_privsim_run(tmp_path):
-    if shutil.which("flwr") is None or not Path("/proc").is_dir():
+    # flwr starts `flower-superlink` from PATH: this interpreter's scripts first
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    if shutil.which("flwr", path=path) is None or not Path("/proc").is_dir():
         pytest.skip("needs the flwr CLI and /proc (to stop the SuperLink it starts)")
     cfg = config_mod.load(None, SMALL)
     cfg_path = tmp_path / "small.toml"
@@ -109,6 +112,7 @@ def test_flwr_run_matches_fl_privsim_run(tmp_path):
     ray_tmp.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(
+        PATH=path,
         FLWR_HOME=str(home),
         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
@@ -127,25 +131,23 @@ def test_flwr_run_matches_fl_privsim_run(tmp_path):
         "num-supernodes=3 client-resources-num-cpus=1",
     ]
     start = time.monotonic()
-    proc = subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        # fl-privsim run of the same config, meanwhile (its own Ray, its own folder)
-        direct, summary = run(cfg, out=tmp_path / "direct", show_progress=False)
-        log, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        _stop(_pids_naming(home, ray_tmp))
-        shutil.rmtree(scratch, ignore_errors=True)
+    log_path = tmp_path / "flwr_run.log"
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+        try:
+            # fl-privsim run of the same config, meanwhile (its own Ray, its own folder)
+            direct, summary = run(cfg, out=tmp_path / "direct", show_progress=False)
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            _stop(_pids_naming(home, ray_tmp))
+            shutil.rmtree(scratch, ignore_errors=True)
     wall = time.monotonic() - start
+    log = log_path.read_text(errors="replace")
     runs = sorted(out.glob("*/summary.json"))
     assert len(runs) == 1, f"flwr run wrote no run folder under out-dir:\n{log[-4000:]}"
     flwr_folder = runs[0].parent
