@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
+from flwr.superlink.grid import InMemoryGrid
 
 import adversaries  # noqa: F401  (registers the built-in attacks)
 from adversaries.base import ATTACKS
@@ -353,6 +355,40 @@ def make_server_app(
     return server
 
 
+def check_simulated_supernodes(
+    grid: Grid, expected: int, *, settle: float = 1.0, timeout: float = 120.0
+) -> None:
+    """Fail fast when Flower's simulation runs other than ``expected`` SuperNodes.
+
+    ``flwr run .`` takes the number of SuperNodes from the federation config (flwr 1.41:
+    ``--federation-config "num-supernodes=N"``, default 2), not from the fl-privsim config.
+    The simulation runtime registers all its SuperNodes at once, just after it starts the
+    ServerApp, so the count is final once it has not changed for ``settle`` seconds. A
+    mismatch is one :class:`ConfigError` line with both numbers and the fix. Other grids
+    (SuperNodes of a deployment join over time) are left to :func:`discover_clients`.
+    """
+    if not isinstance(grid, InMemoryGrid):
+        return
+    deadline = time.monotonic() + timeout
+    count, since = -1, time.monotonic()
+    while True:
+        now, n = time.monotonic(), len(grid.get_node_ids())
+        if n != count:
+            count, since = n, now
+        elif n > 0 and now - since >= settle:
+            break
+        if now > deadline:
+            break
+        time.sleep(0.1)
+    if count != expected:
+        raise ConfigError(
+            f"flwr run: the simulation has {count} SuperNodes but the config has "
+            f"federation.num_clients = {expected}; run with "
+            f'--federation-config "num-supernodes={expected}" '
+            f"(or set federation.num_clients = {count} in the config at config-path)"
+        )
+
+
 app = ServerApp()
 
 
@@ -360,6 +396,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: config from ``config-path``, run folder under ``out-dir``."""
     cfg = config_mod.load(str(context.run_config.get("config-path", "")) or None)
+    check_simulated_supernodes(grid, cfg.federation.num_clients)
     out_dir = Path(str(context.run_config.get("out-dir", "runs")))
     folder = start_run_folder(cfg, make_run_dir(out_dir, cfg.name))
     summary = run_server(grid, cfg, folder)
