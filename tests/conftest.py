@@ -1,4 +1,9 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures, and the markers every test gets from where it lives.
+
+Markers (``pytest -m ...``): ``unit``, ``integration`` and ``e2e`` from the test's folder;
+``shared_data`` on every test that reads ``../shared/data`` (through the ``shared_data``
+fixture or :func:`fl_privsim.core.paths.shared_data_dir`). ``pytest -m "not e2e"`` is the
+fast suite.
 
 ``shared_data``: the folder of real datasets beside the repository (``../shared/data``, see its
 SOURCES.md), or ``$FL_PRIVSIM_SHARED_DATA`` when set; tests using it skip where it is absent.
@@ -22,3 +27,25 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"needs ../shared/data (absent): {path}")
     return path
+
+
+TESTS = Path(__file__).resolve().parent
+LEVELS = ("unit", "integration", "e2e")
+_reads_shared: dict[Path, bool] = {}
+
+
+def _module_reads_shared_data(path: Path) -> bool:
+    if path not in _reads_shared:
+        _reads_shared[path] = "shared_data_dir(" in path.read_text()
+    return _reads_shared[path]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its level (its folder) and ``shared_data`` where it reads it."""
+    for item in items:
+        path = Path(str(item.fspath)).resolve()
+        level = path.relative_to(TESTS).parts[0] if path.is_relative_to(TESTS) else ""
+        if level in LEVELS:
+            item.add_marker(getattr(pytest.mark, level))
+        if "shared_data" in getattr(item, "fixturenames", ()) or _module_reads_shared_data(path):
+            item.add_marker(pytest.mark.shared_data)
