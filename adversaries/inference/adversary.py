@@ -181,7 +181,8 @@ class MetaClassifier:
 
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, 1e-7, 1 - 1e-7)
-    return np.log(p) - np.log1p(-p)
+    logit: np.ndarray = np.log(p) - np.log1p(-p)
+    return logit
 
 
 class MultiRound:
@@ -220,7 +221,8 @@ class MultiRound:
         self._check(obs)
         if self.combine == "mean_logit":
             z = np.mean([_logit(a.score(o)) for a, o in zip(self.rounds, obs, strict=True)], axis=0)
-            return 1.0 / (1.0 + np.exp(-z))
+            prob: np.ndarray = 1.0 / (1.0 + np.exp(-z))
+            return prob
         if self._clf is None:
             raise RuntimeError("fit the multi-round adversary on shadow updates first")
         x = np.concatenate([a.featurize(o) for a, o in zip(self.rounds, obs, strict=True)], axis=1)
