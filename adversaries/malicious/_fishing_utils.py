@@ -28,7 +28,8 @@ def classifier(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear] | st
         return "the model has no nn.Linear layer"
     name, layer = found[-1]
     if layer.bias is None:
-        return f"its last Linear {name!r} has no bias"
+        # torch types Linear.bias as Tensor; it is None with bias=False
+        return f"its last Linear {name!r} has no bias"  # type: ignore[unreachable]
     if layer.out_features != num_classes:
         return f"its last Linear {name!r} has {layer.out_features} outputs, not {num_classes}"
     return name, layer
@@ -50,7 +51,8 @@ def feature_layer(
         return f"no Linear layer feeds the classifier {classifier_name!r}"
     name, layer = linears[pos - 1]
     if layer.bias is None:
-        return f"the Linear {name!r} before the classifier has no bias"
+        # torch types Linear.bias as Tensor; it is None with bias=False
+        return f"the Linear {name!r} before the classifier has no bias"  # type: ignore[unreachable]
     probe = copy.deepcopy(model).eval()
     mods = dict(probe.named_modules())
     seen: dict[str, torch.Tensor] = {}
