@@ -34,6 +34,7 @@ target's loss.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,7 +109,7 @@ class MetaClassifier:
             if features != "last"
             else slice(min(s for s, _ in last), max(e for _, e in last))
         )
-        self._clf = None
+        self._clf: Any = None  # the fitted scikit-learn pipeline (untyped)
 
     def _alignment(self, obs: Observations) -> list[torch.Tensor]:
         u = obs.updates
@@ -143,7 +144,7 @@ class MetaClassifier:
             parts += [c.reshape(-1, 1) for c in self._alignment(obs)]
         return torch.cat(parts, dim=1).detach().to(torch.float64).numpy()
 
-    def make_classifier(self) -> object:
+    def make_classifier(self) -> Any:
         """A fresh, unfitted scikit-learn pipeline (standardisation + the attack model)."""
         from sklearn.ensemble import RandomForestClassifier
         from sklearn.neural_network import MLPClassifier
@@ -163,7 +164,7 @@ class MetaClassifier:
     def fit(self, shadow: Observations, shadow_secrets: np.ndarray) -> MetaClassifier:
         """Train on the adversary's own shadow trials (their secrets are the adversary's)."""
         x = self.featurize(shadow)
-        self._clf = self.make_classifier().fit(x, np.asarray(shadow_secrets))  # type: ignore[attr-defined]
+        self._clf = self.make_classifier().fit(x, np.asarray(shadow_secrets))
         logger.info(
             "meta-classifier %s trained on %d shadow updates, %d features",
             self.attack_model,
@@ -176,12 +177,14 @@ class MetaClassifier:
         """Pr[s = 1 | observation] for each trial."""
         if self._clf is None:
             raise RuntimeError("fit the meta-classifier on shadow updates first")
-        return self._clf.predict_proba(self.featurize(obs))[:, 1]
+        proba: np.ndarray = self._clf.predict_proba(self.featurize(obs))[:, 1]
+        return proba
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, 1e-7, 1 - 1e-7)
-    return np.log(p) - np.log1p(-p)
+    logit: np.ndarray = np.log(p) - np.log1p(-p)
+    return logit
 
 
 class MultiRound:
@@ -196,7 +199,7 @@ class MultiRound:
         if not rounds:
             raise ConfigError("game.rounds must be >= 1")
         self.rounds, self.combine = rounds, combine
-        self._clf = None
+        self._clf: Any = None  # the fitted scikit-learn pipeline (untyped)
 
     def _check(self, obs: list[Observations]) -> None:
         if len(obs) != len(self.rounds):
@@ -212,7 +215,7 @@ class MultiRound:
             x = np.concatenate(
                 [a.featurize(o) for a, o in zip(self.rounds, shadows, strict=True)], axis=1
             )
-            self._clf = self.rounds[0].make_classifier().fit(x, np.asarray(shadow_secrets))  # type: ignore[attr-defined]
+            self._clf = self.rounds[0].make_classifier().fit(x, np.asarray(shadow_secrets))
         return self
 
     def score(self, obs: list[Observations]) -> np.ndarray:
@@ -220,11 +223,13 @@ class MultiRound:
         self._check(obs)
         if self.combine == "mean_logit":
             z = np.mean([_logit(a.score(o)) for a, o in zip(self.rounds, obs, strict=True)], axis=0)
-            return 1.0 / (1.0 + np.exp(-z))
+            prob: np.ndarray = 1.0 / (1.0 + np.exp(-z))
+            return prob
         if self._clf is None:
             raise RuntimeError("fit the multi-round adversary on shadow updates first")
         x = np.concatenate([a.featurize(o) for a, o in zip(self.rounds, obs, strict=True)], axis=1)
-        return self._clf.predict_proba(x)[:, 1]
+        proba: np.ndarray = self._clf.predict_proba(x)[:, 1]
+        return proba
 
 
 class LossBaseline:

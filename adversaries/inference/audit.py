@@ -87,7 +87,7 @@ __all__ = [
 
 def epsilon_lower_bound(
     tp: int, n_pos: int, fp: int, n_neg: int, delta: float, *, alpha: float = 0.05
-) -> dict:
+) -> dict[str, Any]:
     """Empirical ε lower bound of one threshold test from its counts (Jagielski et al. 2020).
 
     ``tp`` of ``n_pos`` trials with s = 1 and ``fp`` of ``n_neg`` with s = 0 were called 1.
@@ -227,7 +227,8 @@ def accountant_epsilons(sigma: float, delta: float, steps: int = 1) -> dict[str,
 
 def clip_rows(g: torch.Tensor, c: float) -> torch.Tensor:
     """Flat per-sample clipping to norm ``c`` as Opacus does (factor min(1, C / (‖g‖ + 1e-6)))."""
-    return g * (c / (g.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
+    clipped: torch.Tensor = g * (c / (g.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
+    return clipped
 
 
 class AuditScorer:
@@ -245,6 +246,7 @@ class AuditScorer:
     ) -> None:
         self.model, self.attr, self.c = model, attr_column, float(max_grad_norm)
         self.n = int(batch_size) * int(clients_per_aggregate)
+        self.rest: torch.Tensor | None
         if aux is not None and self.n > 1:
             self.rest = clip_rows(flat_per_sample_gradients(model, aux.x, aux.y), self.c).mean(0)
         else:
@@ -264,7 +266,8 @@ class AuditScorer:
         stat = ((v * d).sum(1) - 0.5 * (c1.square().sum(1) - c0.square().sum(1))) / (
             d.norm(dim=1) + 1e-12
         )
-        return stat.detach().to(torch.float64).numpy()
+        scores: np.ndarray = stat.detach().to(torch.float64).numpy()
+        return scores
 
 
 @dataclass(frozen=True)
@@ -301,21 +304,24 @@ def craft_canary(
     lo, hi = flat.min(0).values, flat.max(0).values
     shape = aux.x.shape[1:]
 
-    def loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, {**p, **buffers}, (x.reshape(1, *shape),))
-        return F.cross_entropy(out, y.reshape(1))
+        ce: torch.Tensor = F.cross_entropy(out, y.reshape(1))
+        return ce
 
     def clipped(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         g = grad(loss)(params, x, y)
         v = torch.cat([g[n].reshape(-1) for n in names])
-        return v * (c / (v.norm() + 1e-6)).clamp(max=1.0)
+        scaled: torch.Tensor = v * (c / (v.norm() + 1e-6)).clamp(max=1.0)
+        return scaled
 
     def separation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x0 = x.clone()
         x0[attr_column] = 0.0
         x1 = x.clone()
         x1[attr_column] = 1.0
-        return (clipped(x1, y) - clipped(x0, y)).norm() / c
+        sep: torch.Tensor = (clipped(x1, y) - clipped(x0, y)).norm() / c
+        return sep
 
     gen = torch.Generator().manual_seed(int(seed))
     starts = torch.randint(0, len(aux), (restarts,), generator=gen)
@@ -332,6 +338,7 @@ def craft_canary(
             for _ in range(steps):
                 opt.zero_grad()
                 (-separation(x, y)).backward()
+                assert x.grad is not None  # set by backward()
                 x.grad.mul_(mask)
                 opt.step()
                 with torch.no_grad():

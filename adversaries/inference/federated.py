@@ -49,7 +49,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from threadpoolctl import threadpool_limits
@@ -230,7 +230,7 @@ class FederatedInference(Attack):
             else None,
             property_class=property_class,
         )
-        self._cache: tuple[tuple, MetaClassifier, float] | None = None
+        self._cache: tuple[tuple[object, ...], MetaClassifier, float] | None = None
 
     # ------------------------------------------------------------------ validation
     def check_run(self, data_name: str, model_name: str) -> None:
@@ -305,7 +305,8 @@ class FederatedInference(Attack):
             a = (
                 (x[:, col] > 0.5).long()
                 if col is not None
-                else (y == self.spec.property_class).long()
+                # property_class is set when col is None; (Tensor == int | None) is typed bool
+                else cast(torch.Tensor, y == self.spec.property_class).long()
             )
         elif self.kind == "attribute":
             a = (x[:, col] > 0.5).long()
@@ -422,12 +423,11 @@ def _parse_property(prop: str) -> int | None:
 
 def _split(obs: Observations, n: int) -> tuple[Observations, Observations]:
     def part(sl: slice) -> Observations:
-        return Observations(
-            **{
-                f.name: (None if getattr(obs, f.name) is None else getattr(obs, f.name)[sl])
-                for f in dataclasses.fields(Observations)
-            }
-        )
+        values: dict[str, Any] = {
+            f.name: (None if getattr(obs, f.name) is None else getattr(obs, f.name)[sl])
+            for f in dataclasses.fields(Observations)
+        }
+        return Observations(**values)
 
     return part(slice(0, n)), part(slice(n, None))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,7 @@ def game_metrics(
     ``tpr_at_0.1pct_fpr``, each with ``<name>_ci`` = [low, high]; ``accuracy_cp`` is the
     Clopper–Pearson 95% interval of the accuracy."""
     s, x = _check(secrets, scores)
-    stats_ = {
+    stats_: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
         "auc": auc_score,
         "accuracy": lambda a, b: _accuracy(a, b, threshold),
         "advantage": lambda a, b: 2 * _accuracy(a, b, threshold) - 1,

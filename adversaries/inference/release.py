@@ -171,7 +171,8 @@ class Release:
                     g = fn(g, generator=gen)
                 out[r] = self._flatten(g)
             client = out
-        return client.reshape(t, k, -1).mean(dim=1)
+        mean: torch.Tensor = client.reshape(t, k, -1).mean(dim=1)
+        return mean
 
     def _exact(
         self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, stream: int
@@ -179,9 +180,9 @@ class Release:
         t, k, _ = index.shape
         model = copy.deepcopy(self.model)
         state = copy.deepcopy(model.state_dict())
-        out = []
+        out: list[torch.Tensor] = []
         for i in range(t):
-            acc = None
+            acc: torch.Tensor | None = None
             for c in range(k):
                 model.load_state_dict(state)
                 idx = index[i, c]
@@ -198,6 +199,7 @@ class Release:
                 )
                 flat = self._flatten(res.update)
                 acc = flat if acc is None else acc + flat
+            assert acc is not None  # k >= 1 clients
             out.append(acc / k)
         model.load_state_dict(state)
         return torch.stack(out)

@@ -81,7 +81,9 @@ def _read(root: str, image_size: int) -> tuple[torch.Tensor, np.ndarray, np.ndar
                     "RGB", (2 * image_size, 2 * image_size)
                 )  # JPEG DCT downscaling: fast decode
                 arr = np.asarray(
-                    im.convert("RGB").resize((2 * image_size, 2 * image_size), Image.BILINEAR),
+                    im.convert("RGB").resize(
+                        (2 * image_size, 2 * image_size), Image.Resampling.BILINEAR
+                    ),
                     dtype=np.uint8,
                 )
             images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))

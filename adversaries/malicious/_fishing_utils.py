@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -28,7 +28,8 @@ def classifier(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear] | st
         return "the model has no nn.Linear layer"
     name, layer = found[-1]
     if layer.bias is None:
-        return f"its last Linear {name!r} has no bias"
+        # torch types Linear.bias as Tensor; it is None with bias=False
+        return f"its last Linear {name!r} has no bias"  # type: ignore[unreachable]
     if layer.out_features != num_classes:
         return f"its last Linear {name!r} has {layer.out_features} outputs, not {num_classes}"
     return name, layer
@@ -50,7 +51,8 @@ def feature_layer(
         return f"no Linear layer feeds the classifier {classifier_name!r}"
     name, layer = linears[pos - 1]
     if layer.bias is None:
-        return f"the Linear {name!r} before the classifier has no bias"
+        # torch types Linear.bias as Tensor; it is None with bias=False
+        return f"the Linear {name!r} before the classifier has no bias"  # type: ignore[unreachable]
     probe = copy.deepcopy(model).eval()
     mods = dict(probe.named_modules())
     seen: dict[str, torch.Tensor] = {}
@@ -70,8 +72,12 @@ def feature_layer(
         for h in hooks:
             h.remove()
     pen, cls = seen.get("pen"), seen.get("cls")
-    same = pen is not None and cls is not None and pen.shape == cls.shape
-    if not same or not torch.allclose(torch.relu(pen), cls):
+    if (
+        pen is None
+        or cls is None
+        or pen.shape != cls.shape
+        or not torch.allclose(torch.relu(pen), cls)
+    ):
         return f"the classifier's input is not ReLU of the Linear {name!r}"
     return name, layer
 
@@ -104,6 +110,12 @@ class FishedHead(nn.Linear):
     from the input columns ``cols`` first (it undoes a shift of the feature, see
     :func:`singled_out_observation`). ``out_features`` is 2.
     """
+
+    # buffers (register_buffer below)
+    cols: torch.Tensor
+    fixed_row: torch.Tensor
+    other: torch.Tensor
+    offset: torch.Tensor
 
     def __init__(
         self,
@@ -161,7 +173,7 @@ def singled_out_observation(
     cls_name = secrets["classifier"]
     t = int(secrets["target_class"])
     model = obs.fresh_model("cpu")
-    cls = model.get_submodule(cls_name)
+    cls = cast(nn.Linear, model.get_submodule(cls_name))
     with torch.no_grad():
         others = torch.cat([cls.bias[:t], cls.bias[t + 1 :]])
         other = torch.logsumexp(others.double(), dim=0).to(cls.bias.dtype)
@@ -170,7 +182,7 @@ def singled_out_observation(
     shift = 0.0
     if feature:
         shift = 10.0 * float(secrets.get("feature_scale", 1.0)) + 10.0
-        pen = model.get_submodule(secrets["feature_layer"])
+        pen = cast(nn.Linear, model.get_submodule(secrets["feature_layer"]))
         with torch.no_grad():
             pen.bias[int(secrets["feature"])] += shift
     head = FishedHead(cls.weight[t], cls.bias[t], other, cols, train_bias=not feature, offset=shift)

@@ -101,7 +101,8 @@ def measurement_direction(
             f"measurement must be one of {', '.join(MEASUREMENTS)}, got {measurement!r}"
         )
     u = u.reshape(-1).clone()
-    return u / u.norm()
+    unit: torch.Tensor = u / u.norm()
+    return unit
 
 
 def quantiles(values: torch.Tensor, probs: torch.Tensor, distribution: str) -> torch.Tensor:

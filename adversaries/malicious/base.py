@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -143,15 +144,18 @@ class Modification(ABC):
         (e.g. fishing's binary search on a feature) updates its state here. Nothing by default."""
 
 
+_M = TypeVar("_M", bound=Modification)
+
 #: The modification registry (in the foundation, :mod:`fl_privsim.core.plugins`).
 MODIFICATIONS: Registry[Modification] = plugins.MODIFICATIONS
 
 
-def register_modification(name: str):
+def register_modification(name: str) -> Callable[[type[_M]], type[_M]]:
     """Register a :class:`Modification` subclass under ``name`` (and set its :attr:`name`)."""
 
-    def deco(cls: type[Modification]) -> type[Modification]:
+    def deco(cls: type[_M]) -> type[_M]:
         cls.name = name
-        return MODIFICATIONS.register(name)(cls)
+        MODIFICATIONS.register(name)(cls)  # returns cls
+        return cls
 
     return deco

@@ -213,7 +213,9 @@ class Fishing(Modification):
         self.check_model(model, view.input_shape, view.num_classes)
         t = self._pick_target(view)
         crafted = copy.deepcopy(model)
-        cls_name, cls = classifier(crafted, view.num_classes)  # type: ignore[misc]
+        found = classifier(crafted, view.num_classes)
+        assert not isinstance(found, str)  # check_model raised otherwise
+        cls_name, cls = found
         secrets: dict[str, Any] = {
             "mode": self.mode,
             "target_class": t,
@@ -237,7 +239,9 @@ class Fishing(Modification):
         self, honest: nn.Module, crafted: nn.Module, cls_name: str, t: int, view: ServerView
     ) -> dict[str, Any]:
         """Choose the feature (first round) and the window; lower the unit's bias by ``τ``."""
-        pen_name, pen = feature_layer(crafted, view.input_shape, cls_name)  # type: ignore[misc]
+        found = feature_layer(crafted, view.input_shape, cls_name)
+        assert not isinstance(found, str)  # check_model raised otherwise
+        pen_name, pen = found
         public, labels = view.public_inputs, view.public_labels
         if public is None or public.shape[0] == 0:
             raise ConfigError(

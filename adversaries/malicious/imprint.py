@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -264,6 +264,7 @@ class Imprint(Modification):
                 probe(x[start : start + view.batch_size]), y[start : start + view.batch_size]
             )
             loss.backward()
+            assert block.encoder.bias.grad is not None  # set by backward()
             gb = block.encoder.bias.grad.detach().double()
             db = gb if clamp else torch.cat([gb[:-1] - gb[1:], gb[-1:]])
             signals.append(db.abs()[db.abs() > 0])
@@ -295,7 +296,8 @@ class Imprint(Modification):
         """The imprint block (on the CPU) placed in front of ``model`` and the secrets of
         :meth:`craft`; ``model`` is only read (to size the block for FedAvg). Reused by
         :class:`adversaries.malicious.loki.Loki`, which tiles the block once per client."""
-        shape = tuple(int(v) for v in view.input_shape)
+        # checked as (C, H, W) by check_model
+        shape = cast(tuple[int, int, int], tuple(int(v) for v in view.input_shape))
         self.check_model(model, shape, view.num_classes)
         pub = view.public_inputs.detach().to("cpu", torch.float64)
         if pub.shape[0] < 2:

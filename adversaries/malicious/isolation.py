@@ -28,7 +28,7 @@ decoy (``mlp``, ``convnet``); others are refused before launch. Pure torch; no F
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -46,7 +46,9 @@ def dead_layer(model: nn.Module) -> str:
     Walks the leaf modules in registration order (the forward order of this project's
     models) back from the classifier. Raises :class:`ConfigError` when the model has no such
     layer."""
-    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+    leaves: list[tuple[str, nn.Module]] = [
+        (n, m) for n, m in model.named_modules() if not list(m.children())
+    ]
     with_params = [
         i for i, (_, m) in enumerate(leaves) if any(True for _ in m.parameters(recurse=False))
     ]
@@ -77,9 +79,10 @@ def dead_layer(model: nn.Module) -> str:
 def decoy(model: nn.Module, layer: str) -> nn.Module:
     """A copy of ``model`` whose ``layer`` has zero weights and bias :data:`DEAD_BIAS`."""
     out = copy.deepcopy(model)
-    dead = out.get_submodule(layer)
+    dead = cast(nn.Linear | nn.Conv2d, out.get_submodule(layer))  # checked by dead_layer
     with torch.no_grad():
         dead.weight.zero_()
+        assert dead.bias is not None  # checked by dead_layer
         dead.bias.fill_(DEAD_BIAS)
     return out
 

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -182,7 +182,8 @@ class Loki(Modification):
             raise ConfigError("loki: no targeted client in this round")
         if len(set(targets)) != len(targets):
             raise ConfigError(f"loki: targets repeat a client: {targets}")
-        shape = tuple(int(v) for v in view.input_shape)
+        # checked as (C, H, W) by check_model
+        shape = cast(tuple[int, int, int], tuple(int(v) for v in view.input_shape))
         self.check_model(model, shape, view.num_classes)
         k = self.bins_per_client or auto_bins(view.records_per_update)
         one, isec = self._imprint(k).build_block(model, view)

@@ -187,7 +187,9 @@ class TrapWeights(Modification):
         """A copy of ``model`` with trap weights in its first dense layer, and the secrets."""
         self.check_model(model, view.input_shape, view.num_classes)
         crafted = copy.deepcopy(model)
-        name, layer = _trap_layer(crafted, view.input_shape)  # type: ignore[misc]
+        found = _trap_layer(crafted, view.input_shape)
+        assert not isinstance(found, str)  # check_model raised otherwise
+        name, layer = found
         rows, features = layer.weight.shape
         w = trap_rows(
             rows,

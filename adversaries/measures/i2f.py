@@ -145,7 +145,8 @@ def dense_jacobian(
         )
 
     jac = torch.autograd.functional.jacobian(grad_theta, x.detach())  # (d_θ, *x.shape)
-    return jac.reshape(jac.shape[0], -1).T.contiguous()
+    flat: torch.Tensor = jac.reshape(jac.shape[0], -1).T.contiguous()
+    return flat
 
 
 def _gram_operator(

@@ -88,9 +88,13 @@ def _forward_jvp(
     buffers = dict(model.named_buffers())
 
     def grad_theta(inp: torch.Tensor) -> dict[str, torch.Tensor]:
-        return grad(lambda pd: loss_fn(functional_call(model, (pd, buffers), (inp,)), yi))(pdict)
+        out: dict[str, torch.Tensor] = grad(
+            lambda pd: loss_fn(functional_call(model, (pd, buffers), (inp,)), yi)
+        )(pdict)
+        return out
 
-    _, tangent = jvp(grad_theta, (xi.detach(),), (v.to(xi.device),))
+    # torch.func.jvp is typed as a 2- or 3-tuple (has_aux); without has_aux it is 2
+    _, tangent = jvp(grad_theta, (xi.detach(),), (v.to(xi.device),))  # type: ignore[misc]
     return torch.cat([tangent[n].reshape(-1) for n, _ in named]).detach()
 
 
@@ -126,7 +130,7 @@ def jacobian_sensitivity(
             if method == "double_backward"
             else None
         )
-        sq = {name: [] for name in slices}
+        sq: dict[str, list[float]] = {name: [] for name in slices}
         for _ in range(n_probes):
             v = _probe(probe, xi.shape, generator, xi.dtype)
             u = op.vjp(v.reshape(-1)) if op is not None else _forward_jvp(model, loss_fn, xi, yi, v)
@@ -186,7 +190,7 @@ def summarize_sensitivity(rows: Sequence[LayerSensitivity]) -> list[dict[str, fl
     """Per layer: ``S_l`` = mean over samples of ``‖∂g_l/∂x‖_F`` (and of the normalised value),
     with the standard error over samples (which includes the probe noise); for one sample
     the probe standard error."""
-    table = []
+    table: list[dict[str, float | int | str]] = []
     for layer in dict.fromkeys(r.layer for r in rows):
         sub = [r for r in rows if r.layer == layer]
         frob = np.asarray([r.frobenius for r in sub])

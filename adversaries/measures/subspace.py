@@ -35,7 +35,8 @@ def top_right_singular_vectors(rows: torch.Tensor, k: int) -> torch.Tensor:
     _, s, vh = torch.linalg.svd(rows.double(), full_matrices=False)
     tol = s.max() * max(rows.shape) * torch.finfo(torch.float64).eps if s.numel() else 0.0
     keep = min(k, int((s > tol).sum()))
-    return vh[:keep].T
+    basis: torch.Tensor = vh[:keep].T
+    return basis
 
 
 def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -215,7 +215,7 @@ def layer_v_information(
     target: torch.Tensor,
     *,
     generator: torch.Generator | None = None,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> list[dict[str, object]]:
     """:func:`v_information` for every layer (e.g. the output of
     :func:`~adversaries.measures._common.per_sample_layer_gradients`) on one shared split;
@@ -225,7 +225,7 @@ def layer_v_information(
     return [
         v_information(
             feats, target, layer=name, permutation=perm, generator=generator, **kwargs
-        ).to_dict()  # type: ignore[arg-type]
+        ).to_dict()
         for name, feats in layer_features.items()
     ]
 

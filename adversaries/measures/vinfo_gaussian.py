@@ -45,6 +45,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -140,7 +141,8 @@ class _MLPDecoder(nn.Module):
         self.log_var = nn.Parameter(torch.zeros(1 if shared else d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        out: torch.Tensor = self.net(x)
+        return out
 
 
 def _fit_mlp(
@@ -279,7 +281,7 @@ def layer_gaussian_v_information(
     target: torch.Tensor,
     *,
     generator: torch.Generator | None = None,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> list[dict[str, object]]:
     """:func:`gaussian_v_information` for every layer on one shared split (so one shared
     target projection); returns the per-layer table (one dict per layer, module order)."""
@@ -290,7 +292,7 @@ def layer_gaussian_v_information(
             target,
             layer=name,
             permutation=perm,
-            generator=generator,  # type: ignore[arg-type]
+            generator=generator,
             **kwargs,
         ).to_dict()
         for name, feats in layer_features.items()

@@ -133,7 +133,8 @@ def solve_rows(coef_t: torch.Tensor, target: torch.Tensor, rcond: float = RCOND)
     """
     u, s, vh = torch.linalg.svd(coef_t, full_matrices=False)
     keep = s > rcond * s[0] if s.numel() else s.bool()
-    return vh[keep].T @ ((u[:, keep].T @ target) / s[keep, None])
+    x: torch.Tensor = vh[keep].T @ ((u[:, keep].T @ target) / s[keep, None])
+    return x
 
 
 def _realign(old: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -373,7 +373,7 @@ class AnalyticAttack(Attack):
             g = model_gradients(model, x.reshape(shape), y.to(x.device), create_graph=False)
             num = sum(((a - b) ** 2).sum() for a, b in zip(g, target, strict=True))
             den = sum((b**2).sum() for b in target)
-            return float(torch.sqrt(num / den))
+            return float(torch.sqrt(cast(torch.Tensor, num / den)))
 
         x = grouped.double().reshape(shape[0], -1)
         y = self._assign(model, x.reshape(shape), counts, g_last)

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -147,11 +147,14 @@ def lbfgs_gradient_matching(
         opt.zero_grad()
         out = model(x)
         if y_logits is None:
+            assert labels is not None  # exactly one of labels and label_logits0
             loss_fn = F.cross_entropy(out, labels)
         else:
             loss_fn = F.cross_entropy(out, F.softmax(y_logits, dim=-1))
         grads = torch.autograd.grad(loss_fn, params, create_graph=True)
-        loss = sum(((g - t) ** 2).sum() for g, t in zip(grads, target, strict=True))
+        loss = cast(
+            torch.Tensor, sum(((g - t) ** 2).sum() for g, t in zip(grads, target, strict=True))
+        )
         value = float(loss.detach())
         evals += 1
         if math.isfinite(value) and value < best["loss"]:  # type: ignore[operator]

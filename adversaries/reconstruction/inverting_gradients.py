@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -188,7 +188,7 @@ def attack_model(obs: Observation, device: torch.device) -> nn.Module:
     return model
 
 
-def _arrangement_key(labels: Sequence[int], plan: LocalPlan) -> tuple:
+def _arrangement_key(labels: Sequence[int], plan: LocalPlan) -> tuple[object, ...]:
     """Labels per mini-batch, ignoring the order inside a batch and the order of clients."""
     b, s = plan.batch_size, plan.local_steps
     if len(labels) != plan.samples:
@@ -532,7 +532,7 @@ class _Problem:
         named = dict(model.named_parameters())
         self.names = obs.param_names()
         self.params = [named[name].detach() for name in self.names]
-        norm = torch.sqrt(sum((t.double() ** 2).sum() for t in target))
+        norm = torch.sqrt(cast(torch.Tensor, sum((t.double() ** 2).sum() for t in target)))
         self.unit_target = [
             t / norm.to(t.dtype).clamp_min(torch.finfo(t.dtype).tiny) for t in target
         ]
@@ -567,7 +567,9 @@ class _Problem:
             dot = sum(
                 torch.dot(g, t.reshape(-1)) for g, t in zip(flat, self.unit_target, strict=True)
             )
-            norm = torch.sqrt(sum(torch.dot(g, g) for g in flat)).clamp_min(self.tiny)
+            norm = torch.sqrt(cast(torch.Tensor, sum(torch.dot(g, g) for g in flat))).clamp_min(
+                self.tiny
+            )
             cos = dot / norm
             if self._v is None:
                 self._v = [torch.empty_like(g) for g in u]
@@ -595,7 +597,8 @@ class _Problem:
         self, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`step` in ``torch.func`` form (``x`` a plain tensor), for ``vmap``."""
-        u, vjp_fn = torch.func.vjp(
+        # torch.func.vjp is typed as a 2- or 3-tuple (has_aux); without has_aux it is 2
+        u, vjp_fn = torch.func.vjp(  # type: ignore[misc]
             lambda z: self._update(z, y, create_graph=True, functional=True), x
         )
         flat = [g.reshape(-1) for g in u]

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,7 @@ def parse_chain(model: nn.Module, input_shape: tuple[int, int, int]) -> list[_La
     leaves = [
         (n, m) for n, m in model.named_modules(remove_duplicate=False) if not list(m.children())
     ]
-    specs: list[list] = []  # [name, module, slope]
+    specs: list[list[Any]] = []  # [name, module, slope]
     for name, mod in leaves:
         kind = type(mod).__name__
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
@@ -144,6 +144,7 @@ def parse_chain(model: nn.Module, input_shape: tuple[int, int, int]) -> list[_La
 
 def _conv_geometry(layer: _Layer) -> tuple[int, int, int, int, int, int, int, int, int, int]:
     mod = layer.module
+    assert isinstance(mod, nn.Conv2d) and not isinstance(mod.padding, str)  # see parse_chain
     kh, kw = mod.kernel_size
     sh, sw = mod.stride
     ph, pw = mod.padding
@@ -181,7 +182,10 @@ def _patch_index(layer: _Layer, device: torch.device) -> torch.Tensor:
         return torch.arange(layer.module.in_features, device=device).view(1, -1)
     c, h, w = layer.in_shape
     kh, kw, sh, sw, ph, pw, dh, dw, oh, ow = _conv_geometry(layer)
-    ar = lambda n: torch.arange(n, device=device)
+
+    def ar(n: int) -> torch.Tensor:
+        return torch.arange(n, device=device)
+
     rows = sh * ar(oh).view(oh, 1, 1, 1, 1) + dh * ar(kh).view(1, 1, 1, kh, 1) - ph
     cols = sw * ar(ow).view(1, ow, 1, 1, 1) + dw * ar(kw).view(1, 1, 1, 1, kw) - pw
     chan = ar(c).view(1, 1, c, 1, 1)
@@ -415,7 +419,8 @@ class RGAPAttack(Attack):
         def residual(tau: torch.Tensor) -> torch.Tensor:
             t = sign * tau.reshape(-1, 1)
             r = torch.softmax(t * z, dim=1) - onehot - c / t
-            return (r * r).sum(dim=1)
+            out: torch.Tensor = (r * r).sum(dim=1)
+            return out
 
         log_tau = torch.linspace(-8.0, 8.0, 3201, dtype=c.dtype, device=c.device)
         res = residual(10.0**log_tau)
@@ -532,10 +537,15 @@ class RGAPAttack(Attack):
         k_b, o_b = k.unsqueeze(0), o.unsqueeze(0)
         if isinstance(layer.module, nn.Conv2d):
             mod = layer.module
-            conv = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation}
+            conv: dict[str, Any] = {
+                "stride": mod.stride,
+                "padding": mod.padding,
+                "dilation": mod.dilation,
+            }
             fwd = F.conv2d(x_img, weight, **conv)
-            grad_w = torch.nn.grad.conv2d_weight(x_img, weight.shape, k_b, **conv)
-            dx = torch.nn.grad.conv2d_input(x_img.shape, weight, k_b, **conv)
+            # torch.nn.grad is loaded by torch but not re-exported in torch.nn's stubs
+            grad_w = torch.nn.grad.conv2d_weight(x_img, weight.shape, k_b, **conv)  # type: ignore[attr-defined]
+            dx = torch.nn.grad.conv2d_input(x_img.shape, weight, k_b, **conv)  # type: ignore[attr-defined]
         else:
             fwd = x_img @ weight.T
             grad_w = torch.outer(k, x)

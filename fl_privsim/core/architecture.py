@@ -51,6 +51,8 @@ class FrontBlock(nn.Module):
         ``"relu"`` or ``"clamp"``.
     """
 
+    upper: torch.Tensor  # a buffer (register_buffer below)
+
     def __init__(
         self, input_shape: tuple[int, int, int], rows: int, activation: str = "relu"
     ) -> None:
@@ -72,7 +74,8 @@ class FrontBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encoder(x.flatten(1))
         h = torch.relu(h) if self.activation == "relu" else torch.minimum(torch.relu(h), self.upper)
-        return x + self.decoder(h).view_as(x)
+        out: torch.Tensor = x + self.decoder(h).view_as(x)
+        return out
 
 
 class FrontBlockModel(nn.Module):
@@ -84,7 +87,8 @@ class FrontBlockModel(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.block(x))
+        out: torch.Tensor = self.model(self.block(x))
+        return out
 
 
 def check_spec(spec: Mapping[str, Any]) -> dict[str, Any]:

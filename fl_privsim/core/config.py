@@ -423,7 +423,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
 def _convert(tp: Any, value: Any, path: str, meta: dict[str, Any]) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
+        return _build(typing.cast(type, tp), value, path)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -577,7 +577,7 @@ def _check_inference_attacks(cfg: Config) -> None:
 
 def from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a TOML-shaped dict."""
-    cfg = _build(Config, data, "")
+    cfg: Config = _build(Config, data, "")
     _cross_check(cfg)
     _check_server(cfg)
     _check_central_dp(cfg)
@@ -706,13 +706,13 @@ def describe() -> str:
             tp = hints[f.name]
             key = f"{prefix}{f.name}"
             if dataclasses.is_dataclass(tp):
-                walk(tp, f"{key}.")
+                walk(typing.cast(type, tp), f"{key}.")
                 continue
             if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
                 walk(typing.get_args(tp)[0], f"{key}[i].")
                 continue
             meta = f.metadata
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]  # MISSING default: factory set
             allowed = ""
             if "choices" in meta:
                 allowed = " {" + "|".join(meta["choices"]) + "}"

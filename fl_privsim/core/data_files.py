@@ -22,7 +22,9 @@ NPZ_NAME = "cifar10_exact_subset.npz"
 Raw = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[str, ...]]
 
 
-def split(x: torch.Tensor, y: np.ndarray, test_fraction: float, seed: int) -> tuple:
+def split(
+    x: torch.Tensor, y: np.ndarray, test_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stratified, seeded train/test split of ``(x, y)``."""
     tr, te = train_test_indices(y, test_fraction=test_fraction, seed=seed)
     yt = torch.from_numpy(y.astype(np.int64))
@@ -52,7 +54,7 @@ def load_npz(root: Path | None) -> Raw:
             arrays = {k: npz[k] for k in (*keys, "label_names") if k in npz.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise DataError(f"cifar10_npz: cannot read {path} as .npz ({err})") from err
-    out = []
+    out: list[torch.Tensor] = []
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"].reshape(-1)
         if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.dtype != np.uint8 or len(x) != len(y):
@@ -66,7 +68,7 @@ def load_npz(root: Path | None) -> Raw:
         ]
     num = int(torch.cat([out[1], out[3]]).max()) + 1
     names = tuple(str(n) for n in arrays.get("label_names", range(num)))
-    return (*out, names)
+    return out[0], out[1], out[2], out[3], names
 
 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
@@ -102,7 +104,7 @@ def load_idx(root: Path | None, test_fraction: float, seed: int) -> Raw:
             f"mnist_idx: {where}; expected t10k-images-idx3-ubyte(.gz) and "
             "t10k-labels-idx1-ubyte(.gz), optionally train-*, in one folder"
         )
-    pairs = {}
+    pairs: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
     for prefix in ("train", "t10k"):
         found = [
             next(
@@ -118,6 +120,7 @@ def load_idx(root: Path | None, test_fraction: float, seed: int) -> Raw:
         if any(found) and not all(found):
             raise DataError(f"mnist_idx: {root} has {prefix} images or labels but not both")
         if all(found):
+            assert found[0] is not None and found[1] is not None  # all(found)
             x, y = _read_idx(found[0], 3), _read_idx(found[1], 1)
             if len(x) != len(y):
                 raise DataError(f"mnist_idx: {root}: {len(x)} {prefix} images, {len(y)} labels")
@@ -128,8 +131,8 @@ def load_idx(root: Path | None, test_fraction: float, seed: int) -> Raw:
             " and t10k-labels-idx1-ubyte(.gz), optionally train-*"
         )
     if len(pairs) == 2:
-        (xtr, ytr), (xte, yte) = pairs["train"], pairs["t10k"]
-        ytr, yte = torch.from_numpy(ytr), torch.from_numpy(yte)
+        (xtr, ytr_np), (xte, yte_np) = pairs["train"], pairs["t10k"]
+        ytr, yte = torch.from_numpy(ytr_np), torch.from_numpy(yte_np)
     else:
         xtr, ytr, xte, yte = split(*next(iter(pairs.values())), test_fraction, seed)
     num = int(torch.cat([ytr, yte]).max()) + 1

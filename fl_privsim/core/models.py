@@ -68,7 +68,8 @@ class LeNet(nn.Module):
         self.fc = nn.Linear(_flat_features(self.body, input_shape), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.body(x).flatten(1))
+        out: torch.Tensor = self.fc(self.body(x).flatten(1))
+        return out
 
 
 class ConvNet(nn.Module):
@@ -95,7 +96,8 @@ class ConvNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x).flatten(1))
+        out: torch.Tensor = self.head(self.body(x).flatten(1))
+        return out
 
 
 class CNN6(nn.Module):
@@ -125,14 +127,15 @@ class CNN6(nn.Module):
         self.fc = nn.Linear(_flat_features(self.body, input_shape), num_classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.body(x).flatten(1))
+        out: torch.Tensor = self.fc(self.body(x).flatten(1))
+        return out
 
 
 def resnet18(input_shape: InputShape, num_classes: int) -> nn.Module:
     """torchvision ResNet-18 (random init, no downloaded weights) for small images."""
     from torchvision.models import resnet18 as tv_resnet18
 
-    model = tv_resnet18(weights=None, num_classes=num_classes)
+    model: nn.Module = tv_resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
@@ -144,7 +147,8 @@ def resnet18_gn(input_shape: InputShape, num_classes: int) -> nn.Module:
     Server and clients build the same architecture, so the global model stays consistent."""
     from opacus.validators import ModuleValidator
 
-    return ModuleValidator.fix(resnet18(input_shape, num_classes))
+    model: nn.Module = ModuleValidator.fix(resnet18(input_shape, num_classes))
+    return model
 
 
 def linear(input_shape: InputShape, num_classes: int) -> nn.Module:
@@ -234,5 +238,6 @@ def build_model(
     if vib:  # the variant the vib defense registers (clients.defenses.vib.build_vib_model)
         model = plugins.MODEL_VARIANTS.get("vib")(name[:-4], input_shape, num_classes)
     else:
-        model = MODELS[name](tuple(int(v) for v in input_shape), int(num_classes))
+        shape = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
+        model = MODELS[name](shape, int(num_classes))
     return init_weights(model, init, generator)

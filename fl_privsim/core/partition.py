@@ -172,7 +172,8 @@ def sample_batch(
             "use a smaller batch_size or fewer clients"
         )
     order = torch.randperm(len(indices), generator=generator, device=generator.device)
-    return indices[order[:batch_size].cpu().numpy()]
+    batch: np.ndarray = indices[order[:batch_size].cpu().numpy()]
+    return batch
 
 
 def train_test_indices(

@@ -10,12 +10,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 #: Most originals (each with its matched reconstructions) drawn in one grid.
 MAX_SHOWN = 32
@@ -99,7 +103,7 @@ def _row(item: GridRow | tuple[str, torch.Tensor | None]) -> GridRow:
     return item if isinstance(item, GridRow) else GridRow(item[0], item[1])
 
 
-def _show(ax: plt.Axes, img: torch.Tensor) -> None:
+def _show(ax: Axes, img: torch.Tensor) -> None:
     img = img.detach().cpu().clamp(0, 1)
     if img.shape[0] == 1:
         ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
@@ -200,7 +204,7 @@ def log_ticks(lo: float, hi: float, *, max_ticks: int = 5) -> list[float]:
     return [lo, hi] if hi > lo else [lo]
 
 
-def set_log_xticks(ax: plt.Axes, lo: float, hi: float, *, max_ticks: int = 5) -> list[float]:
+def set_log_xticks(ax: Axes, lo: float, hi: float, *, max_ticks: int = 5) -> list[float]:
     """Log x axis over [lo, hi] labelled only at :func:`log_ticks` (``%g``), minor ticks
     unlabelled: matplotlib's default labels every minor tick of a short log axis, and they
     overlap. Returns the ticks."""
@@ -215,7 +219,7 @@ def set_log_xticks(ax: plt.Axes, lo: float, hi: float, *, max_ticks: int = 5) ->
     return ticks
 
 
-def legend_outside(ax: plt.Axes, **kwargs: object) -> object:
+def legend_outside(ax: Axes, **kwargs: object) -> object:
     """The axes' legend right of the axes (never over the data); save the figure with
     ``bbox_inches="tight"`` so it is kept."""
     opts: dict[str, object] = {
@@ -228,7 +232,7 @@ def legend_outside(ax: plt.Axes, **kwargs: object) -> object:
     return ax.legend(**(opts | kwargs))
 
 
-def shared_legend_outside(axes: Sequence[plt.Axes], **kwargs: object) -> object | None:
+def shared_legend_outside(axes: Sequence[Axes], **kwargs: object) -> object | None:
     """One legend for panels that draw the same series: the labelled handles of all ``axes``
     (first occurrence of each label, in order) right of the last of them, via
     :func:`legend_outside`. ``None`` when nothing is labelled. Give each series the same colour

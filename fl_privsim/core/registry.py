@@ -16,12 +16,13 @@ import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import entry_points
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from fl_privsim.core.errors import ConfigError, did_you_mean
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_O = TypeVar("_O")
 
 
 class Registry(Generic[T]):
@@ -53,14 +54,15 @@ class Registry(Generic[T]):
         self._lazy: dict[str, str] = dict(builtins) if isinstance(builtins, Mapping) else {}
         self._eager: tuple[str, ...] = () if isinstance(builtins, Mapping) else tuple(builtins)
 
-    def register(self, name: str) -> Callable[[type[T]], type[T]]:
-        """Class decorator adding ``cls`` under ``name``; a duplicate name is refused."""
+    def register(self, name: str) -> Callable[[_O], _O]:
+        """Decorator adding a class (or, for hook registries, a function) under ``name``; a
+        duplicate name is refused. Returns the object unchanged."""
 
-        def deco(cls: type[T]) -> type[T]:
-            if name in self._items and self._items[name] is not cls:
+        def deco(obj: _O) -> _O:
+            if name in self._items and self._items[name] is not obj:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
-            self._items[name] = cls
-            return cls
+            self._items[name] = cast("type[T]", obj)
+            return obj
 
         return deco
 
