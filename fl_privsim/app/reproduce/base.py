@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import tomli_w
 import torch
 
-from fl_privsim.core.config import read_toml_file
+from fl_privsim.core.config import parse_value, read_toml_file
 from fl_privsim.core.devices import resolve_device
 from fl_privsim.core.errors import ConfigError, DataError, UserError, did_you_mean
 from fl_privsim.core.paths import absolute, missing_path_message, shared_data_dir  # (re-exported)
@@ -154,11 +153,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE")
     key, raw = text.split("=", 1)
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.strip(), value
+    return key.strip(), parse_value(raw.strip())  # the one --set value parser (core.config)
 
 
 def resolve_settings(
