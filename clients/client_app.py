@@ -41,6 +41,7 @@ from fl_privsim.core.architecture import ARCH_KEY, build_architecture
 from fl_privsim.core.config import Config
 from fl_privsim.core.devices import resolve_device
 from fl_privsim.core.models import build_model
+from fl_privsim.core.partition import effective_batch_size
 from fl_privsim.core.seeding import torch_generator
 from fl_privsim.engine.federated_data import client_batch_indices, federated_data
 
@@ -147,11 +148,11 @@ def train_client(
     the model. Both the Message-API handler and the SecAgg+ client (:mod:`clients.secagg_client`)
     call this, so the two paths differ only in transport."""
     fed = federated_data(cfg)
+    defenses = build_defenses(cfg.defenses)  # once per round: sampling and training share it
     batches = [
         fed.tensors("train", idx, device)
-        for idx in client_batch_indices(cfg, fed, server_round, pid)
+        for idx in client_batch_indices(cfg, fed, server_round, pid, defenses)
     ]
-    defenses = build_defenses(cfg.defenses)
     restore_defense_state(defenses, state)
     generator = torch_generator(cfg.seed, server_round, pid, "defense")
     part_size = len(fed.train_parts[pid])
@@ -164,7 +165,7 @@ def train_client(
         generator=generator,
         server_round=server_round,
         dataset_size=part_size,
-        expected_batch_size=min(cfg.client.batch_size, part_size),
+        expected_batch_size=effective_batch_size(cfg.client.batch_size, part_size),
         loss=cfg.client.loss,
     )
     save_defense_state(defenses, state)
