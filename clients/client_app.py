@@ -2,11 +2,14 @@
 
 Each handler rebuilds the model from the ArrayRecord it receives, finds its data
 partition from ``context.node_config["partition-id"]``, and calls the pure-torch
-:func:`clients.local_update.local_update`. The run's resolved config travels as TOML text
-in the message's ConfigRecord (key ``fl-privsim-config``); when it is absent (a foreign
+:func:`clients.local_update.local_update`. The client sections of the run's resolved config
+(:mod:`fl_privsim.core.client_config`: seed, data, model, client, defenses and the federation
+keys a client reads) travel as TOML text in the message's ConfigRecord (key
+``fl-privsim-config``) and the client validates only those; when the text is absent (a foreign
 strategy sent the message) the handler falls back to ``run_config["config-path"]``.
 
-The configured ``[[defenses]]`` are built for each train message and applied inside
+The configured ``[[defenses]]`` are built once per train message (the batch draw and the
+update share the stack) and applied inside
 ``local_update`` with a generator seeded from (run seed, round, partition id, "defense").
 A defense's state across rounds (the DP defenses' accountant history, so ε accumulates) lives
 in the node's ``context.state``: one ConfigRecord ``defense<i>.<name>`` per stateful defense,
@@ -38,9 +41,11 @@ from clients.defenses.base import ModelRefused
 from clients.local_update import local_update
 from fl_privsim.core import config as config_mod
 from fl_privsim.core.architecture import ARCH_KEY, build_architecture
+from fl_privsim.core.client_config import load_client_config
 from fl_privsim.core.config import Config
 from fl_privsim.core.devices import resolve_device
 from fl_privsim.core.models import build_model
+from fl_privsim.core.partition import effective_batch_size
 from fl_privsim.core.seeding import torch_generator
 from fl_privsim.engine.federated_data import client_batch_indices, federated_data
 
@@ -55,16 +60,19 @@ REFUSED = "refused:"
 
 
 @functools.lru_cache(maxsize=8)
-def _config_from_text(text: str) -> Config:
-    return config_mod.loads(text)
+def client_config(text: str) -> Config:
+    """The client's config from the text a server sent (:func:`~fl_privsim.core.client_config.
+    load_client_config`: only the client sections, validated once per text and process)."""
+    return load_client_config(text)
 
 
 def config_from_message(msg: Message, context: Context) -> Config:
-    """The run config carried by ``msg`` (or named by the run config of ``context``)."""
+    """The client sections of the run config carried by ``msg`` (or the config named by the run
+    config of ``context``)."""
     record = msg.content.config_records.get(CONFIG_RECORD)
     text = record.get(CONFIG_KEY) if record is not None else None
     if isinstance(text, str) and text:
-        return _config_from_text(text)
+        return client_config(text)
     path = str(context.run_config.get("config-path", ""))
     return config_mod.load(path or None)
 
@@ -147,11 +155,11 @@ def train_client(
     the model. Both the Message-API handler and the SecAgg+ client (:mod:`clients.secagg_client`)
     call this, so the two paths differ only in transport."""
     fed = federated_data(cfg)
+    defenses = build_defenses(cfg.defenses)  # once per round: sampling and training share it
     batches = [
         fed.tensors("train", idx, device)
-        for idx in client_batch_indices(cfg, fed, server_round, pid)
+        for idx in client_batch_indices(cfg, fed, server_round, pid, defenses)
     ]
-    defenses = build_defenses(cfg.defenses)
     restore_defense_state(defenses, state)
     generator = torch_generator(cfg.seed, server_round, pid, "defense")
     part_size = len(fed.train_parts[pid])
@@ -164,7 +172,7 @@ def train_client(
         generator=generator,
         server_round=server_round,
         dataset_size=part_size,
-        expected_batch_size=min(cfg.client.batch_size, part_size),
+        expected_batch_size=effective_batch_size(cfg.client.batch_size, part_size),
         loss=cfg.client.loss,
     )
     save_defense_state(defenses, state)

@@ -38,8 +38,8 @@ from flwr.clientapp import ClientApp
 
 from clients.client_app import (
     CONFIG_KEY,
-    _config_from_text,
     build_client_model,
+    client_config,
     evaluate_client,
     partition_id,
     train_client,
@@ -54,7 +54,8 @@ from fl_privsim.engine.federated_data import federated_data
 
 log = logging.getLogger(__name__)
 
-#: FitIns config keys: the run's resolved TOML is under ``CONFIG_KEY`` (as on the Message path).
+#: FitIns config keys: the client sections of the run config are under ``CONFIG_KEY`` as TOML
+#: (as on the Message path, :mod:`fl_privsim.core.client_config`).
 ROUND_KEY = "server-round"
 META_PREFIX = "meta."
 
@@ -120,7 +121,7 @@ class SecAggClient(NumPyClient):
     ) -> tuple[list[np.ndarray], int, dict]:
         """Train on the model in ``parameters``; return the full weights, the example count and
         the metrics plus the declared metadata (``meta.*``)."""
-        cfg: Config = _config_from_text(str(config[CONFIG_KEY]))
+        cfg: Config = client_config(str(config[CONFIG_KEY]))
         server_round = int(config[ROUND_KEY])
         device = resolve_device(cfg.federation.device)
         spec = str(config[ARCH_KEY]) if ARCH_KEY in config else None
@@ -144,7 +145,7 @@ class SecAggClient(NumPyClient):
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[float, int, dict]:
         """Federated evaluation on this client's local test shard (not secure-aggregated)."""
-        cfg: Config = _config_from_text(str(config[CONFIG_KEY]))
+        cfg: Config = client_config(str(config[CONFIG_KEY]))
         device = resolve_device(cfg.federation.device)
         model = build_client_model(cfg, state_from_arrays(cfg, parameters), device)
         metrics = evaluate_client(cfg, self.pid, model, device)

@@ -64,8 +64,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.client_app import CONFIG_KEY
 from clients.secagg_client import META_PREFIX, ROUND_KEY, float_keys
-from fl_privsim.core import config as config_mod
 from fl_privsim.core.architecture import ARCH_KEY, honest_update, spec_to_text
+from fl_privsim.core.client_config import client_config_text
 from fl_privsim.core.config import Config
 from fl_privsim.core.devices import resolve_device
 from fl_privsim.core.progress import Progress
@@ -94,7 +94,8 @@ class SecAggStrategy(Strategy):
     make_updates:
         Builds the :class:`FedUpdates` (sampling and update rule) from ``{node_id: client_id}``.
     toml:
-        The resolved run config, sent to the clients under ``CONFIG_KEY``.
+        The client sections of the run config (:func:`fl_privsim.core.client_config.client_config_text`),
+        sent to the clients under ``CONFIG_KEY``.
     num_clients, clients_per_round:
         Federation size and sample size.
     info, observer:
@@ -608,7 +609,7 @@ def run_secagg_server(
     strategy = SecAggStrategy(
         initial_state=model.state_dict(),
         make_updates=make_updates,
-        toml=config_mod.to_toml(cfg),
+        toml=client_config_text(cfg),
         num_clients=cfg.federation.num_clients,
         clients_per_round=cfg.federation.clients_per_round,
         info=info,

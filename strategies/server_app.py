@@ -31,6 +31,7 @@ from clients.client_app import CONFIG_KEY
 from clients.defenses import build_defenses
 from clients.defenses.accounting import AccountedDefense
 from fl_privsim.core import config as config_mod
+from fl_privsim.core.client_config import client_config_text
 from fl_privsim.core.config import Config
 from fl_privsim.core.devices import resolve_device
 from fl_privsim.core.errors import ConfigError
@@ -262,7 +263,7 @@ def run_server(
         clients_per_round=cfg.federation.clients_per_round,
         seed=cfg.seed,
         node_to_client=node_to_client,
-        extra_config={CONFIG_KEY: config_mod.to_toml(cfg)},
+        extra_config={CONFIG_KEY: client_config_text(cfg)},
         metric_sink=sink,
         fraction_evaluate=cfg.federation.fraction_evaluate,
     )

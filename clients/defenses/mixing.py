@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from clients.defenses.base import BatchSamplerDefense, register_defense
+from fl_privsim.core.partition import effective_batch_size
 
 
 @register_defense("identical_labels")
@@ -43,7 +44,7 @@ class IdenticalLabels(BatchSamplerDefense):
         labels = np.asarray(labels)
         if len(partition) != len(labels):
             raise ValueError(f"labels ({len(labels)}) must align with partition ({len(partition)})")
-        bs = min(batch_size, len(partition))
+        bs = effective_batch_size(batch_size, len(partition))
         classes, counts = np.unique(labels, return_counts=True)
         return [
             self._one(partition, labels, classes, counts, bs, generator) for _ in range(num_batches)

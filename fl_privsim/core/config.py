@@ -437,13 +437,8 @@ def _convert(tp: Any, value: Any, path: str, meta: dict[str, Any]) -> Any:
     return _check_scalar(value, tp, path, meta)
 
 
-def _cross_check(cfg: Config) -> None:
-    fed = cfg.federation
-    if fed.clients_per_round > fed.num_clients:
-        raise ConfigError(
-            f"federation.clients_per_round: {fed.clients_per_round} exceeds federation.num_clients "
-            f"({fed.num_clients})"
-        )
+def _check_data_root(cfg: Config) -> None:
+    """A dataset that needs files has ``data.root`` (a client checks it too)."""
     if (
         cfg.data.name not in ("digits",)
         and not cfg.data.root
@@ -452,6 +447,27 @@ def _cross_check(cfg: Config) -> None:
         raise ConfigError(
             f"data.root: dataset {cfg.data.name!r} needs data.root (the folder holding its files)"
         )
+
+
+def _check_tabular_model(cfg: Config) -> None:
+    """Tabular data needs a dense model (a client checks it too)."""
+    if cfg.data.name == "adult" and (
+        cfg.model.name not in ("mlp", "linear") or cfg.data.image_size
+    ):
+        raise ConfigError(
+            f"model.name: {cfg.model.name!r} cannot take tabular adult rows; allowed with "
+            "data.name = 'adult': mlp, linear (and data.image_size = 0)"
+        )
+
+
+def _cross_check(cfg: Config) -> None:
+    fed = cfg.federation
+    if fed.clients_per_round > fed.num_clients:
+        raise ConfigError(
+            f"federation.clients_per_round: {fed.clients_per_round} exceeds federation.num_clients "
+            f"({fed.num_clients})"
+        )
+    _check_data_root(cfg)
     for i, atk in enumerate(cfg.attacks):
         where = f"attacks[{i}]"
         if not atk.name:
@@ -561,13 +577,7 @@ def _check_analyses(cfg: Config) -> None:
 def _check_inference_attacks(cfg: Config) -> None:
     """Tabular data needs a dense model; the inference attacks' params must fit the run's data
     and model (hook: :func:`adversaries.inference.federated.check_run_config`)."""
-    if cfg.data.name == "adult" and (
-        cfg.model.name not in ("mlp", "linear") or cfg.data.image_size
-    ):
-        raise ConfigError(
-            f"model.name: {cfg.model.name!r} cannot take tabular adult rows; allowed with "
-            "data.name = 'adult': mlp, linear (and data.image_size = 0)"
-        )
+    _check_tabular_model(cfg)
     if any(
         a.name in ("attribute_inference", "property_inference", "membership_inference")
         for a in cfg.attacks

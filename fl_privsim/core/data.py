@@ -40,12 +40,20 @@ import torch.nn.functional as F
 
 from fl_privsim.core.data_files import NPZ_NAME, Raw, load_idx, load_npz, split
 from fl_privsim.core.errors import ConfigError, DataError, did_you_mean
-from fl_privsim.core.partition import SCHEMES, partition, sample_batch
+from fl_privsim.core.partition import SCHEMES, effective_batch_size, partition, sample_batch
 from fl_privsim.core.paths import missing_path_message
 from fl_privsim.core.seeding import numpy_rng
 from fl_privsim.core.tabular import load_adult_raw
 
-__all__ = ["DATASETS", "SCHEMES", "ImageData", "load_dataset", "partition", "sample_batch"]
+__all__ = [
+    "DATASETS",
+    "SCHEMES",
+    "ImageData",
+    "effective_batch_size",
+    "load_dataset",
+    "partition",
+    "sample_batch",
+]
 
 logger = logging.getLogger(__name__)
 

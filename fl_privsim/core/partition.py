@@ -142,6 +142,14 @@ def _dirichlet(
     )
 
 
+def effective_batch_size(batch_size: int, partition_size: int) -> int:
+    """The batch a client really draws: ``client.batch_size``, clamped to the ``partition_size``
+    examples it holds. The one place the configured batch size is clamped: the client's batch
+    drawing, its defenses' expected batch size (DP accounting) and the scorer's reproduction of
+    the batch all call it, so they agree."""
+    return min(int(batch_size), int(partition_size))
+
+
 def sample_batch(
     partition_indices: np.ndarray, batch_size: int, generator: torch.Generator
 ) -> np.ndarray:

@@ -8,14 +8,21 @@ seed, the round and the partition id) without the client ever sending it.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from clients.defenses import batch_sampler, build_defenses, draw_batches
+from clients.defenses import Defense, batch_sampler, build_defenses, draw_batches
 from fl_privsim.core.config import Config, DataConfig
-from fl_privsim.core.data import ImageData, load_dataset, partition, sample_batch
+from fl_privsim.core.data import (
+    ImageData,
+    effective_batch_size,
+    load_dataset,
+    partition,
+    sample_batch,
+)
 from fl_privsim.core.seeding import torch_generator
 
 
@@ -72,28 +79,37 @@ def num_local_batches(cfg: Config) -> int:
 
 
 def client_batch_indices(
-    cfg: Config, fed: FederatedData, server_round: int, client: int
+    cfg: Config,
+    fed: FederatedData,
+    server_round: int,
+    client: int,
+    defenses: Sequence[Defense] | None = None,
 ) -> list[np.ndarray]:
     """Indices (into the train split) of each batch client ``client`` uses in ``server_round``.
 
     One generator, seeded from ``(seed, round, client, "batch")``, draws every batch of
-    the round in order; each batch is drawn without replacement from the client's partition.
-    A sampler defense in ``cfg.defenses`` (e.g. ``identical_labels``) draws them instead,
+    the round in order; each batch is drawn without replacement from the client's partition,
+    :func:`~fl_privsim.core.partition.effective_batch_size` examples each.
+    A sampler defense in the stack (e.g. ``identical_labels``) draws them instead,
     from the same generator, so the scorer still reproduces the client's batches.
+    ``defenses`` is the client's stack already built for the round (the ClientApp builds it
+    once and passes it); ``None`` builds it from ``cfg.defenses`` (the scorer). Samplers hold
+    no state, so both give the same batches.
     """
     gen = torch_generator(cfg.seed, server_round, client, "batch")
     part = fed.train_parts[client]
-    bs = min(cfg.client.batch_size, len(part))
-    if cfg.defenses:
-        sampler = batch_sampler(build_defenses(cfg.defenses))
-        if sampler is not None:
-            labels = fed.data.train_y.numpy()[part]
-            return draw_batches(
-                sampler,
-                part,
-                labels,
-                batch_size=bs,
-                num_batches=num_local_batches(cfg),
-                generator=gen,
-            )
+    bs = effective_batch_size(cfg.client.batch_size, len(part))
+    if defenses is None and cfg.defenses:
+        defenses = build_defenses(cfg.defenses)
+    sampler = batch_sampler(defenses) if defenses else None
+    if sampler is not None:
+        labels = fed.data.train_y.numpy()[part]
+        return draw_batches(
+            sampler,
+            part,
+            labels,
+            batch_size=bs,
+            num_batches=num_local_batches(cfg),
+            generator=gen,
+        )
     return [sample_batch(part, bs, gen) for _ in range(num_local_batches(cfg))]

@@ -20,6 +20,7 @@ from flwr.supercore.differential_privacy import KEY_NORM_BIT
 from adversaries.base import Observation
 from clients.client_app import CONFIG_KEY, handle_train
 from fl_privsim.core import config as config_mod
+from fl_privsim.core.client_config import client_config_text
 from fl_privsim.core.config import CentralDPConfig
 from fl_privsim.core.models import build_model
 from fl_privsim.engine.federated_data import federated_data
@@ -182,7 +183,7 @@ def _real_round(mode: str, **dp):
         clients_per_round=3,
         seed=cfg.seed,
         node_to_client=mapping,
-        extra_config={CONFIG_KEY: config_mod.to_toml(cfg)},
+        extra_config={CONFIG_KEY: client_config_text(cfg)},
         fraction_evaluate=0,
     )
     trained = (
@@ -267,7 +268,7 @@ def test_clipping_mod_answers_the_real_message_when_the_server_sent_no_norm() ->
         clients_per_round=3,
         seed=0,
         node_to_client=mapping,
-        extra_config={CONFIG_KEY: config_mod.to_toml(cfg)},
+        extra_config={CONFIG_KEY: client_config_text(cfg)},
     )
     sent = list(inner.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord({}), grid))
     replies = grid.send_and_receive(sent[:1])

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from clients.client_app import CONFIG_KEY, handle_evaluate, handle_query, handle_train
 from clients.local_update import local_update
 from fl_privsim.core import config as config_mod
+from fl_privsim.core.client_config import client_config_text
 from fl_privsim.engine.federated_data import client_batch_indices, federated_data
 from strategies.server_app import initial_model
 
@@ -25,7 +26,7 @@ def _context(pid: int) -> Context:
 
 
 def _train_message(cfg, model, server_round: int) -> Message:
-    config = ConfigRecord({CONFIG_KEY: config_mod.to_toml(cfg), "server-round": server_round})
+    config = ConfigRecord({CONFIG_KEY: client_config_text(cfg), "server-round": server_round})
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
     return Message(content=content, dst_node_id=77, message_type=MessageType.TRAIN)
 
@@ -78,7 +79,7 @@ def test_batches_depend_on_round_and_client():
 def test_evaluate_and_query_handlers():
     cfg = config_mod.load(None, ["federation.num_clients=4", "federation.clients_per_round=4"])
     model = initial_model(cfg)
-    config = ConfigRecord({CONFIG_KEY: config_mod.to_toml(cfg), "server-round": 1})
+    config = ConfigRecord({CONFIG_KEY: client_config_text(cfg), "server-round": 1})
     msg = Message(
         content=RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}),
         dst_node_id=77,

@@ -12,6 +12,7 @@ from opacus.accountants import RDPAccountant
 from clients.client_app import CONFIG_KEY, handle_train
 from clients.defenses.accounting import ALPHAS
 from fl_privsim.core import config as config_mod
+from fl_privsim.core.client_config import client_config_text
 from fl_privsim.engine.federated_data import federated_data
 from strategies.server_app import initial_model
 
@@ -46,7 +47,7 @@ def _context() -> Context:
 
 
 def _train(cfg, context: Context, server_round: int) -> Message:
-    config = ConfigRecord({CONFIG_KEY: config_mod.to_toml(cfg), "server-round": server_round})
+    config = ConfigRecord({CONFIG_KEY: client_config_text(cfg), "server-round": server_round})
     msg = Message(
         content=RecordDict(
             {"arrays": ArrayRecord(initial_model(cfg).state_dict()), "config": config}

@@ -22,6 +22,7 @@ from flwr.server.client_proxy import ClientProxy
 from clients.client_app import CONFIG_KEY, train_client
 from clients.secagg_client import full_weights, state_from_arrays
 from fl_privsim.core import config as config_mod
+from fl_privsim.core.client_config import client_config_text
 from fl_privsim.core.errors import ConfigError
 from fl_privsim.core.results import RunFolder
 from fl_privsim.engine.secure_aggregation import resolve
@@ -91,7 +92,7 @@ def _strategy(cfg, observer):
     strategy = SecAggStrategy(
         initial_state=model.state_dict(),
         make_updates=make,
-        toml=config_mod.to_toml(cfg),
+        toml=client_config_text(cfg),
         num_clients=cfg.federation.num_clients,
         clients_per_round=cfg.federation.clients_per_round,
         info=model_info(cfg),
@@ -115,7 +116,7 @@ def test_one_round_matches_the_plain_update_rule_and_observes_one_aggregate(prot
     instructions = strategy.configure_fit(1, params, manager)
     sampled = sorted(p.pid for p, _ in instructions)
     assert sampled == strategy.updates.sample_clients(1, 3)  # the plain path's deterministic sample
-    assert all(ins.config[CONFIG_KEY] == config_mod.to_toml(cfg) for _, ins in instructions)
+    assert all(ins.config[CONFIG_KEY] == client_config_text(cfg) for _, ins in instructions)
 
     global_state = initial_model(cfg).state_dict()
     results, updates, counts, fulls = [], [], [], []

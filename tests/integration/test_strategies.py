@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from adversaries.base import Observation
 from clients.client_app import CONFIG_KEY
 from fl_privsim.core import config as config_mod
+from fl_privsim.core.client_config import client_config_text
 from fl_privsim.core.models import build_model
 from fl_privsim.core.results import RunFolder
 from fl_privsim.engine.federated_data import federated_data
@@ -53,7 +54,7 @@ def _setup(cfg):
         clients_per_round=cfg.federation.clients_per_round,
         seed=cfg.seed,
         node_to_client=mapping,
-        extra_config={CONFIG_KEY: config_mod.to_toml(cfg)},
+        extra_config={CONFIG_KEY: client_config_text(cfg)},
     )
     fed = federated_data(cfg)
     info = ModelInfo(
