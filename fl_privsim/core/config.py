@@ -69,8 +69,8 @@ class ModelConfig:
 
     name: str = _f(
         "mlp",
-        "architecture (resnet18_gn: resnet18 with GroupNorm, for dp_sgd; <base>_vib: the base "
-        "with a VIB head, for the vib defense)",
+        "architecture (resnet18_gn: resnet18 with GroupNorm, for dp_sgd; any + _vib: with a VIB "
+        "head, for the vib defense)",
         choices=plugins.model_names,
     )
     init: str = _f(
