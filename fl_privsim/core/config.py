@@ -431,10 +431,11 @@ def _cross_check(cfg: Config) -> None:
             f"federation.clients_per_round: {fed.clients_per_round} exceeds federation.num_clients "
             f"({fed.num_clients})"
         )
+    loader = plugins.DATASETS.get(cfg.data.name)  # what the dataset's loader declares
     if (
-        cfg.data.name not in ("digits",)
+        getattr(loader, "needs_root", True)
         and not cfg.data.root
-        and not (cfg.data.download and cfg.data.name in ("mnist", "fashion_mnist", "cifar10"))
+        and not (cfg.data.download and getattr(loader, "downloads", False))
     ):
         raise ConfigError(
             f"data.root: dataset {cfg.data.name!r} needs data.root (the folder holding its files)"

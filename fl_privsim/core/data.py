@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -377,25 +378,42 @@ def _load_folder(root: Path | None, size: int, test_fraction: float, seed: int) 
 
 # ----------------------------------------------------------------------------- the built-ins
 # One loader per dataset, ``(root, *, image_size, download, test_fraction, seed) -> Raw``
-# (train_x, train_y, test_x, test_y, class_names), registered under its ``data.name``.
+# (train_x, train_y, test_x, test_y, class_names), registered under its ``data.name``. What a
+# loader declares (read by the config's checks): ``needs_root`` (default true: the config asks
+# for data.root) and ``downloads`` (default false: data.download = true may stand in for it).
+
+_L = TypeVar("_L")
+
+
+def _declare(**flags: bool) -> Callable[[_L], _L]:
+    def deco(loader: _L) -> _L:
+        for key, value in flags.items():
+            setattr(loader, key, value)
+        return loader
+
+    return deco
 
 
 @plugins.DATASETS.register("digits")
+@_declare(needs_root=False)
 def _digits(root: Path | None, *, test_fraction: float, seed: int, **_: Any) -> Raw:
     return _load_digits(test_fraction, seed)
 
 
 @plugins.DATASETS.register("mnist")
+@_declare(downloads=True)
 def _mnist(root: Path, *, download: bool, **_: Any) -> Raw:
     return _load_torchvision("mnist", root, download)
 
 
 @plugins.DATASETS.register("fashion_mnist")
+@_declare(downloads=True)
 def _fashion_mnist(root: Path, *, download: bool, **_: Any) -> Raw:
     return _load_torchvision("fashion_mnist", root, download)
 
 
 @plugins.DATASETS.register("cifar10")
+@_declare(downloads=True)
 def _cifar10(root: Path, *, download: bool, **_: Any) -> Raw:
     return _load_torchvision("cifar10", root, download)
 
