@@ -266,6 +266,12 @@ class Attack(ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     #: The server modification whose secrets the attack reads (``None``: a passive attack).
     modification: ClassVar[str | None] = None
+    #: What the attack outputs, which decides how the server's attack runner feeds and scores
+    #: it: ``"reconstruction"`` (inputs and labels, scored against the originals and drawn in
+    #: the image grids) or ``"inference"`` (a score for a secret: the runner attaches the
+    #: server's knowledge to the observation, :mod:`fl_privsim.engine.inference_scoring`
+    #: scores it).
+    produces: ClassVar[str] = "reconstruction"
 
     def check_setup(self, setup: Setup) -> None:
         """Raise :class:`ThreatModelError`, naming the failed assumption, if no update of a run

@@ -109,8 +109,9 @@ def _type_label(tp: Any) -> str:
 
 def _allowed(meta: dict[str, Any]) -> str:
     parts = []
-    if "choices" in meta:
-        parts.append(", ".join(f"`{c}`" for c in meta["choices"]))
+    if "choices" in meta:  # a tuple, or a function giving a registry's names
+        choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+        parts.append(", ".join(f"`{c}`" for c in choices))
     if "min" in meta and "max" in meta:
         parts.append(f"{meta['min']} to {meta['max']}")
     elif "min" in meta:

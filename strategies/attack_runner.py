@@ -23,11 +23,7 @@ import numpy as np
 import torch
 
 from adversaries.base import Attack, Observation
-from adversaries.inference.federated import (
-    FederatedInference,
-    InferenceObservation,
-    ServerKnowledge,
-)
+from adversaries.inference.federated import InferenceObservation, ServerKnowledge
 from fl_privsim.core.errors import ThreatModelError
 from fl_privsim.core.metrics import psnr
 from fl_privsim.core.plots import GridRow
@@ -176,7 +172,7 @@ class AttackRunner:
         gen = torch_generator(self.seed, obs.round, client_num, "attack")
         source = f"attack/{label}"
         t0 = time.perf_counter()
-        inference = isinstance(plan.attack, FederatedInference)
+        inference = plan.attack.produces == "inference"  # what the attack declares
         try:
             if (
                 inference

@@ -29,7 +29,6 @@ from adversaries.base import ATTACKS
 from adversaries.malicious import MODIFICATIONS
 from clients.client_app import CONFIG_KEY
 from clients.defenses import build_defenses
-from clients.defenses.accounting import AccountedDefense
 from fl_privsim.core import config as config_mod
 from fl_privsim.core.client_config import client_config_text
 from fl_privsim.core.config import Config
@@ -151,7 +150,7 @@ class RunSink:
         """Client-side DP: ε(δ) = max over clients; formal only if every client's is (empty if off)."""
         if "epsilon" not in self.dp:
             return {}
-        accounted = [d for d in build_defenses(cfg.defenses) if isinstance(d, AccountedDefense)]
+        accounted = [d for d in build_defenses(cfg.defenses) if d.accounted]
         reasons = list(dict.fromkeys(r for d in accounted for r in d.not_formal_because))
         delta = self.dp.get("delta") or max((d.delta for d in accounted), default=None)
         return {

@@ -182,6 +182,7 @@ class FederatedInference(Attack):
 
     kind: ClassVar[str] = ""
     name: ClassVar[str] = ""
+    produces: ClassVar[str] = "inference"
     requires = (
         "the server's auxiliary data (ServerKnowledge), attached by the attack runner",
         "data.name (and for Adult the model: mlp or linear) fits the params (checked before launch)",

@@ -44,13 +44,16 @@ import numpy as np
 import torch
 
 from adversaries.inference.release import Release, flat_per_sample_gradients
+from fl_privsim.core import plugins
 from fl_privsim.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["GAMES", "Game", "Observations", "Pool", "sample_secrets"]
 
-GAMES: tuple[str, ...] = ("attribute", "property", "distributional", "user", "membership")
+#: The game kinds (``game.kind``): the registry :data:`fl_privsim.core.plugins.GAMES`, which each
+#: game's builder below joins (``(game, pool, secrets, index, rng) -> (x, y, index, public)``).
+GAMES = plugins.GAMES
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,69 +127,8 @@ class Game:
         client batches into it, and the adversary's public knowledge."""
         t, k, b = len(secrets), self.clients_per_aggregate, self.batch_size
         n = len(pool)
-        s = torch.from_numpy(secrets)
         index = torch.from_numpy(rng.integers(0, n, (t, k, b)))
-        x, y = pool.x, pool.y
-        public: dict[str, torch.Tensor] = {}
-        a = pool.a.numpy()
-        pos, neg = np.flatnonzero(a == 1), np.flatnonzero(a == 0)
-        if self.kind in ("property", "distributional") and (len(pos) == 0 or len(neg) == 0):
-            raise ConfigError(
-                f"game.kind = {self.kind!r}: the pool needs records with and without the property"
-            )
-        if (
-            self.kind == "attribute" and self.attr_column is None
-        ):  # images: the target is a record with a = s
-            if len(pos) == 0 or len(neg) == 0:
-                raise ConfigError(
-                    "game.kind = 'attribute': the pool needs records with both attribute values"
-                )
-            target = torch.from_numpy(
-                np.where(
-                    secrets == 1,
-                    pos[rng.integers(0, len(pos), t)],
-                    neg[rng.integers(0, len(neg), t)],
-                )
-            )
-            index[:, 0, 0] = target
-            public = {"target_y": pool.y[target]}
-        elif self.kind == "attribute":
-            target = torch.from_numpy(rng.integers(0, n, t))
-            tx = pool.x[target].clone()
-            tx[:, self.attr_column] = s.to(tx.dtype)  # the target's attribute is the secret
-            x, y = torch.cat([pool.x, tx]), torch.cat([pool.y, pool.y[target]])
-            index[:, 0, 0] = n + torch.arange(t)
-            masked = tx.clone()
-            masked[:, self.attr_column] = 0.0
-            public = {"target_x": masked, "target_y": pool.y[target]}
-        elif self.kind == "property":
-            no_p = torch.from_numpy(neg[rng.integers(0, len(neg), (t, k, b))])
-            index = torch.where(s.view(-1, 1, 1) == 1, index, no_p)
-            index[:, 0, 0] = torch.where(
-                s == 1, torch.from_numpy(pos[rng.integers(0, len(pos), t)]), index[:, 0, 0]
-            )
-        elif self.kind == "distributional":
-            alpha = torch.where(s == 1, self.alpha1, self.alpha0).view(-1, 1, 1)
-            has_p = torch.from_numpy(rng.random((t, k, b))) < alpha
-            index = torch.where(
-                has_p,
-                torch.from_numpy(pos[rng.integers(0, len(pos), (t, k, b))]),
-                torch.from_numpy(neg[rng.integers(0, len(neg), (t, k, b))]),
-            )
-        elif self.kind == "membership":
-            target = torch.from_numpy(rng.integers(0, n, t))
-            index[:, 0, 0] = torch.where(s == 1, target, index[:, 0, 0])
-            public = {"target_x": pool.x[target], "target_y": pool.y[target]}
-        else:  # user
-            m = self.user_records
-            if m > n:
-                raise ConfigError(f"game.user_records: {m} exceeds the pool ({n} records)")
-            users = torch.from_numpy(np.stack([rng.choice(n, m, replace=False) for _ in range(t)]))
-            pick = torch.from_numpy(rng.integers(0, m, (t, b)))
-            own = torch.gather(users, 1, pick)
-            index[:, 0, :] = torch.where(s.view(-1, 1) == 1, own, index[:, 0, :])
-            public = {"user_x": pool.x[users], "user_y": pool.y[users]}
-        return x, y, index, public
+        return GAMES.get(self.kind)(self, pool, secrets, index, rng)  # type: ignore[no-any-return]
 
     def play(
         self,
@@ -243,3 +185,108 @@ class Game:
             updates = release.updates(x, y, index, stream=stream + 16 * r, grads=grads)
             out.append(Observations(updates=updates.detach(), **public))
         return out, secrets
+
+
+# ----------------------------------------------------------------------------- the games
+# One builder per game kind: ``(game, pool, secrets, index, rng) -> (x, y, index, public)``
+# places the secret in the trials' client batches ``index`` ``[T, K, B]`` (drawn uniformly
+# from the pool by :meth:`Game.build`) and returns the bank, the index and the adversary's
+# public knowledge.
+
+_Built = tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+
+
+def _with_and_without(game: Game, pool: Pool) -> tuple[np.ndarray, np.ndarray]:
+    a = pool.a.numpy()
+    pos, neg = np.flatnonzero(a == 1), np.flatnonzero(a == 0)
+    if len(pos) == 0 or len(neg) == 0:
+        raise ConfigError(
+            f"game.kind = {game.kind!r}: the pool needs records with and without the property"
+        )
+    return pos, neg
+
+
+@plugins.GAMES.register("attribute")
+def _attribute(
+    game: Game, pool: Pool, secrets: np.ndarray, index: torch.Tensor, rng: np.random.Generator
+) -> _Built:
+    t, n, s = len(secrets), len(pool), torch.from_numpy(secrets)
+    if game.attr_column is None:  # images: the target is a record with a = s
+        a = pool.a.numpy()
+        pos, neg = np.flatnonzero(a == 1), np.flatnonzero(a == 0)
+        if len(pos) == 0 or len(neg) == 0:
+            raise ConfigError(
+                "game.kind = 'attribute': the pool needs records with both attribute values"
+            )
+        target = torch.from_numpy(
+            np.where(
+                secrets == 1,
+                pos[rng.integers(0, len(pos), t)],
+                neg[rng.integers(0, len(neg), t)],
+            )
+        )
+        index[:, 0, 0] = target
+        return pool.x, pool.y, index, {"target_y": pool.y[target]}
+    target = torch.from_numpy(rng.integers(0, n, t))
+    tx = pool.x[target].clone()
+    tx[:, game.attr_column] = s.to(tx.dtype)  # the target's attribute is the secret
+    x, y = torch.cat([pool.x, tx]), torch.cat([pool.y, pool.y[target]])
+    index[:, 0, 0] = n + torch.arange(t)
+    masked = tx.clone()
+    masked[:, game.attr_column] = 0.0
+    return x, y, index, {"target_x": masked, "target_y": pool.y[target]}
+
+
+@plugins.GAMES.register("property")
+def _property(
+    game: Game, pool: Pool, secrets: np.ndarray, index: torch.Tensor, rng: np.random.Generator
+) -> _Built:
+    pos, neg = _with_and_without(game, pool)
+    t, (k, b), s = len(secrets), index.shape[1:], torch.from_numpy(secrets)
+    no_p = torch.from_numpy(neg[rng.integers(0, len(neg), (t, k, b))])
+    index = torch.where(s.view(-1, 1, 1) == 1, index, no_p)
+    index[:, 0, 0] = torch.where(
+        s == 1, torch.from_numpy(pos[rng.integers(0, len(pos), t)]), index[:, 0, 0]
+    )
+    return pool.x, pool.y, index, {}
+
+
+@plugins.GAMES.register("distributional")
+def _distributional(
+    game: Game, pool: Pool, secrets: np.ndarray, index: torch.Tensor, rng: np.random.Generator
+) -> _Built:
+    pos, neg = _with_and_without(game, pool)
+    t, (k, b), s = len(secrets), index.shape[1:], torch.from_numpy(secrets)
+    alpha = torch.where(s == 1, game.alpha1, game.alpha0).view(-1, 1, 1)
+    has_p = torch.from_numpy(rng.random((t, k, b))) < alpha
+    index = torch.where(
+        has_p,
+        torch.from_numpy(pos[rng.integers(0, len(pos), (t, k, b))]),
+        torch.from_numpy(neg[rng.integers(0, len(neg), (t, k, b))]),
+    )
+    return pool.x, pool.y, index, {}
+
+
+@plugins.GAMES.register("user")
+def _user(
+    game: Game, pool: Pool, secrets: np.ndarray, index: torch.Tensor, rng: np.random.Generator
+) -> _Built:
+    t, n, b, s = len(secrets), len(pool), index.shape[2], torch.from_numpy(secrets)
+    m = game.user_records
+    if m > n:
+        raise ConfigError(f"game.user_records: {m} exceeds the pool ({n} records)")
+    users = torch.from_numpy(np.stack([rng.choice(n, m, replace=False) for _ in range(t)]))
+    pick = torch.from_numpy(rng.integers(0, m, (t, b)))
+    own = torch.gather(users, 1, pick)
+    index[:, 0, :] = torch.where(s.view(-1, 1) == 1, own, index[:, 0, :])
+    return pool.x, pool.y, index, {"user_x": pool.x[users], "user_y": pool.y[users]}
+
+
+@plugins.GAMES.register("membership")
+def _membership(
+    game: Game, pool: Pool, secrets: np.ndarray, index: torch.Tensor, rng: np.random.Generator
+) -> _Built:
+    t, n, s = len(secrets), len(pool), torch.from_numpy(secrets)
+    target = torch.from_numpy(rng.integers(0, n, t))
+    index[:, 0, 0] = torch.where(s == 1, target, index[:, 0, 0])
+    return pool.x, pool.y, index, {"target_x": pool.x[target], "target_y": pool.y[target]}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -190,6 +190,7 @@ class AccountedDefense(PerSampleDefense):
     clipped sum is then divided by the expected batch size, as Opacus does.
     """
 
+    accounted: ClassVar[bool] = True
     #: Whether the clipping bound is fixed in advance (subclasses set it).
     fixed_clipping: bool = True
 

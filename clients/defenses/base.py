@@ -99,12 +99,16 @@ class Defense:
         stage) or ``"quantize"`` (must be the last of its stage).
     exclusive:
         At most one defense of this class per stage.
+    accounted:
+        It keeps a privacy accountant whose ε(δ) the server reports (``delta``,
+        ``not_formal_because``: :class:`clients.defenses.accounting.AccountedDefense`).
     """
 
     name: ClassVar[str] = ""
     stage: Stage = "update"
     role: ClassVar[str] = "transform"
     exclusive: ClassVar[bool] = False
+    accounted: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ lifecycle
     def begin(self, model: nn.Module, info: TrainingInfo) -> None:

@@ -46,7 +46,7 @@ from adversaries.inference.datasets import load_game_data
 from adversaries.inference.metrics import game_metrics, save_roc_plot
 from clients.defenses import batch_sampler, build_defenses
 from clients.defenses.vib import VIBHead
-from fl_privsim.core import paths
+from fl_privsim.core import paths, plugins
 from fl_privsim.core.config import (
     DefenseConfig,
     _build,
@@ -73,7 +73,7 @@ class GameSection:
     kind: str = _f(
         "property",
         "game",
-        choices=("attribute", "property", "distributional", "user", "membership"),
+        choices=plugins.GAMES.names,
     )
     trials: int = _f(1000, "challenge trials (secrets drawn by the challenger)", min=20)
     shadow_trials: int = _f(

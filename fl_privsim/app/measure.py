@@ -36,7 +36,7 @@ import math
 import shutil
 import textwrap
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ from adversaries.measures.i2f import (
     pruning_perturbation,
     sample_noise,
 )
-from fl_privsim.core import paths
+from fl_privsim.core import paths, plugins
 from fl_privsim.core.config import apply_override, override_key, read_toml_file
 from fl_privsim.core.data import load_dataset
 from fl_privsim.core.devices import resolve_device
@@ -69,7 +69,10 @@ from fl_privsim.core.seeding import torch_generator
 
 log = logging.getLogger(__name__)
 
-KINDS = ("i2f", "vinfo", "sensitivity", "subspace")
+#: The measures (``measure.kind``): the registry :data:`fl_privsim.core.plugins.MEASURES`, which
+#: each ``_measure_<kind>`` function below joins; each runs ``(cfg, data, model, device, out)
+#: -> (summary, rows)``.
+MEASURES = KINDS = plugins.MEASURES
 #: Perturbations of the ``i2f`` measure (and of the ``i2f_vs_dgl`` reproduction).
 I2F_NOISES = ("gaussian", "laplace", "pruning")
 TARGETS = ("label", "parity")
@@ -109,7 +112,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 #: Allowed values of the string keys that take one of a few.
-CHOICES: dict[str, tuple[str, ...]] = {
+CHOICES: dict[str, Collection[str]] = {
     "measure.kind": KINDS,
     "measure.device": DEVICES,
     "data.split": SPLITS,
@@ -349,6 +352,7 @@ def _batch(data: Any, split: str, idx: list[int], device: Any) -> tuple[Any, Any
 # ----------------------------------------------------------------------------- the measures
 
 
+@plugins.MEASURES.register("i2f")
 def _measure_i2f(
     cfg: dict[str, dict[str, Any]], data: Any, model: Any, device: Any, out: Path
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -446,6 +450,7 @@ def _target(labels: Any, target: str) -> Any:
     return labels % 2 if target == "parity" else labels
 
 
+@plugins.MEASURES.register("vinfo")
 def _measure_vinfo(
     cfg: dict[str, dict[str, Any]], data: Any, model: Any, device: Any, out: Path
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -516,6 +521,7 @@ def _measure_vinfo(
     return summary, [dict(r) for r in table]
 
 
+@plugins.MEASURES.register("sensitivity")
 def _measure_sensitivity(
     cfg: dict[str, dict[str, Any]], data: Any, model: Any, device: Any, out: Path
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -550,6 +556,7 @@ def _measure_sensitivity(
     return summary, table
 
 
+@plugins.MEASURES.register("subspace")
 def _measure_subspace(
     cfg: dict[str, dict[str, Any]], data: Any, model: Any, device: Any, out: Path
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -589,14 +596,6 @@ def _measure_subspace(
         "max_normalized_distance": best["normalized_distance"],
     }
     return summary, table
-
-
-MEASURES = {
-    "i2f": _measure_i2f,
-    "vinfo": _measure_vinfo,
-    "sensitivity": _measure_sensitivity,
-    "subspace": _measure_subspace,
-}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -718,7 +717,7 @@ def run_measure(
         folder.write_env(seed=cfg["measure"]["seed"], device=str(device), extra={"measure": kind})
         start = time.perf_counter()
         try:
-            summary, rows = MEASURES[kind](cfg, data, model, device, path)
+            summary, rows = MEASURES.get(kind)(cfg, data, model, device, path)
         except UserError:
             # e.g. too few samples in the split: leave no half-made folder behind
             if {f.name for f in path.iterdir()} <= {"config.toml", "env.json"}:

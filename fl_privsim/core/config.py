@@ -31,7 +31,11 @@ PATH_KEYS: tuple[str, ...] = ("data.root", "output.dir")
 
 
 def _f(default: Any, help: str, **rules: Any) -> Any:
-    """A dataclass field with help text and validation rules (min, max, choices)."""
+    """A dataclass field with help text and validation rules (min, max, choices).
+
+    ``choices`` is a tuple, or a function returning the allowed values when asked (a plugin
+    registry's names, :mod:`fl_privsim.core.plugins`: the one list of them); read it with
+    :func:`choices_of`."""
     if isinstance(default, (list, dict)):
         return field(
             default_factory=lambda: type(default)(default), metadata={"help": help, **rules}
@@ -43,20 +47,7 @@ def _f(default: Any, help: str, **rules: Any) -> Any:
 class DataConfig:
     """``[data]``: which dataset, where it lives and how it is split across clients."""
 
-    name: str = _f(
-        "digits",
-        "dataset",
-        choices=(
-            "digits",
-            "mnist",
-            "fashion_mnist",
-            "cifar10",
-            "folder",
-            "cifar10_npz",
-            "mnist_idx",
-            "adult",
-        ),
-    )
+    name: str = _f("digits", "dataset", choices=plugins.DATASETS.names)
     root: str = _f("", 'folder holding the dataset files ("" = none; needed for all but digits)')
     download: bool = _f(
         False, "let torchvision download mnist/fashion_mnist/cifar10 (needs internet)"
@@ -78,23 +69,9 @@ class ModelConfig:
 
     name: str = _f(
         "mlp",
-        "architecture (resnet18_gn: resnet18 with GroupNorm, for dp_sgd)",
-        choices=(
-            "mlp",
-            "linear",
-            "lenet",
-            "convnet",
-            "cnn6",
-            "resnet18",
-            "resnet18_gn",
-            # <base>_vib: the base with a VIB head, for the vib defense (clients/defenses/vib.py)
-            "mlp_vib",
-            "linear_vib",
-            "lenet_vib",
-            "convnet_vib",
-            "cnn6_vib",
-            "resnet18_gn_vib",
-        ),
+        "architecture (resnet18_gn: resnet18 with GroupNorm, for dp_sgd; any + _vib: with a VIB "
+        "head, for the vib defense)",
+        choices=plugins.model_names,
     )
     init: str = _f(
         "default",
@@ -381,6 +358,15 @@ def _type_name(tp: Any) -> str:
     )
 
 
+def choices_of(meta: typing.Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """The allowed values of a field's metadata (``choices`` called when it is a function), or
+    ``None`` when any value of its type is allowed."""
+    choices = meta.get("choices")
+    if choices is None:
+        return None
+    return tuple(choices() if callable(choices) else choices)
+
+
 def _check_scalar(value: Any, tp: Any, path: str, meta: dict[str, Any]) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -389,10 +375,11 @@ def _check_scalar(value: Any, tp: Any, path: str, meta: dict[str, Any]) -> Any:
     ok = isinstance(value, tp) and not (tp in (int, float) and isinstance(value, bool))
     if not ok:
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-    if "choices" in meta and value not in meta["choices"]:
+    choices = choices_of(meta)
+    if choices is not None and value not in choices:
         raise ConfigError(
-            f"{path}: {value!r} is not allowed{did_you_mean(value, meta['choices'])}; "
-            f"allowed: {', '.join(map(str, meta['choices']))}"
+            f"{path}: {value!r} is not allowed{did_you_mean(value, choices)}; "
+            f"allowed: {', '.join(map(str, choices))}"
         )
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"{path}: {value!r} is below the minimum {meta['min']}")
@@ -439,10 +426,11 @@ def _convert(tp: Any, value: Any, path: str, meta: dict[str, Any]) -> Any:
 
 def _check_data_root(cfg: Config) -> None:
     """A dataset that needs files has ``data.root`` (a client checks it too)."""
+    loader = plugins.DATASETS.get(cfg.data.name)  # what the dataset's loader declares
     if (
-        cfg.data.name not in ("digits",)
+        getattr(loader, "needs_root", True)
         and not cfg.data.root
-        and not (cfg.data.download and cfg.data.name in ("mnist", "fashion_mnist", "cifar10"))
+        and not (cfg.data.download and getattr(loader, "downloads", False))
     ):
         raise ConfigError(
             f"data.root: dataset {cfg.data.name!r} needs data.root (the folder holding its files)"
@@ -724,8 +712,9 @@ def describe() -> str:
             meta = f.metadata
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]  # MISSING default: factory set
             allowed = ""
-            if "choices" in meta:
-                allowed = " {" + "|".join(meta["choices"]) + "}"
+            choices = choices_of(meta)
+            if choices is not None:
+                allowed = " {" + "|".join(choices) + "}"
             elif "min" in meta or "max" in meta:
                 allowed = f" [{meta.get('min', '')}..{meta.get('max', '')}]"
             lines.append(f"  {key:<34} {meta.get('help', '')}{allowed} (default {default!r})")

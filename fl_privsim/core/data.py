@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fl_privsim.core import plugins
 from fl_privsim.core.data_files import NPZ_NAME, Raw, load_idx, load_npz, split
 from fl_privsim.core.errors import ConfigError, DataError, did_you_mean
 from fl_privsim.core.partition import SCHEMES, effective_batch_size, partition, sample_batch
@@ -57,16 +59,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DATASETS: tuple[str, ...] = (
-    "digits",
-    "mnist",
-    "fashion_mnist",
-    "cifar10",
-    "folder",
-    "cifar10_npz",
-    "mnist_idx",
-    "adult",
-)
+#: The datasets (``data.name``): the registry :data:`fl_privsim.core.plugins.DATASETS`, which
+#: each loader at the end of this module joins (``@plugins.DATASETS.register(name)``).
+DATASETS = plugins.DATASETS
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
 _FOLDER_LAYOUT = "<root>/<class_name>/*.png|jpg|jpeg|bmp"
 # name -> (torchvision class, folder under root holding its files, the files expected there)
@@ -249,18 +244,13 @@ def _load_cached(
         contains, expect = _ROOT_HOLDS[name]
         what = "folder dataset: data.root" if name == "folder" else f"{name}: data.root"
         raise DataError(missing_path_message(what, path, contains=contains, expect=expect))
-    if name == "digits":
-        raw = _load_digits(test_fraction, seed)
-    elif name in _TORCHVISION:
-        raw = _load_torchvision(name, path, download)  # type: ignore[arg-type]
-    elif name == "folder":
-        raw = _load_folder(path, image_size or 32, test_fraction, seed)
-    elif name == "cifar10_npz":
-        raw = load_npz(path)
-    elif name == "adult":
-        raw = load_adult_raw(path)
-    else:
-        raw = load_idx(path, test_fraction, seed)
+    raw = DATASETS.get(name)(
+        path,
+        image_size=image_size,
+        download=download,
+        test_fraction=test_fraction,
+        seed=seed,
+    )
     train_x, train_y, test_x, test_y, class_names = raw
     if max_examples is not None and max_examples < len(train_y):
         rng = numpy_rng(seed, "split", 1)
@@ -392,3 +382,67 @@ def _load_folder(root: Path | None, size: int, test_fraction: float, seed: int) 
         )
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return (*split(x, np.asarray(labels), test_fraction, seed), tuple(c.name for c in classes))
+
+
+# ----------------------------------------------------------------------------- the built-ins
+# One loader per dataset, ``(root, *, image_size, download, test_fraction, seed) -> Raw``
+# (train_x, train_y, test_x, test_y, class_names), registered under its ``data.name``. What a
+# loader declares (read by the config's checks): ``needs_root`` (default true: the config asks
+# for data.root) and ``downloads`` (default false: data.download = true may stand in for it).
+
+_L = TypeVar("_L")
+
+
+def _declare(**flags: bool) -> Callable[[_L], _L]:
+    def deco(loader: _L) -> _L:
+        for key, value in flags.items():
+            setattr(loader, key, value)
+        return loader
+
+    return deco
+
+
+@plugins.DATASETS.register("digits")
+@_declare(needs_root=False)
+def _digits(root: Path | None, *, test_fraction: float, seed: int, **_: Any) -> Raw:
+    return _load_digits(test_fraction, seed)
+
+
+@plugins.DATASETS.register("mnist")
+@_declare(downloads=True)
+def _mnist(root: Path, *, download: bool, **_: Any) -> Raw:
+    return _load_torchvision("mnist", root, download)
+
+
+@plugins.DATASETS.register("fashion_mnist")
+@_declare(downloads=True)
+def _fashion_mnist(root: Path, *, download: bool, **_: Any) -> Raw:
+    return _load_torchvision("fashion_mnist", root, download)
+
+
+@plugins.DATASETS.register("cifar10")
+@_declare(downloads=True)
+def _cifar10(root: Path, *, download: bool, **_: Any) -> Raw:
+    return _load_torchvision("cifar10", root, download)
+
+
+@plugins.DATASETS.register("folder")
+def _folder(
+    root: Path | None, *, image_size: int | None, test_fraction: float, seed: int, **_: Any
+) -> Raw:
+    return _load_folder(root, image_size or 32, test_fraction, seed)
+
+
+@plugins.DATASETS.register("cifar10_npz")
+def _cifar10_npz(root: Path | None, **_: Any) -> Raw:
+    return load_npz(root)
+
+
+@plugins.DATASETS.register("mnist_idx")
+def _mnist_idx(root: Path | None, *, test_fraction: float, seed: int, **_: Any) -> Raw:
+    return load_idx(root, test_fraction, seed)
+
+
+@plugins.DATASETS.register("adult")
+def _adult(root: Path | None, **_: Any) -> Raw:
+    return load_adult_raw(root)

@@ -21,8 +21,6 @@ own initialisation; ``uniform`` is DLG's U(−0.5, 0.5)).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
@@ -38,6 +36,7 @@ def _flat_features(body: nn.Module, input_shape: InputShape) -> int:
     return int(out.flatten(1).shape[1])
 
 
+@plugins.MODELS.register("mlp")
 def mlp(input_shape: InputShape, num_classes: int, *, width: int = 256) -> nn.Module:
     """Two-hidden-layer ReLU MLP whose first layer is linear with bias."""
     d = input_shape[0] * input_shape[1] * input_shape[2]
@@ -51,6 +50,7 @@ def mlp(input_shape: InputShape, num_classes: int, *, width: int = 256) -> nn.Mo
     )
 
 
+@plugins.MODELS.register("lenet")
 class LeNet(nn.Module):
     """Sigmoid LeNet used by DLG/iDLG (Zhu et al. 2019; Zhao et al. 2020)."""
 
@@ -72,6 +72,7 @@ class LeNet(nn.Module):
         return out
 
 
+@plugins.MODELS.register("convnet")
 class ConvNet(nn.Module):
     """A small ReLU conv net: 3 conv blocks (32/64/64 channels) and a 2-layer head."""
 
@@ -100,6 +101,7 @@ class ConvNet(nn.Module):
         return out
 
 
+@plugins.MODELS.register("cnn6")
 class CNN6(nn.Module):
     """R-GAP's CNN6 (Zhu & Blaschko, ICLR 2021): bias-free convs with LeakyReLU(0.2)."""
 
@@ -131,6 +133,7 @@ class CNN6(nn.Module):
         return out
 
 
+@plugins.MODELS.register("resnet18")
 def resnet18(input_shape: InputShape, num_classes: int) -> nn.Module:
     """torchvision ResNet-18 (random init, no downloaded weights) for small images."""
     from torchvision.models import resnet18 as tv_resnet18
@@ -141,6 +144,7 @@ def resnet18(input_shape: InputShape, num_classes: int) -> nn.Module:
     return model
 
 
+@plugins.MODELS.register("resnet18_gn")
 def resnet18_gn(input_shape: InputShape, num_classes: int) -> nn.Module:
     """:func:`resnet18` with every BatchNorm replaced by GroupNorm through Opacus'
     ``ModuleValidator.fix``: per-sample gradients exist, so DP-SGD (``dp_sgd``) can train it.
@@ -151,21 +155,16 @@ def resnet18_gn(input_shape: InputShape, num_classes: int) -> nn.Module:
     return model
 
 
+@plugins.MODELS.register("linear")
 def linear(input_shape: InputShape, num_classes: int) -> nn.Module:
     """Softmax regression: one dense layer with bias on the flattened input."""
     d = input_shape[0] * input_shape[1] * input_shape[2]
     return nn.Sequential(nn.Flatten(), nn.Linear(d, num_classes))
 
 
-MODELS: dict[str, Callable[[InputShape, int], nn.Module]] = {
-    "mlp": mlp,
-    "linear": linear,
-    "lenet": LeNet,
-    "convnet": ConvNet,
-    "cnn6": CNN6,
-    "resnet18": resnet18,
-    "resnet18_gn": resnet18_gn,
-}
+#: The architectures (``model.name`` without a variant suffix): the registry
+#: :data:`fl_privsim.core.plugins.MODELS`, which each builder above joins where it is defined.
+MODELS = plugins.MODELS
 
 
 #: Weight initialisation schemes accepted by :func:`init_weights` (``model.init``).
@@ -222,12 +221,12 @@ def build_model(
 
     ``init`` names a scheme of :func:`init_weights`; ``generator`` supplies its draws.
     """
-    vib = name.endswith("_vib") and name[:-4] in MODELS  # VIB variant: clients/defenses/vib.py
-    if name not in MODELS and not vib:
-        hint = did_you_mean(name, [*MODELS, *(f"{m}_vib" for m in MODELS)])
+    base, variant = plugins.split_model_name(name)  # variant: e.g. vib, clients/defenses/vib.py
+    if base not in MODELS:
+        suffixes = " or ".join(repr(f"_{v}") for v in plugins.MODEL_VARIANTS.names())
         raise ConfigError(
-            f"model.name: unknown model {name!r}{hint}; allowed: {', '.join(MODELS)} "
-            f"(or any of them + '_vib', with a VIB head)"
+            f"model.name: unknown model {name!r}{did_you_mean(name, plugins.model_names())}; "
+            f"allowed: {', '.join(MODELS)} (or any of them + {suffixes}, a model variant)"
         )
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise ConfigError(
@@ -235,8 +234,8 @@ def build_model(
         )
     if num_classes < 2:
         raise ConfigError(f"model: need at least 2 classes, got {num_classes}")
-    if vib:  # the variant the vib defense registers (clients.defenses.vib.build_vib_model)
-        model = plugins.MODEL_VARIANTS.get("vib")(name[:-4], input_shape, num_classes)
+    if variant is not None:  # e.g. the VIB head the vib defense registers (build_vib_model)
+        model = plugins.MODEL_VARIANTS.get(variant)(base, input_shape, num_classes)
     else:
         shape = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
         model = MODELS[name](shape, int(num_classes))

@@ -1,6 +1,7 @@
 """A small generic plugin registry, one instance per plugin kind (:mod:`fl_privsim.core.plugins`).
 
-``ATTACKS.register("name")(cls)`` adds a class and refuses a duplicate name.
+``ATTACKS.register("name")(cls)`` adds a class (or a builder function, or an object) and refuses
+a duplicate name.
 ``ATTACKS.create(name, **params)`` checks the params against the class's keyword-only
 constructor and reports unknown or missing ones by name. On first lookup the registry
 imports its *built-in* modules (named as strings, so the foundation never imports a higher
@@ -14,7 +15,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar, cast
 
@@ -37,7 +38,15 @@ class Registry(Generic[T]):
     builtins:
         Modules that register the built-in plugins when imported: a sequence (all imported
         on first lookup) or a ``name -> module`` mapping (a module imported only when its
-        name is looked up, so a check that is not needed costs no import time).
+        name is looked up, so a check that is not needed costs no import time, and
+        :meth:`names` lists them without importing anything).
+    ordered:
+        :meth:`names` (and iteration) in declaration order (the mapping's order, then the
+        registration order) instead of sorted: for kinds whose order users see (the config's
+        allowed values).
+
+    A registry also reads as a read-only mapping of its names (``name in REG``, ``list(REG)``,
+    ``REG[name]``, ``REG.items()``), so it is the one list of its kind that callers iterate.
     """
 
     def __init__(
@@ -46,9 +55,11 @@ class Registry(Generic[T]):
         kind: str,
         group: str,
         builtins: Sequence[str] | Mapping[str, str] = (),
+        ordered: bool = False,
     ) -> None:
         self.kind = kind
         self.group = group
+        self.ordered = ordered
         self._items: dict[str, type[T]] = {}
         self._entry_points_loaded = False
         self._lazy: dict[str, str] = dict(builtins) if isinstance(builtins, Mapping) else {}
@@ -85,21 +96,43 @@ class Registry(Generic[T]):
             self._items.setdefault(ep.name, obj)
 
     def names(self) -> list[str]:
-        """Sorted names of every registered plugin (built-ins and entry points included)."""
+        """Names of every registered plugin (built-ins and entry points included): sorted, or in
+        declaration order for an ``ordered`` registry. Lazy built-ins are listed unimported."""
         self._load_entry_points()
-        return sorted({*self._items, *self._lazy})
+        found = list(dict.fromkeys([*self._lazy, *self._items]))
+        return found if self.ordered else sorted(found)
 
     def get(self, name: str) -> type[T]:
         """The class registered under ``name``; a clear error lists the known names."""
         self._load_entry_points()
         if name not in self._items and name in self._lazy:
             importlib.import_module(self._lazy[name])
+            if name not in self._items:  # the mapping promised it: a bug, not a user error
+                raise LookupError(
+                    f"{self.kind} {name!r}: module {self._lazy[name]} does not register it"
+                )
         if name not in self._items:
             raise ConfigError(
                 f"unknown {self.kind} {name!r}{did_you_mean(name, self.names())}; "
                 f"known: {', '.join(self.names())}"
             )
         return self._items[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __getitem__(self, name: str) -> type[T]:
+        return self.get(name)
+
+    def items(self) -> list[tuple[str, type[T]]]:
+        """``(name, plugin)`` of every name (imports every lazy built-in)."""
+        return [(name, self.get(name)) for name in self.names()]
 
     def check_params(self, name: str, params: dict[str, Any]) -> None:
         """Validate ``params`` against the keyword-only constructor of ``name``."""

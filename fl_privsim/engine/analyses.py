@@ -41,7 +41,9 @@ from clients.defenses.schedules import sigma_at
 from fl_privsim.core import plugins
 from fl_privsim.core.errors import ConfigError
 
-ANALYSIS_NAMES = ("i2f",)
+#: The analyses (``[[analyses]] name``): the registry :data:`fl_privsim.core.plugins.ANALYSES`;
+#: each is a class built with ``(cfg, **params)`` that registers itself.
+ANALYSIS_NAMES = plugins.ANALYSES
 I2F_NOISES = ("auto", "gaussian", "laplace", "none")
 
 
@@ -121,6 +123,7 @@ def noise_from_defenses(
     return _combine(parts)
 
 
+@plugins.ANALYSES.register("i2f")
 class I2FAnalysis:
     """Expected I²F of the client's defense noise on its true batch (see the module doc).
 
@@ -270,7 +273,7 @@ def build_analyses(cfg: Any) -> list[AnalysisPlan]:
                     f"(clients are 0..{cfg.federation.num_clients - 1})"
                 )
         try:
-            analysis = I2FAnalysis(cfg, **a.params)
+            analysis = ANALYSIS_NAMES.get(a.name)(cfg, **a.params)
         except ConfigError as exc:
             raise ConfigError(f"{where}.params: {exc}") from None
         except (TypeError, ValueError) as exc:

@@ -21,6 +21,7 @@ from typing import Any
 import tomli_w
 import torch
 
+from fl_privsim.core import plugins
 from fl_privsim.core.config import parse_value, read_toml_file
 from fl_privsim.core.devices import resolve_device
 from fl_privsim.core.errors import ConfigError, DataError, UserError, did_you_mean
@@ -96,28 +97,23 @@ class Reproduction:
     run: Callable[[dict[str, Any], ReproContext], ReproResult]
 
 
-REPRODUCTIONS: dict[str, Reproduction] = {}
+#: The reproductions: the registry :data:`fl_privsim.core.plugins.REPRODUCTIONS` (each module of
+#: this package adds its own with :func:`register`).
+REPRODUCTIONS = plugins.REPRODUCTIONS
 
 
 def register(repro: Reproduction) -> Reproduction:
     """Add ``repro`` to :data:`REPRODUCTIONS` (names are unique)."""
-    if repro.name in REPRODUCTIONS:
-        raise ValueError(f"reproduction {repro.name!r} registered twice")
     bad = set(repro.quick) - set(repro.defaults) - set(COMMON)
     if bad:
         raise ValueError(f"{repro.name}: quick overrides unknown settings {sorted(bad)}")
-    REPRODUCTIONS[repro.name] = repro
-    return repro
+    return REPRODUCTIONS.register(repro.name)(repro)
 
 
 def get(name: str) -> Reproduction:
     """The reproduction ``name``; :class:`ConfigError` listing the known ones otherwise."""
-    if name not in REPRODUCTIONS:
-        known = ", ".join(sorted(REPRODUCTIONS)) or "none"
-        raise ConfigError(
-            f"unknown reproduction {name!r}{did_you_mean(name, REPRODUCTIONS)}; known: {known}"
-        )
-    return REPRODUCTIONS[name]
+    repro: Reproduction = REPRODUCTIONS.get(name)
+    return repro
 
 
 def _coerce(name: str, key: str, value: Any, default: Any) -> Any:
