@@ -49,12 +49,6 @@ def test_default_job_on_ray_leaks_and_trains(tmp_path):
     assert attacks["idlg"]["label_accuracy"] == 1.0
     assert summary["final_accuracy"] > summary["initial_accuracy"]
 
-    # Ray runs clients in no fixed order: the same config and seed must still give the same metrics
-    path_b, summary_b = run(cfg, out=tmp_path / "run_b", show_progress=False)
-
-    def metrics(p):
-        rows = [json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]
-        return sorted(json.dumps(r, sort_keys=True) for r in rows if "seconds" not in r["key"])
-
-    assert metrics(path) == metrics(path_b)
-    assert summary_b["final_accuracy"] == summary["final_accuracy"]
+    # Ray runs clients in no fixed order, yet the same config and seed give the same metrics:
+    # tests/e2e/test_flwr_run.py compares every metrics row of two independent runs (flwr run
+    # and fl-privsim run of one config), so this test does not run the job a second time.
