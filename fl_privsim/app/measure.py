@@ -18,7 +18,7 @@ one of :data:`KINDS`:
 - ``subspace``: principal-angle distance per layer between the per-sample gradient subspaces
   of two groups (two classes, or even vs odd labels) (Mo et al.).
 
-The config has the sections of :data:`DEFAULTS`; only the keys it changes are needed, and
+The config has the sections of :class:`~fl_privsim.app.measure_config.MeasureConfig`; only the keys it changes are needed, and
 every key is checked (unknown key or bad value: :class:`~fl_privsim.core.errors.ConfigError`, one
 line naming what is allowed). The default config runs offline on scikit-learn's digits.
 Run folder: ``config.toml``, ``env.json``, ``summary.json``, ``table.csv``, ``table.md`` and
@@ -28,7 +28,6 @@ Run folder: ``config.toml``, ``env.json``, ``summary.json``, ``table.csv``, ``ta
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import logging
@@ -36,7 +35,7 @@ import math
 import shutil
 import textwrap
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +56,15 @@ from adversaries.measures.i2f import (
     pruning_perturbation,
     sample_noise,
 )
-from fl_privsim.core import paths, plugins
-from fl_privsim.core.config import apply_override, override_key, read_toml_file
+from fl_privsim.app.measure_config import (  # the schema and loader (re-exported)
+    I2F_NOISES,
+    describe,
+    load_config,
+)
+from fl_privsim.core import plugins
 from fl_privsim.core.data import load_dataset
 from fl_privsim.core.devices import resolve_device
-from fl_privsim.core.errors import ConfigError, UserError, did_you_mean
+from fl_privsim.core.errors import ConfigError, UserError
 from fl_privsim.core.models import build_model
 from fl_privsim.core.progress import configure_logging
 from fl_privsim.core.results import RunFolder, make_run_dir, markdown_table
@@ -73,73 +76,6 @@ log = logging.getLogger(__name__)
 #: each ``_measure_<kind>`` function below joins; each runs ``(cfg, data, model, device, out)
 #: -> (summary, rows)``.
 MEASURES = KINDS = plugins.MEASURES
-#: Perturbations of the ``i2f`` measure (and of the ``i2f_vs_dgl`` reproduction).
-I2F_NOISES = ("gaussian", "laplace", "pruning")
-TARGETS = ("label", "parity")
-#: Targets of the ``vinfo`` measure: the discrete ones, or the (continuous) input.
-VINFO_TARGETS = (*TARGETS, "input")
-#: ``vinfo.input_variance``: the Gaussian decoders' variance (one per dimension, or shared).
-INPUT_VARIANCES = ("per_dim", "shared")
-SPLITS = ("train", "test")
-DEVICES = ("auto", "cpu", "cuda")
-
-#: Every section and key of a measure config, with its default (the type of the default is
-#: the type a value must have; ``root = ""`` means the loader's default).
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "measure": {"kind": "i2f", "seed": 0, "threads": 1, "device": "cpu"},
-    "data": {"name": "digits", "root": "", "split": "test"},
-    "model": {"name": "lenet", "init": "uniform"},
-    "i2f": {
-        "samples": 16,
-        "first_index": 0,
-        "noise": "gaussian",
-        "scale": 1e-3,
-        "eps": 1.0,
-        "mc_samples": 0,
-        "cg_max_iter": 500,
-    },
-    "vinfo": {
-        "target": "label",
-        "samples_per_class": 30,
-        "max_features": 256,
-        "mlp_epochs": 300,
-        "input_components": 16,
-        "input_variance": "per_dim",
-    },
-    "sensitivity": {"samples": 8, "first_index": 0, "probes": 16},
-    "subspace": {"target": "label", "classes": [0, 1], "samples_per_class": 20, "k": 5},
-    "output": {"dir": "runs"},
-}
-
-#: Allowed values of the string keys that take one of a few.
-CHOICES: dict[str, Collection[str]] = {
-    "measure.kind": KINDS,
-    "measure.device": DEVICES,
-    "data.split": SPLITS,
-    "i2f.noise": I2F_NOISES,
-    "vinfo.target": VINFO_TARGETS,
-    "vinfo.input_variance": INPUT_VARIANCES,
-    "subspace.target": TARGETS,
-}
-
-#: Integer keys and their minimum.
-MINIMUM: dict[str, int] = {
-    "measure.threads": 1,
-    "i2f.samples": 1,
-    "i2f.first_index": 0,
-    "i2f.mc_samples": 0,
-    "i2f.cg_max_iter": 1,
-    "vinfo.samples_per_class": 4,
-    "vinfo.max_features": 1,
-    "vinfo.mlp_epochs": 1,
-    "vinfo.input_components": 1,
-    "sensitivity.samples": 1,
-    "sensitivity.first_index": 0,
-    "sensitivity.probes": 2,
-    "subspace.samples_per_class": 2,
-    "subspace.k": 1,
-}
-
 HELP = """\
 A config is TOML with the sections below; it only needs the keys it changes. --set overrides any:
   fl-privsim measure --set measure.kind=\\"vinfo\\" --set vinfo.samples_per_class=20
@@ -150,118 +86,6 @@ Keys (default):
 i2f.scale: gaussian/laplace: the noise VARIANCE (the paper's convention; Laplace b = sqrt(var/2));
 pruning: the fraction of smallest-magnitude gradient entries zeroed.
 """
-
-
-def describe() -> str:
-    """One line per key: ``section.key = default`` (and the allowed values)."""
-    lines = []
-    for section, keys in DEFAULTS.items():
-        for key, default in keys.items():
-            full = f"{section}.{key}"
-            extra = f"  ({' | '.join(CHOICES[full])})" if full in CHOICES else ""
-            lines.append(f"  {full} = {default!r}{extra}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def _check_value(full: str, value: Any, default: Any) -> Any:
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-        want = "true or false"
-    elif isinstance(default, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        want = "an integer"
-    elif isinstance(default, float):
-        ok = (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        )
-        want = "a number"
-        value = float(value) if ok else value
-    elif isinstance(default, str):
-        ok = isinstance(value, str)
-        want = "a string"
-    else:  # list of ints
-        ok = isinstance(value, list) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
-        )
-        want = "a list of integers"
-    if not ok:
-        raise ConfigError(f"{full}: expected {want}, got {value!r}")
-    if full in CHOICES and value not in CHOICES[full]:
-        raise ConfigError(
-            f"{full}: unknown value {value!r}{did_you_mean(value, CHOICES[full])}; "
-            f"allowed: {', '.join(CHOICES[full])}"
-        )
-    if full in MINIMUM and value < MINIMUM[full]:
-        raise ConfigError(f"{full}: must be >= {MINIMUM[full]}, got {value}")
-    return value
-
-
-def validate(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Defaults updated by ``data`` (a parsed config), every section, key and value checked."""
-    cfg = copy.deepcopy(DEFAULTS)
-    for section, table in data.items():
-        if section not in DEFAULTS:
-            raise ConfigError(
-                f"unknown section [{section}]{did_you_mean(section, DEFAULTS)}; "
-                f"allowed: {', '.join(DEFAULTS)}"
-            )
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"[{section}] must be a table of keys, got {table!r}")
-        for key, value in table.items():
-            if key not in DEFAULTS[section]:
-                raise ConfigError(
-                    f"unknown key {section}.{key}{did_you_mean(key, DEFAULTS[section])}; "
-                    f"allowed in [{section}]: {', '.join(DEFAULTS[section])}"
-                )
-            cfg[section][key] = _check_value(f"{section}.{key}", value, DEFAULTS[section][key])
-    i2f = cfg["i2f"]
-    if i2f["scale"] < 0 or (i2f["noise"] == "pruning" and i2f["scale"] > 1):
-        raise ConfigError(
-            f"i2f.scale: must be a variance >= 0 (gaussian, laplace) or a ratio in [0, 1] "
-            f"(pruning), got {i2f['scale']}"
-        )
-    if i2f["eps"] < 0:
-        raise ConfigError(f"i2f.eps: must be >= 0, got {i2f['eps']}")
-    if i2f["noise"] == "pruning" and i2f["mc_samples"] > 0:
-        raise ConfigError(
-            'i2f.mc_samples: pruning is deterministic; use mc_samples = 0 with noise = "pruning"'
-        )
-    sub = cfg["subspace"]
-    if sub["target"] == "label" and (
-        len(sub["classes"]) != 2 or sub["classes"][0] == sub["classes"][1]
-    ):
-        raise ConfigError(
-            f"subspace.classes: expected two different class labels, got {sub['classes']}"
-        )
-    return cfg
-
-
-def load_config(
-    path: str | Path | None = None, overrides: Sequence[str] = ()
-) -> dict[str, dict[str, Any]]:
-    """The TOML file (if any), then the ``--set`` overrides, validated (:func:`validate`).
-
-    Relative ``data.root`` and ``output.dir`` resolve against the file's folder when written in
-    the file, against the current directory when given with ``--set`` (:mod:`fl_privsim.core.paths`)."""
-
-    path_keys = ("data.root", "output.dir")
-    data: dict[str, Any] = read_toml_file(path) if path else {}
-    if path:
-        paths.resolve_keys(data, path_keys, paths.absolute(path).parent)
-    for assignment in overrides:
-        key = assignment.split("=", 1)[0].strip()
-        if "=" in assignment and key.count(".") != 1:
-            raise ConfigError(
-                f"--set {key}: expected SECTION.KEY=VALUE; sections: {', '.join(DEFAULTS)}"
-            )
-        apply_override(data, assignment)
-        paths.resolve_keys(data, path_keys, under=override_key(assignment))
-    return validate(data)
 
 
 # ----------------------------------------------------------------------------- shared helpers

@@ -388,6 +388,14 @@ def _check_scalar(value: Any, tp: Any, path: str, meta: dict[str, Any]) -> Any:
     return value
 
 
+def bind(cls: type, data: Any) -> Any:
+    """Bind a TOML-shaped dict to the frozen dataclass schema ``cls``: every key known, every
+    value of its field's type and within its rules (``choices``, ``min``, ``max``), nested
+    tables and arrays of tables included. The one binder of the run, game and measure configs;
+    a problem is one :class:`ConfigError` line naming the key and what is allowed."""
+    return _build(cls, data, "")
+
+
 def _build(cls: type, data: Any, path: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a table, got {data!r}")

@@ -9,7 +9,7 @@ import importlib
 import pytest
 
 from fl_privsim.app.game import GameSection
-from fl_privsim.app.measure import CHOICES as MEASURE_CHOICES
+from fl_privsim.app.measure_config import choices as measure_choices
 from fl_privsim.core import config, plugins
 from fl_privsim.core.config import DataConfig, ModelConfig, choices_of
 from fl_privsim.core.errors import ConfigError
@@ -102,7 +102,7 @@ def test_the_configs_choices_are_the_registries_names() -> None:
     assert _choices(ModelConfig, "name") == [*models, *(f"{m}_vib" for m in models)]
     assert _choices(ModelConfig, "name") == plugins.model_names()
     assert _choices(GameSection, "kind") == plugins.GAMES.names()
-    assert list(MEASURE_CHOICES["measure.kind"]) == plugins.MEASURES.names()
+    assert list(measure_choices()["measure.kind"]) == plugins.MEASURES.names()
 
 
 def test_every_model_name_the_config_accepts_builds() -> None:
