@@ -43,6 +43,11 @@ def _f(default: Any, help: str, **rules: Any) -> Any:
     return field(default=default, metadata={"help": help, **rules})
 
 
+#: The field helper under its public name, for the other commands' schemas (measure,
+#: reproduction settings): ``config_field(default, help, min=..., max=..., choices=...)``.
+config_field = _f
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """``[data]``: which dataset, where it lives and how it is split across clients."""
@@ -388,12 +393,13 @@ def _check_scalar(value: Any, tp: Any, path: str, meta: dict[str, Any]) -> Any:
     return value
 
 
-def bind(cls: type, data: Any) -> Any:
+def bind(cls: type, data: Any, path: str = "") -> Any:
     """Bind a TOML-shaped dict to the frozen dataclass schema ``cls``: every key known, every
     value of its field's type and within its rules (``choices``, ``min``, ``max``), nested
     tables and arrays of tables included. The one binder of the run, game and measure configs;
-    a problem is one :class:`ConfigError` line naming the key and what is allowed."""
-    return _build(cls, data, "")
+    a problem is one :class:`ConfigError` line naming the key (under ``path``, e.g.
+    ``demixing.seed``) and what is allowed."""
+    return _build(cls, data, path)
 
 
 def _build(cls: type, data: Any, path: str) -> Any:

@@ -11,6 +11,7 @@ and writes ``settings.toml``, ``env.json``, ``summary.json`` and ``table.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from collections.abc import Callable, Sequence
@@ -22,9 +23,10 @@ import tomli_w
 import torch
 
 from fl_privsim.core import plugins
-from fl_privsim.core.config import parse_value, read_toml_file
+from fl_privsim.core.config import bind, parse_value, read_toml_file
+from fl_privsim.core.config import config_field as _f
 from fl_privsim.core.devices import resolve_device
-from fl_privsim.core.errors import ConfigError, DataError, UserError, did_you_mean
+from fl_privsim.core.errors import ConfigError, DataError, UserError
 from fl_privsim.core.paths import absolute, missing_path_message, shared_data_dir  # (re-exported)
 from fl_privsim.core.results import RunFolder, atomic_write_text, make_run_dir
 from fl_privsim.core.seeding import torch_generator
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: Settings every reproduction has, whatever its own are.
 COMMON = {"seed": 0, "device": "auto", "threads": 1}
+#: Allowed ``device`` values.
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def experiments_dir() -> Path:
@@ -116,33 +120,16 @@ def get(name: str) -> Reproduction:
     return repro
 
 
-def _coerce(name: str, key: str, value: Any, default: Any) -> Any:
-    where = f"{name}.{key}"
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if isinstance(default, list):
-        if not isinstance(value, list) or not value:
-            raise ConfigError(f"{where}: expected a non-empty list, got {value!r}")
-        if default:
-            return [_coerce(name, f"{key}[{i}]", v, default[0]) for i, v in enumerate(value)]
-        return value
-    return value
+def settings_schema(repro: Reproduction) -> type:
+    """The typed schema of ``repro``'s settings (:data:`COMMON` plus its defaults): a frozen
+    dataclass whose fields take the defaults' types, bound by the config binder
+    (:func:`fl_privsim.core.config.bind`) like the run, game and measure configs."""
+    fields = []
+    for key, default in {**COMMON, **repro.defaults}.items():
+        tp: Any = list[type(default[0])] if isinstance(default, list) else type(default)  # type: ignore[misc]
+        rules: dict[str, Any] = {"device": {"choices": DEVICES}, "threads": {"min": 1}}.get(key, {})
+        fields.append((key, tp, _f(default, f"{repro.name} setting", **rules)))
+    return dataclasses.make_dataclass(f"{repro.name}_settings", fields, frozen=True)
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -164,8 +151,7 @@ def resolve_settings(
     every key checked against the defaults. (No setting is a path: data comes from
     :meth:`ReproContext.data`, the run folder from ``--out`` or ``runs/`` in the current
     directory.)"""
-    allowed = {**COMMON, **repro.defaults}
-    settings = dict(allowed)
+    settings = {**COMMON, **repro.defaults}
     path = absolute(config) if config else experiments_dir() / "reproduce" / f"{repro.name}.toml"
     layers: list[tuple[str, dict[str, Any]]] = []
     if config or path.is_file():
@@ -173,23 +159,17 @@ def resolve_settings(
     if quick:
         layers.append(("quick", dict(repro.quick)))
     layers.append(("--set", dict(_parse_override(o) for o in overrides)))
+    schema = settings_schema(repro)
     for source, layer in layers:
-        for key, value in layer.items():
-            if key not in allowed:
-                raise ConfigError(
-                    f"{source}: unknown setting {key!r} for reproduction {repro.name!r}"
-                    f"{did_you_mean(key, allowed)}; "
-                    f"allowed: {', '.join(sorted(allowed))}"
-                )
-            settings[key] = _coerce(repro.name, key, value, allowed[key])
-    if settings["device"] not in ("auto", "cpu", "cuda"):
-        raise ConfigError(
-            f"{repro.name}.device: expected auto, cpu or cuda, got {settings['device']!r}"
-        )
-    if settings["threads"] < 1:
-        raise ConfigError(
-            f"{repro.name}.threads: expected an integer >= 1, got {settings['threads']}"
-        )
+        try:
+            bound = bind(schema, layer, repro.name)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        for key in layer:
+            value = getattr(bound, key)
+            if isinstance(value, list) and not value:
+                raise ConfigError(f"{source}: {repro.name}.{key}: expected a non-empty list")
+            settings[key] = value
     return settings
 
 
