@@ -11,6 +11,8 @@ SOURCES.md), or ``$FL_PRIVSIM_SHARED_DATA`` when set; tests using it skip where 
 
 from __future__ import annotations
 
+import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,26 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"needs ../shared/data (absent): {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def example_data_root() -> Callable[[Path], list[str]]:
+    """``--set`` overrides that point an example config's shared ``data.root`` at
+    :func:`shared_data_dir`: the example files name ``../../shared/data/<folder>`` (relative to
+    themselves), which is where the data is unless ``$FL_PRIVSIM_SHARED_DATA`` says otherwise.
+    Empty when the file's own root already is that folder (so the relative path stays tested)."""
+
+    def overrides(example: Path) -> list[str]:
+        raw = tomllib.loads(example.read_text(encoding="utf-8")).get("data", {}).get("root", "")
+        marker = "shared/data/"
+        if marker not in raw:
+            return []
+        wanted = shared_data_dir() / raw.split(marker, 1)[1]
+        if (example.parent / raw).resolve() == wanted.resolve():
+            return []
+        return [f'data.root="{wanted}"']
+
+    return overrides
 
 
 TESTS = Path(__file__).resolve().parent

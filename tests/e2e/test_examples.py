@@ -223,7 +223,11 @@ def test_quick_settings_name_existing_examples() -> None:
 
 @pytest.mark.parametrize("path", _examples(), ids=lambda p: p.stem)
 def test_example_runs_from_another_folder(
-    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    example_data_root: Callable[[Path], list[str]],
 ) -> None:
     doc = tomllib.loads(path.read_text(encoding="utf-8"))
     if doc.get("data", {}).get("name") in SHARED_DATASETS:
@@ -241,7 +245,16 @@ def test_example_runs_from_another_folder(
     monkeypatch.chdir(cwd)
     command = _command(doc)
     extra = CPU if command == "run" else []
-    args = [command, str(config), *extra, *QUICK.get(path.stem, []), "--out", str(tmp_path / "out")]
+    data = [a for o in example_data_root(path) for a in ("--set", o)]  # $FL_PRIVSIM_SHARED_DATA
+    args = [
+        command,
+        str(config),
+        *extra,
+        *data,
+        *QUICK.get(path.stem, []),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     if command == "run":
         args.append("--quiet")
     assert main(args) == 0

@@ -32,7 +32,7 @@ CPU = ['federation.device="cpu"']
     ],
 )
 def test_attacks_the_examples_leave_out_stop_before_launch(
-    example, attack, needle, monkeypatch, request
+    example, attack, needle, monkeypatch, request, example_data_root
 ):
     from fl_privsim.app import simulation
 
@@ -40,6 +40,7 @@ def test_attacks_the_examples_leave_out_stop_before_launch(
         request.getfixturevalue("shared_data")  # its data; skips with the reason where absent
 
     monkeypatch.setattr(simulation, "launch", lambda *a, **k: pytest.fail("the federation started"))
-    cfg = config_mod.load(EXPERIMENTS / example, [*CPU, f'attacks=[{{name="{attack}"}}]'])
+    extra = example_data_root(EXPERIMENTS / example)  # honours $FL_PRIVSIM_SHARED_DATA
+    cfg = config_mod.load(EXPERIMENTS / example, [*CPU, *extra, f'attacks=[{{name="{attack}"}}]'])
     with pytest.raises(ConfigError, match=needle):
         simulation.run(cfg, out=None, show_progress=False)
