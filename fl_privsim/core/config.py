@@ -474,16 +474,22 @@ def _cross_check(cfg: Config) -> None:
         where = f"attacks[{i}]"
         if not atk.name:
             raise ConfigError(f"{where}.name: every [[attacks]] entry needs a name")
-        for r in atk.targets.rounds:
-            if r > fed.rounds:
-                raise ConfigError(
-                    f"{where}.targets.rounds: round {r} is after the last round ({fed.rounds})"
-                )
-        for c in atk.targets.clients:
-            if c >= fed.num_clients:
-                raise ConfigError(
-                    f"{where}.targets.clients: client {c} does not exist (clients are 0..{fed.num_clients - 1})"
-                )
+        _check_targets(where, atk.targets, fed)
+
+
+def _check_targets(where: str, targets: Any, fed: FederationConfig) -> None:
+    """The rounds and clients an attack or a modification targets exist in the federation."""
+    for r in targets.rounds:
+        if r > fed.rounds:
+            raise ConfigError(
+                f"{where}.targets.rounds: round {r} is after the last round ({fed.rounds})"
+            )
+    for c in targets.clients:
+        if c >= fed.num_clients:
+            raise ConfigError(
+                f"{where}.targets.clients: client {c} does not exist "
+                f"(clients are 0..{fed.num_clients - 1})"
+            )
 
 
 def _check_server(cfg: Config) -> None:
@@ -513,17 +519,7 @@ def _check_server(cfg: Config) -> None:
                 f"{where}.targets.clients: {mod.name!r} needs the client(s) it singles out, "
                 "e.g. targets = { clients = [3] }"
             )
-        for r in mod.targets.rounds:
-            if r > fed.rounds:
-                raise ConfigError(
-                    f"{where}.targets.rounds: round {r} is after the last round ({fed.rounds})"
-                )
-        for c in mod.targets.clients:
-            if c >= fed.num_clients:
-                raise ConfigError(
-                    f"{where}.targets.clients: client {c} does not exist "
-                    f"(clients are 0..{fed.num_clients - 1})"
-                )
+        _check_targets(where, mod.targets, fed)
 
 
 def _check_central_dp(cfg: Config) -> None:
