@@ -49,9 +49,9 @@ from clients.defenses.vib import VIBHead
 from fl_privsim.core import paths, plugins
 from fl_privsim.core.config import (
     DefenseConfig,
-    _build,
     _f,
     apply_override,
+    bind,
     override_key,
     read_toml_file,
 )
@@ -206,7 +206,7 @@ def load_game_config(
     for assignment in overrides:
         apply_override(data, assignment)
         paths.resolve_keys(data, _PATH_KEYS, under=override_key(assignment))
-    cfg: GameRunConfig = _build(GameRunConfig, data, "")
+    cfg: GameRunConfig = bind(GameRunConfig, data)
     default_root = "" if cfg.data.root else _default_root(cfg.data.name)
     if default_root:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=default_root))

@@ -22,10 +22,10 @@ import tomli_w
 
 from fl_privsim.core.config import (
     Config,
-    _build,
     _check_data_root,
     _check_defenses,
     _check_tabular_model,
+    bind,
     to_dict,
 )
 from fl_privsim.core.errors import ConfigError
@@ -83,7 +83,7 @@ def client_config_from_dict(data: Mapping[str, Any]) -> Config:
     """A client's :class:`Config` from a TOML-shaped dict: only :func:`client_sections` of
     ``data`` are read and validated (any other key is ignored); ``attacks`` is empty and the
     other sections hold their defaults."""
-    cfg: Config = _build(Config, {**client_sections(data), "attacks": []}, "")
+    cfg: Config = bind(Config, {**client_sections(data), "attacks": []})
     _check_data_root(cfg)
     _check_tabular_model(cfg)
     _check_defenses(cfg)
