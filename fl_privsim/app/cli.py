@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     from fl_privsim.app.game import add_parser as add_game_parser
 
     add_game_parser(sub)
+    from fl_privsim.app.sweep import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub)
     return parser
 
 
@@ -325,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
             from fl_privsim.app.game import cmd_game
 
             return cmd_game(args)
+        if args.command == "sweep":
+            from fl_privsim.app.sweep import cmd_sweep
+
+            return cmd_sweep(args)
         if args.command == "config":
             print(config_mod.to_toml(config_mod.load(args.config, args.overrides)), end="")
             return 0

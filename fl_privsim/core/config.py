@@ -610,32 +610,44 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. federation.rounds=3")
     key, raw = assignment.split("=", 1)
+    if not [p for p in key.strip().split(".") if p]:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    set_value(data, key, parse_value(raw.strip()))
+
+
+def set_value(data: dict[str, Any], key: str, value: Any, *, label: str = "--set") -> None:
+    """Set the dotted ``key`` (``client.batch_size``, ``attacks.0.params.iterations``) of a
+    TOML-shaped dict to an already typed ``value``, creating missing tables; a list index out of
+    range or a step through a scalar is one :class:`ConfigError` that starts with ``label``
+    (the ``--set`` parser and a sweep's grid share this)."""
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
-        raise ConfigError(f"--set {assignment!r}: empty key")
+        raise ConfigError(f"{label} {key!r}: empty key")
+    key = ".".join(parts)
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         nxt = parts[i + 1]
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)}")
+                raise ConfigError(
+                    f"{label} {key}: {part!r} is not an index of a list of {len(node)}"
+                )
             node = node[int(part)]
         elif isinstance(node, dict):
             if part not in node:
                 node[part] = [] if nxt.isdigit() else {}
             node = node[part]
         else:
-            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a table")
+            raise ConfigError(f"{label} {key}: {'.'.join(parts[:i])} is not a table")
     last = parts[-1]
-    value = parse_value(raw.strip())
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"--set {key}: {last!r} is not an index of a list of {len(node)}")
+            raise ConfigError(f"{label} {key}: {last!r} is not an index of a list of {len(node)}")
         node[int(last)] = value
     elif isinstance(node, dict):
         node[last] = value
     else:
-        raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])} is not a table")
+        raise ConfigError(f"{label} {key}: {'.'.join(parts[:-1])} is not a table")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -672,6 +684,11 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     folder, those of ``--set`` against the current directory (:mod:`fl_privsim.core.paths`).
     """
     data: dict[str, Any] = read_toml_file(path) if path else {}
+    if "sweep" in data:
+        raise ConfigError(
+            f"config file {str(path)!r} has a [sweep] table: run it with `fl-privsim sweep "
+            f"{path}` (fl-privsim run takes a config of one run)"
+        )
     if path:
         paths.resolve_keys(data, PATH_KEYS, paths.absolute(path).parent)
     if (
