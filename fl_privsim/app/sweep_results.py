@@ -1,8 +1,9 @@
 """The results tables of a sweep folder (issue 15): one tidy row per cell x seed x attack, and
 the mean with a bootstrap 95 % CI over seeds per cell x attack x metric.
 
-Input: the sweep folder of ``fl-privsim sweep`` (``sweep.json``, ``sweep.toml`` and one ordinary
-run folder per cell x seed under ``cells/``; the layout is ``docs`` issue 15's contract).
+Input: the sweep folder of ``fl-privsim sweep`` (issue 15's layout): ``sweep.json`` (the
+manifest: grid keys, and per cell x seed its id, cell, seed, grid values, folder and status),
+``sweep.toml`` and one ordinary run folder per cell x seed under ``cells/``.
 Output (:func:`write_tables`): ``results.csv``/``results.parquet`` (:func:`tidy_results`) and
 ``summary.csv``/``summary.parquet`` (:func:`summarize`), each written atomically. The figures
 are :func:`fl_privsim.app.sweep_plots.plot_sweep`'s.

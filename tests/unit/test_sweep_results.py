@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ def _write_run(
     run_dir: Path,
     overrides: list[str],
     summary: dict[str, Any] | None,
-    metrics: list[dict[str, Any]] = (),  # type: ignore[assignment]
+    metrics: list[dict[str, Any]] | None = None,
 ) -> None:
     run_dir.mkdir(parents=True)
     (run_dir / "config.toml").write_text(to_toml(load(None, overrides)), encoding="utf-8")
@@ -357,6 +358,24 @@ def test_deterministic(sweep: Path, results: pd.DataFrame) -> None:
     again = sr.tidy_results(sweep)
     pd.testing.assert_frame_equal(results, again)
     pd.testing.assert_frame_equal(sr.summarize(results), sr.summarize(again))
+
+
+def test_resumed_sweep_gives_the_same_tables(
+    sweep: Path, results: pd.DataFrame, tmp_path: Path
+) -> None:
+    """Another order of the manifest's cells and other wall-clock times (a resumed sweep's)."""
+    other = tmp_path / "resumed"
+    shutil.copytree(sweep, other)
+    manifest = json.loads((other / "sweep.json").read_text())
+    manifest["cells"] = [{**c, "seconds": 99.0} for c in reversed(manifest["cells"])]
+    (other / "sweep.json").write_text(json.dumps(manifest))
+    for path in other.glob("cells/*/summary.json"):
+        summary = json.loads(path.read_text())
+        summary["fit_seconds_by_round"] = {"1": 123.0}
+        for entry in summary["attacks"].values():
+            entry["seconds"] = 42.0
+        path.write_text(json.dumps(summary))
+    pd.testing.assert_frame_equal(sr.tidy_results(other), results)
 
 
 # --------------------------------------------------------------------------- the summary
