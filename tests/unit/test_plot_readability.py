@@ -567,3 +567,66 @@ def test_secure_aggregation_figure_is_readable(clients):
         for kind in ("isolation", "honest_b1", "imprint", "loki", "honest")
     ]
     _assert_readable(_figure(rows))
+
+
+def _sweep_summary(batch_sizes, clients, roles):
+    """A sweep summary (fl_privsim.app.sweep_results) of a batch x clients (x role) grid: per-client
+    and aggregate attacks, an inference attack, the model's accuracy; cells share sizes."""
+    import pandas as pd
+
+    from fl_privsim.app.sweep_results import results_columns, summarize
+
+    grid = ["client.batch_size", "federation.clients_per_round", "server.role"]
+    rng = random.Random(7)
+    rows, cell = [], 0
+    for bs in batch_sizes:
+        for k in clients:
+            for role in roles:
+                for seed in range(3):
+                    for attack in (
+                        "inverting_gradients",
+                        "inverting_gradients@aggregate",
+                        "membership_inference",
+                    ):
+                        x = bs * (k if attack.endswith("@aggregate") else 1)
+                        row = dict.fromkeys(results_columns(grid), math.nan)
+                        row.update(
+                            {
+                                "cell_id": f"c{cell:03d}_s{seed}",
+                                "cell": cell,
+                                "seed": seed,
+                                "client.batch_size": bs,
+                                "federation.clients_per_round": k,
+                                "server.role": role,
+                                "attack": attack,
+                                "status": "done",
+                                "error": "",
+                                "aggregate_size": float(x),
+                                "model_accuracy": rng.uniform(0.7, 0.9),
+                                "server_role": role,
+                                "secure_aggregation": "off",
+                            }
+                        )
+                        if attack == "membership_inference":
+                            row["auc"] = rng.uniform(0.5, 0.9)
+                        else:
+                            row["psnr"] = 30 - 5 * math.log10(x) + rng.uniform(-1, 1)
+                        rows.append(row)
+                cell += 1
+    return summarize(pd.DataFrame(rows, columns=results_columns(grid)))
+
+
+@pytest.mark.parametrize(
+    "batch_sizes, clients, roles",
+    [
+        ([1, 4, 20], [1, 5], ["honest_but_curious", "malicious"]),  # shared x, 6 lines
+        ([1, 2, 4, 8, 16, 32, 64, 128], [1, 10, 100], ["honest_but_curious"]),  # many decades
+        ([4], [5], ["honest_but_curious"]),  # one point per line
+    ],
+)
+@pytest.mark.parametrize("metric", ["psnr", "auc", "model_accuracy"])
+def test_sweep_figure_is_readable(batch_sizes, clients, roles, metric):
+    from fl_privsim.app.sweep_plots import sweep_figure
+
+    fig = sweep_figure(_sweep_summary(batch_sizes, clients, roles), metric)
+    _assert_readable(fig, legends=1)
