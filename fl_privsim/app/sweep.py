@@ -30,6 +30,8 @@ from fl_privsim.app import sweep_manifest as manifest_mod
 from fl_privsim.app.ray_reuse import kept_alive
 from fl_privsim.app.simulation import run
 from fl_privsim.app.sweep_config import Cell, SweepPlan, load_sweep
+from fl_privsim.app.sweep_plots import plot_sweep
+from fl_privsim.app.sweep_results import write_tables
 from fl_privsim.core import config as config_mod
 from fl_privsim.core.errors import UserError
 from fl_privsim.core.progress import configure_logging
@@ -267,7 +269,6 @@ def _run_in_workers(
 def build_outputs(folder: Path) -> None:
     """The tidy tables, the plots and the report of the sweep in ``folder``, from its files."""
     from fl_privsim.app.report import write_sweep_report
-    from fl_privsim.app.sweep_results import plot_sweep, write_tables
 
     _, summary = write_tables(folder)
     plot_sweep(summary, folder / "plots")

@@ -72,9 +72,39 @@ def _line_keys(summary: pd.DataFrame) -> list[str]:
     ]
 
 
-def _label(attack: str | None, keys: Sequence[str], values: Sequence[Any]) -> str:
+def _label_keys(summary: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    """The line keys a legend names: the scalar-valued ones when they tell the lines apart as
+    well as all of them do (a zipped list such as ``attacks`` or ``server.modifications``
+    then goes unnamed: its scalar partners, e.g. ``server.role``, say which line is which)."""
+    def nested(k: str) -> bool:
+        return bool(summary[k].astype("str").str.startswith(("[", "{")).any())
+
+    scalar = [k for k in keys if not nested(k)]
+    if not scalar or len(scalar) == len(keys):
+        return list(keys)
+    full = summary[["attack", *keys]].astype("str").drop_duplicates()
+    named = summary[["attack", *scalar]].astype("str").drop_duplicates()
+    return scalar if len(named) == len(full) else list(keys)
+
+
+def _short_names(keys: Sequence[str]) -> dict[str, str]:
+    """Each key by its last dotted part (``server.role`` -> ``role``) unless two share it."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last, strict=True)}
+
+
+def _label(
+    attack: str | None,
+    keys: Sequence[str],
+    values: Sequence[Any],
+    shown: Sequence[str] | None = None,
+) -> str:
+    shown = list(keys) if shown is None else list(shown)
+    names = _short_names(shown)
     parts = [] if attack is None else [attack or "no attack (run only)"]
-    parts += [f"{k}={_value_text(v)}" for k, v in zip(keys, values, strict=True)]
+    parts += [
+        f"{names[k]}={_value_text(v)}" for k, v in zip(keys, values, strict=True) if k in names
+    ]
     return ", ".join(parts) or "all cells"
 
 
@@ -117,6 +147,7 @@ def sweep_figure(summary: pd.DataFrame, metric: str) -> Any:
     from matplotlib.ticker import FuncFormatter
 
     keys = _line_keys(summary)
+    shown = _label_keys(summary, keys)
     by = ([] if metric in RUN_LEVEL else ["attack"]) + keys
     groups = list(points.groupby(by, sort=True, dropna=False)) if by else [((), points)]
     labels = [
@@ -124,6 +155,7 @@ def sweep_figure(summary: pd.DataFrame, metric: str) -> Any:
             None if metric in RUN_LEVEL else str(_as_tuple(name)[0]),
             keys,
             _as_tuple(name)[len(by) - len(keys) :],
+            shown,
         )
         for name, _ in groups
     ]
