@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 from fl_privsim.app import sweep_manifest as manifest_mod
 from fl_privsim.app.ray_reuse import kept_alive
-from fl_privsim.app.simulation import run
+from fl_privsim.app.simulation import run, validate_before_launch
 from fl_privsim.app.sweep_config import Cell, SweepPlan, load_sweep
 from fl_privsim.app.sweep_plots import plot_sweep
 from fl_privsim.app.sweep_results import write_tables
@@ -150,6 +150,18 @@ def _worker_init(ray_cpus: int, verbose: bool) -> None:
     atexit.register(_WORKER_STACK.close)
 
 
+def check_cells(plan: SweepPlan) -> None:
+    """Everything ``fl-privsim run`` checks before it starts Ray (data, model, attack and
+    defense parameters, threat models), for each cell × seed, before any cell runs: a bad
+    cell is one :class:`UserError` line naming it."""
+    for cell in plan.cells:
+        try:
+            validate_before_launch(cell.config)
+        except UserError as exc:
+            shown = ", ".join(f"{k} = {v!r}" for k, v in cell.values.items())
+            raise type(exc)(f"[sweep.grid] cell {cell.cell} ({shown}): {exc}") from None
+
+
 def _start_folder(out: str | None, resume: str | None, plan: SweepPlan) -> tuple[Path, dict[str, Any]]:
     """The sweep folder and its manifest: a fresh one, or the one being resumed."""
     if resume:
@@ -174,6 +186,7 @@ def run_sweep(
     verbose: bool = False,
 ) -> SweepOutcome:
     """Run every unfinished cell of ``plan`` and (re)build the tables, plots and report."""
+    check_cells(plan)
     folder, manifest = _start_folder(out, resume, plan)
     with manifest_mod.locked(folder):
         todo = manifest_mod.reconcile(folder, manifest)
