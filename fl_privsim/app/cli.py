@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     from fl_privsim.app.game import add_parser as add_game_parser
 
     add_game_parser(sub)
+    from fl_privsim.app.report import add_parser as add_report_parser
+
+    add_report_parser(sub)
     return parser
 
 
@@ -264,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
             from fl_privsim.app.game import cmd_game
 
             return cmd_game(args)
+        if args.command == "report":
+            from fl_privsim.app.report import cmd_report
+
+            return cmd_report(args)
         if args.command == "config":
             print(config_mod.to_toml(config_mod.load(args.config, args.overrides)), end="")
             return 0
