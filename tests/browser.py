@@ -143,7 +143,8 @@ class Browser:
                     raise RuntimeError(f"chromium closed its DevTools pipe{self._tail()}")
                 self._buffer += chunk
         message, self._buffer = self._buffer.split(b"\0", 1)
-        return json.loads(message)
+        parsed: dict[str, Any] = json.loads(message)
+        return parsed
 
     def send(
         self, method: str, params: dict[str, Any] | None = None, session: str | None = None

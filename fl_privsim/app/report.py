@@ -303,7 +303,7 @@ def build_report(folder: Path) -> Path:
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Register the ``report`` subcommand on the CLI's subparsers."""
-    p = sub.add_parser(
+    p: argparse.ArgumentParser = sub.add_parser(
         "report",
         help="(re)build the HTML report of a run or sweep folder",
         description="Write DIR/report.html from the folder's files: a run folder's report, or a "

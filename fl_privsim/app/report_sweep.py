@@ -93,9 +93,10 @@ def _summary_table(
     extra = [k for k in grid_keys if k not in ident] if "cell" in ident and values_of else []
     for row in rows:  # grid values of the cell, when the table names the cell only
         cell = row.get("cell")
-        known = extra and _is_number(cell) and not _missing(cell)
-        cell_values = values_of.get(int(cell)) if known else {}
-        row.update({k: (cell_values or {}).get(k) for k in extra})
+        cell_values: Mapping[str, Any] = {}
+        if extra and isinstance(cell, int | float) and not _missing(cell):
+            cell_values = values_of.get(int(cell)) or {}
+        row.update({k: cell_values.get(k) for k in extra})
     if extra:
         at = ident.index("cell") + 1
         ident[at:at] = extra
