@@ -8,6 +8,8 @@ import sys
 import textwrap
 from typing import Any
 
+from fl_privsim.app.summary_text import dp_lines as _dp_lines
+from fl_privsim.app.summary_text import outcome_notes as _outcome_notes
 from fl_privsim.core import config as config_mod
 from fl_privsim.core.errors import UserError
 from fl_privsim.core.progress import configure_logging
@@ -103,70 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     from fl_privsim.app.sweep import add_parser as add_sweep_parser
 
     add_sweep_parser(sub)
+    from fl_privsim.app.report import add_parser as add_report_parser
+
+    add_report_parser(sub)
     return parser
-
-
-def _outcome_notes(row: dict[str, Any]) -> list[str]:
-    """``refused: <reason>`` / ``failed: <reason>`` for an attack's summary row (the first
-    distinct reason, and how many others); ``refused``/``failed`` alone when the summary has
-    counts but no ``refused_reasons``/``failed_reasons``."""
-    notes = []
-    for kind in ("refused", "failed"):
-        if not int(row.get(kind, 0)):
-            continue
-        reasons = list(dict.fromkeys(str(r) for r in row.get(f"{kind}_reasons") or []))
-        if not reasons:
-            notes.append(f"{kind} ({int(row[kind])}x, no reason recorded)")
-            continue
-        more = f" (+{len(reasons) - 1} more in summary.json)" if len(reasons) > 1 else ""
-        notes.append(f"{kind}: {reasons[0]}{more}")
-    return notes
-
-
-def _delta(value: Any) -> str:
-    return "?" if value is None else f"{float(value):g}"
-
-
-def _dp_lines(summary: dict[str, Any]) -> list[str]:
-    """One line per DP guarantee of the run: client DP (``epsilon``, the largest over clients)
-    and central DP (``central_dp``), each with its δ and whether the ε is a proven bound."""
-    lines = []
-    if summary.get("epsilon") is not None:
-        why = summary.get("epsilon_not_formal_because") or []
-        if summary.get("epsilon_formal"):
-            status = "formal: Poisson-sampled batches, clipping bound fixed in advance"
-        else:
-            status = "not formal" + (": " + "; ".join(why) if why else "")
-        lines.append(
-            f"client DP: ε = {summary['epsilon']:.3f} at δ = {_delta(summary.get('epsilon_delta'))} "
-            f"(largest over clients; {status})"
-        )
-    report = summary.get("central_dp")
-    if report:
-        why = report.get("not_formal_because") or []
-        eps = report.get("epsilon", summary.get("central_epsilon"))
-        head = f"central DP ({report.get('mode', '?')}):"
-        if eps is None:  # a release without noise: no guarantee at all
-            lines.append(
-                f"{head} ε = ∞, no DP guarantee for the released models "
-                f"({'; '.join(why[:1]) or 'a round was released without noise'})"
-            )
-            return lines
-        if report.get("formal"):
-            status = (
-                f"formal: {report.get('releases', 0)} Gaussian releases of sensitivity C/m composed by RDP, "
-                + (
-                    "no amplification by sampling"
-                    if not report.get("amplification", True)
-                    else "every client in every round"
-                )
-            )
-        else:
-            status = "not formal" + (": " + "; ".join(why) if why else "")
-        lines.append(
-            f"{head} ε = {eps:.3f} at δ = {_delta(report.get('delta'))} for the released models ({status})"
-        )
-    return lines
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -332,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             from fl_privsim.app.sweep import cmd_sweep
 
             return cmd_sweep(args)
+        if args.command == "report":
+            from fl_privsim.app.report import cmd_report
+
+            return cmd_report(args)
         if args.command == "config":
             print(config_mod.to_toml(config_mod.load(args.config, args.overrides)), end="")
             return 0

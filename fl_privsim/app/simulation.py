@@ -15,6 +15,7 @@ from typing import Any
 from adversaries.base import ATTACKS, Setup
 from adversaries.malicious import MODIFICATIONS
 from clients.defenses import build_defenses
+from fl_privsim.app.report import write_run_report
 from fl_privsim.core.config import Config
 from fl_privsim.core.devices import resolve_device
 from fl_privsim.core.errors import ConfigError, UserError
@@ -319,4 +320,8 @@ def run(
         raise RuntimeError(
             f"the simulation ended without a summary; see {folder.path / 'metrics.jsonl'}"
         )
+    try:
+        write_run_report(folder.path)
+    except Exception as exc:  # noqa: BLE001 - the report is a view of the folder: never lose the run
+        log.warning("could not write %s: %s", folder.path / "report.html", exc)
     return folder.path, sink["summary"]

@@ -7,10 +7,10 @@ originals are drawn, :data:`PER_ROW` to a row, and the figure says which records
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import matplotlib
 
@@ -244,3 +244,34 @@ def shared_legend_outside(axes: Sequence[Axes], **kwargs: object) -> object | No
     if not handles:
         return None
     return legend_outside(axes[-1], handles=list(handles.values()), labels=list(handles), **kwargs)
+
+
+# ----------------------------------------------------------------------------- accuracy curve
+
+
+def accuracy_plot(
+    out: Path | BinaryIO,
+    central: Mapping[int, float],
+    federated: Mapping[int, float] | None = None,
+) -> None:
+    """Write a small PNG of model test accuracy by round to ``out`` (a path or a binary file):
+    the server's central evaluation (round 0 is the initial model) and, when given, the
+    clients' federated evaluation."""
+    fig, ax = plt.subplots(figsize=(5.0, 2.8))
+    for label, series, style in (
+        ("central test set", central, "o-"),
+        ("federated (clients)", federated or {}, "s--"),
+    ):
+        if series:
+            rounds = sorted(series)
+            ax.plot(rounds, [series[r] for r in rounds], style, label=label, markersize=4)
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(True, alpha=0.3)
+    rounds = sorted(set(central) | set(federated or {}))
+    if rounds and len(rounds) <= 12:
+        ax.set_xticks(rounds)
+    legend_outside(ax)
+    fig.savefig(out, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)

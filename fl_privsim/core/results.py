@@ -7,6 +7,7 @@ Layout (``runs/<UTC time>_<name>/`` or ``--out``)::
     metrics.jsonl                    one JSON object a line: round, client, source, key, value
     attacks/round_XXX/client_YYY.png originals above reconstructions (one row per attack)
     summary.json                     written atomically at the end
+    report.html                      the HTML report, from these files (fl_privsim.app.report)
 """
 
 from __future__ import annotations

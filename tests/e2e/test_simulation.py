@@ -8,6 +8,7 @@ import pytest
 
 from fl_privsim.app.simulation import run
 from fl_privsim.core import config as config_mod
+from tests.browser import assert_report_matches_summary, chromium_path
 
 pytestmark = pytest.mark.e2e
 
@@ -44,6 +45,9 @@ def test_default_job_on_ray_leaks_and_trains(tmp_path):
     cfg = config_mod.load(None, SMALL)
     path, summary = run(cfg, out=tmp_path / "run", show_progress=False)
     _check_run_folder(path, summary)
+    assert (path / "report.html").is_file()
+    if chromium_path() is not None:  # the report in a real browser (apt-get install -y chromium)
+        assert_report_matches_summary(path)
     attacks = summary["attacks"]
     assert attacks["analytic"]["psnr"] >= 60  # exact recovery through the first linear layer
     assert attacks["idlg"]["label_accuracy"] == 1.0
