@@ -63,7 +63,9 @@ def main(argv: list[str]) -> int:
 
     one_s, per_run, agree = 0.0, [], 0
     for cell in cells[: args.cells]:
-        sets = [f"{k}={json.dumps(v)}" for k, v in cell["values"].items()] + [f"seed={cell['seed']}"]
+        sets = [f"{k}={json.dumps(v)}" for k, v in cell["values"].items()] + [
+            f"seed={cell['seed']}"
+        ]
         out = work / "runs" / cell["id"]
         cmd = [*cli, "run", str(default), "--quiet", "--out", str(out)]
         for s in sets:
@@ -87,7 +89,9 @@ def main(argv: list[str]) -> int:
     inside = {c["id"]: c["seconds"] for c in cells[1:]}
     extra = [t - inside[c["id"]] for c, t in zip(cells, per_run, strict=False) if c["id"] in inside]
     if extra:
-        print(f"start-up per run           {sum(extra) / len(extra):7.1f} s (run time - same cell in the sweep)")
+        print(
+            f"start-up per run           {sum(extra) / len(extra):7.1f} s (run time - same cell in the sweep)"
+        )
     print(f"cells whose metrics agree  {agree}/{measured} (summary.json without wall-clock fields)")
     return 0
 

@@ -80,7 +80,10 @@ def kept_alive(num_cpus: int | None = None) -> Iterator[None]:
         def __init__(self, backend_config: Any) -> None:
             init_args = backend_config.get("init_args") or {}
             if num_cpus is not None and init_args.get("address") == "local":
-                backend_config = {**backend_config, "init_args": {**init_args, "num_cpus": num_cpus}}
+                backend_config = {
+                    **backend_config,
+                    "init_args": {**init_args, "num_cpus": num_cpus},
+                }
             key = json.dumps(backend_config, sort_keys=True, default=str)
             with _LOCK:
                 if _KEPT.key is not None and _KEPT.key != key:

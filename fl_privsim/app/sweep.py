@@ -53,7 +53,9 @@ class SweepOutcome:
 class CellProgress:
     """``[####----] cells d/N | failed f | c003_s1 (client.batch_size=4) | 40s | ETA 1m20s``."""
 
-    def __init__(self, total: int, done: int, *, jobs: int, enabled: bool, stream: TextIO | None = None) -> None:
+    def __init__(
+        self, total: int, done: int, *, jobs: int, enabled: bool, stream: TextIO | None = None
+    ) -> None:
         self.total, self.done, self.failed, self.jobs = total, done, 0, jobs
         self.enabled = enabled
         self.stream = stream or sys.stderr
@@ -162,7 +164,9 @@ def check_cells(plan: SweepPlan) -> None:
             raise type(exc)(f"[sweep.grid] cell {cell.cell} ({shown}): {exc}") from None
 
 
-def _start_folder(out: str | None, resume: str | None, plan: SweepPlan) -> tuple[Path, dict[str, Any]]:
+def _start_folder(
+    out: str | None, resume: str | None, plan: SweepPlan
+) -> tuple[Path, dict[str, Any]]:
     """The sweep folder and its manifest: a fresh one, or the one being resumed."""
     if resume:
         folder = Path(resume)
@@ -214,7 +218,12 @@ def run_sweep(
     return SweepOutcome(path=folder, done=done, failed=failed, ran=len(todo))
 
 
-def _record(folder: Path, manifest: dict[str, Any], cell: dict[str, Any], result: tuple[str, str | None, float]) -> None:
+def _record(
+    folder: Path,
+    manifest: dict[str, Any],
+    cell: dict[str, Any],
+    result: tuple[str, str | None, float],
+) -> None:
     status, error, seconds = result
     if status == "done" and not (folder / cell["dir"] / "summary.json").is_file():
         status, error = "failed", "the run ended without writing summary.json"
@@ -265,7 +274,9 @@ def _run_in_workers(
                         cell["status"] = "running"
                         manifest_mod.write_manifest(folder, manifest)
                         progress.start(_label(cell))
-                        fut = pool.submit(run_cell, configs[cell["id"]].config, str(folder / cell["dir"]))
+                        fut = pool.submit(
+                            run_cell, configs[cell["id"]].config, str(folder / cell["dir"])
+                        )
                         running[fut] = cell
                     finished, _ = wait(running, return_when=FIRST_COMPLETED)
                     for fut in finished:
@@ -296,13 +307,33 @@ def add_parser(sub: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", nargs="?", help="TOML run config with a [sweep] table (optional with --resume)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one key of the run config (not a swept key; repeatable)")
+    p.add_argument(
+        "config", nargs="?", help="TOML run config with a [sweep] table (optional with --resume)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key of the run config (not a swept key; repeatable)",
+    )
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--out", help="sweep folder to create (default: <output.dir>/<UTC time>_sweep_<name>)")
-    where.add_argument("--resume", metavar="DIR", help="continue the sweep in DIR: keep finished cells, rerun the rest")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="cells run at once, each in its own process (default 1)")
+    where.add_argument(
+        "--out", help="sweep folder to create (default: <output.dir>/<UTC time>_sweep_<name>)"
+    )
+    where.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the sweep in DIR: keep finished cells, rerun the rest",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="cells run at once, each in its own process (default 1)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="log progress")
 
@@ -316,13 +347,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     elif args.resume:
         saved = Path(args.resume) / manifest_mod.CONFIG
         if not saved.is_file():
-            raise UserError(f"--resume {args.resume!r}: no {manifest_mod.CONFIG} there; is it a sweep folder?")
+            raise UserError(
+                f"--resume {args.resume!r}: no {manifest_mod.CONFIG} there; is it a sweep folder?"
+            )
         plan = load_sweep(saved, args.overrides)
     else:
         raise UserError("name a sweep config (fl-privsim sweep CONFIG) or a folder to --resume")
     configure_logging(args.verbose)
     outcome = run_sweep(
-        plan, out=args.out, resume=args.resume, jobs=args.jobs, show_progress=not args.quiet, verbose=args.verbose
+        plan,
+        out=args.out,
+        resume=args.resume,
+        jobs=args.jobs,
+        show_progress=not args.quiet,
+        verbose=args.verbose,
     )
     print(f"cells: {outcome.done} done, {outcome.failed} failed, {outcome.ran} run now")
     for name in ("results.csv", "summary.csv", "report.html"):

@@ -128,7 +128,9 @@ def _check_table(table: Any) -> tuple[dict[str, list[Any]], list[list[str]], int
         lengths = {len(grid[k]) for k in group}
         if len(lengths) > 1:
             sizes = ", ".join(f"{k} has {len(grid[k])}" for k in group)
-            raise ConfigError(f"[sweep] zip: keys that vary together need equally many values ({sizes})")
+            raise ConfigError(
+                f"[sweep] zip: keys that vary together need equally many values ({sizes})"
+            )
     return grid, groups, repeats
 
 
@@ -202,13 +204,21 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     data = config_mod.read_toml_file(path, "sweep config")
     folder = paths.absolute(path).parent
     paths.resolve_keys(data, config_mod.PATH_KEYS, folder)
-    swept = set((data.get("sweep") or {}).get("grid") or {}) if isinstance(data.get("sweep"), dict) else set()
+    swept = (
+        set((data.get("sweep") or {}).get("grid") or {})
+        if isinstance(data.get("sweep"), dict)
+        else set()
+    )
     for assignment in overrides:
         key = config_mod.override_key(assignment)
         if key in swept:
-            raise ConfigError(f"--set {key}: the key is swept by [sweep.grid]; change the grid instead")
+            raise ConfigError(
+                f"--set {key}: the key is swept by [sweep.grid]; change the grid instead"
+            )
         if key.split(".", 1)[0] == "sweep":
-            raise ConfigError(f"--set {key}: [sweep] is set in the sweep config file, not with --set")
+            raise ConfigError(
+                f"--set {key}: [sweep] is set in the sweep config file, not with --set"
+            )
         if key.startswith("attacks") and "attacks" not in data:
             data["attacks"] = config_mod.default_dict()["attacks"]
         config_mod.apply_override(data, assignment)

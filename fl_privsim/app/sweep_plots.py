@@ -76,6 +76,7 @@ def _label_keys(summary: pd.DataFrame, keys: Sequence[str]) -> list[str]:
     """The line keys a legend names: the scalar-valued ones when they tell the lines apart as
     well as all of them do (a zipped list such as ``attacks`` or ``server.modifications``
     then goes unnamed: its scalar partners, e.g. ``server.role``, say which line is which)."""
+
     def nested(k: str) -> bool:
         return bool(summary[k].astype("str").str.startswith(("[", "{")).any())
 

@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from fl_privsim.app.cli import main
+from tests.browser import assert_report_matches_summary, chromium_path
 
 pytestmark = pytest.mark.e2e
 
@@ -175,7 +176,15 @@ def _check_isolation(run: Path, summary: dict) -> None:
     assert summary["attacks"]["analytic@aggregate"]["psnr"] >= 40
 
 
+def _check_report(out: Path, summary: dict) -> None:
+    """The run's report.html in a real browser (skipped without chromium): no console error,
+    every image loaded, the attack table showing summary.json's numbers."""
+    if chromium_path() is not None:
+        assert_report_matches_summary(out)
+
+
 CHECKS: dict[str, Callable[[Path, dict], None]] = {
+    "default": _check_report,
     "secagg_isolation": _check_isolation,
     "cifar10_npz_mlp": _check_analytic_exact,
     "my_images": _check_analytic_exact,
@@ -187,7 +196,13 @@ SHARED_DATASETS = ("adult", "utkface", "cifar10_npz", "mnist_idx")
 
 
 def _examples() -> list[Path]:
-    return sorted(EXPERIMENTS.glob("*.toml"))
+    """The example configs of one run, game or measure (a sweep's, with a [sweep] table, is
+    planned and checked cell by cell in tests/e2e/test_sweep.py)."""
+    return sorted(
+        p
+        for p in EXPERIMENTS.glob("*.toml")
+        if "sweep" not in tomllib.loads(p.read_text(encoding="utf-8"))
+    )
 
 
 def _command(doc: dict) -> str:

@@ -107,13 +107,15 @@ def test_bad_sweep_config_is_one_line_exit_2_before_any_cell(tmp_path, case):
 @pytest.mark.parametrize(
     "sweep, expected",
     [
-        ("[sweep]\nrepeats = 0\n[sweep.grid]\n\"client.batch_size\" = [1]\n", "repeats"),
-        ("[sweep]\nrepeat = 2\n[sweep.grid]\n\"client.batch_size\" = [1]\n", "did you mean"),
+        ('[sweep]\nrepeats = 0\n[sweep.grid]\n"client.batch_size" = [1]\n', "repeats"),
+        ('[sweep]\nrepeat = 2\n[sweep.grid]\n"client.batch_size" = [1]\n', "did you mean"),
         ("[sweep]\nrepeats = 2\n", "[sweep.grid]"),
         ('[sweep]\nzip = [["a"]]\n[sweep.grid]\n"client.batch_size" = [1]\n', "zip"),
         (
-            '[sweep]\nzip = [["client.batch_size", "client.lr"]]\n[sweep.grid]\n'
-            '"client.batch_size" = [1, 2]\n"client.lr" = [0.1]\n',
+            (
+                '[sweep]\nzip = [["client.batch_size", "client.lr"]]\n[sweep.grid]\n'
+                '"client.batch_size" = [1, 2]\n"client.lr" = [0.1]\n'
+            ),
             "equally many",
         ),
         ("", "no [sweep] table"),
@@ -193,7 +195,14 @@ def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path):
         "    print(exc); sys.exit(3)\n"
     )
     with manifest_mod.locked(tmp_path):
-        held = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True)
-    free = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True)
+        held = subprocess.run(
+            [sys.executable, "-c", probe, str(tmp_path)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+    free = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path)], check=False, capture_output=True, text=True
+    )
     assert held.returncode == 3 and "another fl-privsim sweep" in held.stdout
     assert free.returncode == 0  # released with the holder
