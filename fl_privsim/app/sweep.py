@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -84,7 +85,9 @@ class CellProgress:
             f"[{bar}] cells {self.done + self.failed}/{self.total} | failed {self.failed} | "
             f"running {now} | {time.perf_counter() - self.t0:.0f}s | {self._eta()}"
         )
-        if self.tty:
+        if self.tty:  # one screen line, redrawn in place
+            width = shutil.get_terminal_size((120, 20)).columns - 1
+            text = text if len(text) <= width else text[: width - 1] + "…"
             self.stream.write("\r\033[K" + text)
         else:
             self.stream.write(text + "\n")
@@ -114,8 +117,14 @@ class CellProgress:
 
 
 def _label(cell: dict[str, Any]) -> str:
-    values = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in cell["values"].items())
-    return f"{cell['id']} ({values})"
+    """``c003_s1 (batch_size=4, role=malicious)``: scalar grid values by their last key part
+    (a list or table value, e.g. a zipped ``attacks``, is left to the manifest)."""
+    values = ", ".join(
+        f"{k.rsplit('.', 1)[-1]}={v}"
+        for k, v in cell["values"].items()
+        if not isinstance(v, (list, dict))
+    )
+    return f"{cell['id']} ({values})" if values else str(cell["id"])
 
 
 def _one_line(exc: BaseException) -> str:
