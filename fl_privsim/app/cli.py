@@ -45,20 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "config", nargs="?", help="TOML config file (default: the built-in default job)"
     )
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key (repeatable)",
-    )
+    config_mod.add_set_option(run, "override one config key (repeatable)")
     run.add_argument("--out", help="run folder to create (default: <output.dir>/<UTC time>_<name>)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     show = sub.add_parser("config", help="print the resolved config as TOML")
     show.add_argument("config", nargs="?", help="TOML config file")
-    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    config_mod.add_set_option(show)
     sub.add_parser(
         "attacks",
         help="list the registered attacks (with their threat models) and the "
@@ -77,14 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--config", help="TOML file of settings (default: experiments/reproduce/NAME.toml)"
     )
-    rep.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one setting (repeatable)",
-    )
+    config_mod.add_set_option(rep, "override one setting (repeatable)")
     rep.add_argument("--out", help="run folder to create (default: runs/<UTC time>_reproduce_NAME)")
     rep.add_argument(
         "--quick", action="store_true", help="a small smoke-test version of the settings"

@@ -50,6 +50,7 @@ from fl_privsim.core import paths, plugins
 from fl_privsim.core.config import (
     DefenseConfig,
     _f,
+    add_set_option,
     apply_override,
     bind,
     override_key,
@@ -504,14 +505,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "config", nargs="?", help="TOML config file (default: the property game on digits)"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key (repeatable), e.g. game.batch_size=64",
-    )
+    add_set_option(p, "override one config key (repeatable), e.g. game.batch_size=64")
     p.add_argument("--out", help="run folder to create (default: <output_dir>/<UTC time>_<name>)")
     p.add_argument("--verbose", action="store_true", help="log progress")
     p.add_argument(

@@ -62,6 +62,7 @@ from fl_privsim.app.measure_config import (  # the schema and loader (re-exporte
     load_config,
 )
 from fl_privsim.core import plugins
+from fl_privsim.core.config import add_set_option
 from fl_privsim.core.data import load_dataset
 from fl_privsim.core.devices import resolve_device
 from fl_privsim.core.errors import ConfigError, UserError
@@ -577,14 +578,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", nargs="?", help="TOML config file (default: i2f on digits)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config key (repeatable)",
-    )
+    add_set_option(p, metavar="SECTION.KEY=VALUE")
     p.add_argument(
         "--out", help="run folder to create (default: <output.dir>/<UTC time>_measure_KIND)"
     )

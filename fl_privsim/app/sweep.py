@@ -240,6 +240,15 @@ def _record(
     manifest_mod.write_manifest(folder, manifest)
 
 
+def _start(
+    folder: Path, manifest: dict[str, Any], cell: dict[str, Any], progress: CellProgress
+) -> None:
+    """Mark ``cell`` running in the manifest and on the progress bar."""
+    cell["status"] = "running"
+    manifest_mod.write_manifest(folder, manifest)
+    progress.start(_label(cell))
+
+
 def _run_here(
     folder: Path,
     manifest: dict[str, Any],
@@ -249,9 +258,7 @@ def _run_here(
 ) -> None:
     with kept_alive():
         for cell in todo:
-            cell["status"] = "running"
-            manifest_mod.write_manifest(folder, manifest)
-            progress.start(_label(cell))
+            _start(folder, manifest, cell, progress)
             result = run_cell(configs[cell["id"]].config, str(folder / cell["dir"]))
             _record(folder, manifest, cell, result)
             progress.finish(_label(cell), cell["status"] == "done")
@@ -280,9 +287,7 @@ def _run_in_workers(
                 while queue or running:
                     while queue and len(running) < jobs:
                         cell = queue.pop(0)
-                        cell["status"] = "running"
-                        manifest_mod.write_manifest(folder, manifest)
-                        progress.start(_label(cell))
+                        _start(folder, manifest, cell, progress)
                         fut = pool.submit(
                             run_cell, configs[cell["id"]].config, str(folder / cell["dir"])
                         )
@@ -319,14 +324,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "config", nargs="?", help="TOML run config with a [sweep] table (optional with --resume)"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one key of the run config (not a swept key; repeatable)",
-    )
+    config_mod.add_set_option(p, "override one key of the run config (not a swept key; repeatable)")
     where = p.add_mutually_exclusive_group()
     where.add_argument(
         "--out", help="sweep folder to create (default: <output.dir>/<UTC time>_sweep_<name>)"

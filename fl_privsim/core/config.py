@@ -615,6 +615,18 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     set_value(data, key, parse_value(raw.strip()))
 
 
+def add_set_option(
+    parser: Any,
+    help: str = "override one config key (repeatable)",
+    metavar: str = "KEY=VALUE",
+) -> None:
+    """Add the ``--set KEY=VALUE`` option (repeatable; read by :func:`apply_override`) to an
+    ``argparse`` parser: every command spells it the same way."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar=metavar, help=help
+    )
+
+
 def set_value(data: dict[str, Any], key: str, value: Any, *, label: str = "--set") -> None:
     """Set the dotted ``key`` (``client.batch_size``, ``attacks.0.params.iterations``) of a
     TOML-shaped dict to an already typed ``value``, creating missing tables; a list index out of
