@@ -73,19 +73,25 @@ def _line_keys(summary: pd.DataFrame) -> list[str]:
 
 
 def _label_keys(summary: pd.DataFrame, keys: Sequence[str]) -> list[str]:
-    """The line keys a legend names: the scalar-valued ones when they tell the lines apart as
-    well as all of them do (a zipped list such as ``attacks`` or ``server.modifications``
-    then goes unnamed: its scalar partners, e.g. ``server.role``, say which line is which)."""
+    """The line keys a legend names: the fewest scalar-valued keys, taken in grid order, that
+    tell the lines apart as well as all of them do (keys that only ride along in a zipped
+    scenario, such as ``data.root`` or a list like ``attacks``, then go unnamed); all keys
+    when the scalar ones cannot."""
 
-    def nested(k: str) -> bool:
-        return bool(summary[k].astype("str").str.startswith(("[", "{")).any())
+    def distinct(cols: Sequence[str]) -> int:
+        return len(summary[["attack", *cols]].astype("str").drop_duplicates())
 
-    scalar = [k for k in keys if not nested(k)]
-    if not scalar or len(scalar) == len(keys):
+    full = distinct(keys)
+    scalar = [k for k in keys if not summary[k].astype("str").str.startswith(("[", "{")).any()]
+    if distinct(scalar) < full:
         return list(keys)
-    full = summary[["attack", *keys]].astype("str").drop_duplicates()
-    named = summary[["attack", *scalar]].astype("str").drop_duplicates()
-    return scalar if len(named) == len(full) else list(keys)
+    chosen: list[str] = []
+    for key in scalar:
+        if distinct(chosen) == full:
+            break
+        if distinct([*chosen, key]) > distinct(chosen):
+            chosen.append(key)
+    return chosen
 
 
 def _short_names(keys: Sequence[str]) -> dict[str, str]:
@@ -148,7 +154,7 @@ def sweep_figure(summary: pd.DataFrame, metric: str) -> Any:
     from matplotlib.ticker import FuncFormatter
 
     keys = _line_keys(summary)
-    shown = _label_keys(summary, keys)
+    shown = _label_keys(points, keys)
     by = ([] if metric in RUN_LEVEL else ["attack"]) + keys
     groups = list(points.groupby(by, sort=True, dropna=False)) if by else [((), points)]
     labels = [
