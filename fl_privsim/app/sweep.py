@@ -29,6 +29,7 @@ from typing import Any, TextIO
 
 from fl_privsim.app import sweep_manifest as manifest_mod
 from fl_privsim.app.ray_reuse import kept_alive
+from fl_privsim.app.report import write_sweep_report
 from fl_privsim.app.simulation import run, validate_before_launch
 from fl_privsim.app.sweep_config import Cell, SweepPlan, load_sweep
 from fl_privsim.app.sweep_plots import plot_sweep
@@ -306,8 +307,6 @@ def _run_in_workers(
 
 def build_outputs(folder: Path) -> None:
     """The tidy tables, the plots and the report of the sweep in ``folder``, from its files."""
-    from fl_privsim.app.report import write_sweep_report
-
     _, summary = write_tables(folder)
     plot_sweep(summary, folder / "plots")
     write_sweep_report(folder)
