@@ -312,12 +312,31 @@ def build_outputs(folder: Path) -> None:
     write_sweep_report(folder)
 
 
+SWEEP_HELP = """\
+Run a grid of federations (cells x seeds) and build one tidy table, confidence intervals,
+plots and an HTML report. The config is a run config plus a [sweep] table:
+
+  [sweep]
+  repeats = 3                        # seeds per cell: seed, seed+1, ...
+  zip = [["a.key", "b.key"]]         # optional: keys that vary together
+  [sweep.grid]
+  "client.batch_size" = [1, 4, 16, 64]
+  "federation.clients_per_round" = [1, 5, 20]
+
+Every cell x seed is an ordinary run folder under DIR/cells/. Ray, the client actors and the
+data start once per process, not once per cell. An interrupted sweep (Ctrl-C, kill -9, a
+crashed cell) continues with --resume DIR: finished cells are kept, the rest run again.
+DIR then holds results.csv/.parquet (one row per cell x seed x attack), summary.csv/.parquet
+(mean and bootstrap 95 % CI over seeds), plots/ and report.html. Exit code 1 if a cell failed.
+"""
+
+
 def add_parser(sub: Any) -> None:
     """Register ``fl-privsim sweep`` on the CLI's subparsers."""
     p = sub.add_parser(
         "sweep",
         help="run a grid of federations (cells x seeds) and build the tidy table, plots and report",
-        description=__doc__,
+        description=SWEEP_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -326,7 +345,9 @@ def add_parser(sub: Any) -> None:
     config_mod.add_set_option(p, "override one key of the run config (not a swept key; repeatable)")
     where = p.add_mutually_exclusive_group()
     where.add_argument(
-        "--out", help="sweep folder to create (default: <output.dir>/<UTC time>_sweep_<name>)"
+        "--out",
+        metavar="DIR",
+        help="sweep folder to create (default: <output.dir>/<UTC time>_sweep_<name>)",
     )
     where.add_argument(
         "--resume",
