@@ -44,6 +44,7 @@ from fl_privsim.core.architecture import ARCH_KEY, build_architecture
 from fl_privsim.core.client_config import load_client_config
 from fl_privsim.core.config import Config
 from fl_privsim.core.devices import resolve_device
+from fl_privsim.core.faults import INJECTED, failure_kind, garbage_update
 from fl_privsim.core.models import build_model
 from fl_privsim.core.partition import effective_batch_size
 from fl_privsim.core.seeding import torch_generator
@@ -189,12 +190,29 @@ def train_client(
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    """Compute this client's update for the round in ``msg`` and reply with it."""
+    """Compute this client's update for the round in ``msg`` and reply with it; or, when
+    ``federation.failure_rate`` chose this client in this round
+    (:func:`fl_privsim.core.faults.failure_kind`), crash or reply garbage instead."""
     cfg = config_from_message(msg, context)
     pid = partition_id(context)
     device = resolve_device(cfg.federation.device)
     model = _global_model(msg, cfg, device)
     server_round = int(msg.content[CONFIG_RECORD].get("server-round", 0))
+    fed = cfg.federation
+    failure = failure_kind(cfg.seed, server_round, pid, fed.failure_rate, fed.failure_mode)
+    if failure == "crash":  # an injected crash: Flower replies with an error
+        raise RuntimeError(f"{INJECTED}: client {pid} crashed in round {server_round}")
+    if failure == "garbage":  # an injected garbage reply: NaN or wrongly shaped arrays
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        garbage = garbage_update(state, cfg.seed, server_round, pid)
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(garbage),
+                "metrics": MetricRecord({"num-examples": cfg.client.batch_size, "loss": 0.0}),
+                "meta": ConfigRecord({"client-id": pid, "protocol": fed.protocol}),
+            }
+        )
+        return Message(content=content, reply_to=msg)
     try:
         reply = train_client(cfg, pid, model, server_round, context.state, device)
     except ModelRefused as exc:  # a defense (model_inspection) refused the model it was sent
