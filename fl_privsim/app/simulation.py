@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -284,10 +286,49 @@ def check_server_role(
                 )
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGINT/SIGTERM during a run: raise :class:`KeyboardInterrupt` in the main thread (the
+    launcher then writes the interrupted summary, the CLI exits 130)."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def install_interrupt_handlers() -> dict[int, Any]:
+    """Make SIGINT and SIGTERM both end a run the same way (:func:`_interrupt`); returns the
+    previous handlers. Nothing changes outside the main thread (signals only reach it)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_handlers(previous: dict[int, Any]) -> None:
+    """Put back the handlers :func:`install_interrupt_handlers` replaced."""
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def write_interrupted_summary(folder: Any, sink: dict[str, Any]) -> None:
+    """Leave the run folder readable after an interrupt: ``summary.json`` with
+    ``"status": "interrupted"`` and every metric so far (the server's ``sink["partial"]``;
+    just the status when training had not started), ``metrics.jsonl`` fsync'd."""
+    sink["interrupted"] = True
+    partial = sink.get("partial")
+    try:
+        summary = partial("interrupted") if partial is not None else {"status": "interrupted"}
+    except Exception as exc:  # noqa: BLE001 - a summary of what is there, whatever it is
+        log.warning("could not summarise the interrupted run: %s", exc)
+        summary = {"status": "interrupted"}
+    summary.setdefault("run_dir", str(folder.path))
+    folder.flush_round()
+    folder.write_summary(summary)
+
+
 def run(
     cfg: Config, *, out: str | Path | None = None, show_progress: bool = True, verbose: bool = False
 ) -> tuple[Path, dict[str, Any]]:
-    """Run one federation described by ``cfg``; returns the run folder and the summary."""
+    """Run one federation described by ``cfg``; returns the run folder and the summary.
+
+    SIGINT or SIGTERM ends the run with :class:`KeyboardInterrupt` after writing
+    ``summary.json`` with ``"status": "interrupted"`` (:func:`write_interrupted_summary`)."""
     prepare_environment()
     validate_before_launch(cfg)
     if cfg.federation.secure_aggregation.mode == "secagg+":  # Flower's workflow path, SecAgg+
@@ -306,6 +347,7 @@ def run(
         flwr_log = logging.getLogger("flwr")
         flwr_log.setLevel(logging.ERROR)
         flwr_log.propagate = False
+    previous = install_interrupt_handlers()
     try:
         launch(
             server_app,
@@ -314,8 +356,14 @@ def run(
             backend=backend_config(cfg, verbose=verbose),
             verbose=verbose,
         )
+    except KeyboardInterrupt:
+        write_interrupted_summary(folder, sink)
+        raise
     finally:
+        restore_handlers(previous)
         progress.close()
+    if "summary" not in sink and sink.get("interrupted"):
+        raise KeyboardInterrupt  # the signal arrived where the simulation swallowed it
     if "summary" not in sink:
         raise RuntimeError(
             f"the simulation ended without a summary; see {folder.path / 'metrics.jsonl'}"
