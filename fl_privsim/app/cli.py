@@ -271,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        detail = str(exc) if exc.args and str(exc).startswith("run folder") else ""
+        print(f"interrupted: {detail}" if detail else "interrupted", file=sys.stderr)
         return 130
 
 

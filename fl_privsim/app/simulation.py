@@ -358,12 +358,12 @@ def run(
         )
     except KeyboardInterrupt:
         write_interrupted_summary(folder, sink)
-        raise
+        raise KeyboardInterrupt(f"run folder {folder.path} (summary.json: interrupted)") from None
     finally:
         restore_handlers(previous)
         progress.close()
-    if "summary" not in sink and sink.get("interrupted"):
-        raise KeyboardInterrupt  # the signal arrived where the simulation swallowed it
+    if "summary" not in sink and sink.get("interrupted"):  # the simulation swallowed the signal
+        raise KeyboardInterrupt(f"run folder {folder.path} (summary.json: interrupted)")
     if "summary" not in sink:
         raise RuntimeError(
             f"the simulation ended without a summary; see {folder.path / 'metrics.jsonl'}"
