@@ -44,7 +44,9 @@ class MissingObserver(Protocol):
 class FaultFilter(Strategy):
     """Wrap ``inner``: drop garbage train replies, count every failed reply per round.
 
-    ``expected`` is the agreed model's ``state_dict`` (names and shapes of a valid update);
+    ``expected`` is the agreed model's ``state_dict`` (names and shapes of a valid update;
+    ``None``: names and shapes are not checked, as under a malicious server whose crafted
+    models have other arrays);
     ``node_to_client`` names the client of an error reply (which carries no content);
     ``injected`` (optional) gives, per round, the injected failures ``{client: kind}`` for the
     report."""
@@ -53,13 +55,17 @@ class FaultFilter(Strategy):
         self,
         inner: Strategy,
         *,
-        expected: dict[str, torch.Tensor],
+        expected: dict[str, torch.Tensor] | None,
         node_to_client: dict[int, int],
         observer: MissingObserver | None = None,
         injected: Callable[[int], dict[int, str]] | None = None,
     ) -> None:
         self.inner = inner
-        self.expected = {k: torch.empty(v.shape) for k, v in expected.items()}
+        self.expected = (
+            {k: torch.empty(v.shape, device="meta") for k, v in expected.items()}
+            if expected is not None
+            else None
+        )
         self.node_to_client = dict(node_to_client)
         self.observer = observer
         self.injected = injected
@@ -91,7 +97,8 @@ class FaultFilter(Strategy):
             update = arrays[0].to_torch_state_dict()
         except Exception as exc:  # noqa: BLE001 - whatever the client sent
             return f"garbage reply: unreadable arrays ({type(exc).__name__})"
-        return update_problem(update, self.expected, float(n) if n is not None else None)  # type: ignore[arg-type]
+        expected = self.expected if self.expected is not None else update
+        return update_problem(update, expected, float(n) if n is not None else None)  # type: ignore[arg-type]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -357,7 +357,7 @@ def run_server(
     fed = cfg.federation
     faults = FaultFilter(
         strategy,
-        expected=model.state_dict(),
+        expected=model.state_dict() if cfg.server.role != "malicious" else None,
         node_to_client=node_to_client,
         observer=runner,
         injected=(
