@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
+from fl_privsim.app.simulation import write_interrupted_summary
 from fl_privsim.core import config as config_mod
 from fl_privsim.core.faults import injected_failures
 from fl_privsim.core.results import RunFolder
-from strategies.server_app import run_server
+from strategies.server_app import InterruptibleGrid, RunInterrupted, run_server
 from tests.integration.inprocess import InProcessGrid
 
 SETTINGS = [
@@ -65,3 +68,41 @@ def test_no_failures_by_default(tmp_path):
     assert summary["failures"]["total"] == 0
     assert "injected" not in summary["failures"]
     assert summary["failures"]["aggregated_by_round"] == {"1": 6, "2": 6, "3": 6}
+
+
+class _SlowGrid:
+    """A grid whose clients never answer (push/pull as Flower's InMemoryGrid)."""
+
+    pull_interval = 0.01
+
+    def push_messages(self, messages):
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, ids):
+        return []
+
+    def get_node_ids(self):
+        return [1, 2]
+
+
+def test_interruptible_grid_stops_waiting_when_told(tmp_path):
+    stop = {"now": False}
+    grid = InterruptibleGrid(_SlowGrid(), lambda: stop["now"])
+    assert grid.get_node_ids() == [1, 2]  # every other attribute is the grid's
+    assert grid.send_and_receive(["a", "b"], timeout=0.05) == []  # the timeout still holds
+    stop["now"] = True
+    with pytest.raises(RunInterrupted):
+        grid.send_and_receive(["a"], timeout=3600)
+
+
+def test_interrupted_summary_has_the_metrics_so_far(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    folder.log_metric(round=1, client=None, source="server_eval", key="accuracy", value=0.5)
+    sink = {"partial": lambda status: {"status": status, "accuracy_by_round": {"1": 0.5}}}
+    write_interrupted_summary(folder, sink)
+    summary = json.loads((folder.path / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["accuracy_by_round"] == {"1": 0.5}
+    assert sink["interrupted"] is True
+    write_interrupted_summary(RunFolder(tmp_path / "early"), {})  # before training started
+    early = json.loads((tmp_path / "early" / "summary.json").read_text())
+    assert early["status"] == "interrupted"
