@@ -40,11 +40,12 @@ from clients.defenses import Defense, build_defenses
 from clients.defenses.base import ModelRefused
 from clients.local_update import local_update
 from fl_privsim.core import config as config_mod
+from fl_privsim.core import plugins
 from fl_privsim.core.architecture import ARCH_KEY, build_architecture
 from fl_privsim.core.client_config import load_client_config
 from fl_privsim.core.config import Config
 from fl_privsim.core.devices import resolve_device
-from fl_privsim.core.faults import INJECTED, failure_kind, garbage_update
+from fl_privsim.core.faults import failure_kind
 from fl_privsim.core.models import build_model
 from fl_privsim.core.partition import effective_batch_size
 from fl_privsim.core.seeding import torch_generator
@@ -200,14 +201,13 @@ def handle_train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content[CONFIG_RECORD].get("server-round", 0))
     fed = cfg.federation
     failure = failure_kind(cfg.seed, server_round, pid, fed.failure_rate, fed.failure_mode)
-    if failure == "crash":  # an injected crash: Flower replies with an error
-        raise RuntimeError(f"{INJECTED}: client {pid} crashed in round {server_round}")
-    if failure == "garbage":  # an injected garbage reply: NaN or wrongly shaped arrays
+    if failure is not None:  # injected: crash raises (Flower replies with an error), others
+        # reply with the arrays the failure returns (garbage: NaN or wrongly shaped)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        garbage = garbage_update(state, cfg.seed, server_round, pid)
+        arrays = plugins.FAILURES.get(failure)(state, cfg.seed, server_round, pid)
         content = RecordDict(
             {
-                "arrays": ArrayRecord(garbage),
+                "arrays": ArrayRecord(arrays),
                 "metrics": MetricRecord({"num-examples": cfg.client.batch_size, "loss": 0.0}),
                 "meta": ConfigRecord({"client-id": pid, "protocol": fed.protocol}),
             }

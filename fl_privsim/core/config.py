@@ -204,8 +204,9 @@ class FederationConfig:
     failure_mode: str = _f(
         "crash",
         "how an injected failure shows: crash (the client raises), garbage (NaN or wrongly "
-        "shaped arrays), mixed (either, drawn per client and round)",
-        choices=("crash", "garbage", "mixed"),
+        "shaped arrays), mixed (crash or garbage, drawn per client and round), or a plugin's "
+        "failure (fl_privsim.failures)",
+        choices=lambda: (*plugins.FAILURES.names(), "mixed"),
     )
     central_dp: CentralDPConfig = field(
         default_factory=CentralDPConfig, metadata={"help": "[federation.central_dp]"}

@@ -13,6 +13,9 @@ Kinds (``failure_mode``):
 - ``garbage``: the client replies with an update of the right keys filled with NaN, or with
   wrong shapes (which of the two is drawn from the same stream).
 - ``mixed``: crash or garbage, drawn per (round, client) with equal probability.
+- any other name registered in :data:`fl_privsim.core.plugins.FAILURES` (a plugin hook, entry
+  point group ``fl_privsim.failures``): a function ``(state, seed, server_round, client)``
+  that raises (a crash) or returns the arrays the client replies with.
 
 A hanging client (reply after the server's timeout) is not simulated: see docs/faults.md.
 The server drops error replies and replies that fail :func:`reply_problem`, so the aggregate
@@ -26,11 +29,11 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from fl_privsim.core import plugins
 from fl_privsim.core.seeding import numpy_rng
 
-#: The failure kinds a client can be made to show, and ``failure_mode``'s choices.
+#: The built-in failure kinds (``mixed`` draws among these).
 FAILURE_KINDS: tuple[str, ...] = ("crash", "garbage")
-FAILURE_MODES: tuple[str, ...] = (*FAILURE_KINDS, "mixed")
 #: Prefix of the reason an injected crash raises with (the server's failure reasons show it).
 INJECTED = "injected failure"
 
@@ -43,11 +46,25 @@ def failure_kind(seed: int, server_round: int, client: int, rate: float, mode: s
     rng = numpy_rng(seed, server_round, client, "failure")
     if float(rng.random()) >= rate:
         return None
-    if mode == "mixed":
+    if mode == "mixed":  # the built-in kinds only: a plugin does not change the draws
         return FAILURE_KINDS[int(rng.integers(len(FAILURE_KINDS)))]
-    if mode not in FAILURE_KINDS:
-        raise ValueError(f"unknown failure mode {mode!r}; known: {', '.join(FAILURE_MODES)}")
     return mode
+
+
+@plugins.FAILURES.register("crash")
+def crash(
+    state: Mapping[str, torch.Tensor], seed: int, server_round: int, client: int
+) -> dict[str, torch.Tensor]:
+    """An injected crash: raises (Flower replies with an error)."""
+    raise RuntimeError(f"{INJECTED}: client {client} crashed in round {server_round}")
+
+
+@plugins.FAILURES.register("garbage")
+def garbage(
+    state: Mapping[str, torch.Tensor], seed: int, server_round: int, client: int
+) -> dict[str, torch.Tensor]:
+    """An injected garbage reply: :func:`garbage_update` of the model's ``state``."""
+    return garbage_update(state, seed, server_round, client)
 
 
 def injected_failures(
