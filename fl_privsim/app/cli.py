@@ -159,6 +159,14 @@ def format_table(summary: dict[str, Any]) -> str:
             lines.append(
                 f"clients that {what}: {errs['total']} ({rounds}); reason: {errs['reasons'][0]}"
             )
+    failures = summary.get("failures") or {}
+    if failures.get("total"):
+        rounds = ", ".join(f"round {r}: {n}" for r, n in failures.get("by_round", {}).items() if n)
+        injected = failures.get("injected")
+        also = f"; injected: {injected['total']}" if injected else ""
+        lines.append(
+            f"failed client replies left out of the aggregate: {failures['total']} ({rounds}){also}"
+        )
     lines.extend(_dp_lines(summary))
     acc = summary.get("final_accuracy")
     lines.append("")
