@@ -11,6 +11,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -286,18 +287,19 @@ def check_server_role(
                 )
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    """SIGINT/SIGTERM during a run: raise :class:`KeyboardInterrupt` in the main thread (the
-    launcher then writes the interrupted summary, the CLI exits 130)."""
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def install_interrupt_handlers() -> dict[int, Any]:
-    """Make SIGINT and SIGTERM both end a run the same way (:func:`_interrupt`); returns the
-    previous handlers. Nothing changes outside the main thread (signals only reach it)."""
+def install_interrupt_handlers(sink: dict[str, Any]) -> dict[int, Any]:
+    """Make SIGINT and SIGTERM both end a run the same way: mark ``sink["interrupted"]`` (the
+    server stops at its next exchange) and raise :class:`KeyboardInterrupt` in the main thread
+    (the launcher then writes the interrupted summary, the CLI exits 130). Returns the previous
+    handlers; nothing changes outside the main thread (signals only reach it)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def interrupt(signum: int, frame: Any) -> None:
+        sink["interrupted"] = True
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    return {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 def restore_handlers(previous: dict[int, Any]) -> None:
@@ -312,11 +314,14 @@ def write_interrupted_summary(folder: Any, sink: dict[str, Any]) -> None:
     just the status when training had not started), ``metrics.jsonl`` fsync'd."""
     sink["interrupted"] = True
     partial = sink.get("partial")
-    try:
-        summary = partial("interrupted") if partial is not None else {"status": "interrupted"}
-    except Exception as exc:  # noqa: BLE001 - a summary of what is there, whatever it is
-        log.warning("could not summarise the interrupted run: %s", exc)
-        summary = {"status": "interrupted"}
+    summary: dict[str, Any] = {"status": "interrupted"}
+    for _ in range(3):  # the server's thread may be adding to what it summarises
+        try:
+            summary = partial("interrupted") if partial is not None else summary
+            break
+        except Exception as exc:  # noqa: BLE001 - a summary of what is there, whatever it is
+            log.warning("could not summarise the interrupted run: %s", exc)
+            time.sleep(0.2)
     summary.setdefault("run_dir", str(folder.path))
     folder.flush_round()
     folder.write_summary(summary)
@@ -347,7 +352,7 @@ def run(
         flwr_log = logging.getLogger("flwr")
         flwr_log.setLevel(logging.ERROR)
         flwr_log.propagate = False
-    previous = install_interrupt_handlers()
+    previous = install_interrupt_handlers(sink)
     try:
         launch(
             server_app,
