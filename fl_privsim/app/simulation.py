@@ -361,7 +361,8 @@ def run(
             backend=backend_config(cfg, verbose=verbose),
             verbose=verbose,
         )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's driver SIGTERM handler, which
+        # ray.init puts in place of ours, exits with sys.exit
         write_interrupted_summary(folder, sink)
         raise KeyboardInterrupt(f"run folder {folder.path} (summary.json: interrupted)") from None
     finally:
