@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from typing import Any
@@ -282,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         detail = str(exc) if exc.args and str(exc).startswith("run folder") else ""
         print(f"interrupted: {detail}" if detail else "interrupted", file=sys.stderr)
+        if detail:  # an interrupted run: its folder is written and Ray shut down; leave now, not
+            # after the ServerApp's thread (or Ray's own SIGTERM handling, which aborts) ends
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
 
 

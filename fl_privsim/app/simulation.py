@@ -291,7 +291,8 @@ def install_interrupt_handlers(sink: dict[str, Any]) -> dict[int, Any]:
     """Make SIGINT and SIGTERM both end a run the same way: mark ``sink["interrupted"]`` (the
     server stops at its next exchange) and raise :class:`KeyboardInterrupt` in the main thread
     (the launcher then writes the interrupted summary, the CLI exits 130). Returns the previous
-    handlers; nothing changes outside the main thread (signals only reach it)."""
+    handlers; nothing changes outside the main thread (signals only reach it), nor for a signal
+    the process ignores."""
     if threading.current_thread() is not threading.main_thread():
         return {}
 
@@ -299,7 +300,12 @@ def install_interrupt_handlers(sink: dict[str, Any]) -> dict[int, Any]:
         sink["interrupted"] = True
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    return {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is signal.SIG_IGN:  # e.g. a sweep worker: Ctrl-C is the sweep's
+            continue
+        previous[signum] = signal.signal(signum, interrupt)
+    return previous
 
 
 def restore_handlers(previous: dict[int, Any]) -> None:
