@@ -84,7 +84,8 @@ def _rounds_evaluated(metrics: Path) -> int:
 def test_sigint_leaves_status_interrupted(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fl_privsim.app.cli", "run", "--quiet", "--out", str(out)]
-    for s in [*SMALL, "federation.rounds=200", "attacks=[]"]:
+    small = [*SMALL, "federation.num_clients=3", "federation.clients_per_round=3"]
+    for s in [*small, "federation.rounds=200", "attacks=[]"]:
         cmd += ["--set", s]
     proc = subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

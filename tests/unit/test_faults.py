@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fl_privsim.app.cli import main
+from fl_privsim.app.sweep_manifest import finished
 from fl_privsim.core import config as config_mod
 from fl_privsim.core.errors import ConfigError
 from fl_privsim.core.faults import (
@@ -84,3 +85,15 @@ def test_bad_failure_rate_is_one_line_and_exit_2(capsys):
     assert main(["config", "--set", "federation.failure_rate=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "federation.failure_rate" in err
+
+
+def test_a_sweep_cell_interrupted_midway_is_not_finished(tmp_path):
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    assert not finished(cell)
+    (cell / "summary.json").write_text('{"status": "interrupted"}')
+    assert not finished(cell)
+    (cell / "summary.json").write_text('{"status": "completed"}')
+    assert finished(cell)
+    (cell / "summary.json").write_text('{"final_accuracy": 0.5}')  # written before status existed
+    assert finished(cell)
