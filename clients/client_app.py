@@ -40,10 +40,12 @@ from clients.defenses import Defense, build_defenses
 from clients.defenses.base import ModelRefused
 from clients.local_update import local_update
 from fl_privsim.core import config as config_mod
+from fl_privsim.core import plugins
 from fl_privsim.core.architecture import ARCH_KEY, build_architecture
 from fl_privsim.core.client_config import load_client_config
 from fl_privsim.core.config import Config
 from fl_privsim.core.devices import resolve_device
+from fl_privsim.core.faults import failure_kind
 from fl_privsim.core.models import build_model
 from fl_privsim.core.partition import effective_batch_size
 from fl_privsim.core.seeding import torch_generator
@@ -189,12 +191,28 @@ def train_client(
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    """Compute this client's update for the round in ``msg`` and reply with it."""
+    """Compute this client's update for the round in ``msg`` and reply with it; or, when
+    ``federation.failure_rate`` chose this client in this round
+    (:func:`fl_privsim.core.faults.failure_kind`), crash or reply garbage instead."""
     cfg = config_from_message(msg, context)
     pid = partition_id(context)
     device = resolve_device(cfg.federation.device)
     model = _global_model(msg, cfg, device)
     server_round = int(msg.content[CONFIG_RECORD].get("server-round", 0))
+    fed = cfg.federation
+    failure = failure_kind(cfg.seed, server_round, pid, fed.failure_rate, fed.failure_mode)
+    if failure is not None:  # injected: crash raises (Flower replies with an error), others
+        # reply with the arrays the failure returns (garbage: NaN or wrongly shaped)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        arrays = plugins.FAILURES.get(failure)(state, cfg.seed, server_round, pid)
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(arrays),
+                "metrics": MetricRecord({"num-examples": cfg.client.batch_size, "loss": 0.0}),
+                "meta": ConfigRecord({"client-id": pid, "protocol": fed.protocol}),
+            }
+        )
+        return Message(content=content, reply_to=msg)
     try:
         reply = train_client(cfg, pid, model, server_round, context.state, device)
     except ModelRefused as exc:  # a defense (model_inspection) refused the model it was sent

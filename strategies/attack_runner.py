@@ -110,6 +110,28 @@ class AttackRunner:
                     total += len(plan.clients & clients_per_round(r)) + int(plan.aggregate)
         return total
 
+    def missing(self, server_round: int, client: int | None, reason: str) -> None:
+        """Record, for every attack targeting ``client`` in ``server_round``, that its update
+        did not come back (the client failed, :mod:`strategies.faults`): outcome ``skipped``
+        with the reason ``client N failed in round r: <reason>``; the attack is not run."""
+        if client is None:
+            return
+        text = f"client {client} failed in round {server_round}: {' '.join(reason.split())}"
+        for plan in self.plans:
+            if server_round not in plan.rounds or client not in plan.clients:
+                continue
+            self.outcomes[plan.name]["skipped"] += 1
+            self._note_reason(plan.name, "skipped", text)
+            self.folder.log_metric(
+                round=server_round,
+                client=client,
+                source=f"attack/{plan.name}",
+                key="skipped",
+                value=text,
+            )
+            if self.on_attack_done is not None:
+                self.on_attack_done()
+
     def observe(self, server_round: int, observations: list[Observation]) -> None:
         """Attack, score and record every observation."""
         for obs in observations:
@@ -272,7 +294,8 @@ class AttackRunner:
         Every configured attack has an entry, ``attacked = 0`` when no targeted update came
         back (e.g. the targeted clients refused to train, see ``client_errors``). An attack
         that refused or failed also has ``refused_reasons``/``failed_reasons``: its distinct
-        one-line reasons, first seen first, at most :data:`MAX_REASONS`."""
+        one-line reasons, first seen first, at most :data:`MAX_REASONS`. An attack whose
+        targeted client failed has ``skipped`` (count) and ``skipped_reasons`` (only then)."""
         out: dict[str, dict[str, Any]] = {}
         configured = {p.name for p in self.plans if p.clients} | {
             f"{p.name}@aggregate" for p in self.plans if p.aggregate
@@ -300,6 +323,10 @@ class AttackRunner:
                 kept = self.reasons.get(label, {}).get(outcome)
                 if kept:
                     entry[f"{outcome}_reasons"] = list(kept)
+            skipped = self.outcomes.get(label, {}).get("skipped", 0)
+            if skipped:  # the targeted client failed (strategies.faults): not attacked
+                entry["skipped"] = float(skipped)
+                entry["skipped_reasons"] = list(self.reasons[label]["skipped"])
             if any(
                 "secret" in r for r in rows
             ):  # inference attacks: AUC etc. over the observations

@@ -37,7 +37,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -643,6 +643,7 @@ def run_secagg_server(
         federated[int(rnd)] = float(metrics)
         sink(int(rnd), None, "federated_eval", {"accuracy": float(metrics)})
     summary = plain.summary_base(cfg, runner, accuracy, federated, folder)
+    summary["status"] = "completed"
     errors = strategy.updates.client_error_report() if strategy.updates is not None else {}
     summary.update(
         {
@@ -666,6 +667,8 @@ def make_secagg_server_app(
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        # after an interrupt, stop at the next exchange (simulation.run writes the summary)
+        grid = cast(Grid, plain.InterruptibleGrid(grid, lambda: bool(sink.get("interrupted"))))
         sink["summary"] = run_secagg_server(grid, context, cfg, folder, progress)
 
     return server

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from fl_privsim.core.client_config import client_config_text
 from fl_privsim.core.config import Config
 from fl_privsim.core.devices import resolve_device
 from fl_privsim.core.errors import ConfigError
+from fl_privsim.core.faults import injected_failures
 from fl_privsim.core.models import build_model
 from fl_privsim.core.progress import Progress
 from fl_privsim.core.results import RunFolder, make_run_dir, start_run_folder
@@ -43,6 +44,7 @@ from fl_privsim.engine.federated_data import federated_data
 from fl_privsim.engine.scoring import Scorer
 from strategies.attack_runner import AttackPlan, AttackRunner
 from strategies.central_dp import CentralDP
+from strategies.faults import FaultFilter
 from strategies.fedupdates import FedUpdates, discover_clients
 from strategies.honest_but_curious import HonestButCurious, ModelInfo
 from strategies.malicious import MaliciousServer, ModificationPlan
@@ -239,10 +241,56 @@ def summary_base(
     }
 
 
+class RunInterrupted(Exception):
+    """The launcher was interrupted (SIGINT/SIGTERM): the server stops at its next exchange."""
+
+
+class InterruptibleGrid:
+    """``grid`` whose ``send_and_receive`` gives up as soon as ``stop()`` is true.
+
+    Flower's ``send_and_receive`` waits for the replies up to its timeout (an hour in
+    ``Strategy.start``), and the ServerApp's thread is not a daemon: after an interrupt the
+    process would wait for it. Every other attribute is ``grid``'s."""
+
+    def __init__(self, grid: Grid, stop: Callable[[], bool]) -> None:
+        self._grid = grid
+        self._stop = stop
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
+        """Push ``messages`` and pull their replies (as Flower's ``InMemoryGrid`` does) until
+        all are in, ``timeout`` passes or ``stop()`` (then :class:`RunInterrupted`)."""
+        msg_ids = set(self._grid.push_messages(messages))
+        end = time.time() + (timeout if timeout is not None else 0.0)
+        out: list[Any] = []
+        while timeout is None or time.time() < end:
+            if self._stop():
+                raise RunInterrupted("the run was interrupted")
+            replies = list(self._grid.pull_messages(msg_ids))
+            out.extend(replies)
+            msg_ids.difference_update({m.metadata.reply_to_message_id for m in replies})
+            if not msg_ids:
+                break
+            time.sleep(min(0.1, float(getattr(self._grid, "pull_interval", 0.1))))
+        return out
+
+
 def run_server(
-    grid: Grid, cfg: Config, folder: RunFolder, progress: Progress | None = None
+    grid: Grid,
+    cfg: Config,
+    folder: RunFolder,
+    progress: Progress | None = None,
+    live: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole federation from the server side; returns the summary it writes."""
+    """Run the whole federation from the server side; returns the summary it writes
+    (``"status": "completed"``).
+
+    ``live`` (the launcher's): once training starts, ``live["partial"]`` is a function
+    ``(status) -> summary`` of every metric so far, for a run interrupted midway
+    (:func:`fl_privsim.app.simulation.run`); when ``live["interrupted"]`` is set, the summary
+    of the interrupted run is the launcher's and this function does not overwrite it."""
     if (
         cfg.federation.secure_aggregation.mode != "off"
     ):  # never train in the clear what asked for SecAgg+
@@ -250,6 +298,8 @@ def run_server(
             "federation.secure_aggregation.mode: secagg+ runs on Flower's workflow path "
             "(strategies.secure_aggregation with clients.secagg_client); use fl-privsim run"
         )
+    if live is not None:
+        grid = cast(Grid, InterruptibleGrid(grid, lambda: bool(live.get("interrupted"))))
     device = resolve_device(cfg.federation.device)
     torch.set_num_threads(cfg.federation.server_threads)
     model = initial_model(cfg)
@@ -304,13 +354,58 @@ def run_server(
             if runner.plans or runner.analyses
             else trained
         )
+    fed = cfg.federation
+    faults = FaultFilter(
+        strategy,
+        expected=model.state_dict() if cfg.server.role != "malicious" else None,
+        node_to_client=node_to_client,
+        observer=runner,
+        injected=(
+            (
+                lambda r: injected_failures(
+                    cfg.seed,
+                    fed.failure_rate,
+                    fed.failure_mode,
+                    {r: inner.sample_clients(r, fed.clients_per_round)},
+                )[r]
+            )
+            if fed.failure_rate > 0
+            else None
+        ),
+    )
     accuracy: dict[int, float] = {}
     evaluate_round = round_evaluator(cfg, device, sink, progress, accuracy)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        return MetricRecord(evaluate_round(server_round, arrays))
+        res = MetricRecord(evaluate_round(server_round, arrays))
+        folder.flush_round()  # metrics.jsonl on disk once per round
+        return res
 
-    result = strategy.start(
+    federated: dict[int, float] = {}
+
+    def build_summary(status: str) -> dict[str, Any]:
+        summary = summary_base(cfg, runner, dict(accuracy), federated, folder)
+        summary["status"] = status
+        summary["fit_seconds_by_round"] = {str(r): t for r, t in sorted(inner.fit_seconds.items())}
+        summary.update(
+            {
+                "observer_failures": getattr(strategy, "failures", 0),
+                "server": strategy.report()
+                if isinstance(strategy, MaliciousServer)
+                else {"role": cfg.server.role},
+                "client_errors": inner.client_error_report(),
+                "failures": faults.report(),
+            }
+        )
+        summary.update(sink.dp_summary(cfg))
+        if central is not None:  # Flower's central DP: ε(δ) of the released models
+            report = central.report()
+            summary.update(central_epsilon=report["epsilon"], central_dp=report)
+        return summary
+
+    if live is not None:
+        live["partial"] = build_summary
+    result = faults.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=cfg.federation.rounds,
@@ -318,27 +413,14 @@ def run_server(
         evaluate_config=ConfigRecord({}),
         evaluate_fn=evaluate_fn,
     )
-    federated: dict[int, float] = {}
     for rnd, rec in sorted(result.evaluate_metrics_clientapp.items()):
         if "accuracy" in rec:
             federated[rnd] = float(rec["accuracy"])
             sink(rnd, None, "federated_eval", dict(rec))
-    summary = summary_base(cfg, runner, accuracy, federated, folder)
-    summary["fit_seconds_by_round"] = {str(r): t for r, t in sorted(inner.fit_seconds.items())}
-    summary.update(
-        {
-            "observer_failures": getattr(strategy, "failures", 0),
-            "server": strategy.report()
-            if isinstance(strategy, MaliciousServer)
-            else {"role": cfg.server.role},
-            "client_errors": inner.client_error_report(),
-        }
-    )
-    summary.update(sink.dp_summary(cfg))
-    if central is not None:  # Flower's central DP: ε(δ) of the released models (None without noise)
-        report = central.report()
-        summary.update(central_epsilon=report["epsilon"], central_dp=report)
-    folder.write_summary(summary)
+    summary = build_summary("completed")
+    folder.flush_round()
+    if live is None or not live.get("interrupted"):
+        folder.write_summary(summary)
     return summary
 
 
@@ -350,7 +432,7 @@ def make_server_app(
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        sink["summary"] = run_server(grid, cfg, folder, progress)
+        sink["summary"] = run_server(grid, cfg, folder, progress, live=sink)
 
     return server
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from typing import Any
@@ -159,6 +160,14 @@ def format_table(summary: dict[str, Any]) -> str:
             lines.append(
                 f"clients that {what}: {errs['total']} ({rounds}); reason: {errs['reasons'][0]}"
             )
+    failures = summary.get("failures") or {}
+    if failures.get("total"):
+        rounds = ", ".join(f"round {r}: {n}" for r, n in failures.get("by_round", {}).items() if n)
+        injected = failures.get("injected")
+        also = f"; injected: {injected['total']}" if injected else ""
+        lines.append(
+            f"failed client replies left out of the aggregate: {failures['total']} ({rounds}){also}"
+        )
     lines.extend(_dp_lines(summary))
     acc = summary.get("final_accuracy")
     lines.append("")
@@ -271,8 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        detail = str(exc) if exc.args and str(exc).startswith("run folder") else ""
+        print(f"interrupted: {detail}" if detail else "interrupted", file=sys.stderr)
+        if detail:  # an interrupted run: its folder is written and Ray shut down; leave now, not
+            # after the ServerApp's thread (or Ray's own SIGTERM handling, which aborts) ends
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
 
 

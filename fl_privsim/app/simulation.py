@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -284,10 +287,59 @@ def check_server_role(
                 )
 
 
+def install_interrupt_handlers(sink: dict[str, Any]) -> dict[int, Any]:
+    """Make SIGINT and SIGTERM both end a run the same way: mark ``sink["interrupted"]`` (the
+    server stops at its next exchange) and raise :class:`KeyboardInterrupt` in the main thread
+    (the launcher then writes the interrupted summary, the CLI exits 130). Returns the previous
+    handlers; nothing changes outside the main thread (signals only reach it), nor for a signal
+    the process ignores."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def interrupt(signum: int, frame: Any) -> None:
+        sink["interrupted"] = True
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is signal.SIG_IGN:  # e.g. a sweep worker: Ctrl-C is the sweep's
+            continue
+        previous[signum] = signal.signal(signum, interrupt)
+    return previous
+
+
+def restore_handlers(previous: dict[int, Any]) -> None:
+    """Put back the handlers :func:`install_interrupt_handlers` replaced."""
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def write_interrupted_summary(folder: Any, sink: dict[str, Any]) -> None:
+    """Leave the run folder readable after an interrupt: ``summary.json`` with
+    ``"status": "interrupted"`` and every metric so far (the server's ``sink["partial"]``;
+    just the status when training had not started), ``metrics.jsonl`` fsync'd."""
+    sink["interrupted"] = True
+    partial = sink.get("partial")
+    summary: dict[str, Any] = {"status": "interrupted"}
+    for _ in range(3):  # the server's thread may be adding to what it summarises
+        try:
+            summary = partial("interrupted") if partial is not None else summary
+            break
+        except Exception as exc:  # noqa: BLE001 - a summary of what is there, whatever it is
+            log.warning("could not summarise the interrupted run: %s", exc)
+            time.sleep(0.2)
+    summary.setdefault("run_dir", str(folder.path))
+    folder.flush_round()
+    folder.write_summary(summary)
+
+
 def run(
     cfg: Config, *, out: str | Path | None = None, show_progress: bool = True, verbose: bool = False
 ) -> tuple[Path, dict[str, Any]]:
-    """Run one federation described by ``cfg``; returns the run folder and the summary."""
+    """Run one federation described by ``cfg``; returns the run folder and the summary.
+
+    SIGINT or SIGTERM ends the run with :class:`KeyboardInterrupt` after writing
+    ``summary.json`` with ``"status": "interrupted"`` (:func:`write_interrupted_summary`)."""
     prepare_environment()
     validate_before_launch(cfg)
     if cfg.federation.secure_aggregation.mode == "secagg+":  # Flower's workflow path, SecAgg+
@@ -306,6 +358,7 @@ def run(
         flwr_log = logging.getLogger("flwr")
         flwr_log.setLevel(logging.ERROR)
         flwr_log.propagate = False
+    previous = install_interrupt_handlers(sink)
     try:
         launch(
             server_app,
@@ -314,8 +367,15 @@ def run(
             backend=backend_config(cfg, verbose=verbose),
             verbose=verbose,
         )
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's driver SIGTERM handler, which
+        # ray.init puts in place of ours, exits with sys.exit
+        write_interrupted_summary(folder, sink)
+        raise KeyboardInterrupt(f"run folder {folder.path} (summary.json: interrupted)") from None
     finally:
+        restore_handlers(previous)
         progress.close()
+    if "summary" not in sink and sink.get("interrupted"):  # the simulation swallowed the signal
+        raise KeyboardInterrupt(f"run folder {folder.path} (summary.json: interrupted)")
     if "summary" not in sink:
         raise RuntimeError(
             f"the simulation ended without a summary; see {folder.path / 'metrics.jsonl'}"

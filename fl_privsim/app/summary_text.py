@@ -9,11 +9,11 @@ from typing import Any
 
 
 def outcome_notes(row: dict[str, Any]) -> list[str]:
-    """``refused: <reason>`` / ``failed: <reason>`` for an attack's summary row (the first
-    distinct reason, and how many others); ``refused``/``failed`` alone when the summary has
-    counts but no ``refused_reasons``/``failed_reasons``."""
+    """``refused: <reason>`` / ``failed: <reason>`` / ``skipped: <reason>`` (the targeted client
+    failed) for an attack's summary row (the first distinct reason, and how many others); the
+    kind alone when the summary has counts but no ``<kind>_reasons``."""
     notes = []
-    for kind in ("refused", "failed"):
+    for kind in ("refused", "failed", "skipped"):
         if not int(row.get(kind, 0)):
             continue
         reasons = list(dict.fromkeys(str(r) for r in row.get(f"{kind}_reasons") or []))

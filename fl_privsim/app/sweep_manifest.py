@@ -3,8 +3,9 @@
 The manifest lists every cell × seed with its grid values, folder and state (``pending``,
 ``running``, ``done``, ``failed`` with its error). It is rewritten atomically after every
 change, so a sweep killed at any moment leaves a readable one. ``--resume`` trusts only what
-the cell folders show: a cell is finished exactly when its ``summary.json`` exists (a run
-writes it atomically at its very end); every other cell is run again from an empty folder.
+the cell folders show: a cell is finished exactly when its ``summary.json`` exists and is not
+marked ``"status": "interrupted"`` (a run writes it atomically at its very end, or on
+SIGINT/SIGTERM with that mark); every other cell is run again from an empty folder.
 """
 
 from __future__ import annotations
@@ -87,14 +88,27 @@ def check_same_plan(folder: Path, manifest: dict[str, Any], plan: SweepPlan) -> 
         )
 
 
+def finished(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` finished: its ``summary.json`` exists and does not say
+    ``"status": "interrupted"`` (what a run stopped by SIGINT/SIGTERM writes)."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("status") != "interrupted"
+    except (OSError, ValueError, AttributeError):  # unreadable: the table counts it as failed
+        return True
+
+
 def reconcile(folder: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """Mark each cell by what its folder shows; returns the cells still to run. Finished cells
-    (``summary.json`` present) are ``done`` and untouched; any other cell goes back to
-    ``pending`` (a failed one is retried) and its half-written folder is removed."""
+    (:func:`finished`: ``summary.json`` present, not interrupted) are ``done`` and untouched;
+    any other cell goes back to ``pending`` (a failed or interrupted one is retried) and its
+    half-written folder is removed."""
     todo = []
     for cell in manifest["cells"]:
         path = folder / cell["dir"]
-        if (path / "summary.json").is_file():
+        if finished(path):
             cell["status"] = "done"
             cell["error"] = None
             continue

@@ -33,7 +33,8 @@ from fl_privsim.core.errors import ConfigError
 #: What a client reads, as a tree of the config's keys (``True`` = the whole value):
 #: the seed (its batches' and defenses' generators), ``[data]`` (the dataset and its partition),
 #: ``[model]``, ``[client]``, ``[[defenses]]``, and of ``[federation]`` the partition count,
-#: the protocol, the device and CPU threads it trains with, and central DP's mode (its clipping
+#: the protocol, the device and CPU threads it trains with, the injected failures (a client
+#: draws its own, :mod:`fl_privsim.core.faults`), and central DP's mode (its clipping
 #: mod is active only in the ``client_*`` modes). A malicious server's architecture travels
 #: apart, under :data:`fl_privsim.core.architecture.ARCH_KEY`.
 CLIENT_SECTIONS: dict[str, Any] = {
@@ -47,6 +48,8 @@ CLIENT_SECTIONS: dict[str, Any] = {
         "protocol": True,
         "device": True,
         "num_cpus_per_client": True,
+        "failure_rate": True,
+        "failure_mode": True,
         "central_dp": {"mode": True},
     },
 }

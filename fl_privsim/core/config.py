@@ -194,6 +194,20 @@ class FederationConfig:
     fraction_evaluate: float = _f(
         1.0, "share of clients in federated evaluation (0 = off)", min=0.0, max=1.0
     )
+    failure_rate: float = _f(
+        0.0,
+        "injected client failures: each sampled client fails in a round with this probability, "
+        "drawn from (seed, round, client); 0 = none, below 1 (docs/faults.md)",
+        min=0.0,
+        max=1.0,
+    )
+    failure_mode: str = _f(
+        "crash",
+        "how an injected failure shows: crash (the client raises), garbage (NaN or wrongly "
+        "shaped arrays), mixed (crash or garbage, drawn per client and round), or a plugin's "
+        "failure (fl_privsim.failures)",
+        choices=lambda: (*plugins.FAILURES.names(), "mixed"),
+    )
     central_dp: CentralDPConfig = field(
         default_factory=CentralDPConfig, metadata={"help": "[federation.central_dp]"}
     )
@@ -554,6 +568,29 @@ def _check_central_dp(cfg: Config) -> None:
         )
 
 
+def _check_faults(cfg: Config) -> None:
+    """``federation.failure_rate``: below 1, and only where failed replies are handled (the
+    Message-API path with an honest server)."""
+    rate = cfg.federation.failure_rate
+    if rate >= 1.0:
+        raise ConfigError(
+            f"federation.failure_rate: {rate!r} must be below 1 (every client would fail)"
+        )
+    if rate == 0.0:
+        return
+    if cfg.federation.secure_aggregation.mode != "off":
+        raise ConfigError(
+            "federation.failure_rate: injected failures are not supported with "
+            "federation.secure_aggregation (SecAgg+ handles dropouts in its own protocol); "
+            'set failure_rate = 0 or secure_aggregation.mode = "off"'
+        )
+    if cfg.server.role == "malicious":
+        raise ConfigError(
+            "federation.failure_rate: injected failures are not supported with server.role = "
+            '"malicious"; set failure_rate = 0 or role = "honest"'
+        )
+
+
 def _check_secure_aggregation(cfg: Config) -> None:
     """``[federation.secure_aggregation]`` against the rest (its check hook:
     :func:`fl_privsim.engine.secure_aggregation.check_config`)."""
@@ -589,6 +626,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     _cross_check(cfg)
     _check_server(cfg)
     _check_central_dp(cfg)
+    _check_faults(cfg)
     _check_secure_aggregation(cfg)
     _check_defenses(cfg)
     _check_analyses(cfg)

@@ -130,6 +130,18 @@ CONFIG_CHECKS: Registry[Any] = Registry(
 )
 
 
+#: Injected client failures (``federation.failure_mode``): a function
+#: ``(state, seed, server_round, client) -> update`` that raises (the client crashes) or returns
+#: the arrays the failed client replies with (:mod:`fl_privsim.core.faults`), group
+#: ``fl_privsim.failures``.
+FAILURES: Registry[Any] = Registry(
+    kind="failure",
+    group="fl_privsim.failures",
+    builtins={"crash": "fl_privsim.core.faults", "garbage": "fl_privsim.core.faults"},
+    ordered=True,
+)
+
+
 #: Every plugin kind's registry, by kind.
 REGISTRIES: dict[str, Registry[Any]] = {
     "attacks": ATTACKS,
@@ -143,6 +155,7 @@ REGISTRIES: dict[str, Registry[Any]] = {
     "reproductions": REPRODUCTIONS,
     "model_variants": MODEL_VARIANTS,
     "config_checks": CONFIG_CHECKS,
+    "failures": FAILURES,
 }
 
 

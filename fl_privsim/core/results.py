@@ -5,8 +5,10 @@ Layout (``runs/<UTC time>_<name>/`` or ``--out``)::
     config.toml                      the resolved config
     env.json                         versions, seed, device, host
     metrics.jsonl                    one JSON object a line: round, client, source, key, value
+                                     (append-only; fsync'd at the end of every round)
     attacks/round_XXX/client_YYY.png originals above reconstructions (one row per attack)
-    summary.json                     written atomically at the end
+    summary.json                     written atomically at the end ("status": "completed"),
+                                     or on SIGINT/SIGTERM ("interrupted", the metrics so far)
     report.html                      the HTML report, from these files (fl_privsim.app.report)
 """
 
@@ -120,6 +122,16 @@ class RunFolder:
         line = json.dumps(row)
         with self._lock, open(self._metrics, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
+
+    def flush_round(self) -> None:
+        """Force the metric lines written so far onto the disk (``fsync``): called once per
+        round, so a killed run keeps every finished round's metrics. Each line is appended
+        (never rewritten) as it comes; only this call waits for the disk."""
+        if not self._metrics.exists():
+            return
+        with self._lock, open(self._metrics, "a", encoding="utf-8") as fh:
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every metric line written so far."""

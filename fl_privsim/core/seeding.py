@@ -23,6 +23,7 @@ PURPOSES: dict[str, int] = {
     "modification": 9,
     "public_data": 10,
     "secagg_rounding": 11,
+    "failure": 12,
 }
 
 

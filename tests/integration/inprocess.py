@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 
 from clients.client_app import app as client_app
 from clients.client_app import handle_evaluate, handle_query, handle_train
@@ -48,5 +49,10 @@ class InProcessGrid:
         for msg in messages:
             self.sent.append(msg)
             handler = client_app if self.use_client_app else HANDLERS[msg.metadata.message_type]
-            replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
+            try:
+                replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
+            except Exception as exc:  # noqa: BLE001 - as Flower's simulation worker: an error reply
+                reason = str(type(exc)) + ":<'" + str(exc) + "'>"
+                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+                replies.append(Message(error, reply_to=msg))
         return replies

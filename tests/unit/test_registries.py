@@ -37,6 +37,7 @@ KINDS = {
     "reproductions": {"defenses", "i2f_vs_dgl", "inference_aggregation", "secure_aggregation"},
     "model_variants": {"vib"},
     "config_checks": {"secure_aggregation", "defenses", "analyses", "inference_attacks"},
+    "failures": {"crash", "garbage"},
 }
 
 
@@ -59,7 +60,9 @@ def test_each_registry_lists_its_builtins_under_its_group(kind: str) -> None:
     assert list(registry) == registry.names()
 
 
-@pytest.mark.parametrize("kind", ["datasets", "models", "model_variants", "config_checks"])
+@pytest.mark.parametrize(
+    "kind", ["datasets", "models", "model_variants", "config_checks", "failures"]
+)
 def test_a_name_declared_with_its_module_is_registered_there(kind: str) -> None:
     """The datasets and models name their built-ins' modules in plugins.py (so that the config
     lists them without importing torch): each such module registers exactly those names."""
