@@ -240,6 +240,10 @@ def write_run_report(run_dir: Path) -> Path:
     summary = read_json(run_dir / "summary.json", notes)
     if not (run_dir / "summary.json").exists():
         notes.append("no summary.json: the run did not finish")
+    elif (summary or {}).get("status") == "interrupted":
+        notes.append(
+            "summary.json says interrupted: the run was stopped; the numbers are those so far"
+        )
     config_text = read_text(run_dir / "config.toml")
     config: dict[str, Any] | None = None
     if config_text is not None:

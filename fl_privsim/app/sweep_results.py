@@ -324,17 +324,22 @@ def _cell_rows(
     status = entry.get("status")
     error = str(entry.get("error") or "")
     summary: dict[str, Any] | None = None
-    if summary_path.is_file():  # finished exactly when its summary exists (the contract)
+    present = summary_path.is_file()
+    if present:  # finished exactly when its summary exists (the contract) ...
         try:
             summary = json.loads(summary_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             log.warning("cell %s: unreadable summary.json (%s): counted as failed", cell_id, exc)
             error = error or f"unreadable summary.json: {exc}"
-    elif status == "done":
-        log.warning("cell %s: sweep.json says done but %s is missing", cell_id, summary_path)
-        error = error or "sweep.json says done but summary.json is missing"
-    elif status != "failed":
-        return []  # pending or running
+    if summary is not None and summary.get("status") == "interrupted":
+        # ... and does not say it was stopped by SIGINT/SIGTERM (--resume reruns such a cell)
+        summary, present = None, False
+    if not present:
+        if status == "done":
+            log.warning("cell %s: sweep.json says done but %s is missing", cell_id, summary_path)
+            error = error or "sweep.json says done but summary.json is missing"
+        elif status != "failed":
+            return []  # pending or running
     cell = _Cell(entry, run_dir, _read_toml(run_dir / "config.toml"), base)
     values = entry.get("values") or {}
     common: dict[str, Any] = {

@@ -123,3 +123,23 @@ def test_workers_report_their_cells_back(plan, tmp_path):
     assert [c["status"] for c in todo] == ["failed"] * 3
     assert all("exists and is not empty" in c["error"] for c in todo)
     assert progress.failed == 3
+
+
+def test_an_interrupted_cell_is_not_finished(plan, tmp_path, monkeypatch):
+    """A run stopped by SIGINT/SIGTERM writes summary.json with status interrupted: the table
+    leaves it out and --resume runs it again."""
+    from fl_privsim.app.sweep_results import write_tables
+
+    monkeypatch.setattr(sweep_mod, "run", _fake_run)
+    monkeypatch.setattr(sweep_mod, "kept_alive", contextlib.nullcontext)
+    out = tmp_path / "sweep"
+    sweep_mod.run_sweep(plan, out=str(out), show_progress=False)
+    manifest = json.loads((out / "sweep.json").read_text())
+    first = manifest["cells"][0]
+    (out / first["dir"] / "summary.json").write_text('{"status": "interrupted"}', encoding="utf-8")
+    first["status"] = "running"
+    manifest_mod.write_manifest(out, manifest)
+    results, _ = write_tables(out)
+    assert first["id"] not in set(results["cell_id"])
+    todo = manifest_mod.reconcile(out, manifest)
+    assert first["id"] in [c["id"] for c in todo]
