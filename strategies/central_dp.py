@@ -86,6 +86,7 @@ from flwr.serverapp.strategy import (
 
 from fl_privsim.core.seeding import seed_int
 from strategies.fedupdates import FedUpdates
+from strategies.wrapping import DelegatesEvaluation
 
 if TYPE_CHECKING:
     from fl_privsim.core.config import CentralDPConfig
@@ -262,7 +263,7 @@ def _seeded_numpy(seed: int) -> Iterator[None]:
         np.random.set_state(state)
 
 
-class CentralDP(Strategy):
+class CentralDP(DelegatesEvaluation, Strategy):
     """Wrap :class:`FedUpdates` with one of Flower's central DP wrappers (see the module doc).
 
     Parameters
@@ -426,17 +427,9 @@ class CentralDP(Strategy):
         )
         return self.inner.apply_update(current, noisy_mean), metrics
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate (through Flower's wrapper) to :class:`FedUpdates`."""
-        return self.dp.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Delegate (through Flower's wrapper) to :class:`FedUpdates`."""
-        return self.dp.aggregate_evaluate(server_round, replies)
+    def evaluation_strategy(self) -> Any:
+        """Federated evaluation goes through Flower's DP wrapper to :class:`FedUpdates`."""
+        return self.dp
 
     # ------------------------------------------------------------------ reporting
     def report(self) -> dict[str, Any]:

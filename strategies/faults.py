@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import Strategy
 from clients.client_app import REFUSED
 from fl_privsim.core.faults import update_problem
 from strategies.fedupdates import reply_client_id
+from strategies.wrapping import DelegatesEvaluation
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class MissingObserver(Protocol):
         """Record that ``client``'s update of ``server_round`` is missing, and why."""
 
 
-class FaultFilter(Strategy):
+class FaultFilter(DelegatesEvaluation, Strategy):
     """Wrap ``inner``: drop garbage train replies, count every failed reply per round.
 
     ``expected`` is the agreed model's ``state_dict`` (names and shapes of a valid update;
@@ -133,18 +134,6 @@ class FaultFilter(Strategy):
                 self.observer.missing(server_round, client, reason)
             except Exception:  # bookkeeping must never stop training
                 log.exception("could not record the missing update of client %s", client)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Delegate."""
-        return self.inner.aggregate_evaluate(server_round, replies)
 
     def report(self) -> dict[str, Any]:
         """The summary's ``failures``: ``total``, ``by_round`` (every round trained, 0 where

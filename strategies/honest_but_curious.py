@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import Strategy
 from adversaries.base import Observation
 from strategies.fedupdates import reply_client_id, weighted_mean_update
 from strategies.model_info import ModelInfo
+from strategies.wrapping import DelegatesEvaluation
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Observer(Protocol):
         """Handle the observations (run attacks, score, record)."""
 
 
-class HonestButCurious(Strategy):
+class HonestButCurious(DelegatesEvaluation, Strategy):
     """Wrap ``inner`` so that ``observer`` sees every targeted update as an Observation."""
 
     def __init__(self, inner: Strategy, *, info: ModelInfo, observer: Observer) -> None:
@@ -75,18 +76,6 @@ class HonestButCurious(Strategy):
             self.failures += 1
             log.exception("observation of round %d failed; training continues", server_round)
         return self.inner.aggregate_train(server_round, replies)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Delegate."""
-        return self.inner.aggregate_evaluate(server_round, replies)
 
     # ------------------------------------------------------------------ observations
     def _observation(
