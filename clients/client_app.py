@@ -45,7 +45,7 @@ from fl_privsim.core.architecture import ARCH_KEY, build_architecture
 from fl_privsim.core.client_config import load_client_config
 from fl_privsim.core.config import Config
 from fl_privsim.core.devices import resolve_device
-from fl_privsim.core.faults import failure_kind
+from fl_privsim.core.faults import HANG, failure_kind, hang
 from fl_privsim.core.models import build_model
 from fl_privsim.core.partition import effective_batch_size
 from fl_privsim.core.seeding import torch_generator
@@ -193,7 +193,7 @@ def train_client(
 def handle_train(msg: Message, context: Context) -> Message:
     """Compute this client's update for the round in ``msg`` and reply with it; or, when
     ``federation.failure_rate`` chose this client in this round
-    (:func:`fl_privsim.core.faults.failure_kind`), crash or reply garbage instead."""
+    (:func:`fl_privsim.core.faults.failure_kind`), crash, hang or reply garbage instead."""
     cfg = config_from_message(msg, context)
     pid = partition_id(context)
     device = resolve_device(cfg.federation.device)
@@ -201,6 +201,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content[CONFIG_RECORD].get("server-round", 0))
     fed = cfg.federation
     failure = failure_kind(cfg.seed, server_round, pid, fed.failure_rate, fed.failure_mode)
+    if failure == HANG:  # injected: no reply before the server's timeout
+        hang(fed.round_timeout, server_round, pid)
     if failure is not None:  # injected: crash raises (Flower replies with an error), others
         # reply with the arrays the failure returns (garbage: NaN or wrongly shaped)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

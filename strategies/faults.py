@@ -3,6 +3,8 @@
 :class:`FaultFilter` is the outermost strategy of a Message-API run. For each round's train
 replies it sorts out the ones that cannot be aggregated, before any other strategy sees them:
 
+- a client asked to train that sent no reply before the round's timeout (a hang) is counted
+  as a failure;
 - an error reply (a client that raised: a crash, injected or real) is counted as a failure
   and handed on (:class:`strategies.fedupdates.FedUpdates` records its reason in
   ``client_errors``); a refusal (``refused:``, e.g. ``model_inspection``) is not a failure;
@@ -50,7 +52,8 @@ class FaultFilter(DelegatesEvaluation, Strategy):
     models have other arrays);
     ``node_to_client`` names the client of an error reply (which carries no content);
     ``injected`` (optional) gives, per round, the injected failures ``{client: kind}`` for the
-    report."""
+    report; ``timeout`` (optional) is the round timeout, named in the reason of a client that
+    never replied (counted as a failure too)."""
 
     def __init__(
         self,
@@ -60,6 +63,7 @@ class FaultFilter(DelegatesEvaluation, Strategy):
         node_to_client: dict[int, int],
         observer: MissingObserver | None = None,
         injected: Callable[[int], dict[int, str]] | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.inner = inner
         self.expected = (
@@ -75,6 +79,10 @@ class FaultFilter(DelegatesEvaluation, Strategy):
         #: Train replies handed on to be aggregated, per round.
         self.aggregated: dict[int, int] = {}
         self.rounds_seen: list[int] = []
+        #: Node ids each round's train messages went to.
+        self.asked: dict[int, list[int]] = {}
+        #: Seconds the server waits for a round's replies (only named in the reason).
+        self.timeout = timeout
 
     def summary(self) -> None:
         """Log the inner strategy's summary."""
@@ -83,9 +91,11 @@ class FaultFilter(DelegatesEvaluation, Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Delegate."""
+        """Delegate, noting which nodes were asked (to find the ones that never reply)."""
         self.rounds_seen.append(server_round)
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self.asked[server_round] = [m.metadata.dst_node_id for m in messages]
+        return messages
 
     def problem(self, msg: Message) -> str | None:
         """Why ``msg`` (a successful reply) cannot be aggregated; ``None`` when it can."""
@@ -106,6 +116,12 @@ class FaultFilter(DelegatesEvaluation, Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Count the failed replies, drop the garbage ones, let ``inner`` aggregate the rest."""
         kept: list[Message] = []
+        replies = list(replies)
+        answered = {m.metadata.src_node_id for m in replies}
+        for node in self.asked.get(server_round, []):
+            if node not in answered:  # no reply before the timeout: a hang or a lost client
+                waited = f" within {self.timeout:g} s" if self.timeout is not None else ""
+                self._fail(server_round, self.node_to_client.get(node), f"no reply{waited}")
         for msg in replies:
             if msg.has_error():
                 reason = str(msg.error.reason or f"error code {msg.error.code}")

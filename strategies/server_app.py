@@ -372,6 +372,7 @@ def run_server(
             if fed.failure_rate > 0
             else None
         ),
+        timeout=fed.round_timeout,
     )
     accuracy: dict[int, float] = {}
     evaluate_round = round_evaluator(cfg, device, sink, progress, accuracy)
@@ -412,6 +413,7 @@ def run_server(
         train_config=ConfigRecord({}),
         evaluate_config=ConfigRecord({}),
         evaluate_fn=evaluate_fn,
+        timeout=fed.round_timeout,
     )
     for rnd, rec in sorted(result.evaluate_metrics_clientapp.items()):
         if "accuracy" in rec:

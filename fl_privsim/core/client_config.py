@@ -34,7 +34,8 @@ from fl_privsim.core.errors import ConfigError
 #: the seed (its batches' and defenses' generators), ``[data]`` (the dataset and its partition),
 #: ``[model]``, ``[client]``, ``[[defenses]]``, and of ``[federation]`` the partition count,
 #: the protocol, the device and CPU threads it trains with, the injected failures (a client
-#: draws its own, :mod:`fl_privsim.core.faults`), and central DP's mode (its clipping
+#: draws its own, :mod:`fl_privsim.core.faults`; a hanging one sleeps past ``round_timeout``),
+#: and central DP's mode (its clipping
 #: mod is active only in the ``client_*`` modes). A malicious server's architecture travels
 #: apart, under :data:`fl_privsim.core.architecture.ARCH_KEY`.
 CLIENT_SECTIONS: dict[str, Any] = {
@@ -50,6 +51,7 @@ CLIENT_SECTIONS: dict[str, Any] = {
         "num_cpus_per_client": True,
         "failure_rate": True,
         "failure_mode": True,
+        "round_timeout": True,
         "central_dp": {"mode": True},
     },
 }

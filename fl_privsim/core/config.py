@@ -204,9 +204,15 @@ class FederationConfig:
     failure_mode: str = _f(
         "crash",
         "how an injected failure shows: crash (the client raises), garbage (NaN or wrongly "
-        "shaped arrays), mixed (crash or garbage, drawn per client and round), or a plugin's "
-        "failure (fl_privsim.failures)",
-        choices=lambda: (*plugins.FAILURES.names(), "mixed"),
+        "shaped arrays), hang (no reply before round_timeout), mixed (crash or garbage, drawn "
+        "per client and round), or a plugin's failure (fl_privsim.failures)",
+        choices=lambda: (*plugins.FAILURES.names(), "hang", "mixed"),
+    )
+    round_timeout: float = _f(
+        3600.0,
+        "seconds the server waits for a round's replies; a client that has not replied by then "
+        "counts as failed (timed out) and the round goes on without it",
+        min=1.0,
     )
     central_dp: CentralDPConfig = field(
         default_factory=CentralDPConfig, metadata={"help": "[federation.central_dp]"}

@@ -12,12 +12,16 @@ Kinds (``failure_mode``):
 - ``crash``: the client raises before training; Flower turns it into an error reply.
 - ``garbage``: the client replies with an update of the right keys filled with NaN, or with
   wrong shapes (which of the two is drawn from the same stream).
-- ``mixed``: crash or garbage, drawn per (round, client) with equal probability.
+- ``hang``: the client sends nothing until ``federation.round_timeout`` has passed (it sleeps
+  past it, then raises): the server stops waiting at the timeout and counts it as failed; the
+  late reply is never read. (In the simulation a hanging client keeps one Ray actor busy for
+  that time, so the other clients share the remaining actors.)
+- ``mixed``: crash or garbage, drawn per (round, client) with equal probability (not hang,
+  which costs a whole timeout).
 - any other name registered in :data:`fl_privsim.core.plugins.FAILURES` (a plugin hook, entry
   point group ``fl_privsim.failures``): a function ``(state, seed, server_round, client)``
   that raises (a crash) or returns the arrays the client replies with.
 
-A hanging client (reply after the server's timeout) is not simulated: see docs/faults.md.
 The server drops error replies and replies that fail :func:`reply_problem`, so the aggregate
 holds only real updates.
 """
@@ -25,6 +29,7 @@ holds only real updates.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -36,6 +41,10 @@ from fl_privsim.core.seeding import numpy_rng
 FAILURE_KINDS: tuple[str, ...] = ("crash", "garbage")
 #: Prefix of the reason an injected crash raises with (the server's failure reasons show it).
 INJECTED = "injected failure"
+#: The failure mode of a client that does not reply before the round's timeout.
+HANG = "hang"
+#: Seconds a hanging client sleeps beyond ``federation.round_timeout`` before it gives up.
+HANG_MARGIN = 2.0
 
 
 def failure_kind(seed: int, server_round: int, client: int, rate: float, mode: str) -> str | None:
@@ -80,6 +89,13 @@ def injected_failures(
             if kind is not None:
                 out[rnd][c] = kind
     return out
+
+
+def hang(round_timeout: float, server_round: int, client: int) -> None:
+    """An injected hang: sleep until ``HANG_MARGIN`` seconds past ``round_timeout`` (the
+    server has stopped waiting by then), then raise; the late error reply is never read."""
+    time.sleep(round_timeout + HANG_MARGIN)
+    raise RuntimeError(f"{INJECTED}: client {client} hung in round {server_round}")
 
 
 def garbage_update(

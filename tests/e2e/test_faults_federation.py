@@ -111,3 +111,26 @@ def test_sigint_leaves_status_interrupted(tmp_path):
     assert summary["failures"]["total"] == 0
     lines = metrics.read_text().splitlines()
     assert all(json.loads(x) for x in lines)  # every line whole
+
+
+def test_a_hanging_client_is_left_behind_at_the_round_timeout(tmp_path):
+    settings = [
+        *SMALL,
+        "federation.num_clients=6",
+        "federation.clients_per_round=6",
+        "federation.rounds=2",
+        "federation.failure_rate=0.1",
+        'federation.failure_mode="hang"',
+        "federation.round_timeout=5",
+        "attacks=[]",
+    ]
+    cfg = config_mod.load(None, settings)
+    expected = injected_failures(cfg.seed, 0.1, "hang", {r: range(6) for r in (1, 2)})
+    assert sum(map(len, expected.values())) > 0  # this seed injects hangs
+    _, summary = run(cfg, out=tmp_path / "run", show_progress=False)
+    assert summary["status"] == "completed"
+    failures = summary["failures"]
+    assert failures["by_round"] == {str(r): len(c) for r, c in expected.items()}
+    assert failures["reasons"] == ["no reply within 5 s"]
+    assert failures["aggregated_by_round"] == {str(r): 6 - len(c) for r, c in expected.items()}
+    assert failures["injected"]["by_kind"] == {"hang": failures["total"]}

@@ -3,6 +3,7 @@ ClientApp's handlers (no Ray, no network), as Flower's own tests build Messages 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from flwr.app import Context, Error, Message, MessageType, RecordDict
@@ -45,14 +46,19 @@ class InProcessGrid:
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
+        """Each message's reply, in turn; a reply that took longer than ``timeout`` to compute
+        is dropped, as if the clients ran in parallel and the server stopped waiting."""
         replies = []
         for msg in messages:
             self.sent.append(msg)
             handler = client_app if self.use_client_app else HANDLERS[msg.metadata.message_type]
+            start = time.monotonic()
             try:
-                replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
+                reply = handler(msg, self.contexts[msg.metadata.dst_node_id])
             except Exception as exc:  # noqa: BLE001 - as Flower's simulation worker: an error reply
                 reason = str(type(exc)) + ":<'" + str(exc) + "'>"
                 error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
-                replies.append(Message(error, reply_to=msg))
+                reply = Message(error, reply_to=msg)
+            if timeout is None or time.monotonic() - start <= timeout:
+                replies.append(reply)
         return replies

@@ -106,3 +106,27 @@ def test_interrupted_summary_has_the_metrics_so_far(tmp_path):
     write_interrupted_summary(RunFolder(tmp_path / "early"), {})  # before training started
     early = json.loads((tmp_path / "early" / "summary.json").read_text())
     assert early["status"] == "interrupted"
+
+
+def test_a_client_that_hangs_past_the_round_timeout_counts_as_failed(tmp_path):
+    settings = [
+        *(s for s in SETTINGS if not s.startswith(("federation.failure_", "federation.rounds"))),
+        "federation.rounds=2",
+        'attacks=[{name = "analytic", targets = { rounds = [1, 2], clients = [0, 1, 2, 3, 4, 5] }}]',
+        "federation.failure_rate=0.1",
+        'federation.failure_mode="hang"',
+        "federation.round_timeout=1",
+    ]
+    cfg = config_mod.load(None, settings)
+    sampled = {r: range(6) for r in (1, 2)}
+    expected = injected_failures(cfg.seed, 0.1, "hang", sampled)
+    assert 0 < sum(len(c) for c in expected.values()) <= 3  # each hang costs ~3 s here
+    summary = run_server(InProcessGrid(6), cfg, RunFolder(tmp_path / "run"))
+    assert summary["status"] == "completed"
+    failures = summary["failures"]
+    assert failures["by_round"] == {str(r): len(c) for r, c in expected.items()}
+    assert failures["injected"]["by_kind"] == {"hang": failures["total"]}
+    assert failures["reasons"] == ["no reply within 1 s"]
+    assert failures["aggregated_by_round"] == {str(r): 6 - len(c) for r, c in expected.items()}
+    assert summary["attacks"]["analytic"]["skipped"] == failures["total"]
+    assert all(math.isfinite(a) for a in summary["accuracy_by_round"].values())

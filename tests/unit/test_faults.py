@@ -8,6 +8,7 @@ import torch
 from fl_privsim.app.cli import main
 from fl_privsim.app.sweep_manifest import finished
 from fl_privsim.core import config as config_mod
+from fl_privsim.core import faults as faults_mod
 from fl_privsim.core.errors import ConfigError
 from fl_privsim.core.faults import (
     failure_kind,
@@ -66,7 +67,8 @@ def test_config_keys_and_their_errors():
         ("federation.failure_rate=1.0", "must be below 1"),
         ("federation.failure_rate=-0.1", "below the minimum"),
         ("federation.failure_rate=1.5", "above the maximum"),
-        ('federation.failure_mode="hang"', "not allowed"),
+        ('federation.failure_mode="stall"', "not allowed"),
+        ("federation.round_timeout=0.5", "below the minimum"),
     ):
         with pytest.raises(ConfigError, match=words):
             config_mod.load(None, [bad])
@@ -97,3 +99,14 @@ def test_a_sweep_cell_interrupted_midway_is_not_finished(tmp_path):
     assert finished(cell)
     (cell / "summary.json").write_text('{"final_accuracy": 0.5}')  # written before status existed
     assert finished(cell)
+
+
+def test_a_hanging_client_replies_only_after_the_round_timeout(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(faults_mod.time, "sleep", slept.append)
+    with pytest.raises(RuntimeError, match="client 3 hung in round 2"):
+        faults_mod.hang(7.0, 2, 3)
+    assert slept == [7.0 + faults_mod.HANG_MARGIN]
+    cfg = config_mod.load(None, ['federation.failure_mode="hang"', "federation.round_timeout=5"])
+    assert cfg.federation.failure_mode == "hang" and cfg.federation.round_timeout == 5.0
+    assert config_mod.load(None).federation.round_timeout == 3600.0
