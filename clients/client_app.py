@@ -184,6 +184,7 @@ def train_client(
         "batch-size": int(batches[0][1].shape[0]),
         "local-steps": len(batches),
         "lr": float(cfg.client.lr),
+        "device": device.type,
     }
     metrics = {"num-examples": result.num_examples, "loss": result.loss, **result.metrics}
     update = {k: v.detach().cpu() for k, v in result.update.items()}

@@ -128,6 +128,8 @@ class FedUpdates(FedAvg):
         self.metric_sink = metric_sink
         self._current: dict[int, ArrayRecord] = {}
         self.client_errors: list[dict[str, object]] = []
+        #: Devices the clients reported training on (``meta["device"]``: "cpu", "cuda").
+        self.client_devices: set[str] = set()
         #: Seconds from sending a round's train messages to having its replies (the fit stage).
         self.fit_seconds: dict[int, float] = {}
         self._fit_started: dict[int, float] = {}
@@ -199,7 +201,11 @@ class FedUpdates(FedAvg):
                 )
                 if self.metric_sink is not None:
                     self.metric_sink(server_round, cid, "client_train", {kind: reason})
-            elif self.metric_sink is not None:
+                continue
+            meta = msg.content.config_records.get("meta")
+            if meta is not None and "device" in meta:
+                self.client_devices.add(str(meta["device"]))
+            if self.metric_sink is not None:
                 m = next(iter(msg.content.metric_records.values()))
                 self.metric_sink(server_round, reply_client_id(msg), "client_train", dict(m))
 

@@ -396,6 +396,7 @@ def run_server(
                 else {"role": cfg.server.role},
                 "client_errors": inner.client_error_report(),
                 "failures": faults.report(),
+                "devices": {"server": device.type, "clients": sorted(inner.client_devices)},
             }
         )
         summary.update(sink.dp_summary(cfg))

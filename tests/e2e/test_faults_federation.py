@@ -134,3 +134,4 @@ def test_a_hanging_client_is_left_behind_at_the_round_timeout(tmp_path):
     assert failures["reasons"] == ["no reply within 5 s"]
     assert failures["aggregated_by_round"] == {str(r): 6 - len(c) for r, c in expected.items()}
     assert failures["injected"]["by_kind"] == {"hang": failures["total"]}
+    assert summary["devices"] == {"server": "cpu", "clients": ["cpu"]}

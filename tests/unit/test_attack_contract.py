@@ -193,6 +193,7 @@ def test_accepts_an_aggregate_of_two_clients(name):
     _check_result(result, agg, 2 * case.batch * case.steps)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_runs_on_cuda(name):
