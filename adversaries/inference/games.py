@@ -171,7 +171,9 @@ class Game:
                 grads = (
                     pool_grads
                     if (pool_grads is not None and r == 0)
-                    else flat_per_sample_gradients(release.model, pool.x, pool.y)
+                    else flat_per_sample_gradients(
+                        release.model, pool.x, pool.y, device=release.device
+                    )
                 )
                 if x.shape[0] > len(pool):
                     grads = torch.cat(

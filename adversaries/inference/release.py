@@ -54,19 +54,38 @@ def param_layout(model: nn.Module) -> list[tuple[str, torch.Size, int, int]]:
 
 
 def flat_per_sample_gradients(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, chunk: int = 1024
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    chunk: int = 1024,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Per-sample cross-entropy gradients of every trainable parameter, flattened: ``[n, P]``."""
+    """Per-sample cross-entropy gradients of every trainable parameter, flattened: ``[n, P]``.
+
+    ``device`` (e.g. ``"cuda"``): compute there, on a copy of ``model``, a chunk of records at
+    a time; the result is on ``x``'s device either way."""
     names = [n for n, _, _, _ in param_layout(model)]
+    home = x.device
+    if device is not None and torch.device(device) != model_device(model):
+        model = copy.deepcopy(model).to(device)
+    where = model_device(model)
     rows = []
     for i in range(0, int(y.shape[0]), chunk):
-        _, g = per_sample_gradients(model, names, x[i : i + chunk], y[i : i + chunk])
-        rows.append(torch.cat([g[n].reshape(g[n].shape[0], -1) for n in names], dim=1))
+        xs, ys = x[i : i + chunk].to(where), y[i : i + chunk].to(where)
+        _, g = per_sample_gradients(model, names, xs, ys)
+        rows.append(torch.cat([g[n].reshape(g[n].shape[0], -1) for n in names], dim=1).to(home))
     return (
         torch.cat(rows)
         if rows
         else torch.zeros(0, sum(e - s for _, _, s, e in param_layout(model)))
     )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (CPU for a model without parameters)."""
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 @dataclass
@@ -84,6 +103,9 @@ class Release:
     defenses: Sequence[Defense] = ()
     seed: int = 0
     force_exact: bool = False
+    #: Where the fast path computes the per-sample gradients (the bulk of a game's work);
+    #: the defenses, their generators and the exact path stay on the CPU.
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.protocol not in ("fedsgd", "fedavg"):
@@ -143,7 +165,7 @@ class Release:
             )
         if self.fast:
             if grads is None:
-                grads = flat_per_sample_gradients(self.model, x, y)
+                grads = flat_per_sample_gradients(self.model, x, y, device=self.device)
             return self._fast(grads, index, stream)
         return self._exact(x, y, index, stream)
 

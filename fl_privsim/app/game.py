@@ -56,6 +56,7 @@ from fl_privsim.core.config import (
     override_key,
     read_toml_file,
 )
+from fl_privsim.core.devices import resolve_device
 from fl_privsim.core.errors import ConfigError, DataError
 from fl_privsim.core.models import build_model, init_weights, mlp
 from fl_privsim.core.progress import configure_logging
@@ -108,6 +109,12 @@ class GameSection:
         0.0, "auxiliary shift: share of a = 1 in the aux pool (0 = natural)", min=0.0, max=0.99
     )
     exact: bool = _f(False, "force one local_update call per client and trial (no vectorised path)")
+    device: str = _f(
+        "auto",
+        "where the clients' per-sample gradients are computed: auto (CUDA when a GPU is "
+        "visible), cpu or cuda",
+        choices=("auto", "cpu", "cuda"),
+    )
     bootstrap: int = _f(1000, "bootstrap resamples of the CIs", min=10)
     rounds: int = _f(
         1,
@@ -355,6 +362,7 @@ def run_game(cfg: GameRunConfig, *, out: str | Path | None = None) -> tuple[Path
 
     t0 = time.perf_counter()
     g, d = cfg.game, cfg.data
+    device = resolve_device(g.device, "game.device")
     root = _adult_root(d.root) if d.name == "adult" else (d.root or None)
     data = load_game_data(
         d.name,
@@ -390,6 +398,7 @@ def run_game(cfg: GameRunConfig, *, out: str | Path | None = None) -> tuple[Path
                 defenses=build_defenses(cfg.defenses) if adaptive else [],
                 seed=seed,
                 force_exact=g.exact,
+                device=device.type,
             )
             for st in steps
         ]
@@ -460,6 +469,7 @@ def run_game(cfg: GameRunConfig, *, out: str | Path | None = None) -> tuple[Path
         "aggregation_size": g.batch_size * g.clients_per_aggregate,
         "defenses": [dc.name for dc in cfg.defenses],
         "release_path": "vectorised" if release.fast else "exact",
+        "device": device.type if release.fast else "cpu",
         "model_accuracy": acc,
         "prior_positive_rate": float(data.a_pool.float().mean()),
         **game_metrics(secrets, scores, n_boot=g.bootstrap, seed=cfg.seed),

@@ -131,6 +131,31 @@ def test_vectorised_release_equals_local_update(defenses: list[dict]) -> None:
     torch.testing.assert_close(u_fast, u_exact, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+            ],
+        ),
+    ],
+)
+def test_release_on_a_device_equals_the_cpu_release(device: str) -> None:
+    model, pool = toy_model("mlp", classes=3), toy_pool(100, 3, classes=3)
+    idx = torch.from_numpy(np.random.default_rng(0).integers(0, 100, (5, 2, 3)))
+    noise = build_defenses([{"name": "noise", "params": {"scale": 0.01}}])
+    on_device = Release(model, defenses=noise, seed=4, device=device)
+    u_device = on_device.updates(pool.x, pool.y, idx)
+    u_cpu = Release(model, defenses=noise, seed=4, force_exact=True).updates(pool.x, pool.y, idx)
+    assert u_device.device.type == "cpu"  # the released updates come back to the CPU
+    assert next(model.parameters()).device.type == "cpu"  # the game's model is not moved
+    torch.testing.assert_close(u_device, u_cpu, atol=1e-6, rtol=1e-5)
+
+
 def test_exact_release_runs_dp_sgd_and_fedavg() -> None:
     model, pool = toy_model("mlp"), toy_pool(100, 3)
     idx = torch.from_numpy(np.random.default_rng(0).integers(0, 100, (3, 1, 4)))
@@ -227,6 +252,7 @@ def test_small_adult_attribute_game(tmp_path: Path) -> None:
     )
     run_dir, s = run_game(cfg, out=tmp_path / "run")
     assert s["attribute"] == "sex" and s["release_path"] == "vectorised"
+    assert s["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # game.device auto
     assert (
         s["auc"] > 0.95 and s["auc_ci"][0] > 0.9
     )  # batch of one: the gradient gives the attribute away
