@@ -106,9 +106,7 @@ def probe(address: RayAddress, timeout: float = CONNECT_TIMEOUT_S) -> str:
                 if address.client
                 else "for Ray Client use ray://host:port"
             )
-            raise ConfigError(
-                f"{KEY}: {address} answers but is not a {what} ({hint})"
-            ) from None
+            raise ConfigError(f"{KEY}: {address} answers but is not a {what} ({hint})") from None
         reason = " ".join((exc.details() or code.name).split())
         if len(reason) > 160:
             reason = reason[:157] + "..."

@@ -42,49 +42,50 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _session_pids(sid: int) -> list[int]:
-    """Live processes of session ``sid`` (the head's: ``ray start`` in a new session, and
-    every Ray process it and its raylet started)."""
+def _head_pids(sid: int, temp_dir: Path) -> list[int]:
+    """Live processes of the head: those of session ``sid`` (``ray start`` in a new session,
+    and every Ray process it and its raylet started) and any other whose command line names
+    the head's temp folder."""
     pids = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
         state, _ppid, _pgrp, session = stat.rsplit(")", 1)[1].split()[:4]
-        if int(session) == sid and state != "Z":
+        if state != "Z" and (int(session) == sid or str(temp_dir) in cmdline):
             pids.append(int(entry.name))
     return pids
 
 
-def _stop_session(proc: subprocess.Popen[bytes], grace: float = 5.0) -> list[int]:
-    """SIGTERM, then SIGKILL, every process of ``proc``'s session, by id; the ids still
-    alive afterwards (none, normally)."""
-    sid = proc.pid
-    for pid in _session_pids(sid):
+def _signal(pids: list[int], signum: int) -> None:
+    for pid in pids:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signum)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + grace
-    while _session_pids(sid) and time.monotonic() < deadline:
+
+
+def _stop_head(proc: subprocess.Popen[bytes], temp_dir: Path, grace: float = 5.0) -> list[int]:
+    """SIGTERM, then SIGKILL, every process of the head, by id; the ids still alive
+    afterwards (none, normally)."""
+
+    def alive() -> list[int]:
         proc.poll()  # reap ``ray start`` itself
+        return _head_pids(proc.pid, temp_dir)
+
+    _signal(alive(), signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive() and time.monotonic() < deadline:
         time.sleep(0.2)
-    for pid in _session_pids(sid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
+    _signal(alive(), signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while _session_pids(sid) and time.monotonic() < deadline:
+    while alive() and time.monotonic() < deadline:
         time.sleep(0.2)
-    return _session_pids(sid)
+    return alive()
 
 
 def _gcs(address: str) -> dict[str, object]:
@@ -133,12 +134,18 @@ def ray_head() -> Iterator[Head]:
     log = (temp_dir / "ray_start.log").open("wb")
     proc = subprocess.Popen(
         [
-            str(RAY), "start", "--head", "--block",
-            "--node-ip-address=127.0.0.1", f"--port={port}",
+            str(RAY),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
             f"--ray-client-server-port={_free_port()}",
-            "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
             f"--temp-dir={temp_dir}",
-        ],  # fmt: skip
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -148,11 +155,13 @@ def ray_head() -> Iterator[Head]:
         deadline = time.monotonic() + 90
         while not (temp_dir / "ray_current_cluster").is_file():  # written once the head is up
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ray start did not come up:\n{(temp_dir / 'ray_start.log').read_text()}")
+                pytest.fail(
+                    f"ray start did not come up:\n{(temp_dir / 'ray_start.log').read_text()}"
+                )
             time.sleep(0.25)
         yield Head(address=f"127.0.0.1:{port}", temp_dir=temp_dir)
     finally:
-        left = _stop_session(proc)
+        left = _stop_head(proc, temp_dir)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"Ray processes of the test's head outlived it: {left}"
@@ -163,6 +172,7 @@ def _cli(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
         [sys.executable, "-m", "fl_privsim.app.cli", *args],
+        check=False,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -176,8 +186,8 @@ def test_federation_runs_on_an_existing_ray_cluster(ray_head, tmp_path):
     assert len(before["alive_nodes"]) == 1
     out = tmp_path / "run"
     settings = [*SMALL, f'federation.ray_address="{ray_head.address}"']
-    done = _cli("run", "--quiet", "--out", str(out), *sum((["--set", s] for s in settings), []),
-                timeout=240)  # fmt: skip
+    overrides = [arg for s in settings for arg in ("--set", s)]
+    done = _cli("run", "--quiet", "--out", str(out), *overrides, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
 
@@ -221,5 +231,7 @@ def test_unreachable_cluster_is_one_line_and_exit_2(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr
-    assert lines[0].startswith(f"error: federation.ray_address: cannot reach a Ray cluster at 127.0.0.1:{port}")
+    assert lines[0].startswith(
+        f"error: federation.ray_address: cannot reach a Ray cluster at 127.0.0.1:{port}"
+    )
     assert not out.exists()  # refused before the run folder
