@@ -95,7 +95,7 @@ def test_a_silent_server_is_refused_after_the_deadline():
         )  # the deadline holds (ray.init would retry for minutes)
 
 
-def test_cli_run_against_an_absent_cluster_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
+def test_cli_run_against_an_absent_cluster_exits_2_with_one_line(tmp_path, capfd, monkeypatch):
     from fl_privsim.app.cli import main
 
     for key in ("RAY_TMPDIR", "FLWR_HOME", "RAY_DEDUP_LOGS", "FLWR_TELEMETRY_ENABLED"):
@@ -107,7 +107,7 @@ def test_cli_run_against_an_absent_cluster_exits_2_with_one_line(tmp_path, capsy
         ["run", "--quiet", "--out", str(out), "--set", f'federation.ray_address="127.0.0.1:{port}"']
     )
     assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capfd.readouterr().err.strip().splitlines()  # the process's stderr: gRPC's C core too
     assert len(err) == 1
     assert err[0].startswith(
         f"error: federation.ray_address: cannot reach a Ray cluster at 127.0.0.1:{port}"
