@@ -121,11 +121,15 @@ def probe(address: RayAddress, timeout: float = CONNECT_TIMEOUT_S) -> str:
 def reach_cluster(text: str, timeout: float = CONNECT_TIMEOUT_S) -> dict[str, Any]:
     """Before launch: the cluster ``text`` names answers (:func:`resolve_address`,
     :func:`probe`). Returns ``{"address": text, "connect": "host:port" or "ray://host:port",
-    "cluster_id": hex or ""}``; the ``connect`` address is what ``ray.init`` gets."""
+    "cluster_id": hex}`` (no ``cluster_id`` through Ray Client); the ``connect`` address is
+    what ``ray.init`` gets."""
     address = resolve_address(text)
     cluster_id = probe(address, timeout)
     log.info("Ray cluster at %s answers (cluster id %s)", address, cluster_id or "?")
-    return {"address": text, "connect": str(address), "cluster_id": cluster_id}
+    info = {"address": text, "connect": str(address)}
+    if cluster_id:
+        info["cluster_id"] = cluster_id
+    return info
 
 
 def _actor_nodes(pool: Any) -> dict[str, int]:
