@@ -160,6 +160,14 @@ def format_table(summary: dict[str, Any]) -> str:
             lines.append(
                 f"clients that {what}: {errs['total']} ({rounds}); reason: {errs['reasons'][0]}"
             )
+    ray = summary.get("ray") or {}
+    if ray.get("address", "local") != "local":
+        where = ray.get("client_actor_nodes") or {}
+        lines.append(
+            f"Ray cluster: {ray.get('connect', ray['address'])} "
+            f"({len(ray.get('nodes') or [])} node(s) alive; client actors on "
+            f"{', '.join(n[:12] for n in where) or 'nodes not recorded'})"
+        )
     failures = summary.get("failures") or {}
     if failures.get("total"):
         rounds = ", ".join(f"round {r}: {n}" for r, n in failures.get("by_round", {}).items() if n)

@@ -11,6 +11,11 @@ settings are the same, and leaves Ray running; on leaving the context, the actor
 stop. A simulation that ends with actors still busy (a crash) gives its pool up, so the next
 one starts clean.
 
+With ``federation.ray_address`` set, "Ray" here is the driver's connection to that
+cluster: stopping means terminating this process's client actors and ``ray.shutdown()``,
+which disconnects the driver and leaves the cluster (which fl-privsim did not start) running;
+``num_cpus`` only ever caps a local Ray.
+
 The actors are Flower's own (``ClientAppActor``): they run whatever ``ClientApp`` each message
 brings, so reusing them changes no result; their per-process caches (datasets, partitions,
 the client's parsed config) survive between cells, which is the point.
@@ -43,7 +48,8 @@ class _Kept:
         return pool is not None and len(pool.pool) == pool.num_actors and not pool._future_to_actor
 
     def stop(self) -> None:
-        """Terminate the kept actors and shut Ray down."""
+        """Terminate the kept actors and shut Ray down (a local Ray stops; from an existing
+        cluster the driver only disconnects)."""
         import ray
 
         if self.pool is not None:

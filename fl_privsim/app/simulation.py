@@ -18,6 +18,7 @@ from typing import Any
 from adversaries.base import ATTACKS, Setup
 from adversaries.malicious import MODIFICATIONS
 from clients.defenses import build_defenses
+from fl_privsim.app.ray_cluster import OWN_RAY_TMPDIR_NAME, reach_cluster
 from fl_privsim.app.report import write_run_report
 from fl_privsim.core.config import Config
 from fl_privsim.core.devices import resolve_device
@@ -35,32 +36,34 @@ def prepare_environment() -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     base = Path(tempfile.gettempdir())
     os.environ.setdefault("FLWR_HOME", str(base / "fl-privsim-flwr"))
-    os.environ.setdefault("RAY_TMPDIR", str(base / "fl-privsim-ray"))
+    os.environ.setdefault("RAY_TMPDIR", str(base / OWN_RAY_TMPDIR_NAME))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
 
 
-def backend_config(cfg: Config, *, verbose: bool = False) -> dict[str, Any]:
+def backend_config(
+    cfg: Config, *, verbose: bool = False, connect: str | None = None
+) -> dict[str, Any]:
     """Ray backend config: client resources from the config; join ``ray_address`` if set.
 
-    Actor logs reach the driver only when ``verbose`` (client errors still come back in
-    the reply messages and are counted by the strategy)."""
+    ``connect`` is the address :func:`fl_privsim.app.ray_cluster.reach_cluster` resolved
+    (``"auto"`` made explicit); when joining, ``ray.init`` gets only arguments Ray accepts
+    for an existing cluster (no CPU counts, object store size or temp folder: the
+    cluster's own). Actor logs reach the driver only when ``verbose`` (client errors still
+    come back in the reply messages and are counted by the strategy)."""
     fed = cfg.federation
     num_gpus = fed.num_gpus_per_client
     if num_gpus == 0 and resolve_device(fed.device).type == "cuda":
         num_gpus = 0.25  # Ray hides GPUs from actors that reserve none
-    init_args: dict[str, Any] = {
-        "include_dashboard": False,
-        "logging_level": logging.ERROR,
-        "log_to_driver": verbose,
-    }
+    init_args: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": verbose}
     if fed.ray_address:
-        init_args["address"] = fed.ray_address
+        init_args["address"] = connect or fed.ray_address
     else:
         # "local" always starts a fresh Ray: a bare ray.init() would join any cluster this
         # machine already runs (or a stale one recorded in the temp folder).
         init_args["address"] = "local"
+        init_args["include_dashboard"] = False
         init_args["_temp_dir"] = os.environ.get("RAY_TMPDIR")
         init_args["object_store_memory"] = 256 * 1024**2
     return {
@@ -76,13 +79,18 @@ def launch(
     num_supernodes: int,
     backend: dict[str, Any],
     verbose: bool = False,
+    ray_record: dict[str, Any] | None = None,
 ) -> None:
-    """Run ``server_app`` against ``num_supernodes`` copies of ``client_app`` on Ray."""
+    """Run ``server_app`` against ``num_supernodes`` copies of ``client_app`` on Ray;
+    ``ray_record`` (when given) receives which Ray cluster and nodes the client actors ran
+    on (:func:`fl_privsim.app.ray_cluster.recorded`)."""
     import warnings
 
     from flwr.simulation import run_simulation
 
-    with warnings.catch_warnings():
+    from fl_privsim.app.ray_cluster import recorded
+
+    with warnings.catch_warnings(), recorded({} if ray_record is None else ray_record):
         warnings.simplefilter("ignore", DeprecationWarning)
         # Ray's notice about a future default; we rely on today's (GPUs hidden from
         # actors that reserve none) and set num_gpus explicitly.
@@ -342,6 +350,12 @@ def run(
     ``summary.json`` with ``"status": "interrupted"`` (:func:`write_interrupted_summary`)."""
     prepare_environment()
     validate_before_launch(cfg)
+    # an existing cluster must answer before anything is written (ConfigError otherwise)
+    ray_info: dict[str, Any] = (
+        reach_cluster(cfg.federation.ray_address)
+        if cfg.federation.ray_address
+        else {"address": "local"}
+    )
     if cfg.federation.secure_aggregation.mode == "secagg+":  # Flower's workflow path, SecAgg+
         from clients.secagg_client import app as client_app
         from strategies.secure_aggregation import make_secagg_server_app as make_server_app
@@ -364,8 +378,9 @@ def run(
             server_app,
             client_app,
             num_supernodes=cfg.federation.num_clients,
-            backend=backend_config(cfg, verbose=verbose),
+            backend=backend_config(cfg, verbose=verbose, connect=ray_info.get("connect")),
             verbose=verbose,
+            ray_record=ray_info,
         )
     except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's driver SIGTERM handler, which
         # ray.init puts in place of ours, exits with sys.exit
@@ -380,8 +395,11 @@ def run(
         raise RuntimeError(
             f"the simulation ended without a summary; see {folder.path / 'metrics.jsonl'}"
         )
+    summary = sink["summary"]
+    summary["ray"] = ray_info  # which cluster, and the nodes the client actors ran on
+    folder.write_summary(summary)
     try:
         write_run_report(folder.path)
     except Exception as exc:  # noqa: BLE001 - the report is a view of the folder: never lose the run
         log.warning("could not write %s: %s", folder.path / "report.html", exc)
-    return folder.path, sink["summary"]
+    return folder.path, summary

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fl_privsim.app import sweep_manifest as manifest_mod
+from fl_privsim.app.ray_cluster import reach_cluster
 from fl_privsim.app.ray_reuse import kept_alive
 from fl_privsim.app.report import write_sweep_report
 from fl_privsim.app.simulation import run, validate_before_launch
@@ -165,13 +166,16 @@ def _worker_init(ray_cpus: int, verbose: bool) -> None:
 def check_cells(plan: SweepPlan) -> None:
     """Everything ``fl-privsim run`` checks before it starts Ray (data, model, attack and
     defense parameters, threat models), for each cell × seed, before any cell runs: a bad
-    cell is one :class:`UserError` line naming it."""
+    cell is one :class:`UserError` line naming it; an existing Ray cluster a cell joins
+    (``federation.ray_address``) must answer."""
     for cell in plan.cells:
         try:
             validate_before_launch(cell.config)
         except UserError as exc:
             shown = ", ".join(f"{k} = {v!r}" for k, v in cell.values.items())
             raise type(exc)(f"[sweep.grid] cell {cell.cell} ({shown}): {exc}") from None
+    for address in sorted({c.config.federation.ray_address for c in plan.cells} - {""}):
+        reach_cluster(address)  # an existing cluster answers (each run checks it again)
 
 
 def _start_folder(
@@ -199,7 +203,17 @@ def run_sweep(
     show_progress: bool = True,
     verbose: bool = False,
 ) -> SweepOutcome:
-    """Run every unfinished cell of ``plan`` and (re)build the tables, plots and report."""
+    """Run every unfinished cell of ``plan`` and (re)build the tables, plots and report.
+
+    Cells that join an existing Ray cluster run one at a time: each run's client actors take
+    the whole cluster, and worker processes that each keep theirs would wait on each other
+    for ever, so ``jobs > 1`` is refused there (one :class:`UserError` line)."""
+    joined = sorted({c.config.federation.ray_address for c in plan.cells} - {""})
+    if jobs > 1 and joined:
+        raise UserError(
+            f"--jobs {jobs}: cells that join a Ray cluster (federation.ray_address = "
+            f"{joined[0]!r}) run one at a time, each using the whole cluster; use --jobs 1"
+        )
     check_cells(plan)
     folder, manifest = _start_folder(out, resume, plan)
     with manifest_mod.locked(folder):

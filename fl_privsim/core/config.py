@@ -25,6 +25,7 @@ import tomli_w
 
 from fl_privsim.core import paths, plugins
 from fl_privsim.core.errors import ConfigError, did_you_mean
+from fl_privsim.core.ray_address import check_ray_address
 
 #: The path-valued keys of a run config (resolved by :func:`load`).
 PATH_KEYS: tuple[str, ...] = ("data.root", "output.dir")
@@ -190,7 +191,11 @@ class FederationConfig:
         max=256,
     )
     device: str = _f("auto", "where clients train and attacks run", choices=("auto", "cpu", "cuda"))
-    ray_address: str = _f("", 'address of an existing Ray cluster to join ("" = start a local one)')
+    ray_address: str = _f(
+        "",
+        'Ray cluster to join: "" = start a local one, "auto" (the one ray start recorded), '
+        '"host:port" (its GCS) or "ray://host:port" (docs/scaling.md)',
+    )
     fraction_evaluate: float = _f(
         1.0, "share of clients in federated evaluation (0 = off)", min=0.0, max=1.0
     )
@@ -633,6 +638,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     _check_server(cfg)
     _check_central_dp(cfg)
     _check_faults(cfg)
+    check_ray_address(cfg.federation.ray_address)
     _check_secure_aggregation(cfg)
     _check_defenses(cfg)
     _check_analyses(cfg)
