@@ -18,7 +18,7 @@ from typing import Any
 from adversaries.base import ATTACKS, Setup
 from adversaries.malicious import MODIFICATIONS
 from clients.defenses import build_defenses
-from fl_privsim.app.ray_cluster import OWN_RAY_TMPDIR_NAME, reach_cluster
+from fl_privsim.app.ray_cluster import OWN_RAY_TMPDIR_NAME, reach_cluster, recorded
 from fl_privsim.app.report import write_run_report
 from fl_privsim.core.config import Config
 from fl_privsim.core.devices import resolve_device
@@ -87,8 +87,6 @@ def launch(
     import warnings
 
     from flwr.simulation import run_simulation
-
-    from fl_privsim.app.ray_cluster import recorded
 
     with warnings.catch_warnings(), recorded({} if ray_record is None else ray_record):
         warnings.simplefilter("ignore", DeprecationWarning)
