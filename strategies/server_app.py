@@ -315,6 +315,7 @@ def run_server(
         extra_config={CONFIG_KEY: client_config_text(cfg)},
         metric_sink=sink,
         fraction_evaluate=cfg.federation.fraction_evaluate,
+        evaluation_clients=cfg.federation.evaluation_clients,
     )
     # Flower's central DP wrapper, inside the curious server: it sees the updates as sent.
     central = (
