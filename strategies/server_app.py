@@ -303,7 +303,11 @@ def run_server(
     device = resolve_device(cfg.federation.device)
     torch.set_num_threads(cfg.federation.server_threads)
     model = initial_model(cfg)
-    node_to_client = discover_clients(grid, expected=cfg.federation.num_clients)
+    from fl_privsim.app.flower_dispatch import registered_nodes
+
+    node_to_client = discover_clients(
+        grid, expected=cfg.federation.num_clients, known=registered_nodes
+    )
     sink = RunSink(folder)
     inner = FedUpdates(
         protocol=cfg.federation.protocol,
@@ -377,9 +381,12 @@ def run_server(
     accuracy: dict[int, float] = {}
     evaluate_round = round_evaluator(cfg, device, sink, progress, accuracy)
 
+    evaluated_at: dict[int, float] = {}
+
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         res = MetricRecord(evaluate_round(server_round, arrays))
         folder.flush_round()  # metrics.jsonl on disk once per round
+        evaluated_at[server_round] = time.perf_counter()
         return res
 
     federated: dict[int, float] = {}
@@ -388,6 +395,12 @@ def run_server(
         summary = summary_base(cfg, runner, dict(accuracy), federated, folder)
         summary["status"] = status
         summary["fit_seconds_by_round"] = {str(r): t for r, t in sorted(inner.fit_seconds.items())}
+        # whole rounds: from one central evaluation to the next (train, evaluate, attacks)
+        summary["round_seconds_by_round"] = {
+            str(r): evaluated_at[r] - evaluated_at[r - 1]
+            for r in sorted(evaluated_at)
+            if r - 1 in evaluated_at
+        }
         summary.update(
             {
                 "observer_failures": getattr(strategy, "failures", 0),

@@ -43,6 +43,18 @@ def tree(pid: int) -> list[int]:
     return out
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
 def _rss_kib(pid: int) -> tuple[int, str]:
     try:
         pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
@@ -55,13 +67,16 @@ def _rss_kib(pid: int) -> tuple[int, str]:
 @dataclass
 class Watched:
     """What :func:`watch` saw: return code, wall seconds, peak total RSS (KiB), the
-    per-process RSS at the peak, and the command's stdout."""
+    per-process RSS at the peak, the command's stdout, and the CPU seconds of the tree (each
+    process's last sample: a process's CPU after the last sample before it exits is missed,
+    at most ``interval`` of it)."""
 
     returncode: int
     wall: float
     peak_kib: int
     at_peak: list[tuple[int, str]] = field(default_factory=list)
     stdout: str = ""
+    cpu: float = 0.0
 
 
 def watch(cmd: list[str], *, interval: float = 0.5, env: dict[str, str] | None = None) -> Watched:
@@ -70,15 +85,20 @@ def watch(cmd: list[str], *, interval: float = 0.5, env: dict[str, str] | None =
     with tempfile.TemporaryFile(mode="w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
         peak, at_peak = 0, []
+        cpu: dict[int, float] = {}
         while proc.poll() is None:
-            rows = [_rss_kib(p) for p in tree(proc.pid)]
+            pids = tree(proc.pid)
+            for p in pids:
+                cpu[p] = max(cpu.get(p, 0.0), cpu_seconds(p))
+            rows = [_rss_kib(p) for p in pids]
             total = sum(r for r, _ in rows)
             if total > peak:
                 peak, at_peak = total, sorted(rows, reverse=True)
             time.sleep(interval)
         log.seek(0)
         text = log.read()
-    return Watched(proc.returncode, time.perf_counter() - t0, peak, at_peak, text)
+    wall = time.perf_counter() - t0
+    return Watched(proc.returncode, wall, peak, at_peak, text, sum(cpu.values()))
 
 
 def describe(at_peak: list[tuple[int, str]], top: int = 8) -> str:

@@ -189,16 +189,23 @@ def main(argv: list[str]) -> int:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--no-evaluate", dest="evaluate", action="store_false")
     args = p.parse_args(argv)
-    from fl_privsim.app.simulation import launch
+    import logging
+    import warnings
 
+    from flwr.simulation import run_simulation
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
-    launch(
-        make_server_app(args, out),
-        client_app,
-        num_supernodes=args.clients,
-        backend=backend(args),
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(  # Flower as it ships: no fl-privsim patch (fl_privsim.app.flower_dispatch)
+            server_app=make_server_app(args, out),
+            client_app=client_app,
+            num_supernodes=args.clients,
+            backend_name="ray",
+            backend_config=backend(args),
+        )
     out["wall"] = time.perf_counter() - t0
     print(json.dumps(out), flush=True)
     return 0

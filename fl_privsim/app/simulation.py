@@ -6,6 +6,7 @@ is Flower's in-process launcher; it is called in exactly one place, :func:`launc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -76,13 +77,23 @@ def launch(
     num_supernodes: int,
     backend: dict[str, Any],
     verbose: bool = False,
+    patch_flower: bool = True,
 ) -> None:
-    """Run ``server_app`` against ``num_supernodes`` copies of ``client_app`` on Ray."""
+    """Run ``server_app`` against ``num_supernodes`` copies of ``client_app`` on Ray.
+
+    ``patch_flower``: Flower's message dispatch in one pass per sweep and its node map kept
+    for the server (:mod:`fl_privsim.app.flower_dispatch`), so a round costs its sampled
+    clients, not the federation's size."""
     import warnings
 
     from flwr.simulation import run_simulation
 
-    with warnings.catch_warnings():
+    from fl_privsim.app.flower_dispatch import patched_simulation
+
+    with (
+        patched_simulation() if patch_flower else contextlib.nullcontext(),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore", DeprecationWarning)
         # Ray's notice about a future default; we rely on today's (GPUs hidden from
         # actors that reserve none) and set num_gpus explicitly.
