@@ -46,14 +46,14 @@ def _is_int(value: object) -> bool:
 
 class Partitions(Sequence[np.ndarray]):
     """Every client's indices, held as one flat array cut at ``offsets``: client ``i`` owns
-    ``flat[offsets[i]:offsets[i + 1]]`` (a read-only view, sorted ascending). No per-client
+    ``flat[offsets[i]:offsets[i + 1]]`` (a view, sorted ascending: treat it as read-only, as
+    every client's part shares the one array). No per-client
     array exists until a client's part is asked for, so 10 000 clients cost one int64 per
     example plus one offset per client. With ``length`` > the number of parts, client ``i``
     gets part ``i % parts`` (the local test shards when clients outnumber test examples)."""
 
     def __init__(self, flat: np.ndarray, offsets: np.ndarray, length: int | None = None) -> None:
         self.flat = np.asarray(flat, dtype=np.int64)
-        self.flat.setflags(write=False)
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.parts = len(self.offsets) - 1
         self.length = self.parts if length is None else int(length)
