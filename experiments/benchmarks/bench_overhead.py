@@ -163,6 +163,8 @@ def run_way(way: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         raise SystemExit(f"{way} failed ({w.returncode}):\n{w.stdout[-3000:]}")
     if way.startswith("fl-privsim"):
         summary = json.loads((folder / way / "summary.json").read_text())
+        if summary["client_errors"]["failed"]["total"]:
+            raise SystemExit(f"{way}: client replies were errors ({folder / way})")
         rs = summary["round_seconds_by_round"]
         res = {
             "round_seconds": [rs[k] for k in sorted(rs, key=int)],

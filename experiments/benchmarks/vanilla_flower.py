@@ -152,7 +152,7 @@ def make_server_app(args: argparse.Namespace, out: dict[str, Any]) -> ServerApp:
             "local-steps": args.local_steps,
             "lr": args.lr,
         }
-        strategy.start(
+        result = strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=args.rounds,
@@ -161,6 +161,9 @@ def make_server_app(args: argparse.Namespace, out: dict[str, Any]) -> ServerApp:
             evaluate_fn=central,
         )
         out["round_seconds"] = [b - a for a, b in itertools.pairwise(stamps)]
+        trained = len(result.train_metrics_clientapp)
+        if trained != args.rounds:  # FedAvg skips a round whose replies are all errors
+            raise RuntimeError(f"only {trained} of {args.rounds} rounds got client updates")
 
     return server
 
@@ -171,7 +174,13 @@ def backend(args: argparse.Namespace) -> dict[str, Any]:
     from fl_privsim.core.config import load
 
     prepare_environment()
-    cfg = load(None, overrides=[f"federation.num_clients={args.clients}"])
+    cfg = load(
+        None,
+        overrides=[
+            f"federation.num_clients={args.clients}",
+            f"federation.clients_per_round={min(args.per_round, args.clients)}",
+        ],
+    )
     return backend_config(cfg)
 
 
@@ -195,13 +204,17 @@ def main(argv: list[str]) -> int:
     from flwr.simulation import run_simulation
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
+    # The ClientApp of the importable module, not of __main__: Ray pickles __main__'s
+    # functions by value, without the module globals they call.
+    import vanilla_flower
+
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(  # Flower as it ships: no fl-privsim patch (fl_privsim.app.flower_dispatch)
             server_app=make_server_app(args, out),
-            client_app=client_app,
+            client_app=vanilla_flower.client_app,
             num_supernodes=args.clients,
             backend_name="ray",
             backend_config=backend(args),
