@@ -29,8 +29,6 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from fl_privsim.core.data import ImageData, load_dataset
 from fl_privsim.core.models import build_model
@@ -113,9 +111,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def make_server_app(args: argparse.Namespace, out: dict[str, Any]) -> ServerApp:
+def make_server_app(args: argparse.Namespace, out: dict[str, Any]) -> Any:
     """FedAvg over ``args.per_round`` of ``args.clients``, evaluation on as many, plus a
-    central evaluation each round; ``out["round_seconds"]`` gets the time between them."""
+    central evaluation each round; ``out["round_seconds"]`` gets the time between them.
+    (Flower's server side is imported here, not by the module the client actors import, as
+    a Flower app keeps its ServerApp and ClientApp in separate modules.)"""
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+
     server = ServerApp()
     data = _data(args.data, args.root)
     x_test = data.normalize(data.images("test", range(len(data.test_y))))
