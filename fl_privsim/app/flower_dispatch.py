@@ -7,8 +7,9 @@ Flower's code is the code they were written against (otherwise Flower runs uncha
    client actors by asking the in-memory LinkState, every 0.1 s and for *every* registered
    node, for that node's next message; each such call scans (and validates) every stored
    message. A sweep therefore costs (nodes x messages) validations: with 10 000 nodes and
-   100 messages in flight, about a million per 0.1 s, a driver core kept busy; the query round
-   that maps nodes to clients (10 000 messages) does not finish. :func:`dispatch_messages`
+   100 messages in flight, a million per sweep, sweeps back to back on a driver core; the
+   query round that maps nodes to clients (10 000 messages: 10^8 per sweep) did not finish in
+   3.5 minutes (docs/scale.md). :func:`dispatch_messages`
    does the same sweep in one pass over the stored messages (each validated once, at most one
    message per node per sweep, as Flower's ``limit=1``), so a sweep costs the messages in
    flight. Which actor runs which message, and when, changes only in order; replies are
