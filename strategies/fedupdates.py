@@ -42,13 +42,21 @@ def reply_client_id(msg: Message) -> int | None:
     return int(meta["client-id"])
 
 
-def discover_clients(grid: Grid, *, expected: int, timeout: float = 600.0) -> dict[int, int]:
-    """Ask every node for its client id; returns ``{node_id: client_id}``.
+def discover_clients(
+    grid: Grid,
+    *,
+    expected: int,
+    timeout: float = 600.0,
+    known: Callable[[], dict[int, int]] | None = None,
+) -> dict[int, int]:
+    """``{node_id: client_id}`` of the ``expected`` nodes, once they are connected.
 
-    Waits until ``expected`` nodes are connected.
+    ``known`` (the launcher's :func:`strategies.flower_dispatch.registered_nodes`: the map
+    Flower's simulation made when it registered the nodes) answers without any message when it
+    covers exactly the connected nodes (waiting up to 5 s for it); otherwise every node is asked
+    for its client id by a query message (one message per node: at 10 000 nodes, the costliest
+    exchange of a run).
     """
-    import time
-
     deadline = time.monotonic() + timeout
     while len(node_ids := sorted(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
@@ -56,6 +64,16 @@ def discover_clients(grid: Grid, *, expected: int, timeout: float = 600.0) -> di
                 f"only {len(node_ids)} of {expected} client nodes connected within {timeout:.0f}s"
             )
         time.sleep(0.2)
+    if known is not None:
+        settle = time.monotonic() + 5.0
+        while True:
+            mapping = known()
+            if mapping and set(mapping) == set(node_ids):
+                return mapping
+            if time.monotonic() > settle:
+                log.info("the launcher's node map does not cover the nodes; querying them")
+                break
+            time.sleep(0.05)
     messages = [
         Message(content=RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY)
         for nid in node_ids
@@ -91,7 +109,11 @@ class FedUpdates(FedAvg):
     metric_sink:
         Optional ``(round, client, source, metrics)`` callback for per-client metrics.
     fraction_evaluate:
-        Share of clients used in federated evaluation (0 turns it off).
+        Share of the evaluation pool asked to evaluate each round (0 turns it off).
+    evaluation_clients:
+        The evaluation pool: ``"sampled"`` (the round's training sample; the default, so
+        evaluation at scale costs what the sampled clients cost) or ``"all"`` (every client,
+        the meaning of Flower's ``fraction_evaluate``).
     """
 
     def __init__(
@@ -106,15 +128,24 @@ class FedUpdates(FedAvg):
         extra_config: dict[str, str | int | float] | None = None,
         metric_sink: MetricSink | None = None,
         fraction_evaluate: float = 1.0,
+        evaluation_clients: str = "sampled",
     ) -> None:
         n = len(node_to_client)
+        if evaluation_clients not in ("sampled", "all"):
+            raise ValueError(
+                f"evaluation_clients must be sampled or all, got {evaluation_clients!r}"
+            )
+        pool = min(clients_per_round, n) if evaluation_clients == "sampled" else n
         super().__init__(
             fraction_train=clients_per_round / max(n, 1),
             fraction_evaluate=fraction_evaluate,
             min_train_nodes=clients_per_round,
-            min_evaluate_nodes=max(1, round(fraction_evaluate * n)) if fraction_evaluate > 0 else 0,
+            min_evaluate_nodes=max(1, round(fraction_evaluate * pool))
+            if fraction_evaluate > 0
+            else 0,
             min_available_nodes=n,
         )
+        self.evaluation_clients = evaluation_clients
         if protocol not in ("fedsgd", "fedavg"):
             raise ValueError(f"protocol must be fedsgd or fedavg, got {protocol!r}")
         self.protocol = protocol
@@ -171,12 +202,27 @@ class FedUpdates(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Federated evaluation on a deterministic share of clients."""
+        """Federated evaluation on :meth:`evaluate_sample` (none when it is empty)."""
+        clients = self.evaluate_sample(server_round)
+        if not clients:
+            return []
+        return self._messages(server_round, arrays, config, clients, MessageType.EVALUATE)
+
+    def evaluate_sample(self, server_round: int) -> list[int]:
+        """The clients asked to evaluate ``server_round``'s global model: a deterministic
+        ``fraction_evaluate`` share of the pool (``evaluation_clients``: the round's training
+        sample, or every client); empty when ``fraction_evaluate`` is 0."""
         if self.fraction_evaluate == 0.0:
             return []
-        k = max(1, round(self.fraction_evaluate * len(self.client_to_node)))
-        clients = self.sample_clients(-server_round, k)
-        return self._messages(server_round, arrays, config, clients, MessageType.EVALUATE)
+        if self.evaluation_clients == "all":
+            k = max(1, round(self.fraction_evaluate * len(self.client_to_node)))
+            return self.sample_clients(-server_round, k)
+        trained = self.sample_clients(server_round, self.clients_per_round)
+        k = max(1, round(self.fraction_evaluate * len(trained)))
+        if k >= len(trained):
+            return trained
+        rng = numpy_rng(self.seed, -server_round, "sampling")
+        return sorted(int(c) for c in rng.choice(trained, size=k, replace=False))
 
     # ------------------------------------------------------------------ aggregation
     @staticmethod

@@ -107,7 +107,8 @@ class SecAggStrategy(Strategy):
     settings:
         The SecAgg+ parameters (for the summary and the error bound).
     fraction_evaluate:
-        Share of clients in (plaintext) federated evaluation; 0 turns it off.
+        Share of the evaluation pool in (plaintext) federated evaluation; 0 turns it off (the
+        pool and the draw are :meth:`FedUpdates.evaluate_sample`'s).
     save_dir:
         When set, each round's unmasked aggregate update (what the server saw) is saved there.
     crafter:
@@ -470,10 +471,9 @@ class SecAggStrategy(Strategy):
         as the Message path (:meth:`FedUpdates.configure_evaluate`)."""
         if self.fraction_evaluate == 0.0 or self.updates is None:
             return []
-        k = max(1, round(self.fraction_evaluate * self.num_clients))
         proxies = self._proxies(client_manager)
         ins = EvaluateIns(parameters, {CONFIG_KEY: self.toml, ROUND_KEY: server_round})
-        return [(proxies[c], ins) for c in self.updates.sample_clients(-server_round, k)]
+        return [(proxies[c], ins) for c in self.updates.evaluate_sample(server_round)]
 
     def aggregate_evaluate(
         self,
@@ -586,7 +586,8 @@ def run_secagg_server(
             seed=cfg.seed,
             node_to_client=node_to_client,
             metric_sink=sink,
-            fraction_evaluate=0.0,
+            fraction_evaluate=cfg.federation.fraction_evaluate,
+            evaluation_clients=cfg.federation.evaluation_clients,
         )
 
     info = plain.model_info(cfg)  # the crafter reads the global model the strategy loads into it

@@ -46,6 +46,7 @@ from strategies.attack_runner import AttackPlan, AttackRunner
 from strategies.central_dp import CentralDP
 from strategies.faults import FaultFilter
 from strategies.fedupdates import FedUpdates, discover_clients
+from strategies.flower_dispatch import registered_nodes
 from strategies.honest_but_curious import HonestButCurious, ModelInfo
 from strategies.malicious import MaliciousServer, ModificationPlan
 
@@ -303,7 +304,9 @@ def run_server(
     device = resolve_device(cfg.federation.device)
     torch.set_num_threads(cfg.federation.server_threads)
     model = initial_model(cfg)
-    node_to_client = discover_clients(grid, expected=cfg.federation.num_clients)
+    node_to_client = discover_clients(
+        grid, expected=cfg.federation.num_clients, known=registered_nodes
+    )
     sink = RunSink(folder)
     inner = FedUpdates(
         protocol=cfg.federation.protocol,
@@ -315,6 +318,7 @@ def run_server(
         extra_config={CONFIG_KEY: client_config_text(cfg)},
         metric_sink=sink,
         fraction_evaluate=cfg.federation.fraction_evaluate,
+        evaluation_clients=cfg.federation.evaluation_clients,
     )
     # Flower's central DP wrapper, inside the curious server: it sees the updates as sent.
     central = (
@@ -377,9 +381,12 @@ def run_server(
     accuracy: dict[int, float] = {}
     evaluate_round = round_evaluator(cfg, device, sink, progress, accuracy)
 
+    evaluated_at: dict[int, float] = {}
+
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         res = MetricRecord(evaluate_round(server_round, arrays))
         folder.flush_round()  # metrics.jsonl on disk once per round
+        evaluated_at[server_round] = time.perf_counter()
         return res
 
     federated: dict[int, float] = {}
@@ -388,6 +395,12 @@ def run_server(
         summary = summary_base(cfg, runner, dict(accuracy), federated, folder)
         summary["status"] = status
         summary["fit_seconds_by_round"] = {str(r): t for r, t in sorted(inner.fit_seconds.items())}
+        # whole rounds: from one central evaluation to the next (train, evaluate, attacks)
+        summary["round_seconds_by_round"] = {
+            str(r): evaluated_at[r] - evaluated_at[r - 1]
+            for r in sorted(evaluated_at)
+            if r - 1 in evaluated_at
+        }
         summary.update(
             {
                 "observer_failures": getattr(strategy, "failures", 0),

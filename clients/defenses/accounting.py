@@ -26,38 +26,45 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from torch import nn
 
 from clients.defenses.base import BatchSamplerDefense, PerSampleDefense, TrainingInfo
 
-#: RDP orders: Opacus' defaults (1.1 … 63) and larger ones up to 512 (the orders of the
+#: Orders added to Opacus' defaults (1.1 … 63): larger ones up to 512 (the orders of the
 #: TF-privacy accountant Wei & Liu used), which matter for large σ and small q.
-ALPHAS: tuple[float, ...] = (
-    *RDPAccountant.DEFAULT_ALPHAS,
-    80.0,
-    96.0,
-    128.0,
-    192.0,
-    256.0,
-    384.0,
-    512.0,
-)
+_LARGE_ORDERS: tuple[float, ...] = (80.0, 96.0, 128.0, 192.0, 256.0, 384.0, 512.0)
+
+
+@functools.cache
+def rdp_orders() -> tuple[float, ...]:
+    """The RDP orders :data:`ALPHAS`: Opacus' defaults and larger ones up to 512. Opacus is
+    imported on first use, not with this module (it costs every client process ~50 MB)."""
+    from opacus.accountants import RDPAccountant
+
+    return (*RDPAccountant.DEFAULT_ALPHAS, *_LARGE_ORDERS)
+
+
+def __getattr__(name: str) -> Any:
+    """``ALPHAS`` (:func:`rdp_orders`), computed when first read."""
+    if name == "ALPHAS":
+        return rdp_orders()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @functools.lru_cache(maxsize=4096)
 def _rdp_one_step(q: float, sigma: float) -> tuple[float, ...]:
+    from opacus.accountants.analysis.rdp import compute_rdp
+
     return tuple(
         np.atleast_1d(
-            compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(ALPHAS))
+            compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(rdp_orders()))
         ).tolist()
     )
 
 
 def rdp_of_history(history: list[tuple[float, float, int]]) -> np.ndarray:
     """Σ over the history of the RDP curve of ``steps`` subsampled-Gaussian steps, at :data:`ALPHAS`."""
-    total = np.zeros(len(ALPHAS))
+    total = np.zeros(len(rdp_orders()))
     for sigma, q, steps in history:
         total += int(steps) * np.asarray(_rdp_one_step(float(q), float(sigma)))
     return total
@@ -71,6 +78,8 @@ class PrivacyAccountant:
     """
 
     def __init__(self) -> None:
+        from opacus.accountants import RDPAccountant
+
         self.accountant = RDPAccountant()
 
     def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
@@ -94,12 +103,14 @@ class PrivacyAccountant:
         """ε(δ) of the composition of every recorded step (0 before the first)."""
         if not self.accountant.history:
             return 0.0
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+
         with (
             warnings.catch_warnings()
         ):  # "optimal order is the largest alpha": ε is then an upper bound
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
             eps, _ = get_privacy_spent(
-                orders=list(ALPHAS), rdp=rdp_of_history(self.accountant.history), delta=delta
+                orders=list(rdp_orders()), rdp=rdp_of_history(self.accountant.history), delta=delta
             )
         return float(eps)
 

@@ -35,10 +35,6 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from opacus import GradSampleModule
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
 from torch import nn
 
 from clients.defenses.accounting import AccountedDefense, empty_gradients
@@ -61,6 +57,8 @@ def noise_for_target(
 ) -> float:
     """σ reaching (target_epsilon, δ) after ``steps`` steps (or ``epochs`` epochs) at rate q,
     by Opacus' ``get_noise_multiplier`` (binary search over its RDP accountant)."""
+    from opacus.accountants.utils import get_noise_multiplier  # lazy: opacus costs ~50 MB
+
     horizon = {"steps": steps} if steps else {"epochs": epochs}
     return float(
         get_noise_multiplier(
@@ -134,6 +132,9 @@ class DPSGD(AccountedDefense):
         self.sigma = self.noise_multiplier
 
     def begin(self, model: nn.Module, info: TrainingInfo) -> None:
+        from opacus.optimizers import DPOptimizer
+        from opacus.validators import ModuleValidator
+
         super().begin(model, info)
         errors = ModuleValidator.validate(model, strict=False)
         if errors:
@@ -168,6 +169,8 @@ class DPSGD(AccountedDefense):
     ) -> tuple[torch.Tensor, Tensors]:
         if x.shape[0] == 0:  # an empty Poisson batch: no gradient, only noise
             return empty_gradients(model, names)
+        from opacus import GradSampleModule
+
         named = dict(model.named_parameters())
         gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         try:

@@ -97,8 +97,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from scipy.special import betainc
-from scipy.stats import binom
 from torch import nn
 
 from clients.defenses.base import Defense, ModelRefused, Tensors, TrainingInfo, register_defense
@@ -182,6 +180,8 @@ def _number(
 def parallel_null_probability(row_size: int, cos_threshold: float) -> float:
     """``P(|cos| ≥ t)`` for two independent isotropic rows of dimension ``row_size``:
     ``I_{1-t²}((d-1)/2, 1/2)`` (1 for ``d = 1``)."""
+    from scipy.special import betainc  # lazy: scipy costs every client process ~60 MB
+
     if row_size < 2:
         return 1.0
     return float(betainc((row_size - 1) / 2.0, 0.5, 1.0 - cos_threshold**2))
@@ -189,6 +189,8 @@ def parallel_null_probability(row_size: int, cos_threshold: float) -> float:
 
 def balanced_null_probability(n: int) -> float:
     """``P(|n₊ − n₋| ≤ 1)`` for ``n`` fair independent signs (Binomial(n, 1/2))."""
+    from scipy.stats import binom
+
     if n <= 0:
         return 1.0
     if n % 2 == 0:
@@ -377,6 +379,8 @@ class ModelInspector:
         # rows may differ in their count of non-zero weights: the largest p_n over the counts
         # present bounds every row's chance (a conservative p-value)
         p = max(balanced_null_probability(int(c)) for c in n[tested].unique().tolist())
+        from scipy.stats import binom
+
         pvalue = float(binom.sf(balanced - 1, k, p)) if balanced else 1.0
         stats.signs_pvalue = pvalue
         stats.balanced_share = balanced / k

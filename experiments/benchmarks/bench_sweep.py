@@ -30,7 +30,13 @@ repeats = 3
 "client.batch_size" = [1, 4, 16]
 "federation.clients_per_round" = [2, 5, 10]
 """
-TIMING_KEYS = {"fit_seconds_by_round", "run_dir", "seconds", "attack_seconds"}
+TIMING_KEYS = {
+    "fit_seconds_by_round",
+    "round_seconds_by_round",
+    "run_dir",
+    "seconds",
+    "attack_seconds",
+}
 
 
 def _strip(value: object) -> object:

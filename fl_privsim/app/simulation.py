@@ -6,6 +6,7 @@ is Flower's in-process launcher; it is called in exactly one place, :func:`launc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -80,15 +81,26 @@ def launch(
     backend: dict[str, Any],
     verbose: bool = False,
     ray_record: dict[str, Any] | None = None,
+    patch_flower: bool = True,
 ) -> None:
-    """Run ``server_app`` against ``num_supernodes`` copies of ``client_app`` on Ray;
+    """Run ``server_app`` against ``num_supernodes`` copies of ``client_app`` on Ray.
+
     ``ray_record`` (when given) receives which Ray cluster and nodes the client actors ran
-    on (:func:`fl_privsim.app.ray_cluster.recorded`)."""
+    on (:func:`fl_privsim.app.ray_cluster.recorded`). ``patch_flower``: Flower's message
+    dispatch in one pass per sweep and its node map kept for the server
+    (:mod:`strategies.flower_dispatch`), so a round costs its sampled clients, not the
+    federation's size."""
     import warnings
 
     from flwr.simulation import run_simulation
 
-    with warnings.catch_warnings(), recorded({} if ray_record is None else ray_record):
+    from strategies.flower_dispatch import patched_simulation
+
+    with (
+        patched_simulation() if patch_flower else contextlib.nullcontext(),
+        warnings.catch_warnings(),
+        recorded({} if ray_record is None else ray_record),
+    ):
         warnings.simplefilter("ignore", DeprecationWarning)
         # Ray's notice about a future default; we rely on today's (GPUs hidden from
         # actors that reserve none) and set num_gpus explicitly.

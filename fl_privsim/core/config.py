@@ -197,7 +197,16 @@ class FederationConfig:
         '"host:port" (its GCS) or "ray://host:port" (docs/scaling.md)',
     )
     fraction_evaluate: float = _f(
-        1.0, "share of clients in federated evaluation (0 = off)", min=0.0, max=1.0
+        1.0,
+        "share of the clients that evaluation_clients names asked to evaluate each round (0 = off)",
+        min=0.0,
+        max=1.0,
+    )
+    evaluation_clients: str = _f(
+        "sampled",
+        "whom federated evaluation asks: sampled (the round's training sample, so evaluation "
+        "costs what training does at any scale) or all (every client, Flower's meaning)",
+        choices=("sampled", "all"),
     )
     failure_rate: float = _f(
         0.0,

@@ -303,13 +303,32 @@ def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-def _load_digits(test_fraction: float, seed: int) -> Raw:
-    from sklearn.datasets import load_digits
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits as (1797, 8, 8) float64 images (0..16) and int labels.
 
-    digits = load_digits()
-    x = torch.from_numpy((digits.images / 16.0).astype(np.float32)).unsqueeze(1)
-    names = tuple(str(n) for n in digits.target_names)
-    return (*split(x, digits.target, test_fraction, seed), names)
+    Read straight from the file ``sklearn.datasets.load_digits`` reads (``digits.csv.gz``:
+    64 pixel columns, then the label), found without importing scikit-learn, which would cost
+    every client process ~150 MB (scipy, pandas); ``load_digits`` itself where the file is
+    not there."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    origin = Path(spec.origin) if spec is not None and spec.origin else None
+    path = origin.parent / "datasets" / "data" / "digits.csv.gz" if origin else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.images, digits.target
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
+def _load_digits(test_fraction: float, seed: int) -> Raw:
+    images, target = _digits_arrays()
+    x = torch.from_numpy((images / 16.0).astype(np.float32)).unsqueeze(1)
+    names = tuple(str(n) for n in range(10))
+    return (*split(x, target, test_fraction, seed), names)
 
 
 def _load_torchvision(name: str, root: Path, download: bool) -> Raw:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator, Sequence
+from typing import overload
 
 import numpy as np
 import torch
@@ -27,7 +29,7 @@ import torch
 from fl_privsim.core.errors import ConfigError, DataError
 from fl_privsim.core.seeding import numpy_rng
 
-__all__ = ["SCHEMES", "partition", "sample_batch", "train_test_indices"]
+__all__ = ["SCHEMES", "Partitions", "partition", "partitions", "sample_batch", "train_test_indices"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,52 @@ MAX_DIRICHLET_DRAWS = 1000
 
 def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+class Partitions(Sequence[np.ndarray]):
+    """Every client's indices, held as one flat array cut at ``offsets``: client ``i`` owns
+    ``flat[offsets[i]:offsets[i + 1]]`` (a view, sorted ascending: treat it as read-only, as
+    every client's part shares the one array). No per-client
+    array exists until a client's part is asked for, so 10 000 clients cost one int64 per
+    example plus one offset per client. With ``length`` > the number of parts, client ``i``
+    gets part ``i % parts`` (the local test shards when clients outnumber test examples)."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray, length: int | None = None) -> None:
+        self.flat = np.asarray(flat, dtype=np.int64)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.parts = len(self.offsets) - 1
+        self.length = self.parts if length is None else int(length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    @overload
+    def __getitem__(self, i: int) -> np.ndarray: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[np.ndarray]: ...
+
+    def __getitem__(self, i: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.length))]
+        i = int(i)
+        if i < 0:
+            i += self.length
+        if not 0 <= i < self.length:
+            raise IndexError(f"client {i} out of range (0..{self.length - 1})")
+        j = i % self.parts
+        return self.flat[self.offsets[j] : self.offsets[j + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(self.length))
+
+    def sizes(self) -> np.ndarray:
+        """Each part's size (``parts`` values)."""
+        return np.diff(self.offsets)
+
+    def cycled(self, length: int) -> Partitions:
+        """The same parts for ``length`` clients, client ``i`` getting part ``i % parts``."""
+        return Partitions(self.flat, self.offsets, length)
 
 
 def partition(
@@ -82,7 +130,42 @@ def partition(
         If ``labels`` is not 1-D, or no Dirichlet draw in :data:`MAX_DIRICHLET_DRAWS` gives
         every client ``min_size`` examples.
     """
+    parts = partitions(
+        labels, num_clients, scheme=scheme, alpha=alpha, seed=seed, min_size=min_size
+    )
+    return [part.copy() for part in parts]
+
+
+def partitions(
+    labels: np.ndarray,
+    num_clients: int,
+    *,
+    scheme: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_size: int = 1,
+) -> Partitions:
+    """:func:`partition` as a lazy :class:`Partitions` (same arguments, checks and indices:
+    ``list(partitions(...)) == partition(...)`` element for element), without one array per
+    client."""
     labels = np.asarray(labels)
+    _check(labels, num_clients, scheme, alpha, min_size)
+    n = len(labels)
+    rng = numpy_rng(seed, "partition")
+    if scheme == "iid":
+        perm = rng.permutation(n)
+        # np.array_split's cut: the first n % k parts get one example more
+        each, extra = divmod(n, num_clients)
+        sizes = np.full(num_clients, each, dtype=np.int64)
+        sizes[:extra] += 1
+        owner = np.repeat(np.arange(num_clients), sizes)
+        flat = perm[np.lexsort((perm, owner))]  # each part sorted ascending, parts in order
+        return Partitions(flat, np.concatenate(([0], np.cumsum(sizes))))
+    return _dirichlet(labels, num_clients, float(alpha), min_size, rng)
+
+
+def _check(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, min_size: int) -> None:
+    """Raise for arguments :func:`partition` refuses (see its docstring)."""
     if labels.ndim != 1:
         raise DataError(f"partition: labels must be 1-D, got shape {labels.shape}")
     n = len(labels)
@@ -110,16 +193,10 @@ def partition(
             f"out of {n}; use fewer clients or a smaller min_size"
         )
 
-    rng = numpy_rng(seed, "partition")
-    if scheme == "iid":
-        parts = np.array_split(rng.permutation(n), num_clients)
-        return [np.sort(part).astype(np.int64) for part in parts]
-    return _dirichlet(labels, num_clients, float(alpha), min_size, rng)
-
 
 def _dirichlet(
     labels: np.ndarray, k: int, alpha: float, min_size: int, rng: np.random.Generator
-) -> list[np.ndarray]:
+) -> Partitions:
     by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
     owner = np.empty(len(labels), dtype=np.int64)
     clients = np.arange(k)
@@ -134,7 +211,7 @@ def _dirichlet(
         sizes = np.bincount(owner, minlength=k)
         if sizes.min() >= min_size:
             order = np.argsort(owner, kind="stable")  # stable: indices stay ascending
-            return [part.astype(np.int64) for part in np.split(order, np.cumsum(sizes)[:-1])]
+            return Partitions(order, np.concatenate(([0], np.cumsum(sizes))))
     raise DataError(
         f"dirichlet partition: no draw in {MAX_DIRICHLET_DRAWS} gave each of {k} clients at "
         f"least {min_size} examples (alpha={alpha}, {len(labels)} examples); use fewer "

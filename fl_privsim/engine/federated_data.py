@@ -20,19 +20,23 @@ from fl_privsim.core.data import (
     ImageData,
     effective_batch_size,
     load_dataset,
-    partition,
     sample_batch,
 )
+from fl_privsim.core.partition import partitions
 from fl_privsim.core.seeding import torch_generator
 
 
 @dataclass(frozen=True)
 class FederatedData:
-    """A loaded dataset with its train and test partitions (one per client)."""
+    """A loaded dataset with its train and test partitions (one per client).
+
+    The partitions are lazy (:class:`~fl_privsim.core.partition.Partitions`: one flat index
+    array cut per client, a client's part made when asked for), so a federation of 10 000
+    clients holds no per-client array in any process."""
 
     data: ImageData
-    train_parts: tuple[np.ndarray, ...]
-    test_parts: tuple[np.ndarray, ...]
+    train_parts: Sequence[np.ndarray]
+    test_parts: Sequence[np.ndarray]
 
     def tensors(
         self, split: str, idx: np.ndarray, device: torch.device | str = "cpu"
@@ -54,18 +58,20 @@ def _federated_data(data_cfg: DataConfig, num_clients: int, seed: int) -> Federa
         seed=seed,
         max_examples=data_cfg.max_examples or None,
     )
-    train_parts = partition(
+    train_parts = partitions(
         data.train_y.numpy(),
         num_clients,
         scheme=data_cfg.partition,
         alpha=data_cfg.alpha,
         seed=seed,
     )
-    # Local test shards are IID so federated accuracy measures the global model fairly.
+    # Local test shards are IID so federated accuracy measures the global model fairly;
+    # with more clients than test examples, client i gets shard i % shards.
     n_test = max(1, min(num_clients, len(data.test_y)))
-    test_parts = partition(data.test_y.numpy(), n_test, scheme="iid", seed=seed + 1)
-    test_parts = [test_parts[i % n_test] for i in range(num_clients)]
-    return FederatedData(data=data, train_parts=tuple(train_parts), test_parts=tuple(test_parts))
+    test_parts = partitions(data.test_y.numpy(), n_test, scheme="iid", seed=seed + 1)
+    return FederatedData(
+        data=data, train_parts=train_parts, test_parts=test_parts.cycled(num_clients)
+    )
 
 
 def federated_data(cfg: Config) -> FederatedData:

@@ -163,6 +163,8 @@ def test_run_server_in_process_records_everything_and_is_reproducible(tmp_path):
     assert attacks["analytic"]["psnr"] >= 60 and attacks["analytic"]["attacked"] >= 1
     assert attacks["idlg"]["label_accuracy"] > 0
     assert 0 <= summary["final_accuracy"] <= 1
+    rounds = summary["round_seconds_by_round"]
+    assert sorted(rounds) == ["1", "2"] and all(t > 0 for t in rounds.values())
     lines = folder.read_metrics()
     assert {"round", "client", "source", "key", "value"} <= set(lines[0])
     assert any(r["source"] == "server_eval" for r in lines)
