@@ -242,8 +242,8 @@ class InvertingGradientsAttack(Attack):
       mini-batches, which label belongs to which step matters and is not observable: on
       8×8 digits with ``lenet``, 4 steps × 2 images, the right labels in the right steps
       give 20 dB (TV 1e-6), the right multiset in a random order 4 dB, below the 11.5 dB of
-      the mean image, and the sign rule's multiset is wrong in most cases (it cannot count
-      duplicates). So by default (``label_screen=True``) the labels come from a screen
+      the mean image, and the sign rule's multiset is wrong in 30 of 40 measured cases (it
+      cannot count repeated labels; the bias counts alone are wrong in 5). So by default (``label_screen=True``) the labels come from a screen
       that needs no ground truth
       (:func:`~adversaries.reconstruction.label_search.ranked_labellings`): the bias-count
       multiset and its one-sample neighbours, then their arrangements over the steps, then
@@ -257,8 +257,13 @@ class InvertingGradientsAttack(Attack):
       ``r``-th distinct arrangement (:func:`label_arrangements`). (The reference code is
       given the true labels for multi-image runs.)
 
-      Measured with the defaults (``experiments/ig_fedavg_defaults.py``, 16 clients, each a
-      seeded ``lenet`` and 8 digits): MEASURED_LINE
+      Measured (``experiments/ig_fedavg_defaults.py --cases 16``: 16 clients, each a
+      seeded default-init ``lenet`` and 8 train digits, 4 steps × batch 2, client lr 0.1):
+      the defaults reach 20.0 dB mean PSNR (min 17.3), the mean image 11.5 dB; every
+      client's labels came out in the right steps. Before the screen (one restart, the
+      sign rule's labels in their order) 4.35 dB. ``tv_weight=0`` reaches 40.9 dB (min 22.8)
+      on the same cases: the default TV weight (1e-6) costs precision on this overdetermined
+      setting, as at batch size 1 (see ``tv_weight``).
 
     **Speed.** Each iteration does one forward, one ``create_graph`` backward and one
     vector–Jacobian product: the cosine's gradient with respect to the simulated update,
@@ -294,7 +299,7 @@ class InvertingGradientsAttack(Attack):
         Independent random starts; the best by final objective is returned. ``"auto"``
         (default): :data:`AUTO_RESTARTS_UNROLLED` (2) when the ``fedavg`` plan has several
         mini-batches (the image optimisation fails from some starts even with the right
-        labels: 1 case in 12 measured), else 1. With several mini-batches they also try
+        labels: 1 of 12 measured single starts stayed below 5 dB), else 1. With several mini-batches they also try
         the plausible label arrangements (see above).
     variant:
         ``"auto"`` (by ``obs.protocol``), ``"fedsgd"`` or ``"fedavg"`` (see above).
@@ -493,12 +498,8 @@ class InvertingGradientsAttack(Attack):
         best), cyclically, so a clear winner gets every restart from different starts.
         """
         plan = problem.plan
-        n = plan.samples if plan.local_steps * plan.num_clients > 1 else num_targets(obs)
-        if (
-            not self.label_screen
-            or plan.local_steps * plan.num_clients == 1
-            or (n != num_targets(obs))
-        ):
+        several = plan.local_steps * plan.num_clients > 1
+        if not (self.label_screen and several and plan.samples == num_targets(obs)):
             labels = infer_labels(obs, target, num_targets(obs)).to(device)
             arrangements = label_arrangements(labels, plan, restarts, generator)
             return [arrangements[r % len(arrangements)] for r in range(restarts)], len(arrangements)
@@ -520,8 +521,11 @@ class InvertingGradientsAttack(Attack):
             batched=not problem.has_batch_norm,
         )
         bound = float(losses[0]) * PLAUSIBLE_FACTOR
-        plausible = [y.to(device) for y, loss in zip(ranked, losses.tolist()) if loss <= bound]
-        plausible = plausible[:restarts]
+        plausible = [
+            y.to(device)
+            for i, (y, loss) in enumerate(zip(ranked, losses.tolist(), strict=True))
+            if i == 0 or loss <= bound
+        ][:restarts]
         return [plausible[r % len(plausible)] for r in range(restarts)], len(plausible)
 
     def _schedule(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.MultiStepLR:
