@@ -309,7 +309,10 @@ class InvertingGradientsAttack(Attack):
         amplify over many iterations). Ignored for models with BatchNorm.
     label_screen:
         Screen label multisets and arrangements when the plan has several mini-batches
-        (see **Variants**); ``False``: the sign rule's labels in their own order.
+        (see **Variants**); ``False``: the sign rule's labels in their own order. Measured
+        CPU cost of the screen on 8×8 digits, 4 steps × 2 images: about 1 s on ``lenet``,
+        about 40 s on ``convnet`` (where it is also less sharp: right steps for 1 of 2
+        clients).
     """
 
     requires: ClassVar[tuple[str, ...]] = (
