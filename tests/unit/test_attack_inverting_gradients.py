@@ -71,8 +71,11 @@ def test_unknown_param_is_named() -> None:
         {"tv_weight": -1.0},
         {"tv_weight": float("inf")},
         {"restarts": 0},
+        {"restarts": "many"},
+        {"restarts": True},
+        {"label_screen": "yes"},
     ],
 )
-def test_bad_params(params: dict[str, float]) -> None:
+def test_bad_params(params: dict[str, object]) -> None:
     with pytest.raises(ConfigError, match=next(iter(params))):
         ATTACKS.create("inverting_gradients", **params)
