@@ -334,13 +334,22 @@ class InvertingGradientsAttack(Attack):
     is formed outside autograd and fed as ``grad_outputs`` of ``∂u/∂x`` (the same
     gradient as differentiating the cosine graph, without building it). The objective
     value comes from the same pass; the final objective of each restart costs one
-    first-order pass. With ``restarts > 1`` and ``batch_restarts=True`` the restarts run
-    as one batched problem (``torch.func.vmap`` over the restarts of a ``torch.func``
-    formulation: separate problems, unlike stacking restarts into the batch dimension),
-    which pays off where per-op overhead dominates. Models with BatchNorm run their
-    restarts in turn (``torch.func.vmap`` cannot batch BatchNorm's double backward).
+    first-order pass. BatchNorm layers are evaluated as :class:`BatchStatNorm` (batch
+    statistics from elementary ops: the client's train-mode forward pass, without buffers).
+    With ``restarts > 1`` and ``batch_restarts=True`` the restarts run as one batched problem
+    (``torch.func.vmap`` over the restarts of a ``torch.func`` formulation: separate
+    problems with their own BatchNorm statistics, unlike stacking restarts into the batch
+    dimension), which pays off where per-op overhead dominates.
+
+    Measured against breaching's own loop (``experiments/benchmarks/bench_breaching.py``:
+    its ConvNet with BatchNorm, ``convnet_bn``; CIFAR-10 test images; 4 restarts; 2 threads;
+    CPU time on a shared 2-core AMD EPYC with ``OMP_WAIT_POLICY=PASSIVE``): ×1.06 in turn and
+    ×1.09 batched at batch 1, ×BATCH4 at batch 4 — the same floating-point work as the
+    reference (one forward, one ``create_graph`` backward, one double backward; the
+    convolutions dominate), so the gain is small. ``torch.compile``, channels-last and
+    ``torch.func`` instead of ``torch.autograd`` did not pay on this CPU.
     ``experiments/benchmarks/bench_inverting.py`` compares against a straightforward
-    implementation.
+    implementation on models without BatchNorm.
 
     Parameters
     ----------
@@ -366,7 +375,9 @@ class InvertingGradientsAttack(Attack):
     batch_restarts:
         Run the restarts as one ``vmap``-batched problem (the same algorithm; results
         differ from running them in turn by rounding, which the sign of the gradient can
-        amplify over many iterations). Ignored for models with BatchNorm.
+        amplify over many iterations). Models with BatchNorm batch too (each restart keeps
+        its own batch statistics) when each step has one sample; with larger batches they
+        run in turn, which was faster on CPU (see Speed).
     """
 
     requires: ClassVar[tuple[str, ...]] = (
@@ -487,7 +498,7 @@ class InvertingGradientsAttack(Attack):
         ]
         arrangements = label_arrangements(labels, plan, self.restarts, generator)
         ys = [arrangements[r % len(arrangements)] for r in range(self.restarts)]
-        if self.restarts > 1 and self.batch_restarts:
+        if self.restarts > 1 and self.batch_restarts and problem.batches_well(plan):
             batched = self._optimise(
                 torch.func.vmap(problem.functional_step),
                 torch.stack(x0),
@@ -578,7 +589,14 @@ class _Problem:
         self.plan = plan
         self.tv_weight = tv_weight
         self.tiny = torch.finfo(torch.float32).tiny
+        self.has_batch_norm = any(isinstance(m, BatchStatNorm) for m in model.modules())
         self._v: list[torch.Tensor] | None = None  # reused buffers for the cosine's gradient
+
+    def batches_well(self, plan: LocalPlan) -> bool:
+        """Whether ``vmap`` over restarts is worth it: always without BatchNorm; with
+        BatchNorm only for one sample per step (``convnet_bn`` on CPU, 4 restarts: ×1.02 of
+        the in-turn speed at batch 1, ×0.75 at batch 4, ``bench_breaching.py``)."""
+        return not self.has_batch_norm or plan.batch_size == 1
 
     def _update(
         self, x: torch.Tensor, y: torch.Tensor, *, create_graph: bool, functional: bool = False

@@ -21,8 +21,10 @@ over all parameters, ``1 - cos`` over all layers concatenated plus ``tv_weight Â
 ``backward(inputs=candidate)``, the gradient's sign, Adam (lr 0.1), ``MultiStepLR`` with
 milestones ``N // 2.667, N // 1.6, N // 1.142`` (3/8, 5/8, 7/8) and Ã—0.1, the box
 projection; the restart with the lowest recomputed objective wins.
-``ours_*`` is ``inverting_gradients`` as registered (``batch_restarts`` false: restarts in
-turn; true: one ``vmap``-batched problem). Both start from the same N(0, 1) draws of the
+``ours_*`` is ``inverting_gradients`` as registered: ``ours_in_turn`` with ``batch_restarts``
+false (restarts in turn), ``ours_default`` with true (one ``vmap``-batched problem; BatchNorm
+models do this only at batch 1 and run in turn at larger batches, see
+``_Problem.batches_well``). Both start from the same N(0, 1) draws of the
 same seeded generator (one draw per restart, in order) and use the same labels (the
 sign rule on the observed gradient), TV definition, schedule and box.
 
@@ -194,7 +196,7 @@ def speed_one(batch: int, args: argparse.Namespace) -> None:
     runs: dict[str, Callable[[], object]] = {
         "reference": lambda: reference_attack(obs, generator=gen(), **common),
         "ours_in_turn": lambda: ours_attack(obs, generator=gen(), batch_restarts=False, **common),
-        "ours_batched": lambda: ours_attack(obs, generator=gen(), batch_restarts=True, **common),
+        "ours_default": lambda: ours_attack(obs, generator=gen(), batch_restarts=True, **common),
     }
     rate: dict[str, list[float]] = defaultdict(list)
     print(
