@@ -24,7 +24,9 @@ projection; the restart with the lowest recomputed objective wins.
 ``ours_*`` is ``inverting_gradients`` as registered: ``ours_in_turn`` with ``batch_restarts``
 false (restarts in turn), ``ours_default`` with true (one ``vmap``-batched problem; BatchNorm
 models do this only at batch 1 and run in turn at larger batches, see
-``_Problem.batches_well``). Both start from the same N(0, 1) draws of the
+``_Problem.batches_well``), ``ours_compiled`` the default with ``compile_step`` true
+(``torch.compile`` of each iteration's work; a first, untimed run fills inductor's cache and
+its time is printed; each timed run still recompiles from that cache, which it pays). Both start from the same N(0, 1) draws of the
 same seeded generator (one draw per restart, in order) and use the same labels (the
 sign rule on the observed gradient), TV definition, schedule and box.
 
@@ -157,6 +159,7 @@ def ours_attack(
     restarts: int,
     generator: torch.Generator,
     batch_restarts: bool,
+    compile_step: bool = False,
 ) -> torch.Tensor:
     attack = ATTACKS.create(
         "inverting_gradients",
@@ -165,6 +168,7 @@ def ours_attack(
         tv_weight=tv_weight,
         restarts=restarts,
         batch_restarts=batch_restarts,
+        compile_step=compile_step,
     )
     return attack(obs, generator=generator).inputs
 
@@ -197,7 +201,20 @@ def speed_one(batch: int, args: argparse.Namespace) -> None:
         "reference": lambda: reference_attack(obs, generator=gen(), **common),
         "ours_in_turn": lambda: ours_attack(obs, generator=gen(), batch_restarts=False, **common),
         "ours_default": lambda: ours_attack(obs, generator=gen(), batch_restarts=True, **common),
+        "ours_compiled": lambda: ours_attack(
+            obs, generator=gen(), batch_restarts=True, compile_step=True, **common
+        ),
     }
+    if args.no_compile:
+        del runs["ours_compiled"]
+    else:  # the first compilation fills inductor's cache; later runs recompile from it
+        wall, cpu = time.perf_counter(), time.process_time()
+        runs["ours_compiled"]()
+        print(
+            f"  ours_compiled first run (compiles): {time.perf_counter() - wall:.1f} s wall, "
+            f"{time.process_time() - cpu:.1f} CPU-s in this process",
+            flush=True,
+        )
     rate: dict[str, list[float]] = defaultdict(list)
     print(
         f"speed: convnet_bn batch={batch} restarts={args.restarts} "
@@ -297,6 +314,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="leave out ours_compiled")
     parser.add_argument("--psnr-images", type=_ints, default=[0, 1, 2])
     parser.add_argument(
         "--psnr-iterations", type=int, default=0, help="reference budget (0: no PSNR part)"
