@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from attack_helpers import CLASSES, SHAPE, observe, sample
@@ -13,6 +14,7 @@ from adversaries.reconstruction.inverting_gradients import (
     _Problem,
     attack_model,
 )
+from fl_privsim.core.errors import ConfigError
 from fl_privsim.core.models import ConvNetBN, build_model
 
 torch.set_num_threads(1)
@@ -120,3 +122,31 @@ def test_attack_batches_batchnorm_restarts_like_in_turn() -> None:
     assert a.inputs.shape == (1, *SHAPE)
     assert abs(a.metrics["final_loss"] - b.metrics["final_loss"]) < 1e-4
     assert torch.allclose(a.inputs, b.inputs, atol=1e-3)
+
+
+def test_compiled_step_equals_step() -> None:
+    """``compile_step``: the torch.compile'd iteration computes the same gradient and value
+    (one conv-BN-ReLU block and a linear layer, float64, to keep the compilation short)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3, padding=1),
+        torch.nn.BatchNorm2d(3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(3 * 8 * 8, CLASSES),
+    ).double()
+    _, x, y = sample([3, 4])
+    obs = observe(model, x.double(), y)
+    attack = ATTACKS.create("inverting_gradients", compile_step=True, tv_weight=1e-2)
+    target = [t.double() for t in obs.gradient()]
+    problem = _Problem(obs, attack_model(obs, CPU), target, attack.plan(obs), 1e-2)
+    z = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    compiled, cvalue = attack._compiled(problem.functional_step)(z, y)
+    grad, value = problem.step(z.clone().requires_grad_(True), y)
+    assert float((compiled - grad).abs().max()) < 1e-10 * float(grad.abs().max())
+    assert abs(float(cvalue) - float(value)) < 1e-12
+
+
+def test_compile_step_must_be_bool() -> None:
+    with pytest.raises(ConfigError, match="compile_step"):
+        ATTACKS.create("inverting_gradients", compile_step="yes")
