@@ -346,13 +346,12 @@ class InvertingGradientsAttack(Attack):
 
     Measured against breaching's own loop (``experiments/benchmarks/bench_breaching.py``:
     its ConvNet with BatchNorm, ``convnet_bn``; CIFAR-10 test images; 4 restarts; 2 threads;
-    CPU time on a shared 2-core AMD EPYC with ``OMP_WAIT_POLICY=PASSIVE``): ×1.06 in turn and
-    ×1.09 batched at batch 1, ×BATCH4 at batch 4 — the same floating-point work as the
-    reference (one forward, one ``create_graph`` backward, one double backward; the
-    convolutions dominate), so the gain is small. ``torch.compile``, channels-last and
-    ``torch.func`` instead of ``torch.autograd`` did not pay on this CPU.
-    ``experiments/benchmarks/bench_inverting.py`` compares against a straightforward
-    implementation on models without BatchNorm.
+    CPU time on a shared 2-core AMD EPYC with ``OMP_WAIT_POLICY=PASSIVE``; see
+    ``docs/methods/inverting_gradients.md``): ×1.03 in turn, ×1.08 with the defaults and
+    ×1.21 with ``compile_step`` at batch 1; ×0.98, ×0.98 and ×1.23 at batch 4.
+    Ours does the same floating-point work as the reference (the convolutions take about
+    80 % of it), so the gains are small. ``experiments/benchmarks/bench_inverting.py``
+    compares against a straightforward implementation on models without BatchNorm.
 
     Parameters
     ----------
@@ -617,7 +616,7 @@ class _Problem:
 
     def batches_well(self, plan: LocalPlan) -> bool:
         """Whether ``vmap`` over restarts is worth it: always without BatchNorm; with
-        BatchNorm only for one sample per step (``convnet_bn`` on CPU, 4 restarts: ×1.02 of
+        BatchNorm only for one sample per step (``convnet_bn`` on CPU, 4 restarts: ×1.02–1.05 of
         the in-turn speed at batch 1, ×0.75 at batch 4, ``bench_breaching.py``)."""
         return not self.has_batch_norm or plan.batch_size == 1
 
