@@ -45,6 +45,9 @@ from fl_privsim.core.errors import ThreatModelError
 
 log = logging.getLogger(__name__)
 
+#: One iteration's work: ``(x, y) -> (gradient of the objective at x, its value)``.
+_Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
 #: Values of the ``variant`` parameter.
 VARIANTS = ("auto", "fedsgd", "fedavg")
 #: ``restarts="auto"`` on a plan with several mini-batches (FedAvg with several local steps,
@@ -188,17 +191,56 @@ def unrolled_delta(
     return {name: (gi * scale).detach() for name, gi in zip(names, g, strict=True)}
 
 
+class BatchStatNorm(nn.Module):
+    """BatchNorm in training mode written with elementary ops: batch statistics, no buffers.
+
+    ``(z - mean) / sqrt(var + eps) * weight + bias`` with the biased variance over every
+    dimension except the channels (dimension 1): the forward pass of ``nn.BatchNormNd`` in
+    train mode (Ioffe & Szegedy 2015), up to rounding. Holds the original module's
+    ``weight``/``bias`` parameters under the same names. Unlike the native kernel, its
+    double backward is plain autograd of elementwise ops, which ``torch.func.vmap`` can batch
+    and which is cheaper on CPU than ``native_batch_norm``'s double backward.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.eps = float(bn.eps)
+        self.weight = bn.weight
+        self.bias = bn.bias
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        dims = [0, *range(2, z.dim())]
+        var, mean = torch.var_mean(z, dim=dims, keepdim=True, correction=0)
+        out = (z - mean) * torch.rsqrt(var + self.eps)
+        shape = [1, -1] + [1] * (z.dim() - 2)
+        if self.weight is not None:
+            out = out * self.weight.view(shape)
+        if self.bias is not None:
+            out = out + self.bias.view(shape)
+        return out
+
+
+def batch_stat_norm_(model: nn.Module) -> nn.Module:
+    """Replace every BatchNorm module of ``model`` (in place) by a :class:`BatchStatNorm`."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, BatchStatNorm(child))
+        else:
+            batch_stat_norm_(child)
+    return model
+
+
 def attack_model(obs: Observation, device: torch.device) -> nn.Module:
     """A private copy of the model in train mode whose BatchNorm layers always use batch statistics.
 
     The client trains in train mode, where BatchNorm normalises by the batch's statistics;
-    the running statistics only change buffers, not the output. They are dropped here
-    (``torch.func.replace_all_batch_norm_modules_``) so that the simulation neither
-    mutates state nor breaks under ``vmap``; the forward pass is the client's.
+    the running statistics only change buffers, not the output. Each BatchNorm module is
+    replaced by a :class:`BatchStatNorm` (the same forward pass, no buffers), so that the
+    simulation neither mutates state nor breaks under ``vmap``; the forward pass is the
+    client's.
     """
     model = obs.fresh_model(device).train()
-    torch.func.replace_all_batch_norm_modules_(model)
-    return model
+    return batch_stat_norm_(model)
 
 
 @ATTACKS.register("inverting_gradients")
@@ -271,13 +313,21 @@ class InvertingGradientsAttack(Attack):
     is formed outside autograd and fed as ``grad_outputs`` of ``∂u/∂x`` (the same
     gradient as differentiating the cosine graph, without building it). The objective
     value comes from the same pass; the final objective of each restart costs one
-    first-order pass. With ``restarts > 1`` and ``batch_restarts=True`` the restarts run
-    as one batched problem (``torch.func.vmap`` over the restarts of a ``torch.func``
-    formulation: separate problems, unlike stacking restarts into the batch dimension),
-    which pays off where per-op overhead dominates. Models with BatchNorm run their
-    restarts in turn (``torch.func.vmap`` cannot batch BatchNorm's double backward).
-    ``experiments/benchmarks/bench_inverting.py`` compares against a straightforward
-    implementation.
+    first-order pass. BatchNorm layers are evaluated as :class:`BatchStatNorm` (batch
+    statistics from elementary ops: the client's train-mode forward pass, without buffers).
+    With ``restarts > 1`` and ``batch_restarts=True`` the restarts run as one batched problem
+    (``torch.func.vmap`` over the restarts of a ``torch.func`` formulation: separate
+    problems with their own BatchNorm statistics, unlike stacking restarts into the batch
+    dimension), which pays off where per-op overhead dominates.
+
+    Measured against breaching's own loop (``experiments/benchmarks/bench_breaching.py``:
+    its ConvNet with BatchNorm, ``convnet_bn``; CIFAR-10 test images; 4 restarts; 2 threads;
+    CPU time on a shared 2-core AMD EPYC with ``OMP_WAIT_POLICY=PASSIVE``; see
+    ``docs/methods/inverting_gradients.md``): ×1.03 in turn, ×1.08 with the defaults and
+    ×1.21 with ``compile_step`` at batch 1; ×0.98, ×0.98 and ×1.23 at batch 4.
+    Ours does the same floating-point work as the reference (the convolutions take about
+    80 % of it), so the gains are small. ``experiments/benchmarks/bench_inverting.py``
+    compares against a straightforward implementation on models without BatchNorm.
 
     Parameters
     ----------
@@ -306,7 +356,13 @@ class InvertingGradientsAttack(Attack):
     batch_restarts:
         Run the restarts as one ``vmap``-batched problem (the same algorithm; results
         differ from running them in turn by rounding, which the sign of the gradient can
-        amplify over many iterations). Ignored for models with BatchNorm.
+        amplify over many iterations). Models with BatchNorm batch too (each restart keeps
+        its own batch statistics) when each step has one sample; with larger batches they
+        run in turn, which was faster on CPU (see Speed).
+    compile_step:
+        Run each iteration's work (the ``torch.func`` form, batched or not) through
+        ``torch.compile``: the same maths to float32 rounding, with the elementwise ops
+        fused. Off by default: the compilation is paid on every :meth:`run` (see Speed).
     label_screen:
         Screen label multisets and arrangements when the plan has several mini-batches
         (see **Variants**); ``False``: the sign rule's labels in their own order. Measured
@@ -335,6 +391,7 @@ class InvertingGradientsAttack(Attack):
         variant: str = "auto",
         batch_restarts: bool = True,
         label_screen: bool = True,
+        compile_step: bool = False,
     ) -> None:
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
@@ -354,12 +411,15 @@ class InvertingGradientsAttack(Attack):
             raise ValueError(f"batch_restarts must be true or false, got {batch_restarts!r}")
         if not isinstance(label_screen, bool):
             raise ValueError(f"label_screen must be true or false, got {label_screen!r}")
+        if not isinstance(compile_step, bool):
+            raise ValueError(f"compile_step must be true or false, got {compile_step!r}")
         self.iterations = iterations
         self.lr = float(lr)
         self.tv_weight = float(tv_weight)
         self.restarts = restarts
         self.variant = variant
         self.batch_restarts = batch_restarts
+        self.compile_step = compile_step
         self.label_screen = label_screen
 
     def resolved_restarts(self, plan: LocalPlan) -> int:
@@ -446,9 +506,9 @@ class InvertingGradientsAttack(Attack):
             for _ in range(restarts)
         ]
         ys, arrangements = self._labels(obs, target, problem, restarts, generator, device)
-        if restarts > 1 and self.batch_restarts and not problem.has_batch_norm:
+        if restarts > 1 and self.batch_restarts and problem.batches_well(plan):
             batched = self._optimise(
-                torch.func.vmap(problem.functional_step),
+                self._compiled(torch.func.vmap(problem.functional_step)),
                 torch.stack(x0),
                 torch.stack(ys),
                 lower,
@@ -457,6 +517,12 @@ class InvertingGradientsAttack(Attack):
                 foreach=True,
             )
             xs = list(batched.unbind(0))
+        elif self.compile_step:
+            step = self._compiled(problem.functional_step)
+            xs = [
+                self._optimise(step, x, y, lower, upper, leaf=False)
+                for x, y in zip(x0, ys, strict=True)
+            ]
         else:
             xs = [
                 self._optimise(problem.step, x, y, lower, upper)
@@ -531,13 +597,19 @@ class InvertingGradientsAttack(Attack):
         ][:restarts]
         return [plausible[r % len(plausible)] for r in range(restarts)], len(plausible)
 
+    def _compiled(self, step: _Step) -> _Step:
+        """``step`` through ``torch.compile`` when ``compile_step`` is set, else as is."""
+        if not self.compile_step:
+            return step
+        return cast(_Step, torch.compile(step))
+
     def _schedule(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.MultiStepLR:
         milestones = sorted({int(self.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)})
         return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
 
     def _optimise(
         self,
-        step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        step: _Step,
         x0: torch.Tensor,
         y: torch.Tensor,
         lower: torch.Tensor,
@@ -586,11 +658,14 @@ class _Problem:
         self.plan = plan
         self.tv_weight = tv_weight
         self.tiny = torch.finfo(torch.float32).tiny
-        # torch.func cannot vmap BatchNorm's double backward ("accessing `data` under vmap")
-        self.has_batch_norm = any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
-        )
+        self.has_batch_norm = any(isinstance(m, BatchStatNorm) for m in model.modules())
         self._v: list[torch.Tensor] | None = None  # reused buffers for the cosine's gradient
+
+    def batches_well(self, plan: LocalPlan) -> bool:
+        """Whether ``vmap`` over restarts is worth it: always without BatchNorm; with
+        BatchNorm only for one sample per step (``convnet_bn`` on CPU, 4 restarts: ×1.02–1.05 of
+        the in-turn speed at batch 1, ×0.75 at batch 4, ``bench_breaching.py``)."""
+        return not self.has_batch_norm or plan.batch_size == 1
 
     def _update(
         self, x: torch.Tensor, y: torch.Tensor, *, create_graph: bool, functional: bool = False

@@ -6,6 +6,12 @@
   (stride 2, 2, 1; 12 channels; padding 2) with sigmoid activations, then one linear layer.
   The linear layer's input size follows from the image size (768 for 32×32).
 - ``convnet``: a small conv net (conv-ReLU ×3 with max-pooling, then two linear layers).
+- ``convnet_bn``: the ConvNet of Inverting Gradients / breaching (Geiping et al., NeurIPS 2020;
+  ``ConvNet(width=64)`` of their reference code), the model their CIFAR-10 experiments attack:
+  eight 3×3 conv-BatchNorm-ReLU blocks (padding 1) with 64, 128, 128, 256, 256, 256 channels,
+  a 3×3 max-pool, two more 256-channel blocks, another 3×3 max-pool, then one linear layer to
+  the K logits (2304 inputs for 32×32; for images under 9 pixels a side the pools that
+  would shrink them below 1×1 are left out).
 - ``cnn6``: the CNN6 of R-GAP (Zhu & Blaschko, ICLR 2021): six bias-free convolutions
   (3→12 k4 s2 p2, 12→36 k3 s2, 36→36 k3, 36→36 k3, 36→64 k3 s2, 64→128 k3; padding 1
   unless stated) each followed by LeakyReLU(0.2), then a bias-free Linear to the K logits
@@ -20,6 +26,8 @@ own initialisation; ``uniform`` is DLG's U(−0.5, 0.5)).
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -98,6 +106,44 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.head(self.body(x).flatten(1))
+        return out
+
+
+@plugins.MODELS.register("convnet_bn")
+class ConvNetBN(nn.Module):
+    """The BatchNorm ConvNet of Inverting Gradients and breaching (Geiping et al. 2020).
+
+    ``width`` 64 is the reference's ``ConvNet(width=64)``: blocks ``convI``-``bnI``-``reluI``
+    with ``(1, 2, 2, 4, 4, 4)·width`` channels, ``pool0`` (max-pool 3), two ``4·width`` blocks,
+    ``pool1`` (max-pool 3), ``flatten`` and ``linear``. Layer names follow the reference.
+    """
+
+    #: Channel multiples of ``width`` of the eight conv blocks; a max-pool follows these.
+    BLOCKS = (1, 2, 2, 4, 4, 4, 4, 4)
+    POOL_AFTER = (5, 7)
+
+    def __init__(self, input_shape: InputShape, num_classes: int, *, width: int = 64) -> None:
+        super().__init__()
+        layers: dict[str, nn.Module] = {}
+        c, size = input_shape[0], min(input_shape[1], input_shape[2])
+        for i, mult in enumerate(self.BLOCKS):
+            layers[f"conv{i}"] = nn.Conv2d(c, mult * width, kernel_size=3, padding=1)
+            layers[f"bn{i}"] = nn.BatchNorm2d(mult * width)
+            layers[f"relu{i}"] = nn.ReLU()
+            c = mult * width
+            if i in self.POOL_AFTER:
+                kernel = 3 if size >= 3 else 1  # images under 9 pixels: no pooling past 1×1
+                layers[f"pool{self.POOL_AFTER.index(i)}"] = nn.MaxPool2d(kernel)
+                size //= kernel
+        layers["flatten"] = nn.Flatten()
+        body = nn.Sequential(*layers.values())
+        features = _flat_features(body.eval(), input_shape)  # eval: leave BN buffers alone
+        body.train()
+        layers["linear"] = nn.Linear(features, num_classes)
+        self.model = nn.Sequential(OrderedDict(layers.items()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(x)
         return out
 
 

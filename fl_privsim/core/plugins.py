@@ -95,7 +95,16 @@ MODELS: Registry[Any] = Registry(
     group="fl_privsim.models",
     builtins={
         name: _MODELS
-        for name in ("mlp", "linear", "lenet", "convnet", "cnn6", "resnet18", "resnet18_gn")
+        for name in (
+            "mlp",
+            "linear",
+            "lenet",
+            "convnet",
+            "cnn6",
+            "resnet18",
+            "resnet18_gn",
+            "convnet_bn",
+        )
     },
     ordered=True,
 )
