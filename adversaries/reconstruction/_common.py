@@ -7,6 +7,7 @@ structure, the global parameters and the update. Nothing reads ground truth.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -184,3 +185,24 @@ def group_candidates(cands: torch.Tensor, tol: float) -> list[list[int]]:
         free[members] = False
         groups.append(sorted(members))
     return groups
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """How the simulated clients train: what the server knows of the local update.
+
+    ``num_clients`` clients each take ``local_steps`` plain SGD steps of size ``lr`` from
+    the global parameters, step ``i`` on its own mini-batch of ``batch_size`` dummy
+    samples (one fresh batch per step, as :func:`clients.local_update.local_update`).
+    FedSGD is the special case ``local_steps = num_clients = 1`` with the whole batch.
+    """
+
+    batch_size: int
+    local_steps: int
+    lr: float
+    num_clients: int = 1
+
+    @property
+    def samples(self) -> int:
+        """Dummy-sample slots the plan consumes (``num_clients * local_steps * batch_size``)."""
+        return self.num_clients * self.local_steps * self.batch_size

@@ -13,7 +13,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import ClassVar, cast
 
 import torch
@@ -30,6 +29,7 @@ from adversaries.base import (
     require_cross_entropy,
 )
 from adversaries.reconstruction._common import (
+    LocalPlan,
     infer_labels,
     num_targets,
     random_init,
@@ -60,27 +60,6 @@ PLAUSIBLE_FACTOR = 10.0
 #: when candidates are ``vmap``-batched (hundreds at once cost about one iteration on small
 #: models); one evaluation per iteration when they run in turn (models with BatchNorm).
 SCREEN_BUDGET_PER_ITERATION = 10
-
-
-@dataclass(frozen=True)
-class LocalPlan:
-    """How the simulated clients train: what the server knows of the local update.
-
-    ``num_clients`` clients each take ``local_steps`` plain SGD steps of size ``lr`` from
-    the global parameters, step ``i`` on its own mini-batch of ``batch_size`` dummy
-    samples (one fresh batch per step, as :func:`clients.local_update.local_update`).
-    FedSGD is the special case ``local_steps = num_clients = 1`` with the whole batch.
-    """
-
-    batch_size: int
-    local_steps: int
-    lr: float
-    num_clients: int = 1
-
-    @property
-    def samples(self) -> int:
-        """Dummy-sample slots the plan consumes (``num_clients * local_steps * batch_size``)."""
-        return self.num_clients * self.local_steps * self.batch_size
 
 
 def _autograd_grads(

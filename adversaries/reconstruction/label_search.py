@@ -40,18 +40,14 @@ import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from adversaries.base import Observation
-from adversaries.reconstruction._common import infer_labels, last_linear, layer_grads
+from adversaries.reconstruction._common import LocalPlan, infer_labels, last_linear, layer_grads
 from adversaries.reconstruction.label_counts import bias_counts, counts_to_labels
-
-if TYPE_CHECKING:
-    from adversaries.reconstruction.inverting_gradients import LocalPlan
 
 log = logging.getLogger(__name__)
 
