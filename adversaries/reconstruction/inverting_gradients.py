@@ -552,16 +552,11 @@ class InvertingGradientsAttack(Attack):
             arrangements = label_arrangements(labels, plan, restarts, generator)
             return [arrangements[r % len(arrangements)] for r in range(restarts)], len(arrangements)
 
-        def simulate(x: torch.Tensor, y: torch.Tensor, p: LocalPlan) -> list[torch.Tensor]:
-            return trajectory_gradient(
-                problem.model, problem.names, problem.params, x, y, p, functional=True
-            )
-
         ranked, losses = ranked_labellings(
             obs,
             target,
             problem.model,
-            simulate,
+            problem.simulate,
             problem.unit_target,
             plan,
             generator,
@@ -639,6 +634,11 @@ class _Problem:
         self.tiny = torch.finfo(torch.float32).tiny
         self.has_batch_norm = any(isinstance(m, BatchStatNorm) for m in model.modules())
         self._v: list[torch.Tensor] | None = None  # reused buffers for the cosine's gradient
+
+    def simulate(self, x: torch.Tensor, y: torch.Tensor, plan: LocalPlan) -> list[torch.Tensor]:
+        """The update ``plan`` produces on ``x`` (labels ``y``) from the global parameters
+        (:func:`trajectory_gradient`, functional: no graph kept)."""
+        return trajectory_gradient(self.model, self.names, self.params, x, y, plan, functional=True)
 
     def batches_well(self, plan: LocalPlan) -> bool:
         """Whether ``vmap`` over restarts is worth it: always without BatchNorm; with

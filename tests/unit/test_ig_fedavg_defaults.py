@@ -20,7 +20,6 @@ from adversaries.reconstruction._common import target_gradient
 from adversaries.reconstruction.inverting_gradients import (
     _Problem,
     attack_model,
-    trajectory_gradient,
 )
 from adversaries.reconstruction.label_search import ranked_labellings
 
@@ -59,16 +58,11 @@ def test_screen_puts_the_true_labels_in_the_true_steps_first(case: int) -> None:
     target = target_gradient(obs, device)
     problem = _Problem(obs, attack_model(obs, device), target, plan, 0.0)
 
-    def simulate(x, labels, p):
-        return trajectory_gradient(
-            problem.model, problem.names, problem.params, x, labels, p, functional=True
-        )
-
     ranked, losses = ranked_labellings(
         obs,
         target,
         problem.model,
-        simulate,
+        problem.simulate,
         problem.unit_target,
         plan,
         torch.Generator().manual_seed(0),
