@@ -19,16 +19,14 @@ Usage (from the repository root; about a minute on one core)::
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import numpy as np
 import torch
 
 from adversaries import ATTACKS
-from adversaries.base import Observation
 from clients.defenses import build_defenses
-from clients.local_update import local_update
+from fl_privsim.app.reproduce._defenses_rows import observation
 from fl_privsim.core.data import ImageData, load_dataset
 from fl_privsim.core.metrics import match_reconstructions, psnr
 from fl_privsim.core.models import build_model
@@ -40,39 +38,6 @@ SETTINGS: tuple[tuple[str, list[dict]], ...] = (
     ("soteria 0.5", [{"name": "soteria", "params": {"pruning_ratio": 0.5}}]),
     ("soteria 0.8", [{"name": "soteria", "params": {"pruning_ratio": 0.8}}]),
 )
-
-
-def observation(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, stack: list, data: ImageData, gen
-) -> Observation:
-    """One client's defended FedSGD gradient, as :func:`fl_privsim.engine.offline.client_observation`
-    builds it (that helper takes no defenses)."""
-    res = local_update(
-        copy.deepcopy(model),
-        [(x, y)],
-        protocol="fedsgd",
-        lr=0.1,
-        defenses=stack,
-        generator=gen,
-        server_round=1,
-        expected_batch_size=int(x.shape[0]),
-    )
-    return Observation(
-        round=1,
-        client_id=0,
-        protocol="fedsgd",
-        model=copy.deepcopy(model),
-        global_params={k: v.detach().clone() for k, v in model.state_dict().items()},
-        update=res.update,
-        batch_size=int(x.shape[0]),
-        local_steps=1,
-        lr=0.1,
-        num_examples=res.num_examples,
-        input_shape=data.input_shape,
-        num_classes=data.num_classes,
-        data_mean=tuple(data.mean),
-        data_std=tuple(data.std),
-    )
 
 
 def matched_psnr(raw: torch.Tensor, rec: torch.Tensor) -> float:
@@ -94,9 +59,9 @@ def trial_psnrs(data: ImageData, batch: int, trial: int, seed: int) -> list[floa
     raw, y = data.images("train", idx), data.labels("train", idx)
     out = []
     for _, spec in SETTINGS:
-        obs = observation(
+        obs = observation(  # the defended FedSGD observation of the defenses reproduction
             model, data.normalize(raw), y, build_defenses(spec), data,
-            torch_generator(seed, "defense", trial, batch),
+            torch_generator(seed, "defense", trial, batch), 1, len(data),
         )  # fmt: skip
         try:
             result = ATTACKS.create("analytic")(
