@@ -40,6 +40,10 @@ from fl_privsim.core.errors import ThreatModelError
 
 log = logging.getLogger(__name__)
 
+#: Values of the ``line_search`` parameter of DLG and iDLG: ``"none"`` is both papers' loop
+#: (fixed step ``lr``), ``"strong_wolfe"`` torch's strong-Wolfe line search in each step.
+LINE_SEARCHES = ("none", "strong_wolfe")
+
 
 @dataclass
 class MatchOutcome:
@@ -79,6 +83,7 @@ def lbfgs_gradient_matching(
     label_logits0: torch.Tensor | None = None,
     iterations: int,
     lr: float,
+    line_search: str = "none",
     name: str = "dlg",
 ) -> MatchOutcome:
     """Minimise ``Σ_l ‖∇_θ_l L(x', y') - g_l‖²`` with L-BFGS (DLG / iDLG).
@@ -91,8 +96,9 @@ def lbfgs_gradient_matching(
     ``softmax(y')`` is one-hot. Exactly one of the two must be given.
 
     Optimiser: ``torch.optim.LBFGS`` with step size ``lr`` and torch's defaults otherwise
-    (``max_iter=20`` inner iterations and at most 25 evaluations per ``step``, history 100,
-    no line search), as in both papers' reference code; ``iterations`` counts ``step``
+    (``max_iter=20`` inner iterations and at most 25 evaluations per ``step``, history 100),
+    without a line search as in both papers' reference code (``line_search="none"``) or with
+    torch's strong-Wolfe line search (``"strong_wolfe"``); ``iterations`` counts ``step``
     calls (the papers' 300). Every closure evaluation is compared with the best so far and
     the best iterate is returned. The loop stops early when the loss or the iterate becomes
     non-finite (the best finite iterate is kept), when the loss reaches exactly 0, or when
@@ -117,6 +123,8 @@ def lbfgs_gradient_matching(
         Number of ``LBFGS.step`` calls (>= 1).
     lr:
         L-BFGS step size.
+    line_search:
+        One of :data:`LINE_SEARCHES`.
     name:
         Attack name used in log messages.
 
@@ -134,7 +142,9 @@ def lbfgs_gradient_matching(
         y_logits = label_logits0.detach().clone().requires_grad_(True)
         variables.append(y_logits)
     params = trainable_params(model)
-    opt = torch.optim.LBFGS(variables, lr=lr)
+    opt = torch.optim.LBFGS(
+        variables, lr=lr, line_search_fn=None if line_search == "none" else line_search
+    )
     best: dict[str, object] = {
         "loss": math.inf,
         "x": x.detach().clone(),
@@ -213,6 +223,13 @@ def check_init(value: object) -> str:
     return str(value)
 
 
+def check_line_search(value: object) -> str:
+    """``value`` as an L-BFGS line-search name; ``ValueError`` naming ``line_search``."""
+    if value not in LINE_SEARCHES:
+        raise ValueError(f"line_search must be one of {', '.join(LINE_SEARCHES)}, got {value!r}")
+    return str(value)
+
+
 def check_logits(
     model: nn.Module, input_shape: tuple[int, int, int], num_classes: int, attack: str
 ) -> None:
@@ -288,10 +305,18 @@ class DLGAttack(Attack):
         "update covers every trainable parameter",
     )
 
-    def __init__(self, *, iterations: int = 300, lr: float = 1.0, init: str = "normal") -> None:
+    def __init__(
+        self,
+        *,
+        iterations: int = 300,
+        lr: float = 1.0,
+        init: str = "normal",
+        line_search: str = "strong_wolfe",
+    ) -> None:
         self.iterations = check_iterations(iterations, 1)
         self.lr = check_lr(lr)
         self.init = check_init(init)
+        self.line_search = check_line_search(line_search)
 
     def check_setup(self, setup: Setup) -> None:
         """Refuse a model without one output per class, or clients trained with another loss."""
@@ -314,7 +339,14 @@ class DLGAttack(Attack):
         x0 = random_init((n, *obs.input_shape), generator=generator, device=device, kind=self.init)
         y0 = torch.randn((n, obs.num_classes), generator=generator, dtype=torch.float32).to(device)
         outcome = lbfgs_gradient_matching(
-            model, target, x0, label_logits0=y0, iterations=self.iterations, lr=self.lr, name="dlg"
+            model,
+            target,
+            x0,
+            label_logits0=y0,
+            iterations=self.iterations,
+            lr=self.lr,
+            line_search=self.line_search,
+            name="dlg",
         )
         labels = outcome.label_logits.argmax(dim=-1).to(torch.int64)  # type: ignore[union-attr]
         metrics = {

@@ -31,6 +31,7 @@ from adversaries.reconstruction._common import (
 from adversaries.reconstruction.dlg import (
     check_init,
     check_iterations,
+    check_line_search,
     check_lr,
     class_logits_layer,
     lbfgs_gradient_matching,
@@ -84,10 +85,18 @@ class IDLGAttack(Attack):
         "update covers every trainable parameter",
     )
 
-    def __init__(self, *, iterations: int = 300, lr: float = 1.0, init: str = "normal") -> None:
+    def __init__(
+        self,
+        *,
+        iterations: int = 300,
+        lr: float = 1.0,
+        init: str = "normal",
+        line_search: str = "strong_wolfe",
+    ) -> None:
         self.iterations = check_iterations(iterations, 0)
         self.lr = check_lr(lr)
         self.init = check_init(init)
+        self.line_search = check_line_search(line_search)
 
     def check_setup(self, setup: Setup) -> None:
         """Refuse without a class-logit linear layer, or clients trained with another loss."""
@@ -114,7 +123,14 @@ class IDLGAttack(Attack):
         model = obs.fresh_model(device).train()
         x0 = random_init((n, *obs.input_shape), generator=generator, device=device, kind=self.init)
         outcome = lbfgs_gradient_matching(
-            model, target, x0, labels=labels, iterations=self.iterations, lr=self.lr, name="idlg"
+            model,
+            target,
+            x0,
+            labels=labels,
+            iterations=self.iterations,
+            lr=self.lr,
+            line_search=self.line_search,
+            name="idlg",
         )
         metrics = {
             "final_loss": outcome.loss,

@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import ClassVar, cast
 
 import torch
@@ -50,6 +51,8 @@ _Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
 
 #: Values of the ``variant`` parameter.
 VARIANTS = ("auto", "fedsgd", "fedavg")
+#: Values of the ``precision`` parameter: the dtype of the matching passes' matrix work.
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 #: ``restarts="auto"`` on a plan with several mini-batches (FedAvg with several local steps,
 #: or an aggregate of several clients); 1 otherwise.
 AUTO_RESTARTS_UNROLLED = 2
@@ -371,6 +374,7 @@ class InvertingGradientsAttack(Attack):
         batch_restarts: bool = True,
         label_screen: bool = True,
         compile_step: bool = False,
+        precision: str = "float32",
     ) -> None:
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
@@ -392,6 +396,10 @@ class InvertingGradientsAttack(Attack):
             raise ValueError(f"label_screen must be true or false, got {label_screen!r}")
         if not isinstance(compile_step, bool):
             raise ValueError(f"compile_step must be true or false, got {compile_step!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+            )
         self.iterations = iterations
         self.lr = float(lr)
         self.tv_weight = float(tv_weight)
@@ -400,6 +408,7 @@ class InvertingGradientsAttack(Attack):
         self.batch_restarts = batch_restarts
         self.compile_step = compile_step
         self.label_screen = label_screen
+        self.precision = precision
 
     def resolved_restarts(self, plan: LocalPlan) -> int:
         """The number of restarts on ``plan``: ``restarts`` itself, or for ``"auto"``
@@ -477,7 +486,9 @@ class InvertingGradientsAttack(Attack):
         target = target_gradient(obs, device)
         n = num_targets(obs)
         plan = self.plan(obs)
-        problem = _Problem(obs, attack_model(obs, device), target, plan, self.tv_weight)
+        problem = _Problem(
+            obs, attack_model(obs, device), target, plan, self.tv_weight, PRECISIONS[self.precision]
+        )
         restarts = self.resolved_restarts(plan)
         lower, upper = obs.input_bounds(device)
         x0 = [
@@ -620,8 +631,10 @@ class _Problem:
         target: list[torch.Tensor],
         plan: LocalPlan,
         tv_weight: float,
+        low_precision: torch.dtype | None = None,
     ) -> None:
         self.model = model
+        self.low_precision = low_precision
         named = dict(model.named_parameters())
         self.names = obs.param_names()
         self.params = [named[name].detach() for name in self.names]
@@ -642,12 +655,30 @@ class _Problem:
 
     def batches_well(self, plan: LocalPlan) -> bool:
         """Whether ``vmap`` over restarts is worth it: always without BatchNorm; with
-        BatchNorm only for one sample per step (``convnet_bn`` on CPU, 4 restarts: ×1.02–1.05 of
-        the in-turn speed at batch 1, ×0.75 at batch 4, ``bench_breaching.py``)."""
-        return not self.has_batch_norm or plan.batch_size == 1
+        BatchNorm only for one sample per step in float32 (``convnet_bn`` on CPU, 4 restarts:
+        ×1.02–1.05 of the in-turn speed at batch 1, ×0.75 at batch 4; in bfloat16 ×0.86 at
+        batch 1, ``bench_breaching.py``)."""
+        if not self.has_batch_norm:
+            return True
+        return plan.batch_size == 1 and self.low_precision is None
+
+    def _matching_precision(self, x: torch.Tensor) -> AbstractContextManager[object]:
+        """Autocast to ``low_precision`` for the iterations' passes (``precision`` option);
+        the final objective that picks the restart stays in float32."""
+        if self.low_precision is None:
+            return nullcontext()
+        return torch.autocast(x.device.type, dtype=self.low_precision)
 
     def _update(
         self, x: torch.Tensor, y: torch.Tensor, *, create_graph: bool, functional: bool = False
+    ) -> list[torch.Tensor]:
+        if create_graph:
+            with self._matching_precision(x):
+                return self._trajectory(x, y, create_graph=True, functional=functional)
+        return self._trajectory(x, y, create_graph=False, functional=functional)
+
+    def _trajectory(
+        self, x: torch.Tensor, y: torch.Tensor, *, create_graph: bool, functional: bool
     ) -> list[torch.Tensor]:
         return trajectory_gradient(
             self.model,

@@ -5,7 +5,7 @@ Usage::
     OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. python experiments/benchmarks/bench_breaching.py \\
         [--batches 1,4] [--restarts 4] [--iterations 5] [--reps 2] [--threads 2] \\
         [--no-compile] [--psnr-images 0,1,2] [--psnr-iterations 2000] \\
-        [--psnr-budgets 100,250,500] [--skip-speed]
+        [--psnr-budgets 100,250,500] [--psnr-precisions float32,bfloat16] [--skip-speed]
 
 (``OMP_WAIT_POLICY=PASSIVE``: on a shared, oversubscribed machine, OpenMP threads that spin
 while waiting for a descheduled sibling are counted as CPU time; passive waiting keeps CPU
@@ -165,6 +165,7 @@ def ours_attack(
     generator: torch.Generator,
     batch_restarts: bool,
     compile_step: bool = False,
+    precision: str = "float32",
 ) -> torch.Tensor:
     attack = ATTACKS.create(
         "inverting_gradients",
@@ -174,6 +175,7 @@ def ours_attack(
         restarts=restarts,
         batch_restarts=batch_restarts,
         compile_step=compile_step,
+        precision=precision,
     )
     return attack(obs, generator=generator).inputs
 
@@ -209,6 +211,9 @@ def speed_one(batch: int, args: argparse.Namespace) -> None:
         "ours_compiled": lambda: ours_attack(
             obs, generator=gen(), batch_restarts=True, compile_step=True, **common
         ),
+        "ours_bfloat16": lambda: ours_attack(
+            obs, generator=gen(), batch_restarts=True, precision="bfloat16", **common
+        ),
     }
     print(
         f"speed: convnet_bn batch={batch} restarts={args.restarts} "
@@ -243,11 +248,12 @@ def psnr_budgets(args: argparse.Namespace) -> None:
     budgets = sorted(set(args.psnr_budgets))
     checkpoints = tuple(b for b in budgets if b < args.psnr_iterations)
     ref_final: list[float] = []
-    ours: dict[int, list[float]] = defaultdict(list)
+    ours: dict[tuple[str, int], list[float]] = defaultdict(list)
     ref_along: dict[int, list[float]] = defaultdict(list)
     print(
         f"psnr: convnet_bn batch=1 restarts={args.restarts} tv_weight={args.tv_weight} "
-        f"reference {args.psnr_iterations} iterations, ours at budgets {budgets}",
+        f"reference {args.psnr_iterations} iterations, ours at budgets {budgets} "
+        f"in {', '.join(args.psnr_precisions)}",
         flush=True,
     )
     for index in args.psnr_images:
@@ -271,36 +277,39 @@ def psnr_budgets(args: argparse.Namespace) -> None:
             f"({time.process_time() - start:.0f} CPU-s; along the run {along})",
             flush=True,
         )
-        for b in budgets:
-            start = time.process_time()
-            x = ours_attack(
-                obs,
-                iterations=b,
-                tv_weight=args.tv_weight,
-                restarts=args.restarts,
-                generator=torch.Generator().manual_seed(args.seed),
-                batch_restarts=args.psnr_batched,
-            )
-            ours[b].append(image_psnr(obs, x, truth))
-            print(
-                f"  image {index}: ours {b} it: {ours[b][-1]:.2f} dB "
-                f"({time.process_time() - start:.0f} CPU-s)",
-                flush=True,
-            )
+        for precision in args.psnr_precisions:
+            for b in budgets:
+                start = time.process_time()
+                x = ours_attack(
+                    obs,
+                    iterations=b,
+                    tv_weight=args.tv_weight,
+                    restarts=args.restarts,
+                    generator=torch.Generator().manual_seed(args.seed),
+                    batch_restarts=args.psnr_batched,
+                    precision=precision,
+                )
+                ours[precision, b].append(image_psnr(obs, x, truth))
+                print(
+                    f"  image {index}: ours ({precision}) {b} it: "
+                    f"{ours[precision, b][-1]:.2f} dB ({time.process_time() - start:.0f} CPU-s)",
+                    flush=True,
+                )
     ref_mean = statistics.mean(ref_final)
     print(f"reference after {args.psnr_iterations} iterations: mean {ref_mean:.2f} dB")
     for it in sorted(ref_along):
         print(f"  reference along its run at {it}: mean {statistics.mean(ref_along[it]):.2f} dB")
-    reached = None
-    for b in budgets:
-        mean = statistics.mean(ours[b])
-        print(f"  ours with a budget of {b}: mean {mean:.2f} dB")
-        if reached is None and mean >= ref_mean:
-            reached = b
-    print(
-        "iterations ours needs to reach the reference's mean PSNR: "
-        + (f"{reached}" if reached is not None else f"not reached within {budgets[-1]}")
-    )
+    for precision in args.psnr_precisions:
+        reached = None
+        for b in budgets:
+            mean = statistics.mean(ours[precision, b])
+            print(f"  ours ({precision}) with a budget of {b}: mean {mean:.2f} dB")
+            if reached is None and mean >= ref_mean:
+                reached = b
+        print(
+            f"iterations ours ({precision}) needs to reach the reference's mean PSNR: "
+            + (f"{reached}" if reached is not None else f"not reached within {budgets[-1]}")
+        )
 
 
 def _ints(text: str) -> list[int]:
@@ -325,6 +334,12 @@ def main() -> None:
         "--psnr-iterations", type=int, default=0, help="reference budget (0: no PSNR part)"
     )
     parser.add_argument("--psnr-budgets", type=_ints, default=[100, 250, 500])
+    parser.add_argument(
+        "--psnr-precisions",
+        type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
+        default=["float32"],
+        help="ours' precision option(s) in the PSNR part (float32, bfloat16)",
+    )
     parser.add_argument(
         "--psnr-batched", action="store_true", help="ours with batch_restarts in the PSNR part"
     )

@@ -392,7 +392,8 @@ def attack_row(
     rid, data, part = ROW_ID[row], setup.data, setup.parts[0]
     gen = functools.partial(torch_generator, seed)
     attacks = (
-        ("idlg", ATTACKS.create("idlg", iterations=s["idlg_iterations"]), 1),
+        # iDLG's own loop (no line search), as in the defense papers' evaluations
+        ("idlg", ATTACKS.create("idlg", iterations=s["idlg_iterations"], line_search="none"), 1),
         ("analytic", ATTACKS.create("analytic"), s["analytic_batch"]),
     )
     scores: dict[str, list[tuple[float, float, float, float]]] = {"idlg": [], "analytic": []}

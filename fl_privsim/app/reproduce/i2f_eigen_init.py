@@ -198,7 +198,7 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
         raise ConfigError(
             f"i2f_eigen_init: samples {first}..{first + count - 1} exceed the {n_split} {split} images"
         )
-    attack = ATTACKS.create("idlg", iterations=iters)
+    attack = ATTACKS.create("idlg", iterations=iters, line_search="none")  # the paper's loop
     d_x = math.prod(data.input_shape)
     root = math.sqrt(d_x)
     picks = sorted({round(i * (k - 1) / (ndir - 1)) for i in range(ndir)})

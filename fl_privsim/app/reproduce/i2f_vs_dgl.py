@@ -248,7 +248,8 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
             generator=ctx.generator("model_init"),
         ).to(ctx.device)
     runners = {
-        "idlg": lambda: ATTACKS.create("idlg", iterations=iters),
+        # the paper's baseline: iDLG's own loop, without a line search
+        "idlg": lambda: ATTACKS.create("idlg", iterations=iters, line_search="none"),
         "inverting_gradients": lambda: ATTACKS.create(
             "inverting_gradients", iterations=ig_iters, tv_weight=settings["ig_tv_weight"]
         ),

@@ -76,13 +76,11 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
     shape, classes = data.input_shape, data.num_classes
     trials, iterations = settings["trials"], settings["iterations"]
     check_trials = min(settings["check_trials"], trials)
+    # both papers' L-BFGS loop: fixed step, no line search (not the attacks' default)
+    paper_loop = {"lr": settings["lr"], "init": settings["init"], "line_search": "none"}
     attacks = {
-        "dlg": ATTACKS.create(
-            "dlg", iterations=iterations, lr=settings["lr"], init=settings["init"]
-        ),
-        "idlg": ATTACKS.create(
-            "idlg", iterations=iterations, lr=settings["lr"], init=settings["init"]
-        ),
+        "dlg": ATTACKS.create("dlg", iterations=iterations, **paper_loop),
+        "idlg": ATTACKS.create("idlg", iterations=iterations, **paper_loop),
     }
     if settings["normalize"]:
         mean, std = data.mean, data.std
@@ -90,9 +88,7 @@ def run(settings: dict[str, Any], ctx: ReproContext) -> ReproResult:
     else:  # the paper's pipeline: ToTensor() only, the model sees pixels in [0, 1]
         mean, std = (0.0,) * shape[0], (1.0,) * shape[0]
         to_input = to_pixels = _identity
-    check_attack = ATTACKS.create(
-        "dlg", iterations=settings["check_iterations"], lr=settings["lr"], init=settings["init"]
-    )
+    check_attack = ATTACKS.create("dlg", iterations=settings["check_iterations"], **paper_loop)
     records: list[dict[str, Any]] = []
     originals, recons = [], {"dlg": [], "idlg": []}
     start = time.perf_counter()
