@@ -561,10 +561,18 @@ class RecordingSecAggPlusWorkflow(SecAggPlusWorkflow):
 
 
 def run_secagg_server(
-    grid: Grid, context: Context, cfg: Config, folder: RunFolder, progress: Progress | None = None
+    grid: Grid,
+    context: Context,
+    cfg: Config,
+    folder: RunFolder,
+    progress: Progress | None = None,
+    live: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole federation behind SecAgg+ (same data, model, attacks, scorer, evaluation and
-    summary keys as :func:`strategies.server_app.run_server`); returns the summary it writes."""
+    summary keys as :func:`strategies.server_app.run_server`); returns the summary it writes.
+
+    ``live`` (the launcher's): once the workflow starts, ``live["partial"]`` is a function
+    ``status -> summary`` of everything so far, which an interrupted run writes."""
 
     device = resolve_device(cfg.federation.device)
     torch.set_num_threads(cfg.federation.server_threads)
@@ -638,24 +646,34 @@ def run_secagg_server(
             timeout=settings.timeout,
         )
     )
-    workflow(grid, legacy)
     federated: dict[int, float] = {}
+
+    def build_summary(status: str) -> dict[str, Any]:
+        for rnd, metrics in legacy.history.metrics_distributed.get("accuracy", []):
+            federated[int(rnd)] = float(metrics)
+        summary = plain.summary_base(cfg, runner, dict(accuracy), federated, folder)
+        summary["status"] = status
+        errors = strategy.updates.client_error_report() if strategy.updates is not None else {}
+        summary.update(
+            {
+                "observer_failures": strategy.failures,
+                "server": crafter.report() if crafter is not None else {"role": cfg.server.role},
+                "client_errors": errors,
+                "secure_aggregation": strategy.report(),
+                "fit_seconds_by_round": {
+                    str(r): t for r, t in sorted(strategy.fit_seconds.items())
+                },
+            }
+        )
+        summary.update(sink.dp_summary(cfg))
+        return summary
+
+    if live is not None:  # what an interrupted run's summary.json holds
+        live["partial"] = build_summary
+    workflow(grid, legacy)
     for rnd, metrics in legacy.history.metrics_distributed.get("accuracy", []):
-        federated[int(rnd)] = float(metrics)
         sink(int(rnd), None, "federated_eval", {"accuracy": float(metrics)})
-    summary = plain.summary_base(cfg, runner, accuracy, federated, folder)
-    summary["status"] = "completed"
-    errors = strategy.updates.client_error_report() if strategy.updates is not None else {}
-    summary.update(
-        {
-            "observer_failures": strategy.failures,
-            "server": crafter.report() if crafter is not None else {"role": cfg.server.role},
-            "client_errors": errors,
-            "secure_aggregation": strategy.report(),
-            "fit_seconds_by_round": {str(r): t for r, t in sorted(strategy.fit_seconds.items())},
-        }
-    )
-    summary.update(sink.dp_summary(cfg))
+    summary = build_summary("completed")
     folder.write_summary(summary)
     return summary
 
@@ -670,6 +688,6 @@ def make_secagg_server_app(
     def main(grid: Grid, context: Context) -> None:
         # after an interrupt, stop at the next exchange (simulation.run writes the summary)
         grid = cast(Grid, plain.InterruptibleGrid(grid, lambda: bool(sink.get("interrupted"))))
-        sink["summary"] = run_secagg_server(grid, context, cfg, folder, progress)
+        sink["summary"] = run_secagg_server(grid, context, cfg, folder, progress, sink)
 
     return server

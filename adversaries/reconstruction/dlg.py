@@ -296,6 +296,13 @@ class DLGAttack(Attack):
     init:
         ``"normal"`` (N(0, 1), the paper) or ``"uniform"`` (U(0, 1)) for ``x'``; the label
         logits always start N(0, 1).
+    line_search:
+        ``"strong_wolfe"`` (default: torch's strong-Wolfe line search in each L-BFGS step)
+        or ``"none"`` (the paper's fixed step ``lr``). On DLG's sigmoid ``lenet`` at PyTorch's
+        default initialisation, one 8×8 digit per FedSGD update, 16 clients: 38.8 dB mean PSNR
+        (min 31.7) against 33.9 dB (min 7.7: the fixed step stalls on some clients) for
+        ``"none"``, mean image 11.4 dB (``PYTHONPATH=. python experiments/ig_fedavg_defaults.py
+        --attack dlg --protocol fedsgd --batch 1 --cases 16``).
     """
 
     requires: ClassVar[tuple[str, ...]] = (

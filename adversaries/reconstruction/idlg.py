@@ -68,6 +68,17 @@ class IDLGAttack(Attack):
     for several. Aggregates are accepted (``N = num_targets(obs)`` dummies; labels by the
     batch heuristic).
 
+    **Line search.** The papers' loop takes L-BFGS steps of fixed size ``lr``
+    (``line_search="none"``). On DLG's sigmoid ``lenet`` at PyTorch's default initialisation
+    (``experiments/lenet_digits_batch1.toml``: 8×8 digits, one image per FedSGD update) the
+    matching loss is tiny and flat in the input, and that loop barely moves the dummy: 6.6 dB
+    mean PSNR over 16 clients, below the 11.4 dB of the mean image, at 16 s CPU per attack.
+    The default, torch's strong-Wolfe line search (``"strong_wolfe"``), reaches 37.7 dB
+    (min 29.9) on the same clients in 0.2 s (``PYTHONPATH=. python
+    experiments/ig_fedavg_defaults.py --attack idlg --protocol fedsgd --batch 1 --cases 16``,
+    with ``--params '{"line_search": "none"}'`` for the papers' loop). The reproductions of
+    published tables pin ``"none"``.
+
     Parameters
     ----------
     iterations:
@@ -77,6 +88,8 @@ class IDLGAttack(Attack):
         L-BFGS learning rate (1.0 in the paper).
     init:
         Dummy-input start: ``"normal"`` (N(0, 1), the paper) or ``"uniform"`` (U(0, 1)).
+    line_search:
+        ``"strong_wolfe"`` (default) or ``"none"`` (the paper's fixed step; see above).
     """
 
     requires: ClassVar[tuple[str, ...]] = (

@@ -397,9 +397,7 @@ class InvertingGradientsAttack(Attack):
         if not isinstance(compile_step, bool):
             raise ValueError(f"compile_step must be true or false, got {compile_step!r}")
         if precision not in PRECISIONS:
-            raise ValueError(
-                f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
-            )
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.iterations = iterations
         self.lr = float(lr)
         self.tv_weight = float(tv_weight)

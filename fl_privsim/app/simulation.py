@@ -332,10 +332,13 @@ def restore_handlers(previous: dict[int, Any]) -> None:
         signal.signal(signum, handler)
 
 
-def write_interrupted_summary(folder: Any, sink: dict[str, Any]) -> None:
+def write_interrupted_summary(
+    folder: Any, sink: dict[str, Any], ray: dict[str, Any] | None = None
+) -> None:
     """Leave the run folder readable after an interrupt: ``summary.json`` with
     ``"status": "interrupted"`` and every metric so far (the server's ``sink["partial"]``;
-    just the status when training had not started), ``metrics.jsonl`` fsync'd."""
+    just the status when training had not started), the ``ray`` record as far as it got,
+    ``metrics.jsonl`` fsync'd."""
     sink["interrupted"] = True
     partial = sink.get("partial")
     summary: dict[str, Any] = {"status": "interrupted"}
@@ -347,6 +350,8 @@ def write_interrupted_summary(folder: Any, sink: dict[str, Any]) -> None:
             log.warning("could not summarise the interrupted run: %s", exc)
             time.sleep(0.2)
     summary.setdefault("run_dir", str(folder.path))
+    if ray is not None:
+        summary.setdefault("ray", ray)
     folder.flush_round()
     folder.write_summary(summary)
 
@@ -394,7 +399,7 @@ def run(
         )
     except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's driver SIGTERM handler, which
         # ray.init puts in place of ours, exits with sys.exit
-        write_interrupted_summary(folder, sink)
+        write_interrupted_summary(folder, sink, ray_info)
         raise KeyboardInterrupt(f"run folder {folder.path} (summary.json: interrupted)") from None
     finally:
         restore_handlers(previous)

@@ -81,10 +81,14 @@ def _rounds_evaluated(metrics: Path) -> int:
     return done
 
 
-def test_sigint_leaves_status_interrupted(tmp_path):
+@pytest.mark.parametrize("mode", ["off", "secagg+"])
+def test_sigint_leaves_status_interrupted(tmp_path, mode):
+    """Both server paths (Message API; SecAgg+ on Flower's workflow path) leave a summary with
+    the status, the rounds so far and the Ray record."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fl_privsim.app.cli", "run", "--quiet", "--out", str(out)]
     small = [*SMALL, "federation.num_clients=3", "federation.clients_per_round=3"]
+    small.append(f'federation.secure_aggregation.mode="{mode}"')
     for s in [*small, "federation.rounds=200", "attacks=[]"]:
         cmd += ["--set", s]
     proc = subprocess.Popen(
@@ -108,7 +112,11 @@ def test_sigint_leaves_status_interrupted(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     assert 1 <= len(summary["accuracy_by_round"]) - 1 < 200  # round 0 plus the rounds done
-    assert summary["failures"]["total"] == 0
+    assert summary["ray"]["address"] == "local"
+    if mode == "off":
+        assert summary["failures"]["total"] == 0
+    else:
+        assert summary["secure_aggregation"]["mode"] == "secagg+"
     lines = metrics.read_text().splitlines()
     assert all(json.loads(x) for x in lines)  # every line whole
 

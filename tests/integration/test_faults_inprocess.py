@@ -103,9 +103,10 @@ def test_interrupted_summary_has_the_metrics_so_far(tmp_path):
     summary = json.loads((folder.path / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["accuracy_by_round"] == {"1": 0.5}
     assert sink["interrupted"] is True
-    write_interrupted_summary(RunFolder(tmp_path / "early"), {})  # before training started
+    ray = {"address": "local", "client_actor_nodes": ["n1"]}
+    write_interrupted_summary(RunFolder(tmp_path / "early"), {}, ray)  # before training started
     early = json.loads((tmp_path / "early" / "summary.json").read_text())
-    assert early["status"] == "interrupted"
+    assert early["status"] == "interrupted" and early["ray"] == ray
 
 
 def test_a_client_that_hangs_past_the_round_timeout_counts_as_failed(tmp_path):
