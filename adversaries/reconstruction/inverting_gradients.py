@@ -305,10 +305,12 @@ class InvertingGradientsAttack(Attack):
     Measured against breaching's own loop (``experiments/benchmarks/bench_breaching.py``:
     its ConvNet with BatchNorm, ``convnet_bn``; CIFAR-10 test images; 4 restarts; 2 threads;
     CPU time on a shared 2-core AMD EPYC with ``OMP_WAIT_POLICY=PASSIVE``; see
-    ``docs/methods/inverting_gradients.md``): ×1.03 in turn, ×1.08 with the defaults and
-    ×1.21 with ``compile_step`` at batch 1; ×0.98, ×0.98 and ×1.23 at batch 4.
-    Ours does the same floating-point work as the reference (the convolutions take about
-    80 % of it), so the gains are small. ``experiments/benchmarks/bench_inverting.py``
+    ``docs/methods/inverting_gradients.md``): ×1.03 in turn, ×1.14 with the defaults,
+    ×1.21 with ``compile_step`` and ×1.59 with ``precision="bfloat16"`` at batch 1; ×1.00,
+    ×0.99, ×1.23 and ×1.66 at batch 4. In float32 ours does the same floating-point work as
+    the reference (the convolutions take about 80 % of it), so those gains are small;
+    bfloat16 reached the same PSNR within 0.1 dB (CIFAR-10 images 0–2, 500 iterations:
+    9.65 against 9.67 dB). ``experiments/benchmarks/bench_inverting.py``
     compares against a straightforward implementation on models without BatchNorm.
 
     Parameters
@@ -345,6 +347,15 @@ class InvertingGradientsAttack(Attack):
         Run each iteration's work (the ``torch.func`` form, batched or not) through
         ``torch.compile``: the same maths to float32 rounding, with the elementwise ops
         fused. Off by default: the compilation is paid on every :meth:`run` (see Speed).
+    precision:
+        ``"float32"`` (default) or ``"bfloat16"``: the iterations' matching passes (the
+        simulated update and its vector–Jacobian product) run under ``torch.autocast`` in
+        bfloat16, so convolutions and matrix products compute in bfloat16 (BatchNorm
+        statistics, the cosine, TV, Adam and the final objective that picks the restart stay
+        in float32). The input gradient changes by more than rounding (cosine 0.86–0.97 to the
+        float32 one in ``tests/unit/test_inverting_precision.py``), but its sign, which the
+        optimiser uses, mostly agrees. Pays on CPUs with AVX512-BF16/AMX and on GPUs; BatchNorm
+        models then run their restarts in turn. See Speed for the measured speed and PSNR.
     label_screen:
         Screen label multisets and arrangements when the plan has several mini-batches
         (see **Variants**); ``False``: the sign rule's labels in their own order. Measured
