@@ -10,6 +10,7 @@ labels fixed instead of optimised.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
@@ -228,39 +229,22 @@ def _fixed_then_line_search(
     from its best iterate (inputs and, for DLG, label logits), and, separately, strong-Wolfe
     steps from ``x0`` itself; the best of the three by matching loss (no ground truth), with
     all runs' counters."""
-    first = lbfgs_gradient_matching(
+    match = functools.partial(
+        lbfgs_gradient_matching,
         model,
         target,
-        x0,
         labels=labels,
-        label_logits0=label_logits0,
         iterations=iterations,
         lr=lr,
-        line_search="none",
         name=name,
     )
-    second = lbfgs_gradient_matching(
-        model,
-        target,
+    first = match(x0, label_logits0=label_logits0, line_search="none")
+    second = match(
         first.inputs,
-        labels=labels,
         label_logits0=None if labels is not None else first.label_logits,
-        iterations=iterations,
-        lr=lr,
         line_search="strong_wolfe",
-        name=name,
     )
-    direct = lbfgs_gradient_matching(
-        model,
-        target,
-        x0,
-        labels=labels,
-        label_logits0=label_logits0,
-        iterations=iterations,
-        lr=lr,
-        line_search="strong_wolfe",
-        name=name,
-    )
+    direct = match(x0, label_logits0=label_logits0, line_search="strong_wolfe")
     runs = (first, second, direct)
     best = min(runs, key=lambda run: run.loss)
     return MatchOutcome(
