@@ -164,7 +164,9 @@ class Quantization(TensorTransform):
         levels = 2 ** (self.bits - 1) - 1
         scale = t.detach().abs().max() / levels if t.numel() else t.new_zeros(())
         if not scale > 0:
-            return torch.zeros_like(t)
+            # all zero, or every magnitude so small (subnormal) that the step underflows to 0:
+            # such values are already on the finest grid float can hold; keep them as they are
+            return t.clone() if t.numel() and bool(t.ne(0).any()) else torch.zeros_like(t)
         return torch.clamp(torch.round(t / scale), -levels, levels) * scale
 
     def transform(self, tensors: Tensors, *, generator: torch.Generator) -> Tensors:

@@ -90,6 +90,13 @@ def test_signsgd_l1_scale_is_the_mean_magnitude() -> None:
     assert torch.equal(out, torch.tensor([2.0, -2.0, 0.0, 2.0]))
 
 
+def test_int_round_trip_keeps_values_whose_step_underflows() -> None:
+    """Found by hypothesis: max |t| = 5e-324 makes the step underflow to 0 (was: all zeros)."""
+    t = torch.tensor([5e-324, 0.0], dtype=torch.float64)
+    assert torch.equal(Quantization(bits=8).quantize(t), t)
+    assert torch.equal(Quantization(bits=8).quantize(torch.zeros(3)), torch.zeros(3))
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     values=st.lists(st.floats(-1e4, 1e4, allow_nan=False), min_size=1, max_size=60),
