@@ -681,24 +681,19 @@ class _Problem:
     def _update(
         self, x: torch.Tensor, y: torch.Tensor, *, create_graph: bool, functional: bool = False
     ) -> list[torch.Tensor]:
-        if create_graph:
-            with self._matching_precision(x):
-                return self._trajectory(x, y, create_graph=True, functional=functional)
-        return self._trajectory(x, y, create_graph=False, functional=functional)
-
-    def _trajectory(
-        self, x: torch.Tensor, y: torch.Tensor, *, create_graph: bool, functional: bool
-    ) -> list[torch.Tensor]:
-        return trajectory_gradient(
-            self.model,
-            self.names,
-            self.params,
-            x,
-            y,
-            self.plan,
-            create_graph=create_graph,
-            functional=functional,
-        )
+        """The simulated update at ``x``; the iterations' passes (``create_graph``) run in the
+        ``precision`` option's dtype, the restart-picking objective in float32."""
+        with self._matching_precision(x) if create_graph else nullcontext():
+            return trajectory_gradient(
+                self.model,
+                self.names,
+                self.params,
+                x,
+                y,
+                self.plan,
+                create_graph=create_graph,
+                functional=functional,
+            )
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient of the objective with respect to the leaf ``x`` (labels ``y``), and its value."""
